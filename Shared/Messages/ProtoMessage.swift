@@ -1,0 +1,140 @@
+import CTalkMeshProto
+import Glibc
+
+/// A Swift value type generated from a .proto message, convertible to and from its protobuf-c struct.
+///
+/// The generated code supplies the conversions and the four protobuf-c entry points; packing and
+/// unpacking are written once, here.
+public protocol ProtoMessage: Sendable, Hashable {
+    /// The protobuf-c struct protoc-c generated for the same message.
+    associatedtype CMessage
+    /// Builds the Swift value from a protobuf-c struct (deep copy: nothing points into `c` afterwards).
+    init(c: CMessage)
+    /// Builds the protobuf-c struct; every pointer in it is owned by `arena`.
+    func toC(_ arena: ProtoArena) -> CMessage
+    /// protoc-c's `__unpack`.
+    static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<CMessage>?
+    /// protoc-c's `__free_unpacked`.
+    static func cFreeUnpacked(_ message: UnsafeMutablePointer<CMessage>)
+    /// protoc-c's `__get_packed_size`.
+    static func cPackedSize(_ message: UnsafePointer<CMessage>) -> Int
+    /// protoc-c's `__pack`.
+    static func cPack(_ message: UnsafePointer<CMessage>, _ out: UnsafeMutablePointer<UInt8>) -> Int
+}
+
+/// A message's bytes were not a valid encoding of that message.
+public struct ProtoDecodingError: Error, CustomStringConvertible {
+    /// The message type that failed to decode.
+    public var messageType: String
+    public var description: String { "invalid protobuf encoding of \(messageType)" }
+}
+
+extension ProtoMessage {
+    /// Decodes the protobuf wire format.
+    public init(serializedBytes bytes: UnsafeRawBufferPointer) throws(ProtoDecodingError) {
+        let base = bytes.baseAddress?.assumingMemoryBound(to: UInt8.self)
+        // protobuf-c wants a non-null pointer even for an empty message.
+        var empty: UInt8 = 0
+        let unpacked: UnsafeMutablePointer<CMessage>? = base.map { Self.cUnpack($0, bytes.count) }
+            ?? withUnsafePointer(to: &empty) { Self.cUnpack($0, 0) }
+        guard let unpacked else { throw ProtoDecodingError(messageType: String(describing: Self.self)) }
+        defer { Self.cFreeUnpacked(unpacked) }
+        self.init(c: unpacked.pointee)
+    }
+
+    /// Decodes the protobuf wire format.
+    public init(serializedBytes bytes: [UInt8]) throws(ProtoDecodingError) {
+        let result: Result<Self, ProtoDecodingError> = bytes.withUnsafeBytes { raw in
+            do throws(ProtoDecodingError) { return .success(try Self(serializedBytes: raw)) } catch { return .failure(error) }
+        }
+        self = try result.get()
+    }
+
+    /// Encodes to the protobuf wire format.
+    public func serializedBytes() -> [UInt8] {
+        let arena = ProtoArena()
+        var c = toC(arena)
+        let size = Self.cPackedSize(&c)
+        guard size > 0 else { return [] }
+        return [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
+            count = Self.cPack(&c, buffer.baseAddress!)
+        }
+    }
+}
+
+/// Owns the C memory a protobuf-c struct points at while it is packed; frees it all on deinit.
+public final class ProtoArena {
+    private var allocations: [UnsafeMutableRawPointer] = []
+
+    public init() {}
+
+    deinit {
+        for pointer in allocations.reversed() { free(pointer) }
+    }
+
+    private func allocate<T>(_ type: T.Type, count: Int) -> UnsafeMutablePointer<T> {
+        let raw = malloc(max(1, count * MemoryLayout<T>.stride))!
+        allocations.append(raw)
+        return raw.bindMemory(to: T.self, capacity: max(1, count))
+    }
+
+    /// A NUL-terminated copy of `string`.
+    public func string(_ string: String) -> UnsafeMutablePointer<CChar> {
+        var utf8 = Array(string.utf8CString)
+        let pointer = allocate(CChar.self, count: utf8.count)
+        pointer.update(from: &utf8, count: utf8.count)
+        return pointer
+    }
+
+    /// A `ProtobufCBinaryData` holding a copy of `bytes`.
+    public func bytes(_ bytes: [UInt8]) -> ProtobufCBinaryData {
+        let pointer = allocate(UInt8.self, count: bytes.count)
+        bytes.withUnsafeBufferPointer { source in
+            if let base = source.baseAddress { pointer.update(from: base, count: source.count) }
+        }
+        return ProtobufCBinaryData(len: bytes.count, data: pointer)
+    }
+
+    /// A heap copy of one C struct.
+    public func object<T>(_ value: T) -> UnsafeMutablePointer<T> {
+        let pointer = allocate(T.self, count: 1)
+        pointer.initialize(to: value)
+        return pointer
+    }
+
+    /// A C array of the values.
+    public func array<T>(_ values: [T]) -> UnsafeMutablePointer<T> {
+        let pointer = allocate(T.self, count: values.count)
+        for (index, value) in values.enumerated() { (pointer + index).initialize(to: value) }
+        return pointer
+    }
+
+    /// A C array of pointers (protobuf-c's repeated message and string fields).
+    public func pointers<T>(_ values: [UnsafeMutablePointer<T>]) -> UnsafeMutablePointer<UnsafeMutablePointer<T>?> {
+        let pointer = allocate(UnsafeMutablePointer<T>?.self, count: values.count)
+        for (index, value) in values.enumerated() { (pointer + index).initialize(to: value) }
+        return pointer
+    }
+}
+
+extension ProtoArena {
+    /// A C array of C strings (protobuf-c's repeated string fields).
+    public func array(_ values: [UnsafeMutablePointer<CChar>]) -> UnsafeMutablePointer<UnsafeMutablePointer<CChar>?> {
+        pointers(values)
+    }
+}
+
+/// Reads protobuf-c field representations into Swift values.
+public enum ProtoC {
+    /// A protobuf-c string field (NULL reads as empty).
+    public static func string(_ pointer: UnsafeMutablePointer<CChar>?) -> String {
+        guard let pointer else { return "" }
+        return String(cString: pointer)
+    }
+
+    /// A protobuf-c bytes field.
+    public static func bytes(_ data: ProtobufCBinaryData) -> [UInt8] {
+        guard data.len > 0, let base = data.data else { return [] }
+        return Array(UnsafeBufferPointer(start: base, count: data.len))
+    }
+}

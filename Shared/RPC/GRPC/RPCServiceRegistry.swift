@@ -1,0 +1,57 @@
+import TalkMeshMessages
+
+/// The gRPC methods a server answers, by `:path`. Anything not registered is UNIMPLEMENTED.
+public struct RPCServiceRegistry: Sendable {
+    /// One registered method, with request decoding and response encoding erased to bytes.
+    struct Method: Sendable {
+        let path: String
+        let kind: MethodKind
+        /// Runs the handler; a unary call returns its framed response, a streaming one writes
+        /// through the writer and returns nil.
+        let run: @Sendable ([UInt8], ServerContext, RawResponseWriter) async throws -> [UInt8]?
+    }
+
+    private(set) var methods: [String: Method] = [:]
+
+    public init() {}
+
+    /// Registers a unary handler.
+    public mutating func register<Request, Response>(
+        _ descriptor: MethodDescriptor<Request, Response>,
+        _ handler: @escaping @Sendable (Request, ServerContext) async throws -> Response
+    ) {
+        precondition(descriptor.kind == .unary, "\(descriptor.path) is not unary")
+        methods[descriptor.path] = Method(path: descriptor.path, kind: .unary) { bytes, context, _ in
+            let request = try Self.decode(Request.self, bytes)
+            return GRPCFraming.frame(try await handler(request, context).serializedBytes())
+        }
+    }
+
+    /// Registers a server-streaming handler.
+    public mutating func register<Request, Response>(
+        _ descriptor: MethodDescriptor<Request, Response>,
+        _ handler: @escaping @Sendable (Request, ServerContext, ResponseWriter<Response>) async throws -> Void
+    ) {
+        precondition(descriptor.kind == .serverStreaming, "\(descriptor.path) is not server streaming")
+        methods[descriptor.path] = Method(path: descriptor.path, kind: .serverStreaming) { bytes, context, writer in
+            let request = try Self.decode(Request.self, bytes)
+            try await handler(request, context, ResponseWriter(raw: writer))
+            return nil
+        }
+    }
+
+    /// The service names registered (for health and reflection-like listings).
+    public var serviceNames: Set<String> {
+        Set(methods.keys.compactMap { path in path.split(separator: "/").first.map(String.init) })
+    }
+
+    func method(for path: String) -> Method? { methods[path] }
+
+    private static func decode<Request: ProtoMessage>(_ type: Request.Type, _ bytes: [UInt8]) throws -> Request {
+        do {
+            return try Request(serializedBytes: bytes)
+        } catch {
+            throw RPCError(code: .internal, message: "could not decode the request: \(error)")
+        }
+    }
+}

@@ -1,0 +1,54 @@
+import Glibc
+import TalkMeshMessages
+
+/// What a handler knows about its call.
+public struct ServerContext: Sendable {
+    /// The method's `:path`, e.g. `/grpc.health.v1.Health/Check`.
+    public var path: String
+    /// Custom metadata the client sent (`-bin` values decoded).
+    public var metadata: Metadata
+    /// When the call must be finished, in monotonic nanoseconds; nil without `grpc-timeout`.
+    public var deadline: Int64?
+    /// The peer's address, `ip:port`.
+    public var peer: String
+
+    /// Creates a context.
+    public init(path: String, metadata: Metadata = Metadata(), deadline: Int64? = nil, peer: String = "") {
+        self.path = path
+        self.metadata = metadata
+        self.deadline = deadline
+        self.peer = peer
+    }
+
+    /// The time left before the deadline, in nanoseconds; nil without a deadline.
+    public var remainingNanoseconds: Int64? {
+        deadline.map { $0 - MonotonicClock.nanoseconds() }
+    }
+}
+
+/// Sends the responses of a server-streaming call, waiting while the client reads slower than
+/// the handler writes (the stream's buffer is bounded).
+public struct ResponseWriter<Response: ProtoMessage>: Sendable {
+    let raw: RawResponseWriter
+
+    /// Sends one message; throws when the call is over (cancelled, reset, deadline passed).
+    public func write(_ response: Response) async throws {
+        try await raw.write(GRPCFraming.frame(response.serializedBytes()))
+    }
+}
+
+/// The untyped side of `ResponseWriter`, implemented by the HTTP/2 stream.
+struct RawResponseWriter: Sendable {
+    let write: @Sendable ([UInt8]) async throws -> Void
+}
+
+/// Reads the monotonic clock.
+public enum MonotonicClock {
+    /// Nanoseconds since an arbitrary fixed point.
+    @inline(__always)
+    public static func nanoseconds() -> Int64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return Int64(spec.tv_sec) * 1_000_000_000 + Int64(spec.tv_nsec)
+    }
+}

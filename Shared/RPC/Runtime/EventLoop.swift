@@ -1,0 +1,152 @@
+import CTalkMesh
+import Glibc
+
+/// One libevent loop on one thread. Everything a connection owns (its bufferevent, its nghttp2
+/// session, its streams) is touched only on its loop's thread; other threads hand work over with
+/// `execute`, which wakes the loop only when its queue was empty, so completions coalesce.
+public final class EventLoop: @unchecked Sendable {
+    let base: OpaquePointer
+    let index: Int
+    private var wakeEvent: OpaquePointer!
+    private let lock = PThreadMutex()
+    private var queue: [() -> Void] = []
+    private var localQueue: [() -> Void] = []
+    private var thread: pthread_t?
+
+    /// Connections owned by this loop, by id (the table keeps them alive).
+    var connections: [UInt64: Connection] = [:]
+    var nextConnectionID: UInt64
+    /// Connections with HTTP/2 output to send once the current batch of work is done.
+    var flushList: [Connection] = []
+    weak var server: RPCServer?
+    var listener: OpaquePointer?
+    var draining = false
+    var drainTimer: LoopTimer?
+
+    var hasLocalWork: Bool { !localQueue.isEmpty }
+
+    init(index: Int) {
+        EventLoop.enableThreads
+        guard let base = event_base_new() else { fatalError("event_base_new failed") }
+        self.base = base
+        self.index = index
+        self.nextConnectionID = UInt64(index) << 48
+        wakeEvent = event_new(base, -1, 0, { _, _, arg in
+            Unmanaged<EventLoop>.fromOpaque(arg!).takeUnretainedValue().runQueued()
+        }, Unmanaged.passUnretained(self).toOpaque())
+    }
+
+    deinit {
+        event_free(wakeEvent)
+        event_base_free(base)
+    }
+
+    /// `evthread_use_pthreads()` must run before the first `event_base_new`, or `event_active`
+    /// from another thread does not wake a loop blocked in epoll_wait.
+    private static let enableThreads: Void = { _ = evthread_use_pthreads() }()
+
+    /// True on this loop's own thread.
+    var inLoop: Bool {
+        guard let thread else { return false }
+        return pthread_equal(thread, pthread_self()) != 0
+    }
+
+    /// Runs `work` on the loop's thread. From the loop's own thread it is queued without a lock
+    /// and runs when the current callback returns to `drainLocal()`.
+    func execute(_ work: @escaping @Sendable () -> Void) {
+        if inLoop {
+            localQueue.append(work)
+            return
+        }
+        lock.lock()
+        let wasEmpty = queue.isEmpty
+        queue.append(work)
+        lock.unlock()
+        if wasEmpty { event_active(wakeEvent, 0, 0) }
+    }
+
+    /// Runs what the loop's own thread queued (called after each batch of socket reads).
+    func drainLocal() {
+        while !localQueue.isEmpty {
+            let work = localQueue
+            localQueue.removeAll(keepingCapacity: true)
+            for item in work { item() }
+        }
+    }
+
+    private func runQueued() {
+        lock.lock()
+        let work = queue
+        queue.removeAll(keepingCapacity: true)
+        lock.unlock()
+        for item in work { item() }
+        afterWork()
+    }
+
+    /// Runs the loop on the calling thread until `stop()`.
+    func run() {
+        thread = pthread_self()
+        _ = event_base_loop(base, EVLOOP_NO_EXIT_ON_EMPTY)
+        runQueued()
+    }
+
+    /// Makes `run()` return after the current iteration.
+    func stop() {
+        event_base_loopbreak(base)
+    }
+
+    /// Allocates a connection id unique across loops.
+    func allocateConnectionID() -> UInt64 {
+        nextConnectionID += 1
+        return nextConnectionID
+    }
+}
+
+/// A one-shot timer on a loop; cancelled when released. The callback runs on the loop's thread.
+final class LoopTimer {
+    private var event: OpaquePointer!
+    private let callback: () -> Void
+
+    init(loop: EventLoop, after nanoseconds: Int64, _ callback: @escaping () -> Void) {
+        self.callback = callback
+        event = event_new(loop.base, -1, 0, { _, _, arg in
+            Unmanaged<LoopTimer>.fromOpaque(arg!).takeUnretainedValue().fire()
+        }, Unmanaged.passUnretained(self).toOpaque())
+        var tv = timeval(tv_sec: Int(nanoseconds / 1_000_000_000), tv_usec: Int(nanoseconds % 1_000_000_000 / 1000))
+        event_add(event, &tv)
+    }
+
+    private func fire() {
+        // The callback may release the last reference to this timer; keep it alive until it returns.
+        withExtendedLifetime(self) { callback() }
+    }
+
+    deinit {
+        event_del(event)
+        event_free(event)
+    }
+}
+
+/// A pthread mutex (cheaper than a Foundation lock, no Foundation dependency).
+final class PThreadMutex: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    init() {
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    @inline(__always) func lock() { pthread_mutex_lock(mutex) }
+    @inline(__always) func unlock() { pthread_mutex_unlock(mutex) }
+
+    @inline(__always) func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        lock()
+        defer { unlock() }
+        return try body()
+    }
+}

@@ -1,0 +1,239 @@
+import CTalkMesh
+import Glibc
+
+/// The server side of one HTTP/1.1 connection on http-parser: keep-alive, Content-Length and
+/// chunked bodies, header and body limits, pipelined requests answered in order.
+final class HTTP1ServerSession {
+    private struct PendingRequest {
+        var request: HTTPRequest
+        var keepAlive: Bool
+        var receivedAt: Int64
+    }
+
+    private enum Failure {
+        case headersTooLarge, bodyTooLarge
+    }
+
+    unowned let connection: Connection
+    private let core: ServerCore
+    private let parser: UnsafeMutablePointer<http_parser>
+    private var url: [UInt8] = []
+    private var field: [UInt8] = []
+    private var value: [UInt8] = []
+    private var headers: [(name: String, value: String)] = []
+    private var body: [UInt8] = []
+    private var headerBytes = 0
+    private var failure: Failure?
+    private var queue: [PendingRequest] = []
+    private var inFlight = false
+    private var closeAfterFlush = false
+    private var goingAway = false
+    private var messageStartedAt: Int64 = 0
+
+    init(connection: Connection) {
+        self.connection = connection
+        self.core = connection.core
+        parser = .allocate(capacity: 1)
+        http_parser_init(parser, HTTP_REQUEST)
+        parser.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+    }
+
+    deinit {
+        parser.deallocate()
+    }
+
+    func receive(_ input: OpaquePointer?) {
+        let length = evbuffer_get_length(input)
+        guard length > 0 else { return }
+        if closeAfterFlush {  // answering an error; the rest of the input is not read
+            evbuffer_drain(input, length)
+            return
+        }
+        guard let bytes = evbuffer_pullup(input, length) else { return }
+        connection.callbackDepth += 1
+        var offset = 0
+        while offset < length && !closeAfterFlush {
+            let parsed = bytes.withMemoryRebound(to: CChar.self, capacity: length) { chars in
+                http_parser_execute(parser, &HTTP1ServerSession.settings, chars + offset, length - offset)
+            }
+            offset += parsed
+            let errno = parser.pointee.http_errno
+            if let failure {
+                switch failure {
+                case .headersTooLarge: fail(431, "request header fields too large\n")
+                case .bodyTooLarge: fail(413, "request body too large\n")
+                }
+            } else if errno != HPE_OK.rawValue {
+                let name = String(cString: http_errno_name(http_errno(rawValue: errno)))
+                fail(400, "malformed HTTP/1.1 request (\(name))\n")
+            } else if parser.pointee.upgrade != 0 {
+                // An upgrade request (h2c, websocket) is answered as a plain request.
+                http_parser_init(parser, HTTP_REQUEST)
+                parser.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+            } else if parsed == 0 {
+                break
+            }
+        }
+        evbuffer_drain(input, length)
+        connection.callbackDepth -= 1
+        startNext()
+    }
+
+    private func fail(_ status: Int, _ message: String) {
+        queue.removeAll()
+        guard !closeAfterFlush else { return }
+        closeAfterFlush = true
+        if !inFlight {
+            writeResponse(HTTPResponse.text(status, message), keepAlive: false, method: "GET")
+            core.metrics.record(shard: connection.loop.index, kind: .http, method: "other", status: String(status), seconds: 0)
+        }
+    }
+
+    private func startNext() {
+        guard !inFlight, !queue.isEmpty, !closeAfterFlush || failure == nil else { return }
+        let pending = queue.removeFirst()
+        inFlight = true
+        let router = core.router
+        let loop = connection.loop
+        let connectionID = connection.id
+        let request = pending.request
+        _ = Task.immediate {
+            let (response, route) = await router.respond(to: request)
+            loop.execute {
+                loop.http1Session(connectionID)?.complete(response, route: route, pending: pending)
+            }
+        }
+    }
+
+    private func complete(_ response: HTTPResponse, route: String, pending: PendingRequest) {
+        inFlight = false
+        let keepAlive = pending.keepAlive && !goingAway && !closeAfterFlush
+        writeResponse(response, keepAlive: keepAlive, method: pending.request.method)
+        let seconds = Double(MonotonicClock.nanoseconds() - pending.receivedAt) / 1e9
+        core.metrics.record(shard: connection.loop.index, kind: .http, method: route, status: String(response.status), seconds: seconds)
+        if !keepAlive {
+            closeAfterFlush = true
+            queue.removeAll()
+        }
+        if connection.pendingOutput == 0 && closeAfterFlush { connection.close(); return }
+        startNext()
+    }
+
+    private func writeResponse(_ response: HTTPResponse, keepAlive: Bool, method: String) {
+        var head = "HTTP/1.1 \(response.status) \(HTTPResponse.reason(response.status))\r\n"
+        for (name, value) in response.headers { head += "\(name): \(value)\r\n" }
+        head += "content-length: \(response.body.count)\r\n"
+        head += keepAlive ? "connection: keep-alive\r\n\r\n" : "connection: close\r\n\r\n"
+        var bytes = Array(head.utf8)
+        if method != "HEAD" { bytes += response.body }
+        bytes.withUnsafeBytes { connection.write($0.baseAddress!, $0.count) }
+        if !keepAlive { closeAfterFlush = true }
+    }
+
+    func outputDrained() {
+        if closeAfterFlush && !inFlight && connection.pendingOutput == 0 { connection.close() }
+    }
+
+    func goAway() {
+        goingAway = true
+        if !inFlight && queue.isEmpty { connection.close() }
+    }
+
+    func teardown() {
+        queue.removeAll()
+    }
+
+    // MARK: http-parser callbacks
+
+    private func countHeaderBytes(_ count: Int) -> Int32 {
+        headerBytes += count
+        if headerBytes > core.configuration.maxHeaderBytes {
+            failure = .headersTooLarge
+            http_parser_pause(parser, 1)
+        }
+        return 0
+    }
+
+    private func flushHeader() {
+        guard !field.isEmpty else { return }
+        headers.append((String(decoding: field, as: UTF8.self).lowercased(), String(decoding: value, as: UTF8.self)))
+        field.removeAll(keepingCapacity: true)
+        value.removeAll(keepingCapacity: true)
+    }
+
+    private static func from(_ parser: UnsafeMutablePointer<http_parser>?) -> HTTP1ServerSession {
+        Unmanaged<HTTP1ServerSession>.fromOpaque(parser!.pointee.data).takeUnretainedValue()
+    }
+
+    nonisolated(unsafe) private static var settings: http_parser_settings = {
+        var settings = http_parser_settings()
+        settings.on_message_begin = { parser in
+            let session = from(parser)
+            session.url.removeAll(keepingCapacity: true)
+            session.headers.removeAll(keepingCapacity: true)
+            session.body = []
+            session.headerBytes = 0
+            session.messageStartedAt = MonotonicClock.nanoseconds()
+            return 0
+        }
+        settings.on_url = { parser, data, length in
+            let session = from(parser)
+            data!.withMemoryRebound(to: UInt8.self, capacity: length) { session.url.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
+            return session.countHeaderBytes(length)
+        }
+        settings.on_header_field = { parser, data, length in
+            let session = from(parser)
+            if session.valueStarted {  // a new field begins: the previous one is complete
+                session.flushHeader()
+                session.valueStarted = false
+            }
+            data!.withMemoryRebound(to: UInt8.self, capacity: length) { session.field.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
+            return session.countHeaderBytes(length)
+        }
+        settings.on_header_value = { parser, data, length in
+            let session = from(parser)
+            session.valueStarted = true
+            data!.withMemoryRebound(to: UInt8.self, capacity: length) { session.value.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
+            return session.countHeaderBytes(length)
+        }
+        settings.on_headers_complete = { parser in
+            let session = from(parser)
+            session.flushHeader()
+            session.valueStarted = false
+            let declared = parser!.pointee.content_length
+            if declared != UInt64.max && declared > UInt64(session.core.configuration.maxBodyBytes) {
+                session.failure = .bodyTooLarge
+                http_parser_pause(parser, 1)
+            }
+            return 0
+        }
+        settings.on_body = { parser, data, length in
+            let session = from(parser)
+            if session.body.count + length > session.core.configuration.maxBodyBytes {
+                session.failure = .bodyTooLarge
+                http_parser_pause(parser, 1)
+                return 0
+            }
+            data!.withMemoryRebound(to: UInt8.self, capacity: length) { session.body.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
+            return 0
+        }
+        settings.on_message_complete = { parser in
+            let session = from(parser)
+            let methodName = String(cString: http_method_str(http_method(rawValue: parser!.pointee.method)))
+            let target = String(decoding: session.url, as: UTF8.self)
+            var request = HTTPRequest(method: methodName, path: target, headers: session.headers, body: session.body)
+            if let question = target.firstIndex(of: "?") {
+                request.path = String(target[..<question])
+                request.query = String(target[target.index(after: question)...])
+            }
+            request.peer = session.connection.peer
+            session.body = []
+            session.queue.append(PendingRequest(request: request, keepAlive: http_should_keep_alive(parser) != 0,
+                                                receivedAt: session.messageStartedAt))
+            return 0
+        }
+        return settings
+    }()
+
+    private var valueStarted = false
+}

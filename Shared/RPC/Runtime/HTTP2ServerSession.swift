@@ -1,0 +1,586 @@
+import CTalkMesh
+import Glibc
+
+/// The server side of one HTTP/2 connection on nghttp2 (modelled on nghttp2's
+/// `examples/libevent-server.c`): callbacks only move bytes and state; complete requests are
+/// handed to Swift concurrency after each read; responses come back through the loop's queue.
+final class HTTP2ServerSession {
+    unowned let connection: Connection
+    private var session: OpaquePointer?
+    private var streams: [Int32: HTTP2Stream] = [:]
+    private var ready: [HTTP2Stream] = []
+    private var goingAway = false
+    private var goAwayTimer: LoopTimer?
+    private let core: ServerCore
+
+    /// Streams waiting for a writer's data beyond this many buffered bytes make the writer wait.
+    static let streamHighWater = 256 * 1024
+
+    init(connection: Connection) {
+        self.connection = connection
+        self.core = connection.core
+        var session: OpaquePointer?
+        nghttp2_session_server_new2(&session, HTTP2ServerSession.callbacks, Unmanaged.passUnretained(self).toOpaque(),
+                                    HTTP2ServerSession.options)
+        self.session = session
+        let configuration = core.configuration
+        var settings = [
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue),
+                                   value: UInt32(configuration.maxConcurrentStreams)),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: 1 << 20),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue),
+                                   value: UInt32(configuration.maxHeaderBytes)),
+        ]
+        nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &settings, settings.count)
+        nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, 16 << 20)
+        if core.health.isShuttingDown { goAway() }
+    }
+
+    // MARK: Input
+
+    func receive(_ input: OpaquePointer?) {
+        guard let session else { return }
+        connection.callbackDepth += 1
+        while true {
+            let length = evbuffer_get_length(input)
+            if length == 0 { break }
+            // Read the first contiguous chunk without copying.
+            var vector = iovec()
+            guard evbuffer_peek(input, -1, nil, &vector, 1) >= 1 else { break }
+            let count = min(vector.iov_len, length)
+            let consumed = nghttp2_session_mem_recv(session, vector.iov_base.assumingMemoryBound(to: UInt8.self), count)
+            if consumed < 0 {
+                core.logger.debug("closing an HTTP/2 connection: \(String(cString: nghttp2_strerror(Int32(consumed))))",
+                                  metadata: ["peer": "\(connection.peer)"])
+                evbuffer_drain(input, length)
+                connection.callbackDepth -= 1
+                connection.close()
+                return
+            }
+            evbuffer_drain(input, count)
+        }
+        connection.callbackDepth -= 1
+        dispatchReady()
+        connection.scheduleFlush()
+    }
+
+    // MARK: Output
+
+    func flush() {
+        guard let session else { return }
+        connection.callbackDepth += 1
+        let rv = nghttp2_session_send(session)
+        connection.callbackDepth -= 1
+        if rv != 0 {
+            connection.close()
+            return
+        }
+        if nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0
+            && connection.pendingOutput == 0 {
+            connection.close()
+        }
+    }
+
+    // MARK: Callbacks (thin: they move bytes and state)
+
+    fileprivate func beginHeaders(_ streamID: Int32) {
+        let stream = HTTP2Stream(id: streamID)
+        stream.startedAt = MonotonicClock.nanoseconds()
+        streams[streamID] = stream
+    }
+
+    fileprivate func header(_ streamID: Int32, _ name: UnsafePointer<UInt8>, _ nameLength: Int,
+                            _ value: UnsafePointer<UInt8>, _ valueLength: Int) -> Int32 {
+        guard let stream = streams[streamID] else { return 0 }
+        stream.headerBytes += nameLength + valueLength + 32
+        if stream.headerBytes > core.configuration.maxHeaderBytes {
+            return Int32(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)  // resets just this stream
+        }
+        let valueString = { String(decoding: UnsafeBufferPointer(start: value, count: valueLength), as: UTF8.self) }
+        if nameLength > 0 && name[0] == UInt8(ascii: ":") {
+            if bytesEqual(name, nameLength, ":path") {
+                stream.path = valueString()
+            } else if bytesEqual(name, nameLength, ":method") {
+                stream.method = valueString()
+            } else if bytesEqual(name, nameLength, ":authority") {
+                stream.authority = valueString()
+            }
+            return 0
+        }
+        if bytesEqual(name, nameLength, "content-type") {
+            stream.contentType = valueString()
+        } else if bytesEqual(name, nameLength, "grpc-timeout") {
+            stream.timeoutNanoseconds = GRPCTimeout.parse(UnsafeBufferPointer(start: value, count: valueLength)) ?? -1
+        } else if bytesEqual(name, nameLength, "te") || bytesEqual(name, nameLength, "user-agent")
+                    || bytesEqual(name, nameLength, "grpc-accept-encoding") || bytesEqual(name, nameLength, "accept-encoding") {
+            stream.restHeaders.append((String(decoding: UnsafeBufferPointer(start: name, count: nameLength), as: UTF8.self), valueString()))
+        } else {
+            let key = String(decoding: UnsafeBufferPointer(start: name, count: nameLength), as: UTF8.self)
+            stream.restHeaders.append((key, valueString()))
+            if !key.hasPrefix("grpc-") { stream.metadata.addWire(key: key, value: valueString()) }
+        }
+        return 0
+    }
+
+    /// HEADERS complete: decide gRPC or REST and answer immediate errors (Trailers-Only).
+    fileprivate func headersComplete(_ stream: HTTP2Stream) {
+        if stream.contentType.hasPrefix("application/grpc") {
+            stream.kind = .grpc
+            stream.metricLabel = stream.path
+            guard stream.method == "POST" else {
+                respondPlain(stream, HTTPResponse.text(405, "gRPC requires POST\n"))
+                return
+            }
+            guard let method = core.registry.method(for: stream.path) else {
+                stream.metricLabel = "unknown"
+                respondStatus(stream, RPCError(code: .unimplemented, message: "method \(stream.path) is not implemented"))
+                return
+            }
+            stream.grpcMethod = method
+            stream.reader = GRPCMessageReader(maxMessageBytes: core.configuration.maxReceiveMessageBytes)
+            if let timeout = stream.timeoutNanoseconds {
+                guard timeout >= 0 else {
+                    respondStatus(stream, RPCError(code: .internal, message: "malformed grpc-timeout"))
+                    return
+                }
+                startDeadline(stream, after: timeout)
+            }
+        } else if core.registry.method(for: stream.path) != nil {
+            // A gRPC method called without the gRPC content type (gRPC's HTTP/2 protocol: 415).
+            stream.metricLabel = stream.path
+            stream.kind = .rest
+            respondPlain(stream, HTTPResponse.text(415, "content-type must be application/grpc\n"))
+        } else {
+            stream.kind = .rest
+        }
+    }
+
+    fileprivate func data(_ streamID: Int32, _ bytes: UnsafePointer<UInt8>, _ count: Int) {
+        guard let stream = streams[streamID], !stream.answered else { return }
+        switch stream.kind {
+        case .grpc:
+            do {
+                try stream.reader?.append(UnsafeBufferPointer(start: bytes, count: count))
+            } catch .tooLarge(let announced, let limit) {
+                stream.reader = nil
+                respondStatus(stream, RPCError(code: .resourceExhausted,
+                    message: "received message larger than max (\(announced) vs. \(limit))"))
+                resetAfterResponse(stream)
+            } catch {
+                stream.reader = nil
+                respondStatus(stream, RPCError(code: .internal, message: "compressed messages are not supported (no grpc-encoding negotiated)"))
+                resetAfterResponse(stream)
+            }
+        case .rest:
+            if stream.body.count + count > core.configuration.maxBodyBytes {
+                respondPlain(stream, HTTPResponse.text(413, "request body too large\n"))
+                resetAfterResponse(stream)
+                return
+            }
+            stream.body.append(contentsOf: UnsafeBufferPointer(start: bytes, count: count))
+        case .undecided:
+            break
+        }
+    }
+
+    fileprivate func endOfRequest(_ streamID: Int32) {
+        guard let stream = streams[streamID], !stream.answered else { return }
+        stream.requestComplete = true
+        ready.append(stream)
+    }
+
+    fileprivate func streamClosed(_ streamID: Int32, errorCode: UInt32) {
+        guard let stream = streams.removeValue(forKey: streamID) else { return }
+        stream.deadlineTimer = nil
+        if let task = stream.task, !stream.answered || !stream.outboundFinished {
+            task.cancel()
+            if !stream.answered {
+                stream.answered = true
+                record(stream, code: RPCError.Code.cancelled.statusText)
+            }
+        }
+        stream.releaseWriters(CancellationError())
+    }
+
+    /// Moves response bytes into nghttp2's frame buffer; defers when a stream has nothing yet.
+    fileprivate func readResponse(_ streamID: Int32, _ buffer: UnsafeMutablePointer<UInt8>, _ length: Int,
+                                  _ flags: UnsafeMutablePointer<UInt32>) -> Int {
+        guard let stream = streams[streamID] else { return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue) }
+        let count = min(length, stream.bufferedBytes)
+        if count > 0 {
+            stream.outbound.withUnsafeBufferPointer { source in
+                buffer.update(from: source.baseAddress! + stream.outboundOffset, count: count)
+            }
+            stream.outboundOffset += count
+            if stream.outboundOffset == stream.outbound.count {
+                stream.outbound.removeAll(keepingCapacity: stream.outbound.count <= 64 * 1024)
+                stream.outboundOffset = 0
+            }
+            if !stream.writeWaiters.isEmpty && stream.bufferedBytes < HTTP2ServerSession.streamHighWater {
+                stream.releaseWriters(nil)
+            }
+        }
+        if stream.bufferedBytes == 0 {
+            if stream.outboundFinished {
+                flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+                if let trailers = stream.trailers {
+                    flags.pointee |= NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
+                    submitTrailers(stream, trailers)
+                }
+            } else if count == 0 {
+                stream.deferred = true
+                return Int(NGHTTP2_ERR_DEFERRED.rawValue)
+            }
+        }
+        return count
+    }
+
+    // MARK: Dispatch to Swift concurrency
+
+    private func dispatchReady() {
+        guard !ready.isEmpty else { return }
+        let batch = ready
+        ready.removeAll(keepingCapacity: true)
+        for stream in batch where !stream.answered {
+            switch stream.kind {
+            case .grpc: dispatchGRPC(stream)
+            case .rest: dispatchREST(stream)
+            case .undecided: break
+            }
+        }
+    }
+
+    private func dispatchGRPC(_ stream: HTTP2Stream) {
+        guard let method = stream.grpcMethod, var reader = stream.reader else { return }
+        let messages = reader.takeMessages()
+        if reader.hasPartialMessage || messages.count != 1 {
+            respondStatus(stream, RPCError(code: .internal, message: messages.isEmpty || reader.hasPartialMessage
+                ? "the request ended without a complete message" : "a \(method.kind) call takes one request message"))
+            return
+        }
+        stream.reader = nil
+        let deadline = stream.timeoutNanoseconds.map { stream.startedAt + $0 }
+        let context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
+        let loop = connection.loop
+        let connectionID = connection.id
+        let streamID = stream.id
+        let writer = RawResponseWriter { bytes in
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                loop.execute {
+                    guard let session = loop.http2Session(connectionID) else {
+                        continuation.resume(throwing: CancellationError())
+                        return
+                    }
+                    session.write(streamID, bytes, continuation)
+                }
+            }
+        }
+        let request = messages[0]
+        let run = method.run
+        stream.task = Task.immediate {
+            let result: Result<[UInt8]?, RPCError>
+            do {
+                result = .success(try await run(request, context, writer))
+            } catch {
+                result = .failure(RPCError(from: error))
+            }
+            loop.execute {
+                loop.http2Session(connectionID)?.complete(streamID, result)
+            }
+        }
+    }
+
+    private func dispatchREST(_ stream: HTTP2Stream) {
+        var request = HTTPRequest(method: stream.method, path: stream.path, headers: stream.restHeaders, body: stream.body)
+        if let question = stream.path.firstIndex(of: "?") {
+            request.path = String(stream.path[..<question])
+            request.query = String(stream.path[stream.path.index(after: question)...])
+        }
+        if !stream.authority.isEmpty { request.headers.append(("host", stream.authority)) }
+        request.peer = connection.peer
+        stream.body = []
+        let router = core.router
+        let loop = connection.loop
+        let connectionID = connection.id
+        let streamID = stream.id
+        stream.task = Task.immediate {
+            let (response, route) = await router.respond(to: request)
+            loop.execute {
+                loop.http2Session(connectionID)?.completeREST(streamID, response, route: route)
+            }
+        }
+    }
+
+    // MARK: Completions (on the loop)
+
+    func write(_ streamID: Int32, _ bytes: [UInt8], _ continuation: CheckedContinuation<Void, any Error>) {
+        guard let stream = streams[streamID], !stream.answered else {
+            continuation.resume(throwing: CancellationError())
+            return
+        }
+        startResponse(stream)
+        stream.enqueue(bytes)
+        if stream.bufferedBytes > HTTP2ServerSession.streamHighWater {
+            stream.writeWaiters.append(continuation)
+        } else {
+            continuation.resume()
+        }
+        resume(stream)
+    }
+
+    func complete(_ streamID: Int32, _ result: Result<[UInt8]?, RPCError>) {
+        guard let stream = streams[streamID], !stream.answered else { return }
+        switch result {
+        case .success(let framed):
+            if let framed {
+                startResponse(stream)
+                stream.enqueue(framed)
+            }
+            if stream.responseStarted {
+                finishResponse(stream, trailers: nil)
+            } else {
+                respondStatus(stream, nil)
+            }
+        case .failure(let error):
+            if stream.responseStarted {
+                finishResponse(stream, trailers: statusHeaders(error))
+                record(stream, code: error.code.statusText)
+            } else {
+                respondStatus(stream, error)
+            }
+        }
+        connection.scheduleFlush()
+    }
+
+    func completeREST(_ streamID: Int32, _ response: HTTPResponse, route: String) {
+        guard let stream = streams[streamID], !stream.answered else { return }
+        stream.metricLabel = route
+        respondPlain(stream, response)
+        connection.scheduleFlush()
+    }
+
+    // MARK: Responses
+
+    /// Sends the response headers with a data provider; data follows as it is enqueued.
+    private func startResponse(_ stream: HTTP2Stream) {
+        guard !stream.responseStarted else { return }
+        stream.responseStarted = true
+        var provider = nghttp2_data_provider(source: nghttp2_data_source(ptr: nil), read_callback: HTTP2ServerSession.readCallback)
+        StaticHeaders.grpcResponse.withUnsafeBufferPointer { headers in
+            _ = nghttp2_submit_response(session, stream.id, headers.baseAddress, headers.count, &provider)
+        }
+    }
+
+    private func finishResponse(_ stream: HTTP2Stream, trailers: [(name: String, value: String)]?) {
+        stream.answered = true
+        stream.deadlineTimer = nil
+        stream.outboundFinished = true
+        stream.trailers = trailers ?? []
+        stream.trailersAreOK = trailers == nil
+        if trailers == nil { record(stream, code: "0") }
+        resume(stream)
+    }
+
+    private func resume(_ stream: HTTP2Stream) {
+        if stream.deferred {
+            stream.deferred = false
+            nghttp2_session_resume_data(session, stream.id)
+        }
+    }
+
+    private func submitTrailers(_ stream: HTTP2Stream, _ trailers: [(name: String, value: String)]) {
+        if stream.trailersAreOK {
+            StaticHeaders.grpcOK.withUnsafeBufferPointer { block in
+                _ = nghttp2_submit_trailer(session, stream.id, block.baseAddress, block.count)
+            }
+            return
+        }
+        let block = HeaderBlock(trailers)
+        block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_trailer(session, stream.id, $0.baseAddress, $0.count) }
+        block.free()
+    }
+
+    private func statusHeaders(_ error: RPCError) -> [(name: String, value: String)] {
+        var headers = [("grpc-status", error.code.statusText)]
+        if !error.message.isEmpty { headers.append(("grpc-message", PercentEncoding.encode(error.message))) }
+        return headers
+    }
+
+    /// A gRPC status with no response message: Trailers-Only (one HEADERS frame with END_STREAM),
+    /// or trailers after the data already sent.
+    private func respondStatus(_ stream: HTTP2Stream, _ error: RPCError?) {
+        guard !stream.answered else { return }
+        if stream.responseStarted {
+            finishResponse(stream, trailers: error.map(statusHeaders))
+            if let error { record(stream, code: error.code.statusText) }
+            return
+        }
+        stream.answered = true
+        stream.deadlineTimer = nil
+        stream.responseStarted = true
+        stream.outboundFinished = true
+        var headers: [(name: String, value: String)] = [(":status", "200"), ("content-type", "application/grpc")]
+        headers += error.map(statusHeaders) ?? [("grpc-status", "0")]
+        let block = HeaderBlock(headers)
+        block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, nil) }
+        block.free()
+        record(stream, code: error?.code.statusText ?? "0")
+        if error != nil { stream.task?.cancel() }
+        connection.scheduleFlush()
+    }
+
+    private func respondPlain(_ stream: HTTP2Stream, _ response: HTTPResponse) {
+        guard !stream.answered else { return }
+        stream.answered = true
+        stream.responseStarted = true
+        stream.deadlineTimer = nil
+        var headers: [(name: String, value: String)] = [(":status", String(response.status))]
+        headers += response.headers.map { ($0.name.lowercased(), $0.value) }
+        headers.append(("content-length", String(response.body.count)))
+        let block = HeaderBlock(headers)
+        if response.body.isEmpty || stream.method == "HEAD" {
+            block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, nil) }
+        } else {
+            stream.outbound = response.body
+            stream.outboundFinished = true
+            var provider = nghttp2_data_provider(source: nghttp2_data_source(ptr: nil), read_callback: HTTP2ServerSession.readCallback)
+            block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, &provider) }
+        }
+        block.free()
+        if stream.kind == .rest || stream.kind == .undecided {
+            recordHTTP(stream, status: response.status)
+        } else {
+            record(stream, code: "http_\(response.status)")
+        }
+        connection.scheduleFlush()
+    }
+
+    /// After answering early, asks the client to stop sending the rest of the request.
+    private func resetAfterResponse(_ stream: HTTP2Stream) {
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream.id, NGHTTP2_NO_ERROR.rawValue)
+    }
+
+    private func startDeadline(_ stream: HTTP2Stream, after nanoseconds: Int64) {
+        let streamID = stream.id
+        stream.deadlineTimer = LoopTimer(loop: connection.loop, after: max(nanoseconds, 0)) { [weak self] in
+            guard let self, let stream = self.streams[streamID], !stream.answered else { return }
+            stream.task?.cancel()
+            self.respondStatus(stream, RPCError(code: .deadlineExceeded, message: "deadline exceeded"))
+            if !stream.requestComplete { self.resetAfterResponse(stream) }
+            stream.releaseWriters(CancellationError())
+            self.connection.scheduleFlush()
+            self.connection.loop.afterWork()
+        }
+    }
+
+    private func record(_ stream: HTTP2Stream, code: String) {
+        let seconds = Double(MonotonicClock.nanoseconds() - stream.startedAt) / 1e9
+        core.metrics.record(shard: connection.loop.index, kind: .grpc, method: stream.metricLabel, status: code, seconds: seconds)
+    }
+
+    private func recordHTTP(_ stream: HTTP2Stream, status: Int) {
+        let seconds = Double(MonotonicClock.nanoseconds() - stream.startedAt) / 1e9
+        core.metrics.record(shard: connection.loop.index, kind: .http, method: stream.metricLabel.isEmpty ? "other" : stream.metricLabel,
+                            status: String(status), seconds: seconds)
+    }
+
+    // MARK: Lifecycle
+
+    /// Graceful shutdown: a shutdown notice now, the final GOAWAY (last processed stream) after
+    /// about one round trip, then close once the streams in flight are done.
+    func goAway() {
+        guard !goingAway, let session else { return }
+        goingAway = true
+        nghttp2_submit_shutdown_notice(session)
+        connection.scheduleFlush()
+        goAwayTimer = LoopTimer(loop: connection.loop, after: 500_000_000) { [weak self] in
+            guard let self, let session = self.session else { return }
+            nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nghttp2_session_get_last_proc_stream_id(session),
+                                  NGHTTP2_NO_ERROR.rawValue, nil, 0)
+            self.flush()
+        }
+    }
+
+    func teardown() {
+        goAwayTimer = nil
+        for stream in streams.values {
+            stream.task?.cancel()
+            stream.deadlineTimer = nil
+            stream.releaseWriters(CancellationError())
+        }
+        streams.removeAll()
+        ready.removeAll()
+        if let session { nghttp2_session_del(session) }
+        session = nil
+    }
+
+    // MARK: nghttp2 glue
+
+    private static func from(_ pointer: UnsafeMutableRawPointer?) -> HTTP2ServerSession {
+        Unmanaged<HTTP2ServerSession>.fromOpaque(pointer!).takeUnretainedValue()
+    }
+
+    private static let readCallback: nghttp2_data_source_read_callback = { _, streamID, buffer, length, flags, _, userData in
+        from(userData).readResponse(streamID, buffer!, length, flags!)
+    }
+
+    nonisolated(unsafe) private static let options: OpaquePointer = {
+        var options: OpaquePointer?
+        nghttp2_option_new(&options)
+        // Clients may open many streams at once; nghttp2's default cap on the
+        // concurrent-stream queue is generous but we also bound it by SETTINGS.
+        nghttp2_option_set_max_outbound_ack(options, 10_000)
+        return options!
+    }()
+
+    nonisolated(unsafe) private static let callbacks: OpaquePointer = {
+        var callbacks: OpaquePointer?
+        nghttp2_session_callbacks_new(&callbacks)
+        nghttp2_session_callbacks_set_send_callback(callbacks) { _, data, length, _, userData in
+            let session = from(userData)
+            let connection = session.connection
+            if connection.pendingOutput >= Connection.outputHighWater {
+                return Int(NGHTTP2_ERR_WOULDBLOCK.rawValue)
+            }
+            connection.write(data!, length)
+            return length
+        }
+        nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks) { _, frame, userData in
+            let frame = frame!.pointee
+            if frame.hd.type == UInt8(NGHTTP2_HEADERS.rawValue) && frame.headers.cat == NGHTTP2_HCAT_REQUEST {
+                from(userData).beginHeaders(frame.hd.stream_id)
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_header_callback(callbacks) { _, frame, name, nameLength, value, valueLength, _, userData in
+            let frame = frame!.pointee
+            guard frame.hd.type == UInt8(NGHTTP2_HEADERS.rawValue), frame.headers.cat == NGHTTP2_HCAT_REQUEST else { return 0 }
+            return from(userData).header(frame.hd.stream_id, name!, nameLength, value!, valueLength)
+        }
+        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks) { _, frame, userData in
+            let frame = frame!.pointee
+            let session = from(userData)
+            let endStream = frame.hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
+            switch UInt32(frame.hd.type) {
+            case NGHTTP2_HEADERS.rawValue:
+                guard let stream = session.streams[frame.hd.stream_id] else { return 0 }
+                if frame.headers.cat == NGHTTP2_HCAT_REQUEST { session.headersComplete(stream) }
+                if endStream { session.endOfRequest(frame.hd.stream_id) }
+            case NGHTTP2_DATA.rawValue:
+                if endStream { session.endOfRequest(frame.hd.stream_id) }
+            default:
+                break
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks) { _, _, streamID, data, length, userData in
+            from(userData).data(streamID, data!, length)
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks) { _, streamID, errorCode, userData in
+            from(userData).streamClosed(streamID, errorCode: errorCode)
+            return 0
+        }
+        return callbacks!
+    }()
+}

@@ -1,0 +1,61 @@
+/// One HTTP/2 request stream on the server: what was received, the handler running for it, and
+/// the response being sent. Touched only on its connection's loop.
+final class HTTP2Stream {
+    enum Kind { case undecided, grpc, rest }
+
+    let id: Int32
+    var kind: Kind = .undecided
+    var method = ""
+    var path = ""
+    var contentType = ""
+    var authority = ""
+    var timeoutNanoseconds: Int64?
+    var metadata = Metadata()
+    var restHeaders: [(name: String, value: String)] = []
+    var headerBytes = 0
+    var reader: GRPCMessageReader?
+    var body: [UInt8] = []
+    var grpcMethod: RPCServiceRegistry.Method?
+    /// A response was already decided (error or complete); later input is ignored.
+    var answered = false
+    var requestComplete = false
+    var startedAt: Int64 = 0
+
+    var task: Task<Void, Never>?
+    var deadlineTimer: LoopTimer?
+
+    // Response state.
+    var responseStarted = false
+    var outbound: [UInt8] = []
+    var outboundOffset = 0
+    var outboundFinished = false
+    /// Trailers to send after the data; nil for plain HTTP responses.
+    var trailers: [(name: String, value: String)]?
+    var trailersAreOK = false
+    var deferred = false
+    var writeWaiters: [CheckedContinuation<Void, any Error>] = []
+    var metricLabel = ""
+
+    init(id: Int32) {
+        self.id = id
+    }
+
+    var bufferedBytes: Int { outbound.count - outboundOffset }
+
+    func enqueue(_ bytes: [UInt8]) {
+        if outboundOffset > 0 && outboundOffset == outbound.count {
+            outbound.removeAll(keepingCapacity: true)
+            outboundOffset = 0
+        }
+        outbound.append(contentsOf: bytes)
+    }
+
+    /// Releases writers waiting for room; with an error when the stream is over.
+    func releaseWriters(_ error: (any Error)?) {
+        let waiters = writeWaiters
+        writeWaiters.removeAll()
+        for waiter in waiters {
+            if let error { waiter.resume(throwing: error) } else { waiter.resume() }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+import CTalkMesh
+import Glibc
+
+/// An nghttp2 header list built from Swift strings in one allocation; nghttp2 copies it on submit.
+struct HeaderBlock {
+    private let storage: UnsafeMutablePointer<UInt8>
+    private(set) var fields: [nghttp2_nv]
+
+    init(_ headers: [(name: String, value: String)]) {
+        let total = headers.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count }
+        storage = .allocate(capacity: max(total, 1))
+        fields = []
+        fields.reserveCapacity(headers.count)
+        var offset = 0
+        for (name, value) in headers {
+            let namePointer = storage + offset
+            for byte in name.utf8 { storage[offset] = byte; offset += 1 }
+            let valuePointer = storage + offset
+            for byte in value.utf8 { storage[offset] = byte; offset += 1 }
+            fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: name.utf8.count,
+                                     valuelen: value.utf8.count, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
+        }
+    }
+
+    func free() { storage.deallocate() }
+}
+
+/// Header fields that never change, kept for the life of the process and submitted without copies.
+enum StaticHeaders {
+    nonisolated(unsafe) static let grpcResponse: [nghttp2_nv] = make([(":status", "200"), ("content-type", "application/grpc")])
+    nonisolated(unsafe) static let grpcOK: [nghttp2_nv] = make([("grpc-status", "0")])
+
+    private static func make(_ pairs: [(String, String)]) -> [nghttp2_nv] {
+        pairs.map { name, value in
+            let n = strdup(name)!, v = strdup(value)!
+            let flags = UInt8(NGHTTP2_NV_FLAG_NO_COPY_NAME.rawValue | NGHTTP2_NV_FLAG_NO_COPY_VALUE.rawValue)
+            return nghttp2_nv(name: UnsafeMutableRawPointer(n).assumingMemoryBound(to: UInt8.self),
+                              value: UnsafeMutableRawPointer(v).assumingMemoryBound(to: UInt8.self),
+                              namelen: strlen(n), valuelen: strlen(v), flags: flags)
+        }
+    }
+}
+
+/// Compares received header bytes with a literal without building a String (hot path).
+@inline(__always)
+func bytesEqual(_ pointer: UnsafePointer<UInt8>, _ length: Int, _ literal: StaticString) -> Bool {
+    length == literal.utf8CodeUnitCount && memcmp(pointer, literal.utf8Start, length) == 0
+}

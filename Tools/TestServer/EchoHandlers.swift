@@ -1,0 +1,76 @@
+import Glibc
+import TalkMeshMessages
+import TalkMeshRPC
+
+/// Counts what happened to `Hold` calls, by tag, so tests can see a cancellation reach a handler.
+final class CallCounters: @unchecked Sendable {
+    private let lock = Mutex()
+    private var counts: [String: StatsResponse] = [:]
+
+    func update(_ tag: String, _ change: (inout StatsResponse) -> Void) {
+        lock.withLock { change(&counts[tag, default: StatsResponse()]) }
+    }
+
+    func stats(_ tag: String) -> StatsResponse {
+        lock.withLock { counts[tag] ?? StatsResponse() }
+    }
+
+    /// A small pthread mutex (the test server keeps to the runtime's dependencies).
+    final class Mutex: @unchecked Sendable {
+        private var mutex = pthread_mutex_t()
+        init() { pthread_mutex_init(&mutex, nil) }
+        func withLock<T>(_ body: () -> T) -> T {
+            pthread_mutex_lock(&mutex)
+            defer { pthread_mutex_unlock(&mutex) }
+            return body()
+        }
+    }
+}
+
+/// The EchoService handlers.
+struct EchoHandlers {
+    let counters: CallCounters
+
+    func register(into registry: inout RPCServiceRegistry) {
+        registry.register(EchoService.echo) { request, context in
+            var response = EchoResponse()
+            response.payload = request.payload
+            response.text = request.text
+            response.metadata = context.metadata.map { entry in
+                switch entry.value {
+                case .string(let text): return "\(entry.key)=\(text)"
+                case .binary(let bytes): return "\(entry.key)=\(Base64.encode(bytes))"
+                }
+            }
+            return response
+        }
+        registry.register(EchoService.expand) { request, _, writer in
+            for index in 0..<max(0, Int(request.count)) {
+                if request.intervalMs > 0 { try await Task.sleep(for: .milliseconds(Int(request.intervalMs))) }
+                var response = EchoResponse()
+                response.payload = request.payload
+                response.sequence = Int32(index)
+                try await writer.write(response)
+            }
+        }
+        registry.register(EchoService.hold) { [counters] request, _ in
+            counters.update(request.tag) { $0.started += 1 }
+            do {
+                try await Task.sleep(for: .milliseconds(Int(request.delayMs)))
+            } catch {
+                counters.update(request.tag) { $0.cancelled += 1 }
+                throw error
+            }
+            counters.update(request.tag) { $0.completed += 1 }
+            if request.failCode != 0 {
+                throw RPCError(code: RPCError.Code(rawValue: Int(request.failCode)), message: request.failMessage)
+            }
+            var response = EchoResponse()
+            response.text = request.tag
+            return response
+        }
+        registry.register(EchoService.stats) { [counters] request, _ in
+            counters.stats(request.tag)
+        }
+    }
+}
