@@ -20,6 +20,13 @@ struct TestServerCommand: ParsableCommand {
     func run() throws {
         ServiceRunner.run(name: "talkmesh-testserver", defaultPort: 50099, options: options) { setup in
             EchoHandlers(counters: CallCounters()).register(into: &setup.services)
+            // A REST route that answers with the request body, for HTTP/1.1 and HTTP/2 body tests.
+            setup.router.add("POST", "/echo") { request in
+                HTTPResponse(status: 200, headers: [("content-type", "application/octet-stream")], body: request.body)
+            }
+            setup.router.add("GET", "/items/{id}") { request in
+                .json(200, "{\"id\":\"\(request.pathParameters["id"] ?? "")\",\"query\":\"\(request.query)\"}")
+            }
         }
     }
 }

@@ -55,6 +55,9 @@ public final class EventLoop: @unchecked Sendable {
     /// and runs when the current callback returns to `drainLocal()`.
     func execute(_ work: @escaping @Sendable () -> Void) {
         if inLoop {
+            // Usually drained by `afterWork()` when the current callback ends; the wake-up covers
+            // callbacks that do not end that way (signals, timers).
+            if localQueue.isEmpty { event_active(wakeEvent, 0, 0) }
             localQueue.append(work)
             return
         }

@@ -326,6 +326,7 @@ final class HTTP2ServerSession {
             continuation.resume()
         }
         resume(stream)
+        connection.scheduleFlush()
     }
 
     func complete(_ streamID: Int32, _ result: Result<[UInt8]?, RPCError>) {
@@ -455,9 +456,17 @@ final class HTTP2ServerSession {
         connection.scheduleFlush()
     }
 
-    /// After answering early, asks the client to stop sending the rest of the request.
+    /// After answering early, asks the client to stop sending the rest of the request: an
+    /// RST_STREAM(NO_ERROR) once the response's last frame is out (sooner, nghttp2 would drop the
+    /// response itself).
     private func resetAfterResponse(_ stream: HTTP2Stream) {
-        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream.id, NGHTTP2_NO_ERROR.rawValue)
+        stream.resetAfterResponse = true
+    }
+
+    fileprivate func frameSent(_ streamID: Int32, endStream: Bool) {
+        guard endStream, let stream = streams[streamID], stream.resetAfterResponse, !stream.requestComplete else { return }
+        stream.resetAfterResponse = false
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), streamID, NGHTTP2_NO_ERROR.rawValue)
     }
 
     private func startDeadline(_ stream: HTTP2Stream, after nanoseconds: Int64) {
@@ -570,6 +579,13 @@ final class HTTP2ServerSession {
                 if endStream { session.endOfRequest(frame.hd.stream_id) }
             default:
                 break
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_send_callback(callbacks) { _, frame, userData in
+            let header = frame!.pointee.hd
+            if header.stream_id != 0 {
+                from(userData).frameSent(header.stream_id, endStream: header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0)
             }
             return 0
         }

@@ -19,6 +19,8 @@ final class HTTP2Stream {
     /// A response was already decided (error or complete); later input is ignored.
     var answered = false
     var requestComplete = false
+    /// Reset the stream (NO_ERROR) once the early response is sent.
+    var resetAfterResponse = false
     var startedAt: Int64 = 0
 
     var task: Task<Void, Never>?

@@ -1,0 +1,116 @@
+"""Fixtures for the integration tests: they start the real executables on loopback and talk to
+them as clients would (grpcio, curl, h2load, the h2 library over raw sockets)."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.environ.get("TALKMESH_BIN", os.path.join(ROOT, ".build", "debug"))
+
+
+def _generate_stubs():
+    """Python gRPC stubs for the test and health protos, made with grpcio-tools (not committed)."""
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp(prefix="talkmesh-stubs-")
+    src = os.path.join(out, "protos")
+    # The health proto is copied under another folder name: a Python package called `grpc`
+    # would shadow grpcio itself. The proto package (what the wire sees) is unchanged.
+    os.makedirs(os.path.join(src, "tmhealth"))
+    os.makedirs(os.path.join(src, "tmecho"))
+    shutil.copy(os.path.join(ROOT, "proto/grpc/health/v1/health.proto"), os.path.join(src, "tmhealth/health.proto"))
+    shutil.copy(os.path.join(ROOT, "proto/talkmesh/testing/v1/echo.proto"), os.path.join(src, "tmecho/echo.proto"))
+    for name in ("tmhealth/health.proto", "tmecho/echo.proto"):
+        rc = protoc.main(["protoc", f"-I{src}", f"--python_out={out}", f"--grpc_python_out={out}", os.path.join(src, name)])
+        assert rc == 0, f"grpc_tools.protoc failed on {name}"
+    for pkg in ("tmhealth", "tmecho"):
+        open(os.path.join(out, pkg, "__init__.py"), "w").close()
+    sys.path.insert(0, out)
+
+
+_generate_stubs()
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """A running executable: its port, its log, and a clean SIGTERM stop."""
+
+    def __init__(self, exe, env=None, args=(), host="127.0.0.1"):
+        self.exe = exe
+        self.host = host
+        self.port = free_port(host)
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{exe}-", suffix=".log", delete=False)
+        full_env = dict(os.environ)
+        full_env.update({"HOST": host, "PORT": str(self.port), "LOG_LEVEL": "debug"})
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([os.path.join(BIN, exe), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    @property
+    def address(self):
+        return f"{self.host}:{self.port}"
+
+    def wait_ready(self, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.exe} exited with {self.proc.returncode}: {self.read_log()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"{self.exe} did not start listening: {self.read_log()}")
+
+    def read_log(self):
+        with open(self.log.name) as fh:
+            return fh.read()
+
+    def stop(self, timeout=40):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"{self.exe} did not exit after SIGTERM")
+        return self.proc.returncode
+
+    def http_get(self, path, timeout=5):
+        with urllib.request.urlopen(f"http://{self.address}{path}", timeout=timeout) as response:
+            return response.status, response.read().decode()
+
+
+@pytest.fixture(scope="module")
+def testserver():
+    service = Service("talkmesh-testserver", env={"MAX_RECEIVE_MESSAGE_BYTES": str(4 << 20), "HANDSHAKE_TIMEOUT": "1s"})
+    yield service
+    assert service.stop() == 0, service.read_log()
+
+
+@pytest.fixture
+def start_service():
+    started = []
+
+    def start(exe="talkmesh-testserver", **kwargs):
+        service = Service(exe, **kwargs)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
