@@ -28,6 +28,8 @@ final class Connection {
     private var handshakeTimer: LoopTimer?
     private var ageTimer: LoopTimer?
     var graceTimer: LoopTimer?
+    private var lingerTimer: LoopTimer?
+    private var lingering = false
     let acceptedAt = MonotonicClock.nanoseconds()
 
     init(id: UInt64, loop: EventLoop, core: ServerCore, bev: OpaquePointer, peer: String) {
@@ -74,6 +76,10 @@ final class Connection {
     private func onReadable() {
         guard !closed, let bev else { return }
         let input = bufferevent_get_input(bev)
+        if lingering {
+            evbuffer_drain(input, evbuffer_get_length(input))
+            return
+        }
         if case .sniffing = mode {
             guard decideMode(input) else { return }
         }
@@ -169,6 +175,19 @@ final class Connection {
         finishIfRequested()
     }
 
+    /// Closes after the response is out without losing it: closing a socket with unread input
+    /// makes the kernel send RST, and the peer may drop the response. So: shut the write side,
+    /// discard what still arrives, close on the peer's EOF or after a short linger.
+    func lingeringClose() {
+        guard !closed, !lingering, let bev else { return }
+        guard core.tls == nil else { close(); return }
+        lingering = true
+        shutdown(bufferevent_getfd(bev), Int32(SHUT_WR))
+        let input = bufferevent_get_input(bev)
+        evbuffer_drain(input, evbuffer_get_length(input))
+        lingerTimer = LoopTimer(loop: loop, after: 2_000_000_000) { [weak self] in self?.close() }
+    }
+
     /// Closes now, or as soon as the current callback returns.
     func close() {
         if callbackDepth > 0 {
@@ -180,6 +199,7 @@ final class Connection {
         handshakeTimer = nil
         ageTimer = nil
         graceTimer = nil
+        lingerTimer = nil
         switch mode {
         case .http2(let session): session.teardown()
         case .http1(let session): session.teardown()

@@ -115,7 +115,7 @@ final class HTTP1ServerSession {
             closeAfterFlush = true
             queue.removeAll()
         }
-        if connection.pendingOutput == 0 && closeAfterFlush { connection.close(); return }
+        if connection.pendingOutput == 0 && closeAfterFlush { connection.lingeringClose(); return }
         startNext()
     }
 
@@ -131,7 +131,7 @@ final class HTTP1ServerSession {
     }
 
     func outputDrained() {
-        if closeAfterFlush && !inFlight && connection.pendingOutput == 0 { connection.close() }
+        if closeAfterFlush && !inFlight && connection.pendingOutput == 0 { connection.lingeringClose() }
     }
 
     func goAway() {

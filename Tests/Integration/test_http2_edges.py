@@ -1,0 +1,223 @@
+"""HTTP/2 edge cases over raw sockets with the h2 library, where the test controls every frame."""
+import socket
+import struct
+import time
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from tmecho import echo_pb2
+
+ECHO = "/talkmesh.testing.v1.EchoService/Echo"
+HOLD = "/talkmesh.testing.v1.EchoService/Hold"
+STATS = "/talkmesh.testing.v1.EchoService/Stats"
+
+
+def grpc_frame(message):
+    data = message.SerializeToString()
+    return struct.pack(">BI", 0, len(data)) + data
+
+
+def grpc_headers(path, extra=()):
+    return [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "test"),
+            ("content-type", "application/grpc"), ("te", "trailers"), *extra]
+
+
+class Client:
+    """A minimal HTTP/2 client over one socket; collects events per stream."""
+
+    def __init__(self, service, window=None):
+        self.sock = socket.create_connection((service.host, service.port), timeout=10)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        if window:
+            self.conn.increment_flow_control_window(window)
+        self.flush()
+        self.headers, self.data, self.trailers, self.ended, self.resets = {}, {}, {}, set(), {}
+        self.terminated = None
+
+    def flush(self):
+        out = self.conn.data_to_send()
+        if out:
+            self.sock.sendall(out)
+
+    def pump(self, until, timeout=10):
+        deadline = time.time() + timeout
+        while not until() and time.time() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.time()))
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except socket.timeout:
+                break
+            if not chunk:
+                self.terminated = self.terminated or "closed"
+                break
+            for event in self.conn.receive_data(chunk):
+                self.on(event)
+            self.flush()
+        return until()
+
+    def on(self, event):
+        if isinstance(event, h2.events.ResponseReceived):
+            self.headers[event.stream_id] = dict(event.headers)
+        elif isinstance(event, h2.events.TrailersReceived):
+            self.trailers[event.stream_id] = dict(event.headers)
+        elif isinstance(event, h2.events.DataReceived):
+            self.data[event.stream_id] = self.data.get(event.stream_id, b"") + event.data
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            self.ended.add(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset):
+            self.resets[event.stream_id] = event.error_code
+            self.ended.add(event.stream_id)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.terminated = event
+
+    def status(self, sid):
+        """grpc-status from trailers, or from a Trailers-Only response's headers."""
+        return (self.trailers.get(sid) or self.headers.get(sid) or {}).get("grpc-status")
+
+    def close(self):
+        self.sock.close()
+
+
+def test_message_split_across_many_data_frames(testserver):
+    client = Client(testserver)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers(ECHO))
+    body = grpc_frame(echo_pb2.EchoRequest(payload=b"p" * 50000, text="split"))
+    pieces = [body[i:i + 7] for i in range(0, len(body), 7)]  # ~7000 DATA frames, the prefix split too
+    for index, piece in enumerate(pieces):
+        client.conn.send_data(sid, piece, end_stream=index == len(pieces) - 1)
+        if index % 500 == 0:
+            client.flush()
+    client.flush()
+    assert client.pump(lambda: sid in client.ended)
+    assert client.status(sid) == "0"
+    data = client.data[sid]
+    (length,) = struct.unpack(">I", data[1:5])
+    response = echo_pb2.EchoResponse.FromString(data[5:5 + length])
+    assert response.text == "split" and len(response.payload) == 50000
+    client.close()
+
+
+def test_wrong_content_type_is_415(testserver):
+    client = Client(testserver)
+    sid = client.conn.get_next_available_stream_id()
+    headers = [(k, v) if k != "content-type" else (k, "application/json") for k, v in grpc_headers(ECHO)]
+    client.conn.send_headers(sid, headers, end_stream=True)
+    client.flush()
+    assert client.pump(lambda: sid in client.ended)
+    assert client.headers[sid][":status"] == "415"
+    client.close()
+
+
+def test_unknown_method_trailers_only_unimplemented(testserver):
+    client = Client(testserver)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers("/talkmesh.testing.v1.EchoService/Nope"))
+    client.flush()
+    # Answered at once (Trailers-Only), before the request body even arrives.
+    assert client.pump(lambda: sid in client.ended)
+    headers = client.headers[sid]
+    assert headers[":status"] == "200" and headers["grpc-status"] == "12"
+    assert sid not in client.data
+    client.close()
+
+
+def test_deadline_from_grpc_timeout(testserver):
+    client = Client(testserver)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers(HOLD, [("grpc-timeout", "200m")]))
+    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=10000, tag="h2-deadline")), end_stream=True)
+    client.flush()
+    started = time.time()
+    assert client.pump(lambda: sid in client.ended)
+    assert 0.15 < time.time() - started < 3
+    assert client.status(sid) == "4"
+    client.close()
+
+
+def test_rst_stream_cancels_the_handler(testserver):
+    client = Client(testserver)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers(HOLD))
+    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=20000, tag="h2-rst")), end_stream=True)
+    client.flush()
+    time.sleep(0.3)
+    client.conn.reset_stream(sid, error_code=8)  # CANCEL
+    client.flush()
+
+    def stats():
+        s = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(s, grpc_headers(STATS))
+        client.conn.send_data(s, grpc_frame(echo_pb2.StatsRequest(tag="h2-rst")), end_stream=True)
+        client.flush()
+        assert client.pump(lambda: s in client.ended)
+        return echo_pb2.StatsResponse.FromString(client.data[s][5:])
+
+    deadline = time.time() + 5
+    result = stats()
+    while result.cancelled != 1 and time.time() < deadline:
+        time.sleep(0.05)
+        result = stats()
+    assert result.started == 1 and result.cancelled == 1 and result.completed == 0
+    client.close()
+
+
+def test_thousand_concurrent_streams_on_one_connection(testserver):
+    client = Client(testserver, window=1 << 24)
+    ids = []
+    for n in range(1000):
+        sid = client.conn.get_next_available_stream_id()
+        ids.append(sid)
+        client.conn.send_headers(sid, grpc_headers(HOLD))
+        client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=200, tag=f"c{n % 10}")), end_stream=True)
+    client.flush()
+    assert client.pump(lambda: all(s in client.ended for s in ids), timeout=30)
+    assert all(client.status(s) == "0" for s in ids)
+    client.close()
+
+
+def test_garbage_after_preface_closes_only_that_connection(testserver):
+    bad = Client(testserver)
+    bad.sock.sendall(b"\x00\x00\x04\xff\x00\x00\x00\x00\x00garbage-that-is-not-a-frame" * 10)
+    bad.pump(lambda: bad.terminated is not None, timeout=5)
+    assert bad.terminated is not None
+    good = Client(testserver)
+    sid = good.conn.get_next_available_stream_id()
+    good.conn.send_headers(sid, grpc_headers(ECHO))
+    good.conn.send_data(sid, grpc_frame(echo_pb2.EchoRequest(text="still fine")), end_stream=True)
+    good.flush()
+    assert good.pump(lambda: sid in good.ended)
+    assert good.status(sid) == "0"
+    good.close()
+    bad.close()
+
+
+def test_half_sent_preface_is_closed_after_the_handshake_timeout(testserver):
+    with socket.create_connection((testserver.host, testserver.port), timeout=5) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n")
+        started = time.time()
+        assert s.recv(100) == b""  # closed by the server (HANDSHAKE_TIMEOUT=1s in this fixture)
+        assert time.time() - started < 4
+    client = Client(testserver)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers(ECHO))
+    client.conn.send_data(sid, grpc_frame(echo_pb2.EchoRequest(text="ok")), end_stream=True)
+    client.flush()
+    assert client.pump(lambda: sid in client.ended) and client.status(sid) == "0"
+    client.close()
+
+
+def test_rest_routes_over_http2(testserver):
+    client = Client(testserver)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/echo"), (":authority", "t")])
+    client.conn.send_data(sid, b"over h2", end_stream=True)
+    client.flush()
+    assert client.pump(lambda: sid in client.ended)
+    assert client.headers[sid][":status"] == "200" and client.data[sid] == b"over h2"
+    client.close()
