@@ -48,13 +48,15 @@ def free_port(host="127.0.0.1"):
 class Service:
     """A running executable: its port, its log, and a clean SIGTERM stop."""
 
-    def __init__(self, exe, env=None, args=(), host="127.0.0.1"):
+    def __init__(self, exe, env=None, args=(), host="127.0.0.1", port=None):
+        """`port`: where the service is expected to listen when a flag, not PORT, sets it."""
         self.exe = exe
         self.host = host
-        self.port = free_port(host)
+        env_port = free_port(host)
+        self.port = port or env_port
         self.log = tempfile.NamedTemporaryFile(prefix=f"{exe}-", suffix=".log", delete=False)
         full_env = dict(os.environ)
-        full_env.update({"HOST": host, "PORT": str(self.port), "LOG_LEVEL": "debug"})
+        full_env.update({"HOST": host, "PORT": str(env_port), "LOG_LEVEL": "debug"})
         full_env.update(env or {})
         self.proc = subprocess.Popen([os.path.join(BIN, exe), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready()

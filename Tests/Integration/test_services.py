@@ -1,0 +1,41 @@
+"""The four service executables start on the runtime and serve health, /healthz, /readyz and
+/metrics; their own methods answer UNIMPLEMENTED until their issues land."""
+import grpc
+import pytest
+
+from tmhealth import health_pb2, health_pb2_grpc
+
+SERVICES = [
+    ("talkmesh-gateway", None),
+    ("talkmesh-media", "/talkmesh.v1.MediaService/ResizeImage"),
+    ("talkmesh-audio", "/talkmesh.v1.AudioService/SplitAudio"),
+    ("talkmesh-dispatcher", "/talkmesh.v1.DispatcherService/CreateJob"),
+]
+
+
+@pytest.mark.parametrize("exe,method", SERVICES)
+def test_service_serves_health_and_http(start_service, exe, method):
+    service = start_service(exe)
+    assert service.http_get("/healthz") == (200, "ok\n")
+    assert service.http_get("/readyz") == (200, "ready\n")
+    with grpc.insecure_channel(service.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        if method:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(method)(b"", timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    status, metrics = service.http_get("/metrics")
+    assert status == 200
+    assert f'talkmesh_grpc_server_requests_total{{service="{exe}",grpc_method="/grpc.health.v1.Health/Check",grpc_code="0"}} 1' in metrics
+    assert service.stop() == 0
+
+
+def test_default_ports():
+    import re
+    import os
+    from conftest import ROOT
+    expected = {"Gateway": 8080, "Media": 50051, "Audio": 50052, "Dispatcher": 50053}
+    for name, port in expected.items():
+        with open(os.path.join(ROOT, "Services", name, f"{name}Command.swift")) as fh:
+            assert re.search(rf"defaultPort: {port}\b", fh.read()), name
