@@ -1,0 +1,37 @@
+# TalkMesh. `make test` is what CI runs; `make up` runs the mesh on loopback.
+SWIFT ?= swift
+PYTEST ?= python3 -m pytest
+
+.PHONY: bootstrap build release test unit-test integration-test bench up generate check-generated clean
+
+bootstrap:
+	scripts/bootstrap
+
+build: bootstrap
+	$(SWIFT) build
+
+release: bootstrap
+	$(SWIFT) build -c release
+
+unit-test: build
+	$(SWIFT) test
+
+integration-test: build
+	$(PYTEST) -q -p no:cacheprovider Tests/Integration
+
+test: unit-test integration-test
+
+bench: release
+	bench/rpc
+
+up: build
+	scripts/up
+
+generate:
+	proto/generate
+
+check-generated:
+	proto/generate --check
+
+clean:
+	rm -rf .build
