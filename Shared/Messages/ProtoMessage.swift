@@ -52,12 +52,18 @@ extension ProtoMessage {
 
     /// Encodes to the protobuf wire format.
     public func serializedBytes() -> [UInt8] {
+        serializedBytes(reservingPrefix: 0)
+    }
+
+    /// Encodes after `prefix` zero bytes the caller fills in (a gRPC frame header), in one buffer.
+    public func serializedBytes(reservingPrefix prefix: Int) -> [UInt8] {
         let arena = ProtoArena()
         var c = toC(arena)
         let size = Self.cPackedSize(&c)
-        guard size > 0 else { return [] }
-        return [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
-            count = Self.cPack(&c, buffer.baseAddress!)
+        guard size + prefix > 0 else { return [] }
+        return [UInt8](unsafeUninitializedCapacity: size + prefix) { buffer, count in
+            for index in 0..<prefix { buffer[index] = 0 }
+            count = prefix + (size > 0 ? Self.cPack(&c, buffer.baseAddress! + prefix) : 0)
         }
     }
 }

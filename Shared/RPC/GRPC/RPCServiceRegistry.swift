@@ -6,12 +6,25 @@ public struct RPCServiceRegistry: Sendable {
     struct Method: Sendable {
         let path: String
         let kind: MethodKind
+        /// Index into the metrics tables (0 is reserved for unknown methods).
+        var index = 0
         /// Runs the handler; a unary call returns its framed response, a streaming one writes
         /// through the writer and returns nil.
         let run: @Sendable ([UInt8], ServerContext, RawResponseWriter) async throws -> [UInt8]?
     }
 
     private(set) var methods: [String: Method] = [:]
+
+    /// Method paths in metrics order; index 0 is "unknown".
+    private(set) var metricNames: [String] = ["unknown"]
+
+    private mutating func renumber() {
+        let sorted = methods.keys.sorted()
+        metricNames = ["unknown"] + sorted
+        for (offset, path) in sorted.enumerated() where methods[path]!.index != offset + 1 {
+            methods[path]!.index = offset + 1
+        }
+    }
 
     public init() {}
 
@@ -23,8 +36,9 @@ public struct RPCServiceRegistry: Sendable {
         precondition(descriptor.kind == .unary, "\(descriptor.path) is not unary")
         methods[descriptor.path] = Method(path: descriptor.path, kind: .unary) { bytes, context, _ in
             let request = try Self.decode(Request.self, bytes)
-            return GRPCFraming.frame(try await handler(request, context).serializedBytes())
+            return GRPCFraming.frame(try await handler(request, context))
         }
+        renumber()
     }
 
     /// Registers a server-streaming handler.
@@ -38,6 +52,7 @@ public struct RPCServiceRegistry: Sendable {
             try await handler(request, context, ResponseWriter(raw: writer))
             return nil
         }
+        renumber()
     }
 
     /// The service names registered (for health and reflection-like listings).

@@ -33,13 +33,47 @@ public struct ResponseWriter<Response: ProtoMessage>: Sendable {
 
     /// Sends one message; throws when the call is over (cancelled, reset, deadline passed).
     public func write(_ response: Response) async throws {
-        try await raw.write(GRPCFraming.frame(response.serializedBytes()))
+        try await raw.write(GRPCFraming.frame(response))
     }
 }
 
-/// The untyped side of `ResponseWriter`, implemented by the HTTP/2 stream.
+/// The untyped side of `ResponseWriter`: hands framed bytes to the stream on its loop and waits
+/// while the stream's buffer is over its bound. A plain value: nothing is allocated per call
+/// until a handler actually writes.
 struct RawResponseWriter: Sendable {
-    let write: @Sendable ([UInt8]) async throws -> Void
+    enum Target: Sendable {
+        case stream(loop: EventLoop, connectionID: UInt64, streamID: Int32)
+        case closure(@Sendable ([UInt8]) async throws -> Void)
+    }
+
+    let target: Target
+
+    init(loop: EventLoop, connectionID: UInt64, streamID: Int32) {
+        target = .stream(loop: loop, connectionID: connectionID, streamID: streamID)
+    }
+
+    /// A writer that calls `write` (tests).
+    init(_ write: @escaping @Sendable ([UInt8]) async throws -> Void) {
+        target = .closure(write)
+    }
+
+    func write(_ bytes: [UInt8]) async throws {
+        switch target {
+        case .closure(let write):
+            try await write(bytes)
+        case .stream(let loop, let connectionID, let streamID):
+            try Task.checkCancellation()
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                loop.execute {
+                    guard let session = loop.http2Session(connectionID) else {
+                        continuation.resume(throwing: CancellationError())
+                        return
+                    }
+                    session.write(streamID, bytes, continuation)
+                }
+            }
+        }
+    }
 }
 
 /// Reads the monotonic clock.

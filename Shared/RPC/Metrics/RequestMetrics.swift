@@ -22,7 +22,21 @@ public final class RequestMetrics: @unchecked Sendable {
     final class Shard: @unchecked Sendable {
         let lock = PThreadMutex()
         var series: [Key: Series] = [:]
+        /// gRPC series by (method index, status code): flat arrays, no hashing on the hot path.
+        var grpcCounts: [UInt64]
+        var grpcSums: [Double]
+        var grpcBuckets: [UInt64]
+
+        init(methods: Int) {
+            grpcCounts = Array(repeating: 0, count: methods * RequestMetrics.codes)
+            grpcSums = Array(repeating: 0, count: methods * RequestMetrics.codes)
+            grpcBuckets = Array(repeating: 0, count: methods * RequestMetrics.codes * RequestMetrics.buckets.count)
+        }
     }
+
+    /// gRPC status codes 0…16.
+    static let codes = 17
+    private let grpcMethods: [String]
 
     private let shards: [Shard]
     private let gauges = PThreadMutex()
@@ -30,9 +44,27 @@ public final class RequestMetrics: @unchecked Sendable {
     private var connectionsTotal: UInt64 = 0
     private let service: String
 
-    init(shards: Int, service: String) {
-        self.shards = (0..<max(1, shards)).map { _ in Shard() }
+    /// `grpcMethods`: the registry's method paths by index (index 0 is "unknown").
+    init(shards: Int, service: String, grpcMethods: [String] = ["unknown"]) {
+        self.grpcMethods = grpcMethods
+        self.shards = (0..<max(1, shards)).map { _ in Shard(methods: grpcMethods.count) }
         self.service = service
+    }
+
+    /// Records a gRPC call by method index and status code.
+    func recordGRPC(shard: Int, method: Int, code: Int, seconds: Double) {
+        let shard = shards[shard % shards.count]
+        let series = method * Self.codes + min(max(code, 0), Self.codes - 1)
+        var bucket = Self.buckets.count
+        for (index, bound) in Self.buckets.enumerated() where seconds <= bound {
+            bucket = index
+            break
+        }
+        shard.lock.lock()
+        shard.grpcCounts[series] += 1
+        shard.grpcSums[series] += seconds
+        if bucket < Self.buckets.count { shard.grpcBuckets[series * Self.buckets.count + bucket] += 1 }
+        shard.lock.unlock()
     }
 
     func record(shard: Int, kind: Kind, method: String, status: String, seconds: Double) {
@@ -58,6 +90,16 @@ public final class RequestMetrics: @unchecked Sendable {
         var merged: [Key: Series] = [:]
         for shard in shards {
             shard.lock.withLock {
+                for series in shard.grpcCounts.indices where shard.grpcCounts[series] > 0 {
+                    let key = Key(kind: .grpc, method: grpcMethods[series / Self.codes], status: String(series % Self.codes))
+                    var entry = merged[key] ?? Series()
+                    entry.count += shard.grpcCounts[series]
+                    entry.sum += shard.grpcSums[series]
+                    for index in entry.buckets.indices {
+                        entry.buckets[index] += shard.grpcBuckets[series * Self.buckets.count + index]
+                    }
+                    merged[key] = entry
+                }
                 for (key, value) in shard.series {
                     var entry = merged[key] ?? Series()
                     entry.count += value.count

@@ -99,32 +99,54 @@ final class HTTP2ServerSession {
         let valueString = { String(decoding: UnsafeBufferPointer(start: value, count: valueLength), as: UTF8.self) }
         if nameLength > 0 && name[0] == UInt8(ascii: ":") {
             if bytesEqual(name, nameLength, ":path") {
-                stream.path = valueString()
+                stream.path = cachedPath(value, valueLength)
             } else if bytesEqual(name, nameLength, ":method") {
-                stream.method = valueString()
+                stream.method = bytesEqual(value, valueLength, "POST") ? "POST" : bytesEqual(value, valueLength, "GET") ? "GET" : valueString()
             } else if bytesEqual(name, nameLength, ":authority") {
                 stream.authority = valueString()
             }
             return 0
         }
         if bytesEqual(name, nameLength, "content-type") {
-            stream.contentType = valueString()
+            if bytesEqual(value, valueLength, "application/grpc") || bytesEqual(value, valueLength, "application/grpc+proto") {
+                stream.isGRPCContentType = true
+                stream.contentType = "application/grpc"
+            } else {
+                stream.contentType = valueString()
+                stream.isGRPCContentType = stream.contentType.hasPrefix("application/grpc")
+                stream.restHeaders.append(("content-type", stream.contentType))
+            }
         } else if bytesEqual(name, nameLength, "grpc-timeout") {
             stream.timeoutNanoseconds = GRPCTimeout.parse(UnsafeBufferPointer(start: value, count: valueLength)) ?? -1
-        } else if bytesEqual(name, nameLength, "te") || bytesEqual(name, nameLength, "user-agent")
-                    || bytesEqual(name, nameLength, "grpc-accept-encoding") || bytesEqual(name, nameLength, "accept-encoding") {
-            stream.restHeaders.append((String(decoding: UnsafeBufferPointer(start: name, count: nameLength), as: UTF8.self), valueString()))
+        } else if bytesEqual(name, nameLength, "te") || bytesEqual(name, nameLength, "grpc-accept-encoding") {
+            // Transport-level: not metadata, not needed by REST handlers.
+        } else if stream.isGRPCContentType && (bytesEqual(name, nameLength, "user-agent") || bytesEqual(name, nameLength, "accept-encoding")) {
+            // Kept out of gRPC metadata, as gRPC libraries do.
         } else {
             let key = String(decoding: UnsafeBufferPointer(start: name, count: nameLength), as: UTF8.self)
-            stream.restHeaders.append((key, valueString()))
-            if !key.hasPrefix("grpc-") { stream.metadata.addWire(key: key, value: valueString()) }
+            let text = valueString()
+            stream.restHeaders.append((key, text))
+            if !key.hasPrefix("grpc-") && key != "user-agent" { stream.metadata.addWire(key: key, value: text) }
         }
         return 0
     }
 
+    /// Clients call the same few methods over and over: reuse the last path's String.
+    private var lastPathBytes: [UInt8] = []
+    private var lastPath = ""
+
+    private func cachedPath(_ value: UnsafePointer<UInt8>, _ length: Int) -> String {
+        if lastPathBytes.count == length && lastPathBytes.withUnsafeBufferPointer({ memcmp($0.baseAddress!, value, length) == 0 }) {
+            return lastPath
+        }
+        lastPathBytes = Array(UnsafeBufferPointer(start: value, count: length))
+        lastPath = String(decoding: lastPathBytes, as: UTF8.self)
+        return lastPath
+    }
+
     /// HEADERS complete: decide gRPC or REST and answer immediate errors (Trailers-Only).
     fileprivate func headersComplete(_ stream: HTTP2Stream) {
-        if stream.contentType.hasPrefix("application/grpc") {
+        if stream.isGRPCContentType {
             stream.kind = .grpc
             stream.metricLabel = stream.path
             guard stream.method == "POST" else {
@@ -133,10 +155,12 @@ final class HTTP2ServerSession {
             }
             guard let method = core.registry.method(for: stream.path) else {
                 stream.metricLabel = "unknown"
+                stream.methodIndex = 0
                 respondStatus(stream, RPCError(code: .unimplemented, message: "method \(stream.path) is not implemented"))
                 return
             }
             stream.grpcMethod = method
+            stream.methodIndex = method.index
             stream.reader = GRPCMessageReader(maxMessageBytes: core.configuration.maxReceiveMessageBytes)
             if let timeout = stream.timeoutNanoseconds {
                 guard timeout >= 0 else {
@@ -147,7 +171,7 @@ final class HTTP2ServerSession {
             }
         } else if core.registry.method(for: stream.path) != nil {
             // A gRPC method called without the gRPC content type (gRPC's HTTP/2 protocol: 415).
-            stream.metricLabel = stream.path
+            stream.metricLabel = "grpc-method"
             stream.kind = .rest
             respondPlain(stream, HTTPResponse.text(415, "content-type must be application/grpc\n"))
         } else {
@@ -196,7 +220,7 @@ final class HTTP2ServerSession {
             task.cancel()
             if !stream.answered {
                 stream.answered = true
-                record(stream, code: RPCError.Code.cancelled.statusText)
+                record(stream, code: .cancelled)
             }
         }
         stream.releaseWriters(CancellationError())
@@ -251,32 +275,22 @@ final class HTTP2ServerSession {
     }
 
     private func dispatchGRPC(_ stream: HTTP2Stream) {
-        guard let method = stream.grpcMethod, var reader = stream.reader else { return }
-        let messages = reader.takeMessages()
-        if reader.hasPartialMessage || messages.count != 1 {
-            respondStatus(stream, RPCError(code: .internal, message: messages.isEmpty || reader.hasPartialMessage
+        guard let method = stream.grpcMethod, let reader = stream.reader else { return }
+        stream.reader = nil
+        guard let request = reader.firstMessage, reader.messageCount == 1, !reader.hasPartialMessage else {
+            respondStatus(stream, RPCError(code: .internal, message: reader.messageCount == 0 || reader.hasPartialMessage
                 ? "the request ended without a complete message" : "a \(method.kind) call takes one request message"))
             return
         }
-        stream.reader = nil
         let deadline = stream.timeoutNanoseconds.map { stream.startedAt + $0 }
         let context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
         let loop = connection.loop
         let connectionID = connection.id
         let streamID = stream.id
-        let writer = RawResponseWriter { bytes in
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                loop.execute {
-                    guard let session = loop.http2Session(connectionID) else {
-                        continuation.resume(throwing: CancellationError())
-                        return
-                    }
-                    session.write(streamID, bytes, continuation)
-                }
-            }
-        }
-        let request = messages[0]
+        let writer = RawResponseWriter(loop: loop, connectionID: connectionID, streamID: streamID)
         let run = method.run
+        // Runs inline on the loop thread until the handler first suspends: a handler that does
+        // not suspend (health, echo) completes without a thread hop.
         stream.task = Task.immediate {
             let result: Result<[UInt8]?, RPCError>
             do {
@@ -284,8 +298,14 @@ final class HTTP2ServerSession {
             } catch {
                 result = .failure(RPCError(from: error))
             }
-            loop.execute {
+            if loop.inLoop {
+                // Finished before suspending: still inside dispatchReady on the loop thread,
+                // outside nghttp2's callbacks, so complete directly (no queue, no closure).
                 loop.http2Session(connectionID)?.complete(streamID, result)
+            } else {
+                loop.execute {
+                    loop.http2Session(connectionID)?.complete(streamID, result)
+                }
             }
         }
     }
@@ -345,7 +365,7 @@ final class HTTP2ServerSession {
         case .failure(let error):
             if stream.responseStarted {
                 finishResponse(stream, trailers: statusHeaders(error))
-                record(stream, code: error.code.statusText)
+                record(stream, code: error.code)
             } else {
                 respondStatus(stream, error)
             }
@@ -378,7 +398,7 @@ final class HTTP2ServerSession {
         stream.outboundFinished = true
         stream.trailers = trailers ?? []
         stream.trailersAreOK = trailers == nil
-        if trailers == nil { record(stream, code: "0") }
+        if trailers == nil { record(stream, code: .ok) }
         resume(stream)
     }
 
@@ -413,7 +433,7 @@ final class HTTP2ServerSession {
         guard !stream.answered else { return }
         if stream.responseStarted {
             finishResponse(stream, trailers: error.map(statusHeaders))
-            if let error { record(stream, code: error.code.statusText) }
+            if let error { record(stream, code: error.code) }
             return
         }
         stream.answered = true
@@ -425,7 +445,7 @@ final class HTTP2ServerSession {
         let block = HeaderBlock(headers)
         block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, nil) }
         block.free()
-        record(stream, code: error?.code.statusText ?? "0")
+        record(stream, code: error?.code ?? .ok)
         if error != nil { stream.task?.cancel() }
         connection.scheduleFlush()
     }
@@ -448,11 +468,8 @@ final class HTTP2ServerSession {
             block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, &provider) }
         }
         block.free()
-        if stream.kind == .rest || stream.kind == .undecided {
-            recordHTTP(stream, status: response.status)
-        } else {
-            record(stream, code: "http_\(response.status)")
-        }
+        if stream.kind == .grpc { stream.metricLabel = "grpc-method" }
+        recordHTTP(stream, status: response.status)
         connection.scheduleFlush()
     }
 
@@ -482,9 +499,9 @@ final class HTTP2ServerSession {
         }
     }
 
-    private func record(_ stream: HTTP2Stream, code: String) {
+    private func record(_ stream: HTTP2Stream, code: RPCError.Code) {
         let seconds = Double(MonotonicClock.nanoseconds() - stream.startedAt) / 1e9
-        core.metrics.record(shard: connection.loop.index, kind: .grpc, method: stream.metricLabel, status: code, seconds: seconds)
+        core.metrics.recordGRPC(shard: connection.loop.index, method: stream.methodIndex, code: code.rawValue, seconds: seconds)
     }
 
     private func recordHTTP(_ stream: HTTP2Stream, status: Int) {

@@ -37,6 +37,9 @@ final class HTTP2Stream {
     var deferred = false
     var writeWaiters: [CheckedContinuation<Void, any Error>] = []
     var metricLabel = ""
+    /// The gRPC method's metrics index (0: unknown).
+    var methodIndex = 0
+    var isGRPCContentType = false
 
     init(id: Int32) {
         self.id = id
@@ -45,9 +48,10 @@ final class HTTP2Stream {
     var bufferedBytes: Int { outbound.count - outboundOffset }
 
     func enqueue(_ bytes: [UInt8]) {
-        if outboundOffset > 0 && outboundOffset == outbound.count {
-            outbound.removeAll(keepingCapacity: true)
+        if outboundOffset == outbound.count {
+            outbound = bytes  // the common case: nothing pending, take the buffer as it is
             outboundOffset = 0
+            return
         }
         outbound.append(contentsOf: bytes)
     }

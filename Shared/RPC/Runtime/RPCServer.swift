@@ -63,7 +63,8 @@ public final class RPCServer: @unchecked Sendable {
         var services = services
         health.register(into: &services)
         for name in services.serviceNames where name != Health.name { health.setStatus(.serving, for: name) }
-        let metrics = RequestMetrics(shards: configuration.eventLoops, service: configuration.serviceName)
+        let metrics = RequestMetrics(shards: configuration.eventLoops, service: configuration.serviceName,
+                                     grpcMethods: services.metricNames)
         var router = router
         router.add("GET", "/healthz") { _ in .text(200, "ok\n") }
         router.add("GET", "/readyz") { _ in
