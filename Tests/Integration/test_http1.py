@@ -103,3 +103,13 @@ def test_body_over_the_limit_is_413_without_reading_it(start_service):
     chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"400\r\n" + b"b" * 1024 + b"\r\n") * 3
     assert raw_exchange(service, chunked).startswith(b"HTTP/1.1 413")
     assert service.stop() == 0
+
+
+def test_slow_request_head_gets_408(testserver):
+    import time
+    with socket.create_connection((testserver.host, testserver.port), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        started = time.time()
+        reply = s.recv(1000)
+        assert reply.startswith(b"HTTP/1.1 408")
+        assert time.time() - started < 4  # HANDSHAKE_TIMEOUT is 1s in this fixture

@@ -221,3 +221,43 @@ def test_rest_routes_over_http2(testserver):
     assert client.pump(lambda: sid in client.ended)
     assert client.headers[sid][":status"] == "200" and client.data[sid] == b"over h2"
     client.close()
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_reader_that_stops_reading_does_not_make_the_server_buffer(testserver):
+    # 4 streams each asking for 120 × 64 KiB (30 MiB in all); the client reads nothing for a while.
+    client = Client(testserver)
+    client.pump(lambda: client.conn.outbound_flow_control_window > 65535, timeout=2)  # the server's SETTINGS/WINDOW_UPDATE
+    before = rss_kib(testserver.proc.pid)
+    ids = []
+    for _ in range(4):
+        sid = client.conn.get_next_available_stream_id()
+        ids.append(sid)
+        client.conn.send_headers(sid, grpc_headers("/talkmesh.testing.v1.EchoService/Expand"))
+        body = grpc_frame(echo_pb2.ExpandRequest(payload=b"r" * 65536, count=120))
+        for offset in range(0, len(body), 16384):
+            client.conn.send_data(sid, body[offset:offset + 16384], end_stream=offset + 16384 >= len(body))
+    client.flush()
+    time.sleep(1.5)  # the handlers run into the stream bounds and wait
+    grown = rss_kib(testserver.proc.pid) - before
+    assert grown < 16 * 1024, f"server RSS grew by {grown} KiB while the client was not reading"
+    # Now read everything: all of it arrives, intact.
+    assert client.pump(lambda: all(s in client.ended for s in ids), timeout=60)
+    for sid in ids:
+        assert client.status(sid) == "0"
+        data, offset, sequences = client.data[sid], 0, []
+        while offset < len(data):
+            (length,) = struct.unpack(">I", data[offset + 1:offset + 5])
+            response = echo_pb2.EchoResponse.FromString(data[offset + 5:offset + 5 + length])
+            assert response.payload == b"r" * 65536
+            sequences.append(response.sequence)
+            offset += 5 + length
+        assert sequences == list(range(120))
+    client.close()

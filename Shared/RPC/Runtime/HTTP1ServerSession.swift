@@ -29,6 +29,8 @@ final class HTTP1ServerSession {
     private var closeAfterFlush = false
     private var goingAway = false
     private var messageStartedAt: Int64 = 0
+    /// Bounds how long a request's head may take to arrive (slow-header clients).
+    private var headerTimer: LoopTimer?
 
     init(connection: Connection) {
         self.connection = connection
@@ -141,6 +143,16 @@ final class HTTP1ServerSession {
 
     func teardown() {
         queue.removeAll()
+        headerTimer = nil
+    }
+
+    private func startHeaderTimer() {
+        headerTimer = LoopTimer(loop: connection.loop, after: core.configuration.handshakeTimeoutNanoseconds) { [weak self] in
+            guard let self else { return }
+            self.headerTimer = nil
+            self.fail(408, "request header timeout\n")
+            self.connection.loop.afterWork()
+        }
     }
 
     // MARK: http-parser callbacks
@@ -174,6 +186,7 @@ final class HTTP1ServerSession {
             session.body = []
             session.headerBytes = 0
             session.messageStartedAt = MonotonicClock.nanoseconds()
+            session.startHeaderTimer()
             return 0
         }
         settings.on_url = { parser, data, length in
@@ -198,6 +211,7 @@ final class HTTP1ServerSession {
         }
         settings.on_headers_complete = { parser in
             let session = from(parser)
+            session.headerTimer = nil
             session.flushHeader()
             session.valueStarted = false
             let declared = parser!.pointee.content_length
