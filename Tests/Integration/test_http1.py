@@ -113,3 +113,14 @@ def test_slow_request_head_gets_408(testserver):
         reply = s.recv(1000)
         assert reply.startswith(b"HTTP/1.1 408")
         assert time.time() - started < 4  # HANDSHAKE_TIMEOUT is 1s in this fixture
+
+
+def test_expect_100_continue_large_upload(testserver, tmp_path):
+    body = tmp_path / "big.bin"
+    body.write_bytes(b"u" * (3 << 20))
+    out = subprocess.run(["curl", "-sS", "-v", "--http1.1", "-o", str(tmp_path / "out.bin"),
+                          "--data-binary", f"@{body}", f"http://{testserver.address}/echo"],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out.bin").read_bytes() == body.read_bytes()
+    assert "< HTTP/1.1 100 Continue" in out.stderr  # curl announced Expect: 100-continue and got it

@@ -218,6 +218,10 @@ final class HTTP1ServerSession {
             if declared != UInt64.max && declared > UInt64(session.core.configuration.maxBodyBytes) {
                 session.failure = .bodyTooLarge
                 http_parser_pause(parser, 1)
+            } else if session.headers.contains(where: { $0.name == "expect" && $0.value.lowercased() == "100-continue" }) {
+                // The client waits for this before sending a large body (curl does, past 1 MiB).
+                let interim = Array("HTTP/1.1 100 Continue\r\n\r\n".utf8)
+                interim.withUnsafeBytes { session.connection.write($0.baseAddress!, $0.count) }
             }
             return 0
         }
