@@ -16,6 +16,8 @@ let package = Package(
         .executable(name: "talkmesh-audio", targets: ["TalkMeshAudio"]),
         .executable(name: "talkmesh-dispatcher", targets: ["TalkMeshDispatcher"]),
         .executable(name: "talkmesh-testserver", targets: ["TalkMeshTestServer"]),
+        .executable(name: "talkmesh-testclient", targets: ["TalkMeshTestClient"]),
+        .executable(name: "talkmesh", targets: ["TalkMeshCLI"]),
         .library(name: "TalkMeshRPC", targets: ["TalkMeshRPC"]),
     ],
     dependencies: [
@@ -57,9 +59,17 @@ let package = Package(
                          linkerSettings: serverLinkerSettings),
         .executableTarget(
             name: "TalkMeshTestServer",
-            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages"],
+            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", .product(name: "Logging", package: "swift-log")],
             path: "Tools/TestServer",
             linkerSettings: serverLinkerSettings),
+        .executableTarget(
+            name: "TalkMeshTestClient",
+            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Tools/TestClient"),
+        .executableTarget(
+            name: "TalkMeshCLI",
+            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Tools/CLI"),
         .testTarget(
             name: "TalkMeshRPCTests",
             dependencies: ["TalkMeshRPC", "TalkMeshMessages", "TalkMeshService"],

@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import TalkMeshRPC
 
 /// One JSON object per line on stdout: `ts`, `level`, `service`, `msg`, then the metadata.
 public struct JSONLogHandler: LogHandler {
@@ -20,7 +21,11 @@ public struct JSONLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        let merged = metadata.merging(event.metadata ?? [:]) { $1 }
+        var merged = metadata.merging(event.metadata ?? [:]) { $1 }
+        if let trace = TraceContext.current {
+            merged["trace_id"] = .string(trace.traceID)
+            merged["span_id"] = .string(trace.spanID)
+        }
         var line: String
         if json {
             line = "{\"ts\":\"\(Self.timestamp())\",\"level\":\"\(event.level)\",\"service\":\(Self.quote(label)),\"msg\":\(Self.quote("\(event.message)"))"
@@ -49,7 +54,8 @@ public struct JSONLogHandler: LogHandler {
         return "\(StandardStream.string(buffer)).\(padded)Z"
     }
 
-    static func quote(_ text: String) -> String {
+    /// A JSON string literal for `text`.
+    public static func quote(_ text: String) -> String {
         var out = "\""
         for scalar in text.unicodeScalars {
             switch scalar {

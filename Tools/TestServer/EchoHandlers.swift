@@ -1,4 +1,5 @@
 import Glibc
+import Logging
 import TalkMeshMessages
 import TalkMeshRPC
 
@@ -30,12 +31,18 @@ final class CallCounters: @unchecked Sendable {
 /// The EchoService handlers.
 struct EchoHandlers {
     let counters: CallCounters
+    /// Names this server in responses (balancing tests count answers per server).
+    let serverID: String
+    let logger: Logger
 
     func register(into registry: inout RPCServiceRegistry) {
         registry.register(EchoService.echo) { request, context in
             var response = EchoResponse()
             response.payload = request.payload
             response.text = request.text
+            response.server = serverID
+            response.traceparent = context.trace?.traceparent ?? ""
+            if request.text == "log" { logger.info("echo asked to log") }
             response.metadata = context.metadata.map { entry in
                 switch entry.value {
                 case .string(let text): return "\(entry.key)=\(text)"
@@ -50,6 +57,7 @@ struct EchoHandlers {
                 var response = EchoResponse()
                 response.payload = request.payload
                 response.sequence = Int32(index)
+                response.server = serverID
                 try await writer.write(response)
             }
         }
@@ -67,6 +75,7 @@ struct EchoHandlers {
             }
             var response = EchoResponse()
             response.text = request.tag
+            response.server = serverID
             return response
         }
         registry.register(EchoService.stats) { [counters] request, _ in

@@ -19,7 +19,8 @@ struct TestServerCommand: ParsableCommand {
 
     func run() throws {
         ServiceRunner.run(name: "talkmesh-testserver", defaultPort: 50099, options: options) { setup in
-            EchoHandlers(counters: CallCounters()).register(into: &setup.services)
+            let serverID = ProcessEnvironment.current()["SERVER_ID"] ?? "testserver"
+            EchoHandlers(counters: CallCounters(), serverID: serverID, logger: setup.logger).register(into: &setup.services)
             // A REST route that answers with the request body, for HTTP/1.1 and HTTP/2 body tests.
             setup.router.add("POST", "/echo") { request in
                 HTTPResponse(status: 200, headers: [("content-type", "application/octet-stream")], body: request.body)

@@ -15,6 +15,8 @@ public struct EchoResponse: Hashable, Sendable {
     public var text: String = ""
     public var metadata: [String] = []
     public var sequence: Int32 = 0
+    public var server: String = ""
+    public var traceparent: String = ""
     public init() {}
 }
 
@@ -94,6 +96,8 @@ extension EchoResponse: ProtoMessage {
         text = ProtoC.string(c.text)
         metadata = (0..<c.n_metadata).map { ProtoC.string(c.metadata[$0]) }
         sequence = c.sequence
+        server = ProtoC.string(c.server)
+        traceparent = ProtoC.string(c.traceparent)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__Testing__V1__EchoResponse {
         var c = Talkmesh__Testing__V1__EchoResponse()
@@ -103,6 +107,8 @@ extension EchoResponse: ProtoMessage {
         c.n_metadata = metadata.count
         c.metadata = arena.array(metadata.map { arena.string($0) })
         c.sequence = sequence
+        c.server = arena.string(server)
+        c.traceparent = arena.string(traceparent)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__Testing__V1__EchoResponse>? {

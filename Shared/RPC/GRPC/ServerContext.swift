@@ -11,6 +11,9 @@ public struct ServerContext: Sendable {
     public var deadline: Int64?
     /// The peer's address, `ip:port`.
     public var peer: String
+    /// The handler's span, a child of the caller's `traceparent`; nil when the caller sent none
+    /// (a client call made from the handler then starts a new trace).
+    public var trace: TraceContext?
 
     /// Creates a context.
     public init(path: String, metadata: Metadata = Metadata(), deadline: Int64? = nil, peer: String = "") {

@@ -118,6 +118,9 @@ final class HTTP2ServerSession {
             }
         } else if bytesEqual(name, nameLength, "grpc-timeout") {
             stream.timeoutNanoseconds = GRPCTimeout.parse(UnsafeBufferPointer(start: value, count: valueLength)) ?? -1
+        } else if bytesEqual(name, nameLength, "traceparent") {
+            stream.traceparent = valueString()
+            stream.restHeaders.append(("traceparent", stream.traceparent!))
         } else if bytesEqual(name, nameLength, "te") || bytesEqual(name, nameLength, "grpc-accept-encoding") {
             // Transport-level: not metadata, not needed by REST handlers.
         } else if stream.isGRPCContentType && (bytesEqual(name, nameLength, "user-agent") || bytesEqual(name, nameLength, "accept-encoding")) {
@@ -283,7 +286,10 @@ final class HTTP2ServerSession {
             return
         }
         let deadline = stream.timeoutNanoseconds.map { stream.startedAt + $0 }
-        let context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
+        var context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
+        if let traceparent = stream.traceparent, let parent = TraceContext.parse(traceparent: traceparent) {
+            context.trace = parent.child()
+        }
         let loop = connection.loop
         let connectionID = connection.id
         let streamID = stream.id
@@ -294,7 +300,11 @@ final class HTTP2ServerSession {
         stream.task = Task.immediate {
             let result: Result<[UInt8]?, RPCError>
             do {
-                result = .success(try await run(request, context, writer))
+                if let trace = context.trace {
+                    result = .success(try await TraceContext.$current.withValue(trace) { try await run(request, context, writer) })
+                } else {
+                    result = .success(try await run(request, context, writer))
+                }
             } catch {
                 result = .failure(RPCError(from: error))
             }

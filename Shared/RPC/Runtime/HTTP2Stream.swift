@@ -10,6 +10,7 @@ final class HTTP2Stream {
     var contentType = ""
     var authority = ""
     var timeoutNanoseconds: Int64?
+    var traceparent: String?
     var metadata = Metadata()
     var restHeaders: [(name: String, value: String)] = []
     var headerBytes = 0

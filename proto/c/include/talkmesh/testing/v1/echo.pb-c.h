@@ -47,10 +47,18 @@ struct  Talkmesh__Testing__V1__EchoResponse
   size_t n_metadata;
   char **metadata;
   int32_t sequence;
+  /*
+   * which server answered (its SERVER_ID), for balancing tests
+   */
+  char *server;
+  /*
+   * the handler's trace context, for tracing tests
+   */
+  char *traceparent;
 };
 #define TALKMESH__TESTING__V1__ECHO_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__testing__v1__echo_response__descriptor) \
-    , {0,NULL}, (char *)protobuf_c_empty_string, 0,NULL, 0 }
+    , {0,NULL}, (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
 struct  Talkmesh__Testing__V1__ExpandRequest

@@ -328,7 +328,7 @@ const ProtobufCMessageDescriptor talkmesh__testing__v1__echo_request__descriptor
   (ProtobufCMessageInit) talkmesh__testing__v1__echo_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__testing__v1__echo_response__field_descriptors[4] =
+static const ProtobufCFieldDescriptor talkmesh__testing__v1__echo_response__field_descriptors[6] =
 {
   {
     "payload",
@@ -378,17 +378,43 @@ static const ProtobufCFieldDescriptor talkmesh__testing__v1__echo_response__fiel
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "server",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__Testing__V1__EchoResponse, server),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "traceparent",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__Testing__V1__EchoResponse, traceparent),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__testing__v1__echo_response__field_indices_by_name[] = {
   2,   /* field[2] = metadata */
   0,   /* field[0] = payload */
   3,   /* field[3] = sequence */
+  4,   /* field[4] = server */
   1,   /* field[1] = text */
+  5,   /* field[5] = traceparent */
 };
 static const ProtobufCIntRange talkmesh__testing__v1__echo_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor talkmesh__testing__v1__echo_response__descriptor =
 {
@@ -398,7 +424,7 @@ const ProtobufCMessageDescriptor talkmesh__testing__v1__echo_response__descripto
   "Talkmesh__Testing__V1__EchoResponse",
   "talkmesh.testing.v1",
   sizeof(Talkmesh__Testing__V1__EchoResponse),
-  4,
+  6,
   talkmesh__testing__v1__echo_response__field_descriptors,
   talkmesh__testing__v1__echo_response__field_indices_by_name,
   1,  talkmesh__testing__v1__echo_response__number_ranges,

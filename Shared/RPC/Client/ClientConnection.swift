@@ -1,0 +1,444 @@
+import CTalkMesh
+import Glibc
+import TalkMeshMessages
+
+/// One HTTP/2 connection to one backend address (modelled on nghttp2's
+/// `examples/libevent-client.c`): h2c prior knowledge or TLS with ALPN h2, many calls multiplexed,
+/// PING keepalive, graceful handling of GOAWAY. Lives on the client's loop.
+final class ClientConnection: @unchecked Sendable {  // loop-confined: touched only on its loop
+    enum State { case connecting, ready, draining, closed }
+
+    let address: ResolvedAddress
+    let authority: String
+    unowned let loop: EventLoop
+    let configuration: RPCClient.Configuration
+    private(set) var state: State = .connecting
+    private var bev: OpaquePointer?
+    private var session: OpaquePointer?
+    private var calls: [Int32: ClientCall] = [:]
+    private var connectTimer: LoopTimer?
+    private var keepaliveTimer: LoopTimer?
+    private var keepaliveTimeout: LoopTimer?
+    private var inCallback = 0
+    private var closeRequested: RPCError?
+    /// Told when the connection becomes ready, starts draining, or closes.
+    var onStateChange: ((ClientConnection) -> Void)?
+
+    init(address: ResolvedAddress, authority: String, loop: EventLoop, configuration: RPCClient.Configuration) {
+        self.address = address
+        self.authority = authority
+        self.loop = loop
+        self.configuration = configuration
+    }
+
+    var activeCalls: Int { calls.count }
+
+    // MARK: Connecting
+
+    func connect() {
+        let options = Int32(BEV_OPT_CLOSE_ON_FREE.rawValue)
+        if let tls = configuration.tls {
+            guard let ssl = tls.newSSL(serverName: configuration.authorityOverride ?? hostPart(authority)) else {
+                fail(RPCError(code: .unavailable, message: "cannot create a TLS session"))
+                return
+            }
+            bev = bufferevent_openssl_socket_new(loop.base, -1, ssl, BUFFEREVENT_SSL_CONNECTING,
+                                                 options | Int32(BEV_OPT_DEFER_CALLBACKS.rawValue))
+        } else {
+            bev = bufferevent_socket_new(loop.base, -1, options)
+        }
+        guard let bev else {
+            fail(RPCError(code: .unavailable, message: "cannot create a socket for \(address)"))
+            return
+        }
+        let context = Unmanaged.passUnretained(self).toOpaque()
+        bufferevent_setcb(bev, { _, arg in
+            ClientConnection.from(arg).onReadable()
+        }, { _, arg in
+            ClientConnection.from(arg).flush()
+        }, { _, events, arg in
+            ClientConnection.from(arg).onEvent(events)
+        }, context)
+        bufferevent_enable(bev, Int16(EV_READ | EV_WRITE))
+        connectTimer = LoopTimer(loop: loop, after: configuration.connectTimeoutNanoseconds) { [weak self] in
+            self?.fail(RPCError(code: .unavailable, message: "connecting to \(self?.address.description ?? "") timed out"))
+        }
+        let rv = address.withSockaddr { bufferevent_socket_connect(bev, $0, Int32($1)) }
+        if rv != 0 {
+            fail(RPCError(code: .unavailable, message: "cannot connect to \(address): \(String(cString: strerror(errno)))"))
+        }
+    }
+
+    private func hostPart(_ authority: String) -> String {
+        if authority.hasPrefix("[") { return String(authority.dropFirst().prefix { $0 != "]" }) }
+        return String(authority.prefix { $0 != ":" })
+    }
+
+    private func onEvent(_ events: Int16) {
+        let flags = Int32(events)
+        if flags & BEV_EVENT_CONNECTED != 0 {
+            connected()
+            return
+        }
+        if flags & (BEV_EVENT_EOF | BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT) != 0 {
+            var reason = flags & BEV_EVENT_EOF != 0 ? "the server closed the connection" : "connection error"
+            if flags & BEV_EVENT_ERROR != 0 {
+                let socketError = EVUTIL_SOCKET_ERROR()
+                if socketError != 0 { reason = String(cString: strerror(socketError)) }
+                if configuration.tls != nil {
+                    let tlsError = TLSContext.lastError("")
+                    if !tlsError.isEmpty { reason += " (TLS\(tlsError))" }
+                }
+            }
+            fail(RPCError(code: .unavailable, message: "\(address): \(reason)"))
+        }
+    }
+
+    private func EVUTIL_SOCKET_ERROR() -> Int32 { errno }
+
+    private func connected() {
+        connectTimer = nil
+        guard let bev else { return }
+        var one: Int32 = 1
+        setsockopt(bufferevent_getfd(bev), Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        if configuration.tls != nil, let ssl = bufferevent_openssl_get_ssl(bev) {
+            var protocolName: UnsafePointer<UInt8>?
+            var length: UInt32 = 0
+            SSL_get0_alpn_selected(ssl, &protocolName, &length)
+            guard length == 2, let protocolName, protocolName[0] == UInt8(ascii: "h"), protocolName[1] == UInt8(ascii: "2") else {
+                fail(RPCError(code: .unavailable, message: "\(address) did not negotiate HTTP/2 (ALPN h2)"))
+                return
+            }
+        }
+        var session: OpaquePointer?
+        nghttp2_session_client_new2(&session, ClientConnection.callbacks, Unmanaged.passUnretained(self).toOpaque(), ClientConnection.options)
+        self.session = session
+        var settings = [
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_ENABLE_PUSH.rawValue), value: 0),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: 1 << 20),
+        ]
+        nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &settings, settings.count)
+        nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, 16 << 20)
+        state = .ready
+        scheduleKeepalive()
+        flush()
+        onStateChange?(self)
+    }
+
+    // MARK: Calls
+
+    /// Opens a stream for the call; false when this connection can take no new stream.
+    func start(_ call: ClientCall) -> Bool {
+        guard state == .ready, let session else { return false }
+        var headers: [(name: String, value: String)] = [
+            (":method", "POST"), (":scheme", configuration.tls == nil ? "http" : "https"), (":path", call.path),
+            (":authority", configuration.authorityOverride ?? authority), ("content-type", "application/grpc"), ("te", "trailers"),
+            ("user-agent", configuration.userAgent),
+        ]
+        if let deadline = call.deadline {
+            let remaining = deadline - MonotonicClock.nanoseconds()
+            if remaining <= 0 {
+                call.fail(AttemptFailure(error: RPCError(code: .deadlineExceeded, message: "deadline exceeded before sending"), transparent: false))
+                return true
+            }
+            headers.append(("grpc-timeout", GRPCTimeout.encode(nanoseconds: remaining)))
+        }
+        if let traceparent = call.traceparent { headers.append(("traceparent", traceparent)) }
+        for (key, value) in call.metadata {
+            switch value {
+            case .string(let text): headers.append((key, text))
+            case .binary(let bytes): headers.append((key, Base64.encode(bytes)))
+            }
+        }
+        let block = HeaderBlock(headers)
+        var provider = nghttp2_data_provider(source: nghttp2_data_source(ptr: nil), read_callback: ClientConnection.readRequest)
+        let streamID = block.fields.withUnsafeBufferPointer {
+            nghttp2_submit_request(session, nil, $0.baseAddress, $0.count, &provider, nil)
+        }
+        block.free()
+        guard streamID > 0 else {
+            if streamID == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE.rawValue { startDraining() }
+            return false
+        }
+        call.streamID = streamID
+        call.connection = self
+        calls[streamID] = call
+        scheduleFlush()
+        return true
+    }
+
+    /// Cancels a call: RST_STREAM(CANCEL).
+    func cancel(_ call: ClientCall, _ error: RPCError) {
+        guard let session, calls[call.streamID] === call else {
+            call.fail(AttemptFailure(error: error, transparent: false))
+            return
+        }
+        call.fail(AttemptFailure(error: error, transparent: false))
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), call.streamID, NGHTTP2_CANCEL.rawValue)
+        scheduleFlush()
+    }
+
+    /// The consumer of a streaming call took `bytes`: reopen the window once it has caught up.
+    func consumed(_ call: ClientCall, bytes: Int) {
+        call.bufferedBytes -= bytes
+        guard let session, calls[call.streamID] === call, call.heldBack > 0,
+              call.bufferedBytes <= ClientConnection.streamingHighWater else { return }
+        nghttp2_session_consume(session, call.streamID, call.heldBack)
+        call.heldBack = 0
+        scheduleFlush()
+    }
+
+    // MARK: I/O
+
+    private func onReadable() {
+        guard let bev, let session else { return }
+        let input = bufferevent_get_input(bev)
+        inCallback += 1
+        while true {
+            let length = evbuffer_get_length(input)
+            if length == 0 { break }
+            var vector = iovec()
+            guard evbuffer_peek(input, -1, nil, &vector, 1) >= 1 else { break }
+            let count = min(vector.iov_len, length)
+            let consumed = nghttp2_session_mem_recv(session, vector.iov_base.assumingMemoryBound(to: UInt8.self), count)
+            if consumed < 0 {
+                inCallback -= 1
+                fail(RPCError(code: .unavailable, message: "HTTP/2 protocol error from \(address): \(String(cString: nghttp2_strerror(Int32(consumed))))"))
+                return
+            }
+            evbuffer_drain(input, count)
+        }
+        inCallback -= 1
+        flush()
+    }
+
+    private var flushScheduled = false
+
+    func scheduleFlush() {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        loop.execute { [weak self] in
+            self?.flushScheduled = false
+            self?.flush()
+        }
+    }
+
+    func flush() {
+        guard let session, inCallback == 0 else { return }
+        if let error = closeRequested {
+            closeRequested = nil
+            fail(error)
+            return
+        }
+        if nghttp2_session_send(session) != 0 {
+            fail(RPCError(code: .unavailable, message: "HTTP/2 send failed to \(address)"))
+            return
+        }
+        if nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0 && pendingOutput == 0 {
+            fail(RPCError(code: .unavailable, message: "connection to \(address) finished"))
+        }
+    }
+
+    private var pendingOutput: Int {
+        guard let bev else { return 0 }
+        return evbuffer_get_length(bufferevent_get_output(bev))
+    }
+
+    // MARK: Keepalive
+
+    private func scheduleKeepalive() {
+        guard configuration.keepaliveIntervalNanoseconds > 0 else { return }
+        keepaliveTimer = LoopTimer(loop: loop, after: configuration.keepaliveIntervalNanoseconds) { [weak self] in
+            guard let self, let session = self.session, self.state == .ready || self.state == .draining else { return }
+            if !self.calls.isEmpty || self.configuration.keepaliveWithoutCalls {
+                nghttp2_submit_ping(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nil)
+                self.flush()
+                if self.keepaliveTimeout == nil {
+                    self.keepaliveTimeout = LoopTimer(loop: self.loop, after: self.configuration.keepaliveTimeoutNanoseconds) { [weak self] in
+                        self?.fail(RPCError(code: .unavailable, message: "keepalive: \(self?.address.description ?? "") did not answer a PING in time"))
+                    }
+                }
+            }
+            self.scheduleKeepalive()
+        }
+    }
+
+    // MARK: Shutdown
+
+    /// Stops taking calls; closes when the calls in flight are done.
+    func startDraining() {
+        guard state == .ready || state == .connecting else { return }
+        state = .draining
+        onStateChange?(self)
+        if calls.isEmpty { close(RPCError(code: .unavailable, message: "drained")) }
+    }
+
+    /// Closes with every open call failed as UNAVAILABLE (transparent where nothing was sent).
+    func fail(_ error: RPCError) {
+        if inCallback > 0 {
+            closeRequested = closeRequested ?? error
+            return
+        }
+        close(error)
+    }
+
+    private func close(_ error: RPCError) {
+        guard state != .closed else { return }
+        state = .closed
+        connectTimer = nil
+        keepaliveTimer = nil
+        keepaliveTimeout = nil
+        let open = calls
+        calls.removeAll()
+        for call in open.values {
+            call.fail(AttemptFailure(error: error, transparent: !call.headersSent))
+        }
+        if let session { nghttp2_session_del(session) }
+        session = nil
+        if let bev { bufferevent_free(bev) }
+        bev = nil
+        onStateChange?(self)
+        onStateChange = nil
+    }
+
+    // MARK: nghttp2 glue
+
+    private static func from(_ pointer: UnsafeMutableRawPointer?) -> ClientConnection {
+        Unmanaged<ClientConnection>.fromOpaque(pointer!).takeUnretainedValue()
+    }
+
+    private func readRequestBytes(_ streamID: Int32, _ buffer: UnsafeMutablePointer<UInt8>, _ length: Int,
+                                  _ flags: UnsafeMutablePointer<UInt32>) -> Int {
+        guard let call = calls[streamID] else { return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue) }
+        let count = min(length, call.request.count - call.requestOffset)
+        if count > 0 {
+            call.request.withUnsafeBufferPointer { buffer.update(from: $0.baseAddress! + call.requestOffset, count: count) }
+            call.requestOffset += count
+        }
+        if call.requestOffset == call.request.count { flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue }
+        return count
+    }
+
+    private func header(_ streamID: Int32, _ name: UnsafePointer<UInt8>, _ nameLength: Int, _ value: UnsafePointer<UInt8>, _ valueLength: Int) {
+        guard let call = calls[streamID] else { return }
+        let text = String(decoding: UnsafeBufferPointer(start: value, count: valueLength), as: UTF8.self)
+        if bytesEqual(name, nameLength, ":status") {
+            call.httpStatus = Int(text) ?? 0
+        } else if bytesEqual(name, nameLength, "content-type") {
+            call.contentTypeOK = text.hasPrefix("application/grpc")
+        } else if bytesEqual(name, nameLength, "grpc-status") {
+            call.grpcStatus = Int(text) ?? RPCError.Code.unknown.rawValue
+        } else if bytesEqual(name, nameLength, "grpc-message") {
+            call.grpcMessage = PercentEncoding.decode(text)
+        } else if nameLength > 0 && name[0] != UInt8(ascii: ":") {
+            let key = String(decoding: UnsafeBufferPointer(start: name, count: nameLength), as: UTF8.self)
+            guard !key.hasPrefix("grpc-") else { return }
+            if call.inTrailers { call.trailingMetadata.addWire(key: key, value: text) } else { call.initialMetadata.addWire(key: key, value: text) }
+        }
+    }
+
+    private func data(_ streamID: Int32, _ bytes: UnsafePointer<UInt8>, _ count: Int) {
+        guard let call = calls[streamID], let session else { return }
+        do {
+            try call.reader.append(UnsafeBufferPointer(start: bytes, count: count))
+        } catch {
+            let message: String
+            if case .tooLarge(let announced, let limit) = error {
+                message = "response message larger than max (\(announced) vs. \(limit))"
+            } else {
+                message = "compressed response without negotiated encoding"
+            }
+            cancel(call, RPCError(code: error == .compressed ? .internal : .resourceExhausted, message: message))
+            return
+        }
+        let messages = call.reader.takeMessages()
+        if call.isStreaming {
+            // A consumer that falls behind stops the window from reopening: buffering stays bounded.
+            if call.bufferedBytes > ClientConnection.streamingHighWater {
+                call.heldBack += count
+            } else {
+                nghttp2_session_consume(session, streamID, count)
+            }
+            for message in messages {
+                call.bufferedBytes += message.count
+                call.deliver(message)
+            }
+        } else {
+            nghttp2_session_consume(session, streamID, count)
+            for message in messages { call.deliver(message) }
+        }
+    }
+
+    /// Unread streaming responses past this many bytes hold back the flow-control window.
+    static let streamingHighWater = 4 << 20
+
+    private func frameReceived(_ frame: nghttp2_frame) {
+        let type = UInt32(frame.hd.type)
+        if type == NGHTTP2_PING.rawValue && frame.hd.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) != 0 {
+            keepaliveTimeout = nil
+        } else if type == NGHTTP2_GOAWAY.rawValue {
+            // Streams above last_stream_id are closed by nghttp2 with REFUSED_STREAM: retried.
+            startDraining()
+        } else if type == NGHTTP2_HEADERS.rawValue, let call = calls[frame.hd.stream_id] {
+            if !call.receivedHeaders {
+                call.receivedHeaders = true
+                call.inTrailers = true
+                if call.httpStatus == 200 && call.contentTypeOK && call.grpcStatus == nil { call.headersArrived() }
+            }
+        }
+    }
+
+    private func streamClosed(_ streamID: Int32, errorCode: UInt32) {
+        guard let call = calls.removeValue(forKey: streamID) else { return }
+        call.closed(errorCode: errorCode)
+        if state == .draining && calls.isEmpty { fail(RPCError(code: .unavailable, message: "drained")) }
+    }
+
+    private static let readRequest: nghttp2_data_source_read_callback = { _, streamID, buffer, length, flags, _, userData in
+        from(userData).readRequestBytes(streamID, buffer!, length, flags!)
+    }
+
+    nonisolated(unsafe) private static let options: OpaquePointer = {
+        var options: OpaquePointer?
+        nghttp2_option_new(&options)
+        // Streaming responses return their bytes to the window only when the consumer reads them.
+        nghttp2_option_set_no_auto_window_update(options, 1)
+        return options!
+    }()
+
+    nonisolated(unsafe) private static let callbacks: OpaquePointer = {
+        var callbacks: OpaquePointer?
+        nghttp2_session_callbacks_new(&callbacks)
+        nghttp2_session_callbacks_set_send_callback(callbacks) { _, data, length, _, userData in
+            let connection = from(userData)
+            guard let bev = connection.bev else { return Int(NGHTTP2_ERR_CALLBACK_FAILURE.rawValue) }
+            if connection.pendingOutput >= Connection.outputHighWater { return Int(NGHTTP2_ERR_WOULDBLOCK.rawValue) }
+            bufferevent_write(bev, data, length)
+            return length
+        }
+        nghttp2_session_callbacks_set_on_header_callback(callbacks) { _, frame, name, nameLength, value, valueLength, _, userData in
+            from(userData).header(frame!.pointee.hd.stream_id, name!, nameLength, value!, valueLength)
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks) { _, frame, userData in
+            from(userData).frameReceived(frame!.pointee)
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_send_callback(callbacks) { _, frame, userData in
+            let header = frame!.pointee.hd
+            if header.type == UInt8(NGHTTP2_HEADERS.rawValue), let call = from(userData).calls[header.stream_id] {
+                call.headersSent = true
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks) { _, _, streamID, data, length, userData in
+            from(userData).data(streamID, data!, length)
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks) { _, streamID, errorCode, userData in
+            from(userData).streamClosed(streamID, errorCode: errorCode)
+            return 0
+        }
+        return callbacks!
+    }()
+}

@@ -1,0 +1,63 @@
+import Glibc
+
+/// W3C Trace Context (`traceparent: 00-<trace-id>-<parent-id>-<flags>`), carried in metadata on
+/// every hop. The server makes the incoming one the parent of the handler's span; the client sends
+/// the current span's trace id with a new span id.
+public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
+    /// 16 bytes, hex-encoded (32 characters).
+    public var traceID: String
+    /// 8 bytes, hex-encoded (16 characters): this span.
+    public var spanID: String
+    /// The span that caused this one, if any.
+    public var parentSpanID: String?
+    /// `01` when sampled.
+    public var flags: UInt8
+
+    /// The trace context of the running task (set by the server around each handler).
+    @TaskLocal public static var current: TraceContext?
+
+    /// A new root trace.
+    public static func root(sampled: Bool = true) -> TraceContext {
+        TraceContext(traceID: randomHex(bytes: 16), spanID: randomHex(bytes: 8), parentSpanID: nil, flags: sampled ? 1 : 0)
+    }
+
+    /// A child span of this one: same trace, new span id.
+    public func child() -> TraceContext {
+        TraceContext(traceID: traceID, spanID: Self.randomHex(bytes: 8), parentSpanID: spanID, flags: flags)
+    }
+
+    /// Parses a `traceparent` header (version 00; unknown future versions are read the same way);
+    /// nil when malformed or all-zero.
+    public static func parse(traceparent: String) -> TraceContext? {
+        let parts = traceparent.split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count >= 4, parts[0].count == 2, parts[1].count == 32, parts[2].count == 16, parts[3].count == 2,
+              parts[0] != "ff", parts.allSatisfy({ $0.allSatisfy(\.isHexDigit) && $0 == $0.lowercased() }),
+              parts[1] != Substring(String(repeating: "0", count: 32)), parts[2] != Substring(String(repeating: "0", count: 16)),
+              let flags = UInt8(parts[3], radix: 16)
+        else { return nil }
+        if parts[0] == "00" && parts.count != 4 { return nil }
+        return TraceContext(traceID: String(parts[1]), spanID: String(parts[2]), parentSpanID: nil, flags: flags)
+    }
+
+    /// The `traceparent` header value for this span.
+    public var traceparent: String {
+        let hex = String(flags, radix: 16)
+        return "00-\(traceID)-\(spanID)-\(hex.count == 1 ? "0" + hex : hex)"
+    }
+
+    public var description: String { traceparent }
+
+    static func randomHex(bytes: Int) -> String {
+        var out = ""
+        out.reserveCapacity(bytes * 2)
+        var generator = SystemRandomNumberGenerator()
+        repeat {
+            out = ""
+            for _ in 0..<bytes {
+                let byte = UInt8.random(in: 0...255, using: &generator)
+                out += byte < 16 ? "0" + String(byte, radix: 16) : String(byte, radix: 16)
+            }
+        } while out.allSatisfy { $0 == "0" }
+        return out
+    }
+}
