@@ -19,6 +19,8 @@ public struct ServiceOptions: ParsableArguments {
     var tlsKeyFile: String?
     @Option(help: "Require client certificates signed by this CA (env TLS_CLIENT_CA_FILE).")
     var tlsClientCaFile: String?
+    @Option(help: "A plaintext port serving only health, for probes when the main port requires mTLS (env HEALTH_PORT).")
+    var healthPort: String?
     @Option(help: "Event-loop threads; 0 = one per core (env EVENT_LOOPS, default 0).")
     var eventLoops: String?
     @Option(help: "Largest gRPC message received, bytes (env MAX_RECEIVE_MESSAGE_BYTES, default 67108864).")
@@ -54,6 +56,7 @@ public struct ServiceOptions: ParsableArguments {
         Setting(environment: "TLS_CERT_FILE", flag: "--tls-cert-file", meaning: "PEM certificate chain; with the key turns TLS on"),
         Setting(environment: "TLS_KEY_FILE", flag: "--tls-key-file", meaning: "PEM private key"),
         Setting(environment: "TLS_CLIENT_CA_FILE", flag: "--tls-client-ca-file", meaning: "require client certificates from this CA"),
+        Setting(environment: "HEALTH_PORT", flag: "--health-port", meaning: "plaintext health-only port (for probes under mTLS)"),
         Setting(environment: "EVENT_LOOPS", flag: "--event-loops", meaning: "event-loop threads, 0 = one per core (default 0)"),
         Setting(environment: "MAX_RECEIVE_MESSAGE_BYTES", flag: "--max-receive-message-bytes", meaning: "largest gRPC message (default 64 MiB)"),
         Setting(environment: "MAX_HEADER_BYTES", flag: "--max-header-bytes", meaning: "largest header block (default 16 KiB)"),
@@ -103,6 +106,9 @@ public struct ServiceOptions: ParsableArguments {
         server.host = pick(host, "HOST")?.0 ?? "0.0.0.0"
         server.port = try integer(port, "PORT", defaultPort, 0...65535)
         server.eventLoops = try integer(eventLoops, "EVENT_LOOPS", 0, 0...256)
+        if pick(healthPort, "HEALTH_PORT") != nil {
+            server.healthPort = try integer(healthPort, "HEALTH_PORT", 0, 0...65535)
+        }
         server.maxReceiveMessageBytes = try integer(maxReceiveMessageBytes, "MAX_RECEIVE_MESSAGE_BYTES", 64 << 20, 1...(1 << 31 - 1))
         server.maxHeaderBytes = try integer(maxHeaderBytes, "MAX_HEADER_BYTES", 16 << 10, 1024...(1 << 24))
         server.maxBodyBytes = try integer(maxBodyBytes, "MAX_BODY_BYTES", 64 << 20, 0...(1 << 40))

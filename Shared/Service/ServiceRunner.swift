@@ -40,6 +40,7 @@ public enum ServiceRunner {
             let port = try server.bind()
             logger.info("serving gRPC, HTTP/2 and HTTP/1.1", metadata: [
                 "host": "\(resolved.server.host)", "port": "\(port)",
+                "health_port": "\(server.boundHealthPort.map(String.init) ?? "-")",
                 "tls": "\(resolved.server.tlsCertificateFile != nil)", "event_loops": "\(server.configuration.eventLoops)",
             ])
             server.run()

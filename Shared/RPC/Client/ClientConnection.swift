@@ -282,9 +282,13 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
         close(error)
     }
 
+    /// Why the connection closed (connect errors are reported to callers that find no address).
+    private(set) var closeReason: RPCError?
+
     private func close(_ error: RPCError) {
         guard state != .closed else { return }
         state = .closed
+        closeReason = error
         connectTimer = nil
         keepaliveTimer = nil
         keepaliveTimeout = nil

@@ -31,6 +31,7 @@ final class LoadBalancer: @unchecked Sendable {  // loop-confined: touched only 
     private var lastResolve: Int64 = 0
     private var resolveError: RPCError?
     private var closed = false
+    private var lastConnectionError: RPCError?
 
     init(target: ClientTarget, configuration: RPCClient.Configuration, loop: EventLoop) {
         self.target = target
@@ -135,6 +136,7 @@ final class LoadBalancer: @unchecked Sendable {  // loop-confined: touched only 
             }
             requestResolve()
         case .closed:
+            if let reason = connection.closeReason, reason.message != "drained" { lastConnectionError = reason }
             if subchannel.connection === connection {
                 subchannel.connection = nil
                 scheduleReconnect(subchannel)
@@ -186,7 +188,8 @@ final class LoadBalancer: @unchecked Sendable {  // loop-confined: touched only 
             waiting.append(call)
             return
         }
-        let reason = resolveError?.message ?? "no address of \(target) is reachable"
+        let reason = resolveError?.message
+            ?? "no address of \(target) is reachable" + (lastConnectionError.map { " (last error: \($0.message))" } ?? "")
         call.fail(AttemptFailure(error: RPCError(code: .unavailable, message: reason), transparent: true))
     }
 

@@ -20,6 +20,7 @@ public final class EventLoop: @unchecked Sendable {
     var flushList: [Connection] = []
     weak var server: RPCServer?
     var listener: OpaquePointer?
+    var healthListener: OpaquePointer?
     var draining = false
     var drainTimer: LoopTimer?
 

@@ -35,13 +35,21 @@ public final class RPCServer: @unchecked Sendable {
         public var handshakeTimeoutNanoseconds: Int64 = 10_000_000_000
         /// The service name used in metrics labels.
         public var serviceName = "talkmesh"
+        /// A second, plaintext port serving only health (gRPC Health, /healthz, /readyz, /metrics),
+        /// for Kubernetes probes when the main port requires mutual TLS.
+        public var healthPort: Int?
 
         public init() {}
     }
 
     public let configuration: Configuration
     private let core: ServerCore
+    /// The health-only view served on `healthPort`.
+    private let healthCore: ServerCore
     private var loops: [EventLoop] = []
+    private var listenerContexts: [ListenerContext] = []
+    /// The health port actually bound, when one is configured.
+    public private(set) var boundHealthPort: Int?
     private var listeners: [OpaquePointer?] = []
     private var signalEvents: [OpaquePointer?] = []
     private let stateLock = PThreadMutex()
@@ -80,7 +88,19 @@ public final class RPCServer: @unchecked Sendable {
         }
         core = ServerCore(configuration: configuration, registry: services, router: router, metrics: metrics,
                           health: health, logger: logger, tls: tls)
+        var healthOnly = RPCServiceRegistry()
+        health.register(into: &healthOnly)
+        var healthRouter = HTTPRouter()
+        let fullRouter = router
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            healthRouter.add("GET", path) { request in await fullRouter.respond(to: request).0 }
+        }
+        healthCore = ServerCore(configuration: configuration, registry: healthOnly, router: healthRouter, metrics: metrics,
+                                health: health, logger: logger, tls: nil)
     }
+
+    /// The loops (a client in the same process can share one: `RPCClient(configuration:loop:)`).
+    public var eventLoops: [EventLoop] { loops }
 
     /// Binds the port on every loop (SO_REUSEPORT); returns the port bound.
     @discardableResult
@@ -91,18 +111,28 @@ public final class RPCServer: @unchecked Sendable {
         for loop in loops {
             let fd = try Self.listeningSocket(host: configuration.host, port: port)
             if port == 0 { port = Self.localPort(fd) }
-            let context = Unmanaged.passUnretained(loop).toOpaque()
             loop.server = self
-            let listener = evconnlistener_new(loop.base, { _, fd, address, _, context in
-                let loop = Unmanaged<EventLoop>.fromOpaque(context!).takeUnretainedValue()
-                loop.server?.accept(fd: fd, address: address, on: loop)
-            }, context, LEV_OPT_CLOSE_ON_FREE, 0, fd)
-            guard listener != nil else { throw RPCError(code: .unavailable, message: "evconnlistener_new failed") }
-            listeners.append(listener)
-            loop.listener = listener
+            loop.listener = try listen(fd: fd, loop: loop, core: core)
         }
         boundPort = port
+        if let healthPort = configuration.healthPort {
+            let fd = try Self.listeningSocket(host: configuration.host, port: healthPort)
+            boundHealthPort = healthPort == 0 ? Self.localPort(fd) : healthPort
+            loops[0].healthListener = try listen(fd: fd, loop: loops[0], core: healthCore)
+        }
         return port
+    }
+
+    private func listen(fd: Int32, loop: EventLoop, core: ServerCore) throws -> OpaquePointer {
+        let context = ListenerContext(loop: loop, core: core)
+        listenerContexts.append(context)
+        let listener = evconnlistener_new(loop.base, { _, fd, address, _, context in
+            let context = Unmanaged<ListenerContext>.fromOpaque(context!).takeUnretainedValue()
+            context.loop.server?.accept(fd: fd, address: address, on: context.loop, core: context.core)
+        }, Unmanaged.passUnretained(context).toOpaque(), LEV_OPT_CLOSE_ON_FREE, 0, fd)
+        guard let listener else { throw RPCError(code: .unavailable, message: "evconnlistener_new failed") }
+        listeners.append(listener)
+        return listener
     }
 
     /// Runs every loop (the calling thread runs the first) until a graceful shutdown completes.
@@ -147,7 +177,7 @@ public final class RPCServer: @unchecked Sendable {
 
     // MARK: Accepting
 
-    private func accept(fd: Int32, address: UnsafeMutablePointer<sockaddr>?, on loop: EventLoop) {
+    private func accept(fd: Int32, address: UnsafeMutablePointer<sockaddr>?, on loop: EventLoop, core: ServerCore) {
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         let peer = Self.describe(address)
@@ -187,7 +217,7 @@ public final class RPCServer: @unchecked Sendable {
             Glibc.close(fd)
             throw RPCError(code: .unavailable, message: "cannot bind \(host):\(port): \(message)")
         }
-        guard listen(fd, 4096) == 0 else {
+        guard Glibc.listen(fd, 4096) == 0 else {
             Glibc.close(fd)
             throw RPCError(code: .unavailable, message: "listen: \(String(cString: strerror(errno)))")
         }
@@ -218,6 +248,17 @@ public final class RPCServer: @unchecked Sendable {
         guard getnameinfo(address, socklen_t(length), &host, socklen_t(host.count), &service, socklen_t(service.count),
                           NI_NUMERICHOST | NI_NUMERICSERV) == 0 else { return "" }
         return "\(cString(host)):\(cString(service))"
+    }
+}
+
+/// What a listener's accept callback needs: the loop and which view of the server it serves.
+final class ListenerContext {
+    unowned let loop: EventLoop
+    let core: ServerCore
+
+    init(loop: EventLoop, core: ServerCore) {
+        self.loop = loop
+        self.core = core
     }
 }
 
@@ -262,6 +303,8 @@ extension EventLoop {
         draining = true
         if let listener { evconnlistener_free(listener) }
         listener = nil
+        if let healthListener { evconnlistener_free(healthListener) }
+        healthListener = nil
         for connection in Array(connections.values) { connection.goAway() }
         afterWork()
         if connections.isEmpty {
