@@ -12,11 +12,18 @@ struct HeaderBlock {
         fields = []
         fields.reserveCapacity(headers.count)
         var offset = 0
+        func copy(_ text: String, to offset: inout Int, storage: UnsafeMutablePointer<UInt8>) {
+            var text = text
+            text.withUTF8 { bytes in
+                if let base = bytes.baseAddress { (storage + offset).update(from: base, count: bytes.count) }
+                offset += bytes.count
+            }
+        }
         for (name, value) in headers {
             let namePointer = storage + offset
-            for byte in name.utf8 { storage[offset] = byte; offset += 1 }
+            copy(name, to: &offset, storage: storage)
             let valuePointer = storage + offset
-            for byte in value.utf8 { storage[offset] = byte; offset += 1 }
+            copy(value, to: &offset, storage: storage)
             fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: name.utf8.count,
                                      valuelen: value.utf8.count, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
         }

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// W3C Trace Context (`traceparent: 00-<trace-id>-<parent-id>-<flags>`), carried in metadata on
 /// every hop. The server makes the incoming one the parent of the handler's span; the client sends
@@ -47,17 +48,43 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
 
     public var description: String { traceparent }
 
+    private static let hexDigits: [UInt8] = Array("0123456789abcdef".utf8)
+
+    /// Ids need to be unique, not secret: SplitMix64 over a random seed and a counter is enough,
+    /// and avoids a getrandom() system call per id.
+    private static let seed = UInt64.random(in: 1...UInt64.max)
+    private static let counter = Atomic<UInt64>(0)
+
+    struct IDGenerator: RandomNumberGenerator {
+        mutating func next() -> UInt64 {
+            var z = TraceContext.seed &+ TraceContext.counter.add(1, ordering: .relaxed).newValue &* 0x9E37_79B9_7F4A_7C15
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    /// `bytes` random bytes as lower-case hex, never all zero (W3C forbids it).
     static func randomHex(bytes: Int) -> String {
-        var out = ""
-        out.reserveCapacity(bytes * 2)
-        var generator = SystemRandomNumberGenerator()
-        repeat {
-            out = ""
-            for _ in 0..<bytes {
-                let byte = UInt8.random(in: 0...255, using: &generator)
-                out += byte < 16 ? "0" + String(byte, radix: 16) : String(byte, radix: 16)
+        var generator = IDGenerator()
+        while true {
+            var nonZero = false
+            let text = String(unsafeUninitializedCapacity: bytes * 2) { buffer in
+                var index = 0
+                while index < bytes * 2 {
+                    var word = generator.next() as UInt64
+                    for _ in 0..<8 where index < bytes * 2 {
+                        let byte = UInt8(truncatingIfNeeded: word)
+                        word >>= 8
+                        nonZero = nonZero || byte != 0
+                        buffer[index] = hexDigits[Int(byte >> 4)]
+                        buffer[index + 1] = hexDigits[Int(byte & 0x0F)]
+                        index += 2
+                    }
+                }
+                return bytes * 2
             }
-        } while out.allSatisfy { $0 == "0" }
-        return out
+            if nonZero { return text }
+        }
     }
 }
