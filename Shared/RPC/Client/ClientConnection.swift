@@ -33,6 +33,11 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
 
     var activeCalls: Int { calls.count }
 
+    deinit {
+        if let session { nghttp2_session_del(session) }
+        if let bev { bufferevent_free(bev) }
+    }
+
     // MARK: Connecting
 
     func connect() {

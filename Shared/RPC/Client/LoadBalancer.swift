@@ -32,6 +32,9 @@ final class LoadBalancer: @unchecked Sendable {  // loop-confined: touched only 
     private var resolveError: RPCError?
     private var closed = false
     private var lastConnectionError: RPCError?
+    /// Every connection not yet closed, draining ones included: libevent and nghttp2 hold only
+    /// unretained pointers to them, so this table is what keeps them alive.
+    private var live: [ObjectIdentifier: ClientConnection] = [:]
 
     init(target: ClientTarget, configuration: RPCClient.Configuration, loop: EventLoop) {
         self.target = target
@@ -118,6 +121,7 @@ final class LoadBalancer: @unchecked Sendable {  // loop-confined: touched only 
             self.stateChanged(subchannel, connection)
         }
         subchannel.connection = connection
+        live[ObjectIdentifier(connection)] = connection
         connection.connect()
     }
 
@@ -136,6 +140,10 @@ final class LoadBalancer: @unchecked Sendable {  // loop-confined: touched only 
             }
             requestResolve()
         case .closed:
+            // Released on a later turn of the loop: this runs inside the connection's own callback.
+            if let closedConnection = live.removeValue(forKey: ObjectIdentifier(connection)) {
+                loop.execute { withExtendedLifetime(closedConnection) {} }
+            }
             if let reason = connection.closeReason, reason.message != "drained" { lastConnectionError = reason }
             if subchannel.connection === connection {
                 subchannel.connection = nil
