@@ -41,6 +41,8 @@ let package = Package(
             dependencies: ["CTalkMesh", "TalkMeshMessages", .product(name: "Logging", package: "swift-log")],
             path: "Shared/RPC",
             swiftSettings: runtimeSwiftSettings),
+        .target(name: "TalkMeshCore", dependencies: ["TalkMeshRPC"], path: "Shared/Core"),
+        .target(name: "TalkMeshLibAV", dependencies: ["CTalkMesh", "TalkMeshCore"], path: "Shared/LibAV"),
         .target(
             name: "TalkMeshService",
             dependencies: [
@@ -53,7 +55,11 @@ let package = Package(
                          linkerSettings: serverLinkerSettings),
         .executableTarget(name: "TalkMeshMedia", dependencies: ["TalkMeshService"], path: "Services/Media",
                          linkerSettings: serverLinkerSettings),
-        .executableTarget(name: "TalkMeshAudio", dependencies: ["TalkMeshService"], path: "Services/Audio",
+        .target(
+            name: "TalkMeshAudioService",
+            dependencies: ["TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
+            path: "Services/Audio/Service"),
+        .executableTarget(name: "TalkMeshAudio", dependencies: ["TalkMeshService", "TalkMeshAudioService", "TalkMeshCore"], path: "Services/Audio/Main",
                          linkerSettings: serverLinkerSettings),
         .executableTarget(name: "TalkMeshDispatcher", dependencies: ["TalkMeshService"], path: "Services/Dispatcher",
                          linkerSettings: serverLinkerSettings),
@@ -74,5 +80,9 @@ let package = Package(
             name: "TalkMeshRPCTests",
             dependencies: ["TalkMeshRPC", "TalkMeshMessages", "TalkMeshService"],
             path: "Tests/RPCTests"),
+        .testTarget(
+            name: "TalkMeshAudioTests",
+            dependencies: ["TalkMeshAudioService", "TalkMeshCore", "TalkMeshMessages"],
+            path: "Tests/AudioTests"),
     ]
 )

@@ -82,24 +82,15 @@ public struct ServiceOptions: ParsableArguments {
     /// Merges flags over the environment over the defaults and validates them all.
     public func resolve(serviceName: String, defaultPort: Int,
                         environment: [String: String] = ProcessEnvironment.current()) throws(InvalidSetting) -> Resolved {
+        let reader = SettingsReader(environment: environment)
         func pick(_ flag: String?, _ key: String) -> (String, String)? {
-            if let flag { return (flag, "--" + (Self.settings.first { $0.environment == key }?.flag.dropFirst(2) ?? "")) }
-            if let value = environment[key], !value.isEmpty { return (value, key) }
-            return nil
+            reader.string(flag, key).map { ($0, key) }
         }
         func integer(_ flag: String?, _ key: String, _ fallback: Int, _ range: ClosedRange<Int>) throws(InvalidSetting) -> Int {
-            guard let (text, source) = pick(flag, key) else { return fallback }
-            guard let value = Int(text.trimmingWhitespace), range.contains(value) else {
-                throw InvalidSetting(description: "\(source)=\(text): expected a whole number in \(range.lowerBound)…\(range.upperBound)")
-            }
-            return value
+            try reader.integer(flag, key, fallback, range)
         }
         func duration(_ flag: String?, _ key: String, _ fallback: Int64) throws(InvalidSetting) -> Int64 {
-            guard let (text, source) = pick(flag, key) else { return fallback }
-            guard let value = Duration.parseNanoseconds(text) else {
-                throw InvalidSetting(description: "\(source)=\(text): expected a duration such as 500ms, 30s, 5m or 1h")
-            }
-            return value
+            try reader.duration(flag, key, fallback)
         }
         var server = RPCServer.Configuration()
         server.serviceName = serviceName

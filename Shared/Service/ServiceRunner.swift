@@ -45,8 +45,12 @@ public enum ServiceRunner {
             ])
             server.run()
             logger.info("stopped")
+        } catch let error as ServiceOptions.InvalidSetting {
+            StandardStream.write(2, "\(name): invalid setting: \(error)\n")
+            exit(2)
         } catch {
             logger.critical("cannot start: \(error)")
+            StandardStream.write(2, "\(name): cannot start: \(error)\n")
             exit(2)
         }
     }

@@ -13,6 +13,7 @@ public struct SplitAudioRequest: Hashable, Sendable {
     public var sampleRate: Int32 = 0
     public var channels: Int32 = 0
     public var outputPrefix: String = ""
+    public var keepFull: Bool = false
     public init() {}
 }
 
@@ -38,6 +39,9 @@ public struct SplitAudioResponse: Hashable, Sendable {
     public var chunks: [AudioChunk] = []
     public var durationSec: Double = 0
     public var silences: [SilenceRange] = []
+    public var fullAudioKey: String = ""
+    public var sampleRate: Int32 = 0
+    public var channels: Int32 = 0
     public init() {}
 }
 
@@ -77,6 +81,7 @@ extension SplitAudioRequest: ProtoMessage {
         sampleRate = c.sample_rate
         channels = c.channels
         outputPrefix = ProtoC.string(c.output_prefix)
+        keepFull = (c.keep_full != 0)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__SplitAudioRequest {
         var c = Talkmesh__V1__SplitAudioRequest()
@@ -90,6 +95,7 @@ extension SplitAudioRequest: ProtoMessage {
         c.sample_rate = sampleRate
         c.channels = channels
         c.output_prefix = arena.string(outputPrefix)
+        c.keep_full = (keepFull ? 1 : 0)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__SplitAudioRequest>? {
@@ -175,6 +181,9 @@ extension SplitAudioResponse: ProtoMessage {
         chunks = (0..<c.n_chunks).map { AudioChunk(c: c.chunks[$0]!.pointee) }
         durationSec = c.duration_sec
         silences = (0..<c.n_silences).map { SilenceRange(c: c.silences[$0]!.pointee) }
+        fullAudioKey = ProtoC.string(c.full_audio_key)
+        sampleRate = c.sample_rate
+        channels = c.channels
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__SplitAudioResponse {
         var c = Talkmesh__V1__SplitAudioResponse()
@@ -184,6 +193,9 @@ extension SplitAudioResponse: ProtoMessage {
         c.duration_sec = durationSec
         c.n_silences = silences.count
         c.silences = arena.pointers(silences.map { arena.object($0.toC(arena)) })
+        c.full_audio_key = arena.string(fullAudioKey)
+        c.sample_rate = sampleRate
+        c.channels = channels
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__SplitAudioResponse>? {

@@ -64,10 +64,14 @@ struct  Talkmesh__V1__SplitAudioRequest
    * optional key prefix for the chunks
    */
   char *output_prefix;
+  /*
+   * also store the whole converted audio (the chunks laid end to end)
+   */
+  protobuf_c_boolean keep_full;
 };
 #define TALKMESH__V1__SPLIT_AUDIO_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__split_audio_request__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Talkmesh__V1__AudioChunk
@@ -103,10 +107,22 @@ struct  Talkmesh__V1__SplitAudioResponse
   double duration_sec;
   size_t n_silences;
   Talkmesh__V1__SilenceRange **silences;
+  /*
+   * with keep_full: the whole converted audio
+   */
+  char *full_audio_key;
+  /*
+   * of the chunks
+   */
+  int32_t sample_rate;
+  /*
+   * of the chunks
+   */
+  int32_t channels;
 };
 #define TALKMESH__V1__SPLIT_AUDIO_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__split_audio_response__descriptor) \
-    , 0,NULL, 0, 0,NULL }
+    , 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string, 0, 0 }
 
 
 struct  Talkmesh__V1__ProbeAudioRequest

@@ -277,7 +277,7 @@ void   talkmesh__v1__probe_audio_response__free_unpacked
   assert(message->base.descriptor == &talkmesh__v1__probe_audio_response__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor talkmesh__v1__split_audio_request__field_descriptors[9] =
+static const ProtobufCFieldDescriptor talkmesh__v1__split_audio_request__field_descriptors[10] =
 {
   {
     "audio_key",
@@ -387,11 +387,24 @@ static const ProtobufCFieldDescriptor talkmesh__v1__split_audio_request__field_d
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "keep_full",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__SplitAudioRequest, keep_full),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__split_audio_request__field_indices_by_name[] = {
   0,   /* field[0] = audio_key */
   7,   /* field[7] = channels */
   5,   /* field[5] = fps */
+  9,   /* field[9] = keep_full */
   4,   /* field[4] = max_sec */
   2,   /* field[2] = min_silence_ms */
   8,   /* field[8] = output_prefix */
@@ -402,7 +415,7 @@ static const unsigned talkmesh__v1__split_audio_request__field_indices_by_name[]
 static const ProtobufCIntRange talkmesh__v1__split_audio_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 10 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__split_audio_request__descriptor =
 {
@@ -412,7 +425,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__split_audio_request__descriptor =
   "Talkmesh__V1__SplitAudioRequest",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__SplitAudioRequest),
-  9,
+  10,
   talkmesh__v1__split_audio_request__field_descriptors,
   talkmesh__v1__split_audio_request__field_indices_by_name,
   1,  talkmesh__v1__split_audio_request__number_ranges,
@@ -560,7 +573,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__silence_range__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__silence_range__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__split_audio_response__field_descriptors[3] =
+static const ProtobufCFieldDescriptor talkmesh__v1__split_audio_response__field_descriptors[6] =
 {
   {
     "chunks",
@@ -598,16 +611,55 @@ static const ProtobufCFieldDescriptor talkmesh__v1__split_audio_response__field_
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "full_audio_key",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__SplitAudioResponse, full_audio_key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sample_rate",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__SplitAudioResponse, sample_rate),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "channels",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__SplitAudioResponse, channels),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__split_audio_response__field_indices_by_name[] = {
+  5,   /* field[5] = channels */
   0,   /* field[0] = chunks */
   1,   /* field[1] = duration_sec */
+  3,   /* field[3] = full_audio_key */
+  4,   /* field[4] = sample_rate */
   2,   /* field[2] = silences */
 };
 static const ProtobufCIntRange talkmesh__v1__split_audio_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__split_audio_response__descriptor =
 {
@@ -617,7 +669,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__split_audio_response__descriptor 
   "Talkmesh__V1__SplitAudioResponse",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__SplitAudioResponse),
-  3,
+  6,
   talkmesh__v1__split_audio_response__field_descriptors,
   talkmesh__v1__split_audio_response__field_indices_by_name,
   1,  talkmesh__v1__split_audio_response__number_ranges,

@@ -1,0 +1,138 @@
+import CTalkMesh
+import TalkMeshCore
+import TalkMeshLibAV
+
+/// Decoded audio: the energy profile of the original (pydub's view: 16-bit at the input's own
+/// rate and channels) and the whole input converted once to the chunks' format.
+public struct DecodedAudio: Sendable {
+    public var profile: EnergyProfile
+    public var converted: [Int16]
+    public var outputRate: Int
+    public var outputChannels: Int
+    public var inputRate: Int
+    public var inputChannels: Int
+    public var codec: String
+    public var container: String
+    public var durationSec: Double { Double(profile.frames) / Double(max(profile.rate, 1)) }
+}
+
+/// What ProbeAudio reports.
+public struct AudioProbe: Sendable {
+    public var durationSec: Double
+    public var sampleRate: Int
+    public var channels: Int
+    public var codec: String
+    public var container: String
+}
+
+/// The libav side of the Audio service: any format libavformat/libavcodec read, in process.
+public enum AudioDecoding {
+    /// Reads stream parameters and the declared duration without decoding.
+    public static func probe(path: String, flag: CancellationFlag) throws -> AudioProbe {
+        let input = try MediaInput(path: path, flag: flag, invalid: .invalidAudio)
+        let decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidAudio, what: "audio")
+        let context = decoder.context!.pointee
+        let stream = input.streams[Int(decoder.streamIndex)].pointee
+        var duration = input.declaredDuration ?? 0
+        if stream.duration > 0 {
+            duration = Double(stream.duration) * Double(stream.time_base.num) / Double(stream.time_base.den)
+        }
+        return AudioProbe(durationSec: duration, sampleRate: Int(context.sample_rate), channels: Int(context.ch_layout.nb_channels),
+                          codec: decoder.codecName, container: input.containerName)
+    }
+
+    /// Decodes the whole input: builds the energy profile and converts to `outputRate`/`outputChannels`.
+    /// Stops early with AUDIO_TOO_LONG past `maxSeconds`; INVALID_AUDIO on undecodable or truncated
+    /// input; EMPTY_AUDIO when nothing decodes.
+    public static func decode(path: String, flag: CancellationFlag, outputRate: Int, outputChannels: Int, maxSeconds: Double) throws -> DecodedAudio {
+        let input = try MediaInput(path: path, flag: flag, invalid: .invalidAudio)
+        let decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidAudio, what: "audio")
+        guard let codec = decoder.context else { throw ServiceError(.internalError, "no decoder") }
+        let rate = Int(codec.pointee.sample_rate)
+        let channels = Int(codec.pointee.ch_layout.nb_channels)
+        guard rate > 0, channels > 0 else { throw ServiceError(.invalidAudio, "the audio stream has no sample rate or channels") }
+        if let declared = input.declaredDuration, declared > maxSeconds + 1 {
+            throw ServiceError(.audioTooLong, "the audio lasts \(Int(declared)) s; the limit is \(Int(maxSeconds)) s")
+        }
+        let analysis = try Resampler(inputLayout: codec.pointee.ch_layout, inputFormat: codec.pointee.sample_fmt, inputRate: Int32(rate),
+                                     outputRate: Int32(rate), outputChannels: Int32(channels))
+        let conversion = try Resampler(inputLayout: codec.pointee.ch_layout, inputFormat: codec.pointee.sample_fmt, inputRate: Int32(rate),
+                                       outputRate: Int32(outputRate), outputChannels: Int32(outputChannels))
+        var builder = EnergyProfileBuilder(rate: rate, channels: channels)
+        var converted: [Int16] = []
+        if let declared = input.declaredDuration { converted.reserveCapacity(Int(declared * Double(outputRate * outputChannels)) + 4096) }
+        var scratch: [Int16] = []
+        let packet = Packet()
+        let frame = Frame()
+        var decodeErrors = 0
+        var lastError: Int32 = 0
+
+        func drain() throws {
+            while true {
+                let received = avcodec_receive_frame(codec, frame.pointer)
+                if received == avErrorAgain || received == avErrorEOF { return }
+                guard received >= 0 else {
+                    decodeErrors += 1
+                    lastError = received
+                    if decodeErrors > 8 { throw ServiceError(.invalidAudio, "the audio does not decode", cause: avErrorText(received)) }
+                    return
+                }
+                scratch.removeAll(keepingCapacity: true)
+                analysis.convert(frame.pointer, into: &scratch)
+                scratch.withUnsafeBufferPointer { builder.add($0) }
+                conversion.convert(frame.pointer, into: &converted)
+                av_frame_unref(frame.pointer)
+                if Double(builder.frameCount) / Double(rate) > maxSeconds {
+                    throw ServiceError(.audioTooLong, "the audio is longer than the limit of \(Int(maxSeconds)) s")
+                }
+            }
+        }
+
+        while true {
+            try flag.check()
+            let read = av_read_frame(input.context, packet.pointer)
+            if read == avErrorEOF { break }
+            guard read >= 0 else {
+                try flag.check()
+                throw ServiceError(.invalidAudio, "the audio could not be read to its end", cause: avErrorText(read))
+            }
+            defer { av_packet_unref(packet.pointer) }
+            guard packet.pointer!.pointee.stream_index == decoder.streamIndex else { continue }
+            let sent = avcodec_send_packet(codec, packet.pointer)
+            if sent < 0 && sent != avErrorAgain {
+                decodeErrors += 1
+                lastError = sent
+                if decodeErrors > 8 { throw ServiceError(.invalidAudio, "the audio does not decode", cause: avErrorText(sent)) }
+                continue
+            }
+            try drain()
+        }
+        avcodec_send_packet(codec, nil)
+        try drain()
+        scratch.removeAll(keepingCapacity: true)
+        analysis.convert(nil, into: &scratch)
+        scratch.withUnsafeBufferPointer { builder.add($0) }
+        conversion.convert(nil, into: &converted)
+
+        let profile = builder.finish()
+        guard profile.frames > 0 else {
+            throw ServiceError(.emptyAudio, "the audio holds no samples", cause: lastError != 0 ? avErrorText(lastError) : nil)
+        }
+        let decodedSeconds = Double(profile.frames) / Double(rate)
+        // A container that states its length exactly (not estimated from the bitrate) and holds
+        // markedly less: the file was cut short.
+        if let declared = input.declaredDuration, input.context!.pointee.duration_estimation_method != AVFMT_DURATION_FROM_BITRATE,
+           decodedSeconds < declared * 0.98 - 0.1 {
+            throw ServiceError(.invalidAudio, "the audio is truncated: \(twoDecimals(decodedSeconds)) s of the \(twoDecimals(declared)) s it declares decode")
+        }
+        return DecodedAudio(profile: profile, converted: converted, outputRate: outputRate, outputChannels: outputChannels,
+                            inputRate: rate, inputChannels: channels, codec: decoder.codecName, container: input.containerName)
+    }
+}
+
+/// `value` with two decimals (for messages).
+func twoDecimals(_ value: Double) -> String {
+    let scaled = Int((value * 100).rounded())
+    let fraction = abs(scaled) % 100
+    return "\(scaled / 100).\(fraction < 10 ? "0" : "")\(fraction)"
+}

@@ -1,0 +1,26 @@
+import TalkMeshCore
+import TalkMeshMessages
+import TalkMeshRPC
+
+/// `talkmesh.v1.AudioService` on the RPC runtime: each call runs on the blocking work pool;
+/// a deadline or a cancelled call stops the work (the pool's cancellation flag).
+public struct AudioHandlers: Sendable {
+    public let splitter: AudioSplitter
+    public let pool: BlockingWorkPool
+
+    public init(splitter: AudioSplitter, pool: BlockingWorkPool) {
+        self.splitter = splitter
+        self.pool = pool
+    }
+
+    public func register(into registry: inout RPCServiceRegistry) {
+        let splitter = self.splitter
+        let pool = self.pool
+        registry.register(AudioService.splitAudio) { request, _ in
+            try await pool.run { flag in try splitter.split(request, flag: flag) }
+        }
+        registry.register(AudioService.probeAudio) { request, _ in
+            try await pool.run { flag in try splitter.probe(request, flag: flag) }
+        }
+    }
+}

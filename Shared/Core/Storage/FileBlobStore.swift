@@ -1,0 +1,134 @@
+import Glibc
+
+/// `file://DIR`: each key is a file under the root. Writes go to a scratch file in `.tmp/` and are
+/// renamed into place, so a reader never sees a partial blob and a full disk leaves nothing behind.
+public struct FileBlobStore: BlobStore {
+    public let root: String
+    private var scratch: String { root + "/.tmp" }
+
+    public init(root: String) throws {
+        var root = root
+        while root.count > 1 && root.hasSuffix("/") { root.removeLast() }
+        self.root = root
+        try Self.makeDirectories(root)
+        try Self.makeDirectories(root + "/.tmp")
+    }
+
+    func path(_ key: BlobKey) -> String { root + "/" + key.rawValue }
+
+    public func withLocalFile<T>(_ key: BlobKey, _ body: (String) throws -> T) throws -> T {
+        let path = path(key)
+        var info = stat()
+        guard stat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+            throw ServiceError(.notFound, "no blob \(key)")
+        }
+        return try body(path)
+    }
+
+    public func store(_ key: BlobKey, fromFile source: String) throws {
+        let destination = path(key)
+        try Self.makeDirectories(String(destination[..<destination.lastIndex(of: "/")!]))
+        if rename(source, destination) != 0 {
+            let error = errno
+            if error == EXDEV {  // another filesystem: copy into scratch, then rename
+                let staged = try scratchPath(suffix: ".part")
+                try Self.copy(source, staged)
+                unlink(source)
+                guard rename(staged, destination) == 0 else { unlink(staged); throw Self.failure("rename", destination) }
+            } else {
+                throw Self.failure("rename", destination, error)
+            }
+        }
+    }
+
+    public func put(_ key: BlobKey, _ bytes: [UInt8]) throws {
+        let staged = try scratchPath(suffix: ".part")
+        do {
+            try Self.writeAll(staged, bytes)
+            try store(key, fromFile: staged)
+        } catch {
+            unlink(staged)
+            throw error
+        }
+    }
+
+    public func get(_ key: BlobKey) throws -> [UInt8] {
+        try withLocalFile(key) { try Self.readAll($0) }
+    }
+
+    public func exists(_ key: BlobKey) throws -> Bool {
+        var info = stat()
+        return stat(path(key), &info) == 0
+    }
+
+    public func delete(_ key: BlobKey) throws {
+        if unlink(path(key)) != 0 && errno != ENOENT { throw Self.failure("unlink", path(key)) }
+    }
+
+    public func scratchPath(suffix: String) throws -> String {
+        var random = SystemRandomNumberGenerator()
+        let name = String(UInt64.random(in: 0...UInt64.max, using: &random), radix: 36)
+        return "\(scratch)/\(name)\(suffix)"
+    }
+
+    // MARK: Files
+
+    static func failure(_ what: String, _ path: String, _ error: Int32 = errno) -> ServiceError {
+        let text = String(cString: strerror(error))
+        if error == ENOSPC || error == EDQUOT {
+            return ServiceError(.storageFull, "no space left for \(path)", cause: text)
+        }
+        return ServiceError(.storageFailed, "\(what) \(path) failed", cause: text)
+    }
+
+    static func makeDirectories(_ path: String) throws {
+        var current = ""
+        for segment in path.split(separator: "/") {
+            current += "/" + segment
+            if mkdir(current, 0o755) != 0 && errno != EEXIST { throw failure("mkdir", current) }
+        }
+    }
+
+    /// Writes a whole file and fsyncs it (the rename that follows publishes complete bytes).
+    public static func writeAll(_ path: String, _ bytes: [UInt8]) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw failure("open", path) }
+        defer { close(fd) }
+        var offset = 0
+        while offset < bytes.count {
+            let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            if written < 0 {
+                if errno == EINTR { continue }
+                let error = errno
+                unlink(path)
+                throw failure("write", path, error)
+            }
+            offset += written
+        }
+        if fsync(fd) != 0 {
+            let error = errno
+            unlink(path)
+            throw failure("fsync", path, error)
+        }
+    }
+
+    /// Reads a whole file.
+    public static func readAll(_ path: String) throws -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw errno == ENOENT ? ServiceError(.notFound, "no file \(path)") : failure("open", path) }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let count = read(fd, &buffer, buffer.count)
+            if count < 0 { if errno == EINTR { continue }; throw failure("read", path) }
+            if count == 0 { break }
+            out.append(contentsOf: buffer[0..<count])
+        }
+        return out
+    }
+
+    static func copy(_ source: String, _ destination: String) throws {
+        try writeAll(destination, try readAll(source))
+    }
+}

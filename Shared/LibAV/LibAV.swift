@@ -1,0 +1,156 @@
+import CTalkMesh
+import Glibc
+import TalkMeshCore
+
+/// libav's message for an error code (`av_strerror`).
+public func avErrorText(_ code: Int32) -> String {
+    var buffer = [CChar](repeating: 0, count: 256)
+    av_strerror(code, &buffer, buffer.count)
+    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// `AVERROR(EAGAIN)` and `AVERROR_EOF`, which Swift cannot import as macros.
+public let avErrorAgain = tm_averror(EAGAIN)
+public let avErrorEOF = tm_averror_eof()
+
+/// An opened input file (`AVFormatContext`), closed on deinit. Reads stop promptly when the
+/// call's cancellation flag is set (libav's interrupt callback).
+public final class MediaInput {
+    public private(set) var context: UnsafeMutablePointer<AVFormatContext>?
+    private let flag: CancellationFlag
+
+    /// Opens and probes `path`; `invalid` is the error code used for undecodable input.
+    public init(path: String, flag: CancellationFlag, invalid: ErrorCode) throws {
+        self.flag = flag
+        var context = avformat_alloc_context()
+        context?.pointee.interrupt_callback.callback = { opaque in
+            Unmanaged<CancellationFlag>.fromOpaque(opaque!).takeUnretainedValue().isCancelled ? 1 : 0
+        }
+        context?.pointee.interrupt_callback.opaque = Unmanaged.passUnretained(flag).toOpaque()
+        let opened = avformat_open_input(&context, path, nil, nil)
+        guard opened == 0 else {
+            // avformat_open_input frees the context on failure.
+            try flag.check()
+            throw ServiceError(invalid, "cannot open the input", cause: avErrorText(opened))
+        }
+        self.context = context
+        let probed = avformat_find_stream_info(context, nil)
+        guard probed >= 0 else {
+            try flag.check()
+            throw ServiceError(invalid, "cannot read stream information", cause: avErrorText(probed))
+        }
+    }
+
+    deinit {
+        avformat_close_input(&context)
+    }
+
+    /// The container's short name (`wav`, `mov,mp4,m4a,3gp,3g2,mj2`, `ogg`…).
+    public var containerName: String {
+        guard let name = context?.pointee.iformat?.pointee.name else { return "" }
+        return String(cString: name)
+    }
+
+    /// The container's duration in seconds, when it declares one.
+    public var declaredDuration: Double? {
+        guard let duration = context?.pointee.duration, duration != Int64(bitPattern: 0x8000_0000_0000_0000), duration > 0 else { return nil }
+        return Double(duration) / Double(AV_TIME_BASE)
+    }
+
+    /// The streams.
+    public var streams: [UnsafeMutablePointer<AVStream>] {
+        guard let context else { return [] }
+        return (0..<Int(context.pointee.nb_streams)).compactMap { context.pointee.streams[$0] }
+    }
+}
+
+/// A decoder for one stream (`AVCodecContext`), freed on deinit.
+public final class StreamDecoder {
+    public private(set) var context: UnsafeMutablePointer<AVCodecContext>?
+    public let streamIndex: Int32
+
+    public init(input: MediaInput, mediaType: AVMediaType, invalid: ErrorCode, what: String) throws {
+        var codec: UnsafePointer<AVCodec>?
+        let index = av_find_best_stream(input.context, mediaType, -1, -1, &codec, 0)
+        guard index >= 0, let codec else {
+            throw ServiceError(invalid, "no \(what) stream found", cause: index < 0 ? avErrorText(index) : nil)
+        }
+        streamIndex = index
+        context = avcodec_alloc_context3(codec)
+        guard let context else { throw ServiceError(.internalError, "cannot allocate a decoder") }
+        let parameters = input.context!.pointee.streams[Int(index)]!.pointee.codecpar
+        var rv = avcodec_parameters_to_context(context, parameters)
+        if rv >= 0 { rv = avcodec_open2(context, codec, nil) }
+        guard rv >= 0 else { throw ServiceError(invalid, "cannot open the \(what) decoder", cause: avErrorText(rv)) }
+    }
+
+    deinit {
+        avcodec_free_context(&context)
+    }
+
+    public var codecName: String {
+        guard let context else { return "" }
+        return String(cString: avcodec_get_name(context.pointee.codec_id))
+    }
+}
+
+/// An `AVPacket`, freed on deinit.
+public final class Packet {
+    public var pointer: UnsafeMutablePointer<AVPacket>?
+    public init() { pointer = av_packet_alloc() }
+    deinit { av_packet_free(&pointer) }
+}
+
+/// An `AVFrame`, freed on deinit.
+public final class Frame {
+    public var pointer: UnsafeMutablePointer<AVFrame>?
+    public init() { pointer = av_frame_alloc() }
+    deinit { av_frame_free(&pointer) }
+}
+
+/// A sample-format, rate and channel-layout converter (`SwrContext`) to interleaved signed 16-bit.
+public final class Resampler {
+    private var context: OpaquePointer?
+    public let outputRate: Int32
+    public let outputChannels: Int32
+
+    public init(inputLayout: AVChannelLayout, inputFormat: AVSampleFormat, inputRate: Int32, outputRate: Int32, outputChannels: Int32) throws {
+        self.outputRate = outputRate
+        self.outputChannels = outputChannels
+        var input = inputLayout
+        if input.order == AV_CHANNEL_ORDER_UNSPEC || av_channel_layout_check(&input) == 0 {
+            var fallback = AVChannelLayout()
+            av_channel_layout_default(&fallback, input.nb_channels)
+            input = fallback
+        }
+        var output = AVChannelLayout()
+        av_channel_layout_default(&output, outputChannels)
+        let rv = swr_alloc_set_opts2(&context, &output, AV_SAMPLE_FMT_S16, outputRate, &input, inputFormat, inputRate, 0, nil)
+        guard rv >= 0, swr_init(context) >= 0 else {
+            throw ServiceError(.invalidAudio, "cannot convert this audio", cause: avErrorText(rv))
+        }
+    }
+
+    deinit { swr_free(&context) }
+
+    /// Converts a decoded frame (or flushes with nil) and appends the interleaved samples.
+    public func convert(_ frame: UnsafeMutablePointer<AVFrame>?, into output: inout [Int16]) {
+        let inputCount = frame?.pointee.nb_samples ?? 0
+        let capacity = Int(swr_get_out_samples(context, inputCount)) + 32
+        guard capacity > 0 else { return }
+        let start = output.count
+        output.append(contentsOf: repeatElement(0, count: capacity * Int(outputChannels)))
+        let produced: Int32 = output.withUnsafeMutableBufferPointer { buffer in
+            var destination: UnsafeMutablePointer<UInt8>? = UnsafeMutableRawPointer(buffer.baseAddress! + start).assumingMemoryBound(to: UInt8.self)
+            return withUnsafeMutablePointer(to: &destination) { destinationPointer in
+                if let frame {
+                    return frame.pointee.extended_data.withMemoryRebound(to: UnsafePointer<UInt8>?.self, capacity: 8) { source in
+                        swr_convert(context, destinationPointer, Int32(capacity), source, inputCount)
+                    }
+                }
+                return swr_convert(context, destinationPointer, Int32(capacity), nil, 0)
+            }
+        }
+        output.removeLast(output.count - start - Int(max(produced, 0)) * Int(outputChannels))
+    }
+}
