@@ -26,12 +26,14 @@ def _generate_stubs():
     # would shadow grpcio itself. The proto package (what the wire sees) is unchanged.
     os.makedirs(os.path.join(src, "tmhealth"))
     os.makedirs(os.path.join(src, "tmecho"))
+    os.makedirs(os.path.join(src, "tmaudio"))
+    shutil.copy(os.path.join(ROOT, "proto/talkmesh/v1/audio.proto"), os.path.join(src, "tmaudio/audio.proto"))
     shutil.copy(os.path.join(ROOT, "proto/grpc/health/v1/health.proto"), os.path.join(src, "tmhealth/health.proto"))
     shutil.copy(os.path.join(ROOT, "proto/talkmesh/testing/v1/echo.proto"), os.path.join(src, "tmecho/echo.proto"))
-    for name in ("tmhealth/health.proto", "tmecho/echo.proto"):
+    for name in ("tmhealth/health.proto", "tmecho/echo.proto", "tmaudio/audio.proto"):
         rc = protoc.main(["protoc", f"-I{src}", f"--python_out={out}", f"--grpc_python_out={out}", os.path.join(src, name)])
         assert rc == 0, f"grpc_tools.protoc failed on {name}"
-    for pkg in ("tmhealth", "tmecho"):
+    for pkg in ("tmhealth", "tmecho", "tmaudio"):
         open(os.path.join(out, pkg, "__init__.py"), "w").close()
     sys.path.insert(0, out)
 
