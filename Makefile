@@ -23,6 +23,7 @@ test: unit-test integration-test
 
 bench: release
 	bench/rpc
+	bench/audio
 
 up: build
 	scripts/up

@@ -59,6 +59,7 @@ public enum AudioDecoding {
         let conversion = try Resampler(inputLayout: codec.pointee.ch_layout, inputFormat: codec.pointee.sample_fmt, inputRate: Int32(rate),
                                        outputRate: Int32(outputRate), outputChannels: Int32(outputChannels))
         var builder = EnergyProfileBuilder(rate: rate, channels: channels)
+        let nativeS16 = codec.pointee.sample_fmt == AV_SAMPLE_FMT_S16
         var converted: [Int16] = []
         if let declared = input.declaredDuration { converted.reserveCapacity(Int(declared * Double(outputRate * outputChannels)) + 4096) }
         var scratch: [Int16] = []
@@ -77,9 +78,17 @@ public enum AudioDecoding {
                     if decodeErrors > 8 { throw ServiceError(.invalidAudio, "the audio does not decode", cause: avErrorText(received)) }
                     return
                 }
-                scratch.removeAll(keepingCapacity: true)
-                analysis.convert(frame.pointer, into: &scratch)
-                scratch.withUnsafeBufferPointer { builder.add($0) }
+                if nativeS16 {
+                    // Already interleaved 16-bit: read the samples where libav put them.
+                    let count = Int(frame.pointer!.pointee.nb_samples) * channels
+                    frame.pointer!.pointee.data.0!.withMemoryRebound(to: Int16.self, capacity: count) {
+                        builder.add(UnsafeBufferPointer(start: $0, count: count))
+                    }
+                } else {
+                    scratch.removeAll(keepingCapacity: true)
+                    analysis.convert(frame.pointer, into: &scratch)
+                    scratch.withUnsafeBufferPointer { builder.add($0) }
+                }
                 conversion.convert(frame.pointer, into: &converted)
                 av_frame_unref(frame.pointer)
                 if Double(builder.frameCount) / Double(rate) > maxSeconds {

@@ -56,19 +56,50 @@ public struct EnergyProfileBuilder {
 
     /// Adds interleaved 16-bit samples (a partial frame is kept for the next call).
     public mutating func add(_ samples: UnsafeBufferPointer<Int16>) {
-        for sample in samples {
-            partial += Int64(sample) * Int64(sample)
-            partialCount += 1
-            if partialCount == channels {
-                while nextBoundary <= frames {
-                    prefix.append(cumulative)
-                    nextBoundary = boundary(prefix.count)
-                }
-                cumulative += partial
-                frames += 1
-                partial = 0
-                partialCount = 0
+        var index = 0
+        // Finish a frame split across calls.
+        while partialCount != 0 && index < samples.count {
+            addSample(samples[index])
+            index += 1
+        }
+        // Whole frames: sum squares in tight runs between millisecond boundaries.
+        let wholeFrames = (samples.count - index) / channels
+        var frame = 0
+        while frame < wholeFrames {
+            while nextBoundary <= frames {
+                prefix.append(cumulative)
+                nextBoundary = boundary(prefix.count)
             }
+            let run = min(wholeFrames - frame, nextBoundary - frames)
+            let start = index + frame * channels
+            var sum: Int64 = 0
+            for position in start..<(start + run * channels) {
+                let value = Int64(samples[position])
+                sum &+= value &* value
+            }
+            cumulative += sum
+            frames += run
+            frame += run
+        }
+        index += wholeFrames * channels
+        while index < samples.count {
+            addSample(samples[index])
+            index += 1
+        }
+    }
+
+    private mutating func addSample(_ sample: Int16) {
+        partial += Int64(sample) * Int64(sample)
+        partialCount += 1
+        if partialCount == channels {
+            while nextBoundary <= frames {
+                prefix.append(cumulative)
+                nextBoundary = boundary(prefix.count)
+            }
+            cumulative += partial
+            frames += 1
+            partial = 0
+            partialCount = 0
         }
     }
 
