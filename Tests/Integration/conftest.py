@@ -58,7 +58,8 @@ class Service:
         self.port = port or env_port
         self.log = tempfile.NamedTemporaryFile(prefix=f"{exe}-", suffix=".log", delete=False)
         full_env = dict(os.environ)
-        full_env.update({"HOST": host, "PORT": str(env_port), "LOG_LEVEL": "debug"})
+        full_env.update({"HOST": host, "PORT": str(env_port), "LOG_LEVEL": "debug",
+                         "BLOB_STORE": "file://" + tempfile.mkdtemp(prefix="talkmesh-blobs-")})
         full_env.update(env or {})
         self.proc = subprocess.Popen([os.path.join(BIN, exe), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready()

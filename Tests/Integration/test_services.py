@@ -8,7 +8,7 @@ from tmhealth import health_pb2, health_pb2_grpc
 SERVICES = [
     ("talkmesh-gateway", None),
     ("talkmesh-media", "/talkmesh.v1.MediaService/ResizeImage"),
-    ("talkmesh-audio", "/talkmesh.v1.AudioService/SplitAudio"),
+    ("talkmesh-audio", None),  # implemented: see test_audio.py
     ("talkmesh-dispatcher", "/talkmesh.v1.DispatcherService/CreateJob"),
 ]
 
@@ -37,5 +37,8 @@ def test_default_ports():
     from conftest import ROOT
     expected = {"Gateway": 8080, "Media": 50051, "Audio": 50052, "Dispatcher": 50053}
     for name, port in expected.items():
-        with open(os.path.join(ROOT, "Services", name, f"{name}Command.swift")) as fh:
+        candidates = [os.path.join(ROOT, "Services", name, f"{name}Command.swift"),
+                      os.path.join(ROOT, "Services", name, "Main", f"{name}Command.swift")]
+        path = next(p for p in candidates if os.path.exists(p))
+        with open(path) as fh:
             assert re.search(rf"defaultPort: {port}\b", fh.read()), name
