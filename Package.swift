@@ -53,7 +53,11 @@ let package = Package(
             path: "Shared/Service"),
         .executableTarget(name: "TalkMeshGateway", dependencies: ["TalkMeshService"], path: "Services/Gateway",
                          linkerSettings: serverLinkerSettings),
-        .executableTarget(name: "TalkMeshMedia", dependencies: ["TalkMeshService"], path: "Services/Media",
+        .target(
+            name: "TalkMeshMediaService",
+            dependencies: ["TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
+            path: "Services/Media/Service"),
+        .executableTarget(name: "TalkMeshMedia", dependencies: ["TalkMeshService", "TalkMeshMediaService", "TalkMeshCore"], path: "Services/Media/Main",
                          linkerSettings: serverLinkerSettings),
         .target(
             name: "TalkMeshAudioService",

@@ -19,8 +19,13 @@ public final class MediaInput {
     public private(set) var context: UnsafeMutablePointer<AVFormatContext>?
     private let flag: CancellationFlag
 
+    /// libav's own console logging is reduced to errors: services log through swift-log and
+    /// carry libav's message in their errors.
+    private static let quietLogging: Void = { av_log_set_level(AV_LOG_ERROR) }()
+
     /// Opens and probes `path`; `invalid` is the error code used for undecodable input.
     public init(path: String, flag: CancellationFlag, invalid: ErrorCode) throws {
+        Self.quietLogging
         self.flag = flag
         var context = avformat_alloc_context()
         context?.pointee.interrupt_callback.callback = { opaque in
@@ -152,5 +157,52 @@ public final class Resampler {
             }
         }
         output.removeLast(output.count - start - Int(max(produced, 0)) * Int(outputChannels))
+    }
+}
+
+extension StreamDecoder {
+    /// Reads `input` to its end, decoding this decoder's stream; `body` gets every frame.
+    /// Undecodable packets are tolerated up to a few; a read error other than EOF is `invalid`.
+    public func decodeAll(from input: MediaInput, flag: CancellationFlag, invalid: ErrorCode,
+                          _ body: (UnsafeMutablePointer<AVFrame>) throws -> Bool) throws {
+        let packet = Packet()
+        let frame = Frame()
+        var errors = 0
+        var stop = false
+        func drain() throws {
+            while !stop {
+                let received = avcodec_receive_frame(context, frame.pointer)
+                if received == avErrorAgain || received == avErrorEOF { return }
+                guard received >= 0 else {
+                    errors += 1
+                    if errors > 8 { throw ServiceError(invalid, "the stream does not decode", cause: avErrorText(received)) }
+                    return
+                }
+                stop = try !body(frame.pointer!)
+                av_frame_unref(frame.pointer)
+            }
+        }
+        while !stop {
+            try flag.check()
+            let read = av_read_frame(input.context, packet.pointer)
+            if read == avErrorEOF { break }
+            guard read >= 0 else {
+                try flag.check()
+                throw ServiceError(invalid, "the input could not be read to its end", cause: avErrorText(read))
+            }
+            defer { av_packet_unref(packet.pointer) }
+            guard packet.pointer!.pointee.stream_index == streamIndex else { continue }
+            let sent = avcodec_send_packet(context, packet.pointer)
+            if sent < 0 && sent != avErrorAgain {
+                errors += 1
+                if errors > 8 { throw ServiceError(invalid, "the stream does not decode", cause: avErrorText(sent)) }
+                continue
+            }
+            try drain()
+        }
+        if !stop {
+            avcodec_send_packet(context, nil)
+            try drain()
+        }
     }
 }

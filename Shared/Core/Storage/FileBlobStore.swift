@@ -128,6 +128,22 @@ public struct FileBlobStore: BlobStore {
         return out
     }
 
+    /// Reads at most `count` bytes from the start of a file.
+    public static func readPrefix(_ path: String, count: Int) throws -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw failure("open", path) }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: count)
+        var filled = 0
+        while filled < count {
+            let got = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + filled, count - filled) }
+            if got < 0 { if errno == EINTR { continue }; throw failure("read", path) }
+            if got == 0 { break }
+            filled += got
+        }
+        return Array(buffer[0..<filled])
+    }
+
     static func copy(_ source: String, _ destination: String) throws {
         try writeAll(destination, try readAll(source))
     }

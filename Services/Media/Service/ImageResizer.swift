@@ -1,0 +1,222 @@
+import CTalkMesh
+import Glibc
+import TalkMeshCore
+import TalkMeshLibAV
+import TalkMeshMessages
+
+/// ResizeImage: decode any still image libavcodec reads, honour JPEG EXIF orientation, composite
+/// alpha onto the background, scale preserving the aspect ratio (Lanczos) and pad (or crop) to
+/// exactly the target size, encode PNG or JPEG. Absurd inputs are refused before decoding.
+public struct ImageResizer: Sendable {
+    public struct Configuration: Sendable {
+        /// Largest source accepted, in pixels (IMAGE_TOO_LARGE past it).
+        public var maxPixels = 50_000_000
+        public init() {}
+    }
+
+    public let store: any BlobStore
+    public let configuration: Configuration
+
+    public init(store: any BlobStore, configuration: Configuration = Configuration()) {
+        self.store = store
+        self.configuration = configuration
+    }
+
+    struct Options {
+        var key: BlobKey
+        var output: BlobKey
+        var width: Int
+        var height: Int
+        var crop: Bool
+        var jpeg: Bool
+        var quality: Int
+        var background: (UInt8, UInt8, UInt8)
+    }
+
+    func validate(_ request: ResizeImageRequest) throws(ServiceError) -> Options {
+        func invalid(_ field: String, _ rule: String) -> ServiceError { ServiceError(.invalidArgument, "\(field): \(rule)") }
+        guard !request.imageKey.isEmpty else { throw invalid("image_key", "required") }
+        let key = try BlobKey(request.imageKey)
+        for (field, value) in [("width", request.width), ("height", request.height)] {
+            guard (64...4096).contains(value), value % 2 == 0 else { throw invalid(field, "must be an even number from 64 to 4096") }
+        }
+        let fit = request.fit.lowercased()
+        guard ["", "pad", "crop"].contains(fit) else { throw invalid("fit", "must be pad or crop") }
+        let format = request.format.lowercased()
+        guard ["", "png", "jpeg", "jpg"].contains(format) else { throw invalid("format", "must be png or jpeg") }
+        let quality = request.jpegQuality == 0 ? 90 : Int(request.jpegQuality)
+        guard (1...100).contains(quality) else { throw invalid("jpeg_quality", "must be from 1 to 100") }
+        var background: (UInt8, UInt8, UInt8) = (0, 0, 0)
+        if !request.background.isEmpty {
+            let hex = request.background.hasPrefix("#") ? String(request.background.dropFirst()) : request.background
+            guard hex.count == 6, let value = UInt32(hex, radix: 16) else { throw invalid("background", "must be #RRGGBB") }
+            background = (UInt8(value >> 16 & 0xFF), UInt8(value >> 8 & 0xFF), UInt8(value & 0xFF))
+        }
+        let jpeg = format == "jpeg" || format == "jpg"
+        let outputText = request.outputKey.isEmpty
+            ? key.replacingExtension(with: "\(request.width)x\(request.height).\(jpeg ? "jpg" : "png")") : request.outputKey
+        return Options(key: key, output: try BlobKey(outputText), width: Int(request.width), height: Int(request.height),
+                       crop: fit == "crop", jpeg: jpeg, quality: quality, background: background)
+    }
+
+    /// Runs a resize (blocking: call it on the work pool).
+    public func resize(_ request: ResizeImageRequest, flag: CancellationFlag) throws -> ResizeImageResponse {
+        let options = try validate(request)
+        let (source, sourceWidth, sourceHeight) = try store.withLocalFile(options.key) { path in
+            try decode(path: path, flag: flag, background: options.background)
+        }
+        try flag.check()
+        let canvas = try fit(source, width: sourceWidth, height: sourceHeight, options: options)
+        let encoded = try encode(canvas, width: options.width, height: options.height, options: options)
+        try store.put(options.output, encoded)
+        var response = ResizeImageResponse()
+        response.imageKey = options.output.rawValue
+        response.width = Int32(options.width)
+        response.height = Int32(options.height)
+        response.sourceWidth = Int32(sourceWidth)
+        response.sourceHeight = Int32(sourceHeight)
+        response.format = options.jpeg ? "jpeg" : "png"
+        return response
+    }
+
+    /// Decodes the first frame to RGB24 (alpha composited, orientation applied).
+    func decode(path: String, flag: CancellationFlag, background: (UInt8, UInt8, UInt8)) throws -> ([UInt8], Int, Int) {
+        let head = (try? FileBlobStore.readPrefix(path, count: 256 * 1024)) ?? []
+        let orientation = ExifOrientation.read(head)
+        let input = try MediaInput(path: path, flag: flag, invalid: .invalidImage)
+        let decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_VIDEO, invalid: .invalidImage, what: "image")
+        let parameters = input.streams[Int(decoder.streamIndex)].pointee.codecpar.pointee
+        guard parameters.width > 0, parameters.height > 0 else { throw ServiceError(.invalidImage, "the image has no size") }
+        guard Int(parameters.width) * Int(parameters.height) <= configuration.maxPixels else {
+            throw ServiceError(.imageTooLarge, "the image is \(parameters.width)×\(parameters.height); the limit is \(configuration.maxPixels / 1_000_000) megapixels")
+        }
+        var rgba: [UInt8] = []
+        var width = 0
+        var height = 0
+        try decoder.decodeAll(from: input, flag: flag, invalid: .invalidImage) { frame in
+            width = Int(frame.pointee.width)
+            height = Int(frame.pointee.height)
+            guard width * height <= configuration.maxPixels else {
+                throw ServiceError(.imageTooLarge, "the image is \(width)×\(height); the limit is \(configuration.maxPixels / 1_000_000) megapixels")
+            }
+            rgba = [UInt8](repeating: 0, count: width * height * 4)
+            let scaler = try Scaler(from: (Int32(width), Int32(height), AVPixelFormat(rawValue: frame.pointee.format)),
+                                    to: (Int32(width), Int32(height), AV_PIX_FMT_RGBA), flags: SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT)
+            let planes = frame.planes
+            rgba.withUnsafeMutableBufferPointer { buffer in
+                scaler.scale(planes.data.map { UnsafePointer($0) }, planes.strides, height: Int32(height), [buffer.baseAddress], [Int32(width * 4)])
+            }
+            return false  // the first frame is the image
+        }
+        guard width > 0 else { throw ServiceError(.invalidImage, "no picture could be decoded") }
+        // Orientation, then alpha over the background, into RGB24.
+        let (outWidth, outHeight) = ExifOrientation.outputSize(orientation: orientation, width: width, height: height)
+        var rgb = [UInt8](repeating: 0, count: outWidth * outHeight * 3)
+        let (br, bg, bb) = (Int(background.0), Int(background.1), Int(background.2))
+        rgba.withUnsafeBufferPointer { source in
+            rgb.withUnsafeMutableBufferPointer { target in
+                for y in 0..<outHeight {
+                    for x in 0..<outWidth {
+                        let (sx, sy) = orientation == 1 ? (x, y) : ExifOrientation.sourcePixel(orientation: orientation, x: x, y: y, width: width, height: height)
+                        let s = (sy * width + sx) * 4
+                        let t = (y * outWidth + x) * 3
+                        let alpha = Int(source[s + 3])
+                        if alpha == 255 {
+                            target[t] = source[s]; target[t + 1] = source[s + 1]; target[t + 2] = source[s + 2]
+                        } else {
+                            target[t] = UInt8((Int(source[s]) * alpha + br * (255 - alpha) + 127) / 255)
+                            target[t + 1] = UInt8((Int(source[s + 1]) * alpha + bg * (255 - alpha) + 127) / 255)
+                            target[t + 2] = UInt8((Int(source[s + 2]) * alpha + bb * (255 - alpha) + 127) / 255)
+                        }
+                    }
+                }
+            }
+        }
+        return (rgb, outWidth, outHeight)
+    }
+
+    /// Scales preserving the aspect ratio (Lanczos), then pads centred or crops centred.
+    func fit(_ rgb: [UInt8], width: Int, height: Int, options: Options) throws -> [UInt8] {
+        let scaleX = Double(options.width) / Double(width)
+        let scaleY = Double(options.height) / Double(height)
+        let scale = options.crop ? max(scaleX, scaleY) : min(scaleX, scaleY)
+        let scaledWidth = max(1, min(options.crop ? Int.max : options.width, Int((Double(width) * scale).rounded())))
+        let scaledHeight = max(1, min(options.crop ? Int.max : options.height, Int((Double(height) * scale).rounded())))
+        var scaled = [UInt8](repeating: 0, count: scaledWidth * scaledHeight * 3)
+        let scaler = try Scaler(from: (Int32(width), Int32(height), AV_PIX_FMT_RGB24), to: (Int32(scaledWidth), Int32(scaledHeight), AV_PIX_FMT_RGB24))
+        rgb.withUnsafeBufferPointer { source in
+            scaled.withUnsafeMutableBufferPointer { target in
+                scaler.scale([source.baseAddress], [Int32(width * 3)], height: Int32(height), [target.baseAddress], [Int32(scaledWidth * 3)])
+            }
+        }
+        var canvas = [UInt8](repeating: 0, count: options.width * options.height * 3)
+        if !options.crop {
+            for index in 0..<(options.width * options.height) {
+                canvas[index * 3] = options.background.0
+                canvas[index * 3 + 1] = options.background.1
+                canvas[index * 3 + 2] = options.background.2
+            }
+        }
+        // The overlap of the scaled image and the canvas, both centred.
+        let offsetX = (options.width - scaledWidth) / 2
+        let offsetY = (options.height - scaledHeight) / 2
+        for y in 0..<options.height {
+            let sy = y - offsetY
+            guard sy >= 0, sy < scaledHeight else { continue }
+            let fromX = max(0, offsetX)
+            let toX = min(options.width, offsetX + scaledWidth)
+            guard toX > fromX else { continue }
+            let sourceStart = (sy * scaledWidth + (fromX - offsetX)) * 3
+            let targetStart = (y * options.width + fromX) * 3
+            canvas.replaceSubrange(targetStart..<(targetStart + (toX - fromX) * 3), with: scaled[sourceStart..<(sourceStart + (toX - fromX) * 3)])
+        }
+        return canvas
+    }
+
+    /// Encodes RGB24 as PNG, or as JPEG at the requested quality.
+    func encode(_ rgb: [UInt8], width: Int, height: Int, options: Options) throws -> [UInt8] {
+        let codecID = options.jpeg ? AV_CODEC_ID_MJPEG : AV_CODEC_ID_PNG
+        guard let codec = avcodec_find_encoder(codecID) else { throw ServiceError(.internalError, "no \(options.jpeg ? "JPEG" : "PNG") encoder") }
+        let pixelFormat = options.jpeg ? AV_PIX_FMT_YUVJ420P : AV_PIX_FMT_RGB24
+        // JPEG quality 1–100 onto the MJPEG quantiser scale 31–2 (ffmpeg's -q:v).
+        let qscale = options.jpeg ? max(2, min(31, Int((31 - Double(options.quality - 1) * 29 / 99).rounded()))) : 0
+        let lambda = Int32(qscale) * 118  // FF_QP2LAMBDA
+        let encoder = try StreamEncoder(codec: codec) { context in
+            context.pointee.width = Int32(width)
+            context.pointee.height = Int32(height)
+            context.pointee.pix_fmt = pixelFormat
+            context.pointee.time_base = AVRational(num: 1, den: 25)
+            if options.jpeg {
+                context.pointee.flags |= AV_CODEC_FLAG_QSCALE
+                context.pointee.global_quality = lambda
+                context.pointee.color_range = AVCOL_RANGE_JPEG
+            }
+        }
+        let frame = try makeVideoFrame(width: Int32(width), height: Int32(height), format: pixelFormat)
+        let planes = frame.pointer!.planes
+        if options.jpeg {
+            let scaler = try Scaler(from: (Int32(width), Int32(height), AV_PIX_FMT_RGB24), to: (Int32(width), Int32(height), pixelFormat),
+                                    flags: SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT)
+            rgb.withUnsafeBufferPointer { source in
+                scaler.scale([source.baseAddress], [Int32(width * 3)], height: Int32(height), planes.data, planes.strides)
+            }
+            frame.pointer!.pointee.quality = lambda
+        } else {
+            rgb.withUnsafeBufferPointer { source in
+                for y in 0..<height {
+                    (planes.data[0]! + y * Int(planes.strides[0])).update(from: source.baseAddress! + y * width * 3, count: width * 3)
+                }
+            }
+        }
+        frame.pointer!.pointee.pts = 0
+        var bytes: [UInt8] = []
+        try encoder.encode(frame.pointer) { packet in
+            bytes.append(contentsOf: UnsafeBufferPointer(start: packet.pointee.data, count: Int(packet.pointee.size)))
+        }
+        try encoder.encode(nil) { packet in
+            bytes.append(contentsOf: UnsafeBufferPointer(start: packet.pointee.data, count: Int(packet.pointee.size)))
+        }
+        guard !bytes.isEmpty else { throw ServiceError(.internalError, "the encoder produced nothing") }
+        return bytes
+    }
+}

@@ -1,0 +1,40 @@
+import Glibc
+import TalkMeshCore
+import TalkMeshMessages
+import TalkMeshRPC
+
+/// `talkmesh.v1.MediaService` on the RPC runtime; the work runs on the blocking pool.
+public struct MediaHandlers: Sendable {
+    public let resizer: ImageResizer
+    public let stitcher: VideoStitcher
+    public let store: any BlobStore
+    public let pool: BlockingWorkPool
+
+    public init(store: any BlobStore, pool: BlockingWorkPool, resizer: ImageResizer? = nil) {
+        self.store = store
+        self.pool = pool
+        self.resizer = resizer ?? ImageResizer(store: store)
+        self.stitcher = VideoStitcher(store: store)
+    }
+
+    public func register(into registry: inout RPCServiceRegistry) {
+        let resizer = self.resizer, stitcher = self.stitcher, store = self.store, pool = self.pool
+        registry.register(MediaService.resizeImage) { request, _ in
+            try await pool.run { flag in try resizer.resize(request, flag: flag) }
+        }
+        registry.register(MediaService.stitchVideos) { request, _ in
+            try await pool.run { flag in try stitcher.stitch(request, flag: flag) }
+        }
+        registry.register(MediaService.probeMedia) { request, _ in
+            try await pool.run { flag in
+                guard !request.key.isEmpty else { throw ServiceError(.invalidArgument, "key: required") }
+                let key = try BlobKey(request.key)
+                return try store.withLocalFile(key) { path in
+                    var info = stat()
+                    stat(path, &info)
+                    return try MediaProbe.probe(path: path, size: Int64(info.st_size), flag: flag)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+import CTalkMesh
+import Glibc
+import TalkMeshCore
+import TalkMeshLibAV
+import TalkMeshMessages
+
+/// StitchVideos: concatenates MP4 parts. Stream copy when every part matches (codec, size, pixel
+/// format, time base, sample rate, channel layout, extradata), with per-stream offsets so DTS stay
+/// monotonic and gap-free; otherwise re-encodes to H.264 + AAC at the first part's geometry. With
+/// `audio_key`, the original audio (encoded once to AAC) replaces the parts' audio. `+faststart`.
+public struct VideoStitcher: Sendable {
+    public let store: any BlobStore
+
+    public init(store: any BlobStore) {
+        self.store = store
+    }
+
+    public func stitch(_ request: StitchVideosRequest, flag: CancellationFlag) throws -> StitchVideosResponse {
+        guard !request.videoKeys.isEmpty else { throw ServiceError(.invalidArgument, "video_keys: at least one part is required") }
+        guard request.videoKeys.count <= 500 else { throw ServiceError(.invalidArgument, "video_keys: at most 500 parts") }
+        let keys = try request.videoKeys.map { try BlobKey($0) }
+        let audioKey = request.audioKey.isEmpty ? nil : try BlobKey(request.audioKey)
+        let outputText = request.outputKey.isEmpty ? keys[0].replacingExtension(with: "stitched.mp4") : request.outputKey
+        let outputKey = try BlobKey(outputText)
+
+        // Every part as a local file (the file store lends its own paths).
+        var paths: [String] = []
+        for key in keys { paths.append(try store.withLocalFile(key) { $0 }) }
+        let audioPath = try audioKey.map { key in try store.withLocalFile(key) { $0 } }
+        let parts = try paths.map { try MediaInput(path: $0, flag: flag, invalid: .invalidVideo) }
+        for (index, part) in parts.enumerated() {
+            guard part.streams.contains(where: { $0.pointee.codecpar.pointee.codec_type == AVMEDIA_TYPE_VIDEO }) else {
+                throw ServiceError(.invalidVideo, "part \(index) (\(keys[index])) has no video stream")
+            }
+        }
+        let copy = !request.forceReencode && Self.partsMatch(parts, includeAudio: audioPath == nil)
+        let scratch = try store.scratchPath(suffix: ".mp4")
+        let output = try MediaOutput(path: scratch, format: "mp4", flag: flag)
+        let duration: Double
+        if copy {
+            duration = try copyParts(parts, audioPath: audioPath, output: output, flag: flag)
+        } else {
+            duration = try reencodeParts(paths, audioPath: audioPath, output: output, flag: flag)
+        }
+        try output.finish()
+        var info = stat()
+        stat(scratch, &info)
+        try store.store(outputKey, fromFile: scratch)
+        var response = StitchVideosResponse()
+        response.videoKey = outputKey.rawValue
+        response.durationSec = duration
+        response.mode = copy ? "copy" : "reencode"
+        response.sizeBytes = Int64(info.st_size)
+        return response
+    }
+
+    /// Whether stream copy is safe: the same streams with the same codec parameters in every part.
+    static func partsMatch(_ parts: [MediaInput], includeAudio: Bool) -> Bool {
+        func relevant(_ part: MediaInput) -> [UnsafeMutablePointer<AVStream>] {
+            part.streams.filter { stream in
+                let type = stream.pointee.codecpar.pointee.codec_type
+                return type == AVMEDIA_TYPE_VIDEO || (includeAudio && type == AVMEDIA_TYPE_AUDIO)
+            }
+        }
+        let first = relevant(parts[0])
+        for part in parts.dropFirst() {
+            let streams = relevant(part)
+            guard streams.count == first.count else { return false }
+            for (a, b) in zip(first, streams) {
+                let p = a.pointee.codecpar.pointee, q = b.pointee.codecpar.pointee
+                guard p.codec_type == q.codec_type, p.codec_id == q.codec_id, p.width == q.width, p.height == q.height,
+                      p.format == q.format, p.sample_rate == q.sample_rate,
+                      a.pointee.time_base.num == b.pointee.time_base.num, a.pointee.time_base.den == b.pointee.time_base.den,
+                      p.extradata_size == q.extradata_size else { return false }
+                var layoutA = p.ch_layout, layoutB = q.ch_layout
+                guard av_channel_layout_compare(&layoutA, &layoutB) == 0 else { return false }
+                if p.extradata_size > 0 && memcmp(p.extradata, q.extradata, Int(p.extradata_size)) != 0 { return false }
+            }
+        }
+        return true
+    }
+
+    // MARK: Copy
+
+    private func copyParts(_ parts: [MediaInput], audioPath: String?, output: MediaOutput, flag: CancellationFlag) throws -> Double {
+        let first = parts[0]
+        var mapping: [Int: Int32] = [:]  // input stream index → output stream index
+        var outputStreams: [UnsafeMutablePointer<AVStream>] = []
+        for (index, stream) in first.streams.enumerated() {
+            let type = stream.pointee.codecpar.pointee.codec_type
+            guard type == AVMEDIA_TYPE_VIDEO || (audioPath == nil && type == AVMEDIA_TYPE_AUDIO) else { continue }
+            let out = try output.addStream()
+            avcodec_parameters_copy(out.pointee.codecpar, stream.pointee.codecpar)
+            out.pointee.codecpar.pointee.codec_tag = 0
+            out.pointee.time_base = stream.pointee.time_base
+            mapping[index] = Int32(outputStreams.count)
+            outputStreams.append(out)
+        }
+        let audio = try audioPath.map { try AudioTrack(path: $0, output: output, flag: flag) }
+        try output.start(options: ["movflags": "+faststart"])
+
+        var ends = [Int64](repeating: 0, count: outputStreams.count)       // next DTS per output stream
+        var presentationEnd = [Int64](repeating: 0, count: outputStreams.count)
+        let packet = Packet()
+        for (partIndex, part) in parts.enumerated() {
+            var shift = [Int64?](repeating: nil, count: outputStreams.count)
+            var partEnds = ends
+            while true {
+                try flag.check()
+                let read = av_read_frame(part.context, packet.pointer)
+                if read == avErrorEOF { break }
+                guard read >= 0 else { throw ServiceError(.invalidVideo, "part \(partIndex) could not be read to its end", cause: avErrorText(read)) }
+                defer { av_packet_unref(packet.pointer) }
+                let p = packet.pointer!
+                guard let outIndex = mapping[Int(p.pointee.stream_index)] else { continue }
+                let s = Int(outIndex)
+                let noValue = Int64(bitPattern: 0x8000_0000_0000_0000)
+                if p.pointee.dts == noValue { p.pointee.dts = p.pointee.pts }
+                if shift[s] == nil {
+                    // This part starts where the previous one ended, whatever its own first DTS.
+                    shift[s] = partIndex == 0 ? 0 : ends[s] - p.pointee.dts
+                }
+                if p.pointee.pts != noValue { p.pointee.pts += shift[s]! }
+                if p.pointee.dts != noValue { p.pointee.dts += shift[s]! }
+                let duration = max(p.pointee.duration, 1)
+                partEnds[s] = max(partEnds[s], p.pointee.dts + duration)
+                if p.pointee.pts != noValue { presentationEnd[s] = max(presentationEnd[s], p.pointee.pts + duration) }
+                let inBase = parts[0].streams[Int(p.pointee.stream_index)].pointee.time_base
+                av_packet_rescale_ts(p, inBase, outputStreams[s].pointee.time_base)
+                p.pointee.stream_index = outIndex
+                p.pointee.pos = -1
+                try output.write(p)
+            }
+            ends = partEnds
+        }
+        try audio?.encodeAll(flag: flag)
+        let videoIndex = outputStreams.firstIndex { $0.pointee.codecpar.pointee.codec_type == AVMEDIA_TYPE_VIDEO } ?? 0
+        let base = first.streams[mapping.first { $0.value == Int32(videoIndex) }!.key].pointee.time_base
+        return Double(presentationEnd[videoIndex]) * Double(base.num) / Double(base.den)
+    }
+
+    // MARK: Re-encode
+
+    private func reencodeParts(_ paths: [String], audioPath: String?, output: MediaOutput, flag: CancellationFlag) throws -> Double {
+        let probe = try MediaInput(path: paths[0], flag: flag, invalid: .invalidVideo)
+        let firstDecoder = try StreamDecoder(input: probe, mediaType: AVMEDIA_TYPE_VIDEO, invalid: .invalidVideo, what: "video")
+        let width = (firstDecoder.context!.pointee.width / 2) * 2
+        let height = (firstDecoder.context!.pointee.height / 2) * 2
+        var rate = probe.streams[Int(firstDecoder.streamIndex)].pointee.avg_frame_rate
+        if rate.num <= 0 || rate.den <= 0 { rate = AVRational(num: 25, den: 1) }
+        guard let h264 = avcodec_find_encoder_by_name("libx264") ?? avcodec_find_encoder(AV_CODEC_ID_H264) else {
+            throw ServiceError(.internalError, "no H.264 encoder")
+        }
+        let globalHeader = output.context!.pointee.oformat.pointee.flags & AVFMT_GLOBALHEADER != 0
+        let video = try StreamEncoder(codec: h264, options: ["preset": "veryfast", "crf": "20"]) { context in
+            context.pointee.width = width
+            context.pointee.height = height
+            context.pointee.pix_fmt = AV_PIX_FMT_YUV420P
+            context.pointee.time_base = AVRational(num: rate.den, den: rate.num)
+            context.pointee.framerate = rate
+            context.pointee.gop_size = 50
+            if globalHeader { context.pointee.flags |= AV_CODEC_FLAG_GLOBAL_HEADER }
+        }
+        let videoStream = try output.addStream()
+        avcodec_parameters_from_context(videoStream.pointee.codecpar, video.context)
+        videoStream.pointee.time_base = video.context!.pointee.time_base
+
+        // The parts' own audio, unless the original audio replaces it.
+        var partsAudio: AudioEncoderPipeline?
+        var track: AudioTrack?
+        if let audioPath {
+            track = try AudioTrack(path: audioPath, output: output, flag: flag)
+        } else if let audioDecoder = try? StreamDecoder(input: probe, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidVideo, what: "audio") {
+            let context = audioDecoder.context!.pointee
+            partsAudio = try AudioEncoderPipeline(rate: context.sample_rate, channels: min(2, context.ch_layout.nb_channels), output: output)
+        }
+        try output.start(options: ["movflags": "+faststart"])
+
+        var frameIndex: Int64 = 0
+        let frame = try makeVideoFrame(width: width, height: height, format: AV_PIX_FMT_YUV420P)
+        func writeVideo(_ packet: UnsafeMutablePointer<AVPacket>) throws {
+            av_packet_rescale_ts(packet, video.context!.pointee.time_base, videoStream.pointee.time_base)
+            packet.pointee.stream_index = videoStream.pointee.index
+            try output.write(packet)
+        }
+        for (index, path) in paths.enumerated() {
+            let input = try MediaInput(path: path, flag: flag, invalid: .invalidVideo)
+            let decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_VIDEO, invalid: .invalidVideo, what: "video")
+            var scaler: Scaler?
+            var scalerKey: (Int32, Int32, Int32) = (0, 0, -1)
+            var audioDecoder: StreamDecoder?
+            if partsAudio != nil { audioDecoder = try? StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidVideo, what: "audio") }
+            // Video and audio of one part are read in one pass: packets go to their decoder.
+            let packet = Packet()
+            let decoded = Frame()
+            func drainVideo() throws {
+                while avcodec_receive_frame(decoder.context, decoded.pointer) >= 0 {
+                    let d = decoded.pointer!.pointee
+                    if scaler == nil || scalerKey != (d.width, d.height, d.format) {
+                        scaler = try Scaler(from: (d.width, d.height, AVPixelFormat(rawValue: d.format)), to: (width, height, AV_PIX_FMT_YUV420P),
+                                            flags: SWS_BICUBIC)
+                        scalerKey = (d.width, d.height, d.format)
+                    }
+                    av_frame_make_writable(frame.pointer)
+                    let source = decoded.pointer!.planes
+                    let target = frame.pointer!.planes
+                    scaler!.scale(source.data.map { UnsafePointer($0) }, source.strides, height: d.height, target.data, target.strides)
+                    frame.pointer!.pointee.pts = frameIndex
+                    frameIndex += 1
+                    try video.encode(frame.pointer, writeVideo)
+                    av_frame_unref(decoded.pointer)
+                }
+            }
+            func drainAudio() throws {
+                guard let audioDecoder, let partsAudio else { return }
+                while avcodec_receive_frame(audioDecoder.context, decoded.pointer) >= 0 {
+                    try partsAudio.add(decoded.pointer!)
+                    av_frame_unref(decoded.pointer)
+                }
+            }
+            while true {
+                try flag.check()
+                let read = av_read_frame(input.context, packet.pointer)
+                if read == avErrorEOF { break }
+                guard read >= 0 else { throw ServiceError(.invalidVideo, "part \(index) could not be read to its end", cause: avErrorText(read)) }
+                defer { av_packet_unref(packet.pointer) }
+                if packet.pointer!.pointee.stream_index == decoder.streamIndex {
+                    if avcodec_send_packet(decoder.context, packet.pointer) >= 0 { try drainVideo() }
+                } else if let audioDecoder, packet.pointer!.pointee.stream_index == audioDecoder.streamIndex {
+                    if avcodec_send_packet(audioDecoder.context, packet.pointer) >= 0 { try drainAudio() }
+                }
+            }
+            avcodec_send_packet(decoder.context, nil)
+            try drainVideo()
+            if let audioDecoder {
+                avcodec_send_packet(audioDecoder.context, nil)
+                try drainAudio()
+            }
+        }
+        try video.encode(nil, writeVideo)
+        try partsAudio?.finish()
+        try track?.encodeAll(flag: flag)
+        return Double(frameIndex) * Double(rate.den) / Double(rate.num)
+    }
+}
+
+/// An AAC encoder fed decoded audio of any format: resampled, buffered into the encoder's frame
+/// size (1024), timestamped by sample count, muxed into its own output stream.
+final class AudioEncoderPipeline {
+    let encoder: StreamEncoder
+    let stream: UnsafeMutablePointer<AVStream>
+    let output: MediaOutput
+    private var resampler: OpaquePointer?
+    private var resamplerKey: (Int32, Int32, Int32) = (0, 0, -1)
+    private var fifo: OpaquePointer?
+    private var samplesWritten: Int64 = 0
+    let rate: Int32
+    let channels: Int32
+
+    init(rate: Int32, channels: Int32, output: MediaOutput) throws {
+        guard let aac = avcodec_find_encoder(AV_CODEC_ID_AAC) else { throw ServiceError(.internalError, "no AAC encoder") }
+        self.rate = rate
+        self.channels = max(1, channels)
+        self.output = output
+        let globalHeader = output.context!.pointee.oformat.pointee.flags & AVFMT_GLOBALHEADER != 0
+        let channelCount = self.channels
+        encoder = try StreamEncoder(codec: aac) { context in
+            context.pointee.sample_rate = rate
+            context.pointee.sample_fmt = AV_SAMPLE_FMT_FLTP
+            av_channel_layout_default(&context.pointee.ch_layout, channelCount)
+            context.pointee.bit_rate = 128_000
+            context.pointee.time_base = AVRational(num: 1, den: rate)
+            if globalHeader { context.pointee.flags |= AV_CODEC_FLAG_GLOBAL_HEADER }
+        }
+        stream = try output.addStream()
+        avcodec_parameters_from_context(stream.pointee.codecpar, encoder.context)
+        stream.pointee.time_base = AVRational(num: 1, den: rate)
+        fifo = av_audio_fifo_alloc(AV_SAMPLE_FMT_FLTP, self.channels, 4096)
+    }
+
+    deinit {
+        swr_free(&resampler)
+        av_audio_fifo_free(fifo)
+    }
+
+    func add(_ frame: UnsafeMutablePointer<AVFrame>) throws {
+        let f = frame.pointee
+        if resampler == nil || resamplerKey != (f.sample_rate, f.ch_layout.nb_channels, f.format) {
+            swr_free(&resampler)
+            var input = f.ch_layout
+            if input.order == AV_CHANNEL_ORDER_UNSPEC {
+                var fallback = AVChannelLayout()
+                av_channel_layout_default(&fallback, f.ch_layout.nb_channels)
+                input = fallback
+            }
+            var outputLayout = AVChannelLayout()
+            av_channel_layout_default(&outputLayout, channels)
+            let rv = swr_alloc_set_opts2(&resampler, &outputLayout, AV_SAMPLE_FMT_FLTP, rate, &input, AVSampleFormat(rawValue: f.format), f.sample_rate, 0, nil)
+            guard rv >= 0, swr_init(resampler) >= 0 else { throw ServiceError(.invalidAudio, "cannot convert the audio", cause: avErrorText(rv)) }
+            resamplerKey = (f.sample_rate, f.ch_layout.nb_channels, f.format)
+        }
+        try convert(frame)
+        try drain(final: false)
+    }
+
+    private func convert(_ frame: UnsafeMutablePointer<AVFrame>?) throws {
+        let inputCount = frame?.pointee.nb_samples ?? 0
+        let capacity = swr_get_out_samples(resampler, inputCount) + 64
+        guard capacity > 0 else { return }
+        let converted = Frame()
+        converted.pointer!.pointee.nb_samples = capacity
+        converted.pointer!.pointee.format = AV_SAMPLE_FMT_FLTP.rawValue
+        av_channel_layout_default(&converted.pointer!.pointee.ch_layout, channels)
+        converted.pointer!.pointee.sample_rate = rate
+        guard av_frame_get_buffer(converted.pointer, 0) >= 0 else { throw ServiceError(.internalError, "cannot allocate audio") }
+        let produced: Int32 = converted.pointer!.pointee.extended_data.withMemoryRebound(to: UnsafeMutablePointer<UInt8>?.self, capacity: 8) { out in
+            if let frame {
+                return frame.pointee.extended_data.withMemoryRebound(to: UnsafePointer<UInt8>?.self, capacity: 8) { source in
+                    swr_convert(resampler, out, capacity, source, inputCount)
+                }
+            }
+            return swr_convert(resampler, out, capacity, nil, 0)
+        }
+        if produced > 0 {
+            _ = converted.pointer!.pointee.extended_data.withMemoryRebound(to: UnsafeMutableRawPointer?.self, capacity: 8) { data in
+                av_audio_fifo_write(fifo, data, produced)
+            }
+        }
+    }
+
+    private func drain(final: Bool) throws {
+        let frameSize = max(encoder.context!.pointee.frame_size, 1024)
+        while av_audio_fifo_size(fifo) >= frameSize || (final && av_audio_fifo_size(fifo) > 0) {
+            let count = min(frameSize, av_audio_fifo_size(fifo))
+            let frame = Frame()
+            frame.pointer!.pointee.nb_samples = count
+            frame.pointer!.pointee.format = AV_SAMPLE_FMT_FLTP.rawValue
+            av_channel_layout_default(&frame.pointer!.pointee.ch_layout, channels)
+            frame.pointer!.pointee.sample_rate = rate
+            guard av_frame_get_buffer(frame.pointer, 0) >= 0 else { throw ServiceError(.internalError, "cannot allocate audio") }
+            _ = frame.pointer!.pointee.extended_data.withMemoryRebound(to: UnsafeMutableRawPointer?.self, capacity: 8) { data in
+                av_audio_fifo_read(fifo, data, count)
+            }
+            frame.pointer!.pointee.pts = samplesWritten
+            samplesWritten += Int64(count)
+            try encoder.encode(frame.pointer, write)
+        }
+    }
+
+    private func write(_ packet: UnsafeMutablePointer<AVPacket>) throws {
+        av_packet_rescale_ts(packet, encoder.context!.pointee.time_base, stream.pointee.time_base)
+        packet.pointee.stream_index = stream.pointee.index
+        try output.write(packet)
+    }
+
+    func finish() throws {
+        if resampler != nil { try convert(nil) }
+        try drain(final: true)
+        try encoder.encode(nil, write)
+    }
+}
+
+/// The original full audio, decoded and encoded once to AAC as the output's audio track.
+final class AudioTrack {
+    let input: MediaInput
+    let decoder: StreamDecoder
+    let pipeline: AudioEncoderPipeline
+
+    init(path: String, output: MediaOutput, flag: CancellationFlag) throws {
+        input = try MediaInput(path: path, flag: flag, invalid: .invalidAudio)
+        decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidAudio, what: "audio")
+        let context = decoder.context!.pointee
+        pipeline = try AudioEncoderPipeline(rate: context.sample_rate, channels: min(2, context.ch_layout.nb_channels), output: output)
+    }
+
+    func encodeAll(flag: CancellationFlag) throws {
+        try decoder.decodeAll(from: input, flag: flag, invalid: .invalidAudio) { frame in
+            try pipeline.add(frame)
+            return true
+        }
+        try pipeline.finish()
+    }
+}
