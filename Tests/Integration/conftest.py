@@ -27,13 +27,15 @@ def _generate_stubs():
     os.makedirs(os.path.join(src, "tmhealth"))
     os.makedirs(os.path.join(src, "tmecho"))
     os.makedirs(os.path.join(src, "tmaudio"))
+    os.makedirs(os.path.join(src, "tmmedia"))
+    shutil.copy(os.path.join(ROOT, "proto/talkmesh/v1/media.proto"), os.path.join(src, "tmmedia/media.proto"))
     shutil.copy(os.path.join(ROOT, "proto/talkmesh/v1/audio.proto"), os.path.join(src, "tmaudio/audio.proto"))
     shutil.copy(os.path.join(ROOT, "proto/grpc/health/v1/health.proto"), os.path.join(src, "tmhealth/health.proto"))
     shutil.copy(os.path.join(ROOT, "proto/talkmesh/testing/v1/echo.proto"), os.path.join(src, "tmecho/echo.proto"))
-    for name in ("tmhealth/health.proto", "tmecho/echo.proto", "tmaudio/audio.proto"):
+    for name in ("tmhealth/health.proto", "tmecho/echo.proto", "tmaudio/audio.proto", "tmmedia/media.proto"):
         rc = protoc.main(["protoc", f"-I{src}", f"--python_out={out}", f"--grpc_python_out={out}", os.path.join(src, name)])
         assert rc == 0, f"grpc_tools.protoc failed on {name}"
-    for pkg in ("tmhealth", "tmecho", "tmaudio"):
+    for pkg in ("tmhealth", "tmecho", "tmaudio", "tmmedia"):
         open(os.path.join(out, pkg, "__init__.py"), "w").close()
     sys.path.insert(0, out)
 

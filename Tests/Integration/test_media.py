@@ -1,0 +1,296 @@
+"""The Media service through a real gRPC client. Fixtures are made by the test (lavfi testsrc2
+and sine, a hand-written PNG with alpha, a JPEG given an EXIF orientation tag); results are
+checked with ffprobe and by decoding pixels."""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import Service
+from tmmedia import media_pb2, media_pb2_grpc
+
+
+def ffmpeg(*args):
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
+
+
+def ffprobe(path, *args):
+    out = subprocess.run(["ffprobe", "-v", "error", "-of", "json", *args, path], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def pixels(path):
+    """Decodes an image to an RGB array with the ffmpeg CLI."""
+    info = ffprobe(path, "-show_streams")["streams"][0]
+    w, h = info["width"], info["height"]
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3)
+
+
+def write_png_rgba(path, rgba):
+    h, w, _ = rgba.shape
+    raw = b"".join(b"\x00" + rgba[y].tobytes() for y in range(h))
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+                 + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def with_exif_orientation(jpeg, orientation):
+    """Inserts an APP1 Exif segment (big-endian TIFF, IFD0 with one Orientation entry) after SOI."""
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + b"\x00\x00\x00\x00"
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@pytest.fixture(scope="module")
+def media():
+    blobs = tempfile.mkdtemp(prefix="talkmesh-media-blobs-")
+    os.makedirs(f"{blobs}/in")
+    service = Service("talkmesh-media", env={"BLOB_STORE": f"file://{blobs}"})
+    channel = grpc.insecure_channel(service.address)
+    yield media_pb2_grpc.MediaServiceStub(channel), blobs
+    channel.close()
+    assert service.stop() == 0
+
+
+def error_of(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+# ---------------------------------------------------------------- ResizeImage
+
+@pytest.mark.parametrize("name,size", [("portrait", (1080, 1920)), ("landscape", (1920, 1080)), ("square", (800, 800))])
+@pytest.mark.parametrize("target", [(384, 576), (512, 512), (1280, 720)])
+def test_resize_pads_centred_content(media, name, size, target):
+    stub, blobs = media
+    source = f"{blobs}/in/{name}.png"
+    if not os.path.exists(source):
+        ffmpeg("-f", "lavfi", "-i", f"color=c=0xC08040:s={size[0]}x{size[1]}", "-frames:v", "1", source)
+    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key=f"in/{name}.png", width=target[0], height=target[1]), timeout=30)
+    assert (response.width, response.height, response.source_width, response.source_height) == (*target, *size)
+    image = pixels(os.path.join(blobs, response.image_key))
+    assert image.shape == (target[1], target[0], 3)
+    scale = min(target[0] / size[0], target[1] / size[1])
+    content_w, content_h = round(size[0] * scale), round(size[1] * scale)
+    left, top = (target[0] - content_w) // 2, (target[1] - content_h) // 2
+    # Padding is black; the content (a flat colour) fills exactly the centred rectangle.
+    if left > 1:
+        assert image[:, : left - 1].max() == 0 and image[:, left + content_w + 1:].max() == 0
+    if top > 1:
+        assert image[: top - 1].max() == 0 and image[top + content_h + 1:].max() == 0
+    centre = image[top + 2: top + content_h - 2, left + 2: left + content_w - 2].reshape(-1, 3)
+    assert np.abs(centre.astype(int) - [0xC0, 0x80, 0x40]).max() <= 3
+
+
+def test_resize_crop_fills_the_frame(media):
+    stub, blobs = media
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=1080x1920", "-frames:v", "1", f"{blobs}/in/crop.png")
+    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/crop.png", width=512, height=512, fit="crop"), timeout=30)
+    image = pixels(os.path.join(blobs, response.image_key))
+    assert image.shape == (512, 512, 3)
+    assert image[:, :8].max() > 40 and image[:8].max() > 40  # no black bars anywhere
+
+
+def test_exif_orientation_is_honoured(media):
+    stub, blobs = media
+    # 400×200 landscape, blue with a red square in the top-left corner.
+    rgba = np.zeros((200, 400, 4), dtype=np.uint8)
+    rgba[..., 2] = 255
+    rgba[..., 3] = 255
+    rgba[:60, :60] = [255, 0, 0, 255]
+    write_png_rgba(f"{blobs}/in/marker.png", rgba)
+    ffmpeg("-i", f"{blobs}/in/marker.png", "-q:v", "2", f"{blobs}/in/marker.jpg")
+    with open(f"{blobs}/in/marker.jpg", "rb") as fh:
+        jpeg = fh.read()
+    with open(f"{blobs}/in/rotated.jpg", "wb") as fh:
+        fh.write(with_exif_orientation(jpeg, 6))  # stored sideways: shown rotated 90° clockwise
+    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/rotated.jpg", width=200, height=400), timeout=30)
+    assert (response.source_width, response.source_height) == (200, 400)
+    image = pixels(os.path.join(blobs, response.image_key)).astype(int)
+    assert image[10, 190, 0] > 200 and image[10, 190, 2] < 60   # the marker is now top-right
+    assert image[10, 10, 2] > 200 and image[10, 10, 0] < 60     # top-left is blue
+
+
+def test_alpha_is_composited_on_the_background(media):
+    stub, blobs = media
+    rgba = np.zeros((200, 200, 4), dtype=np.uint8)
+    rgba[:, :100] = [0, 200, 0, 255]      # opaque green left half
+    rgba[:, 100:] = [0, 0, 255, 0]        # fully transparent right half
+    write_png_rgba(f"{blobs}/in/alpha.png", rgba)
+    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/alpha.png", width=200, height=200, background="#FF0000"), timeout=30)
+    image = pixels(os.path.join(blobs, response.image_key)).astype(int)
+    assert np.abs(image[100, 40] - [0, 200, 0]).max() <= 3
+    assert np.abs(image[100, 160] - [255, 0, 0]).max() <= 3
+
+
+def test_jpeg_output_and_quality(media):
+    stub, blobs = media
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=1080x1920", "-frames:v", "1", f"{blobs}/in/q.png")
+    sizes = []
+    for quality in (30, 95):
+        response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/q.png", width=512, height=512, format="jpeg",
+                                                                jpeg_quality=quality, output_key=f"out/q{quality}.jpg"), timeout=30)
+        assert response.format == "jpeg"
+        info = ffprobe(os.path.join(blobs, response.image_key), "-show_streams")["streams"][0]
+        assert info["codec_name"] == "mjpeg" and (info["width"], info["height"]) == (512, 512)
+        sizes.append(os.path.getsize(os.path.join(blobs, response.image_key)))
+    assert sizes[0] < sizes[1]
+
+
+@pytest.mark.parametrize("args,field", [({"width": 63, "height": 64}, "width"), ({"width": 4098, "height": 64}, "width"),
+                                        ({"width": 385, "height": 576}, "width"), ({"width": 384, "height": 577}, "height"),
+                                        ({"width": 384, "height": 576, "fit": "stretch"}, "fit"),
+                                        ({"width": 384, "height": 576, "format": "gif"}, "format"),
+                                        ({"width": 384, "height": 576, "background": "red"}, "background")])
+def test_invalid_resize_parameters(media, args, field):
+    stub, _ = media
+    code, details = error_of(lambda: stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/portrait.png", **args), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(f"INVALID_ARGUMENT: {field}:")
+
+
+def test_text_file_named_png_is_invalid_image(media):
+    stub, blobs = media
+    with open(f"{blobs}/in/fake.png", "w") as fh:
+        fh.write("not a picture at all\n" * 100)
+    code, details = error_of(lambda: stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/fake.png", width=384, height=576), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("INVALID_IMAGE:")
+
+
+def test_missing_image_is_not_found(media):
+    stub, _ = media
+    code, details = error_of(lambda: stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/none.png", width=384, height=576), timeout=30))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_image_over_the_pixel_limit_is_refused_before_decoding(media):
+    _, blobs = media
+    service = Service("talkmesh-media", env={"BLOB_STORE": f"file://{blobs}", "MAX_IMAGE_PIXELS": "1000000"})
+    try:
+        with grpc.insecure_channel(service.address) as channel:
+            stub = media_pb2_grpc.MediaServiceStub(channel)
+            code, details = error_of(lambda: stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/portrait.png", width=384, height=576), timeout=30))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("IMAGE_TOO_LARGE:")
+    finally:
+        assert service.stop() == 0
+
+
+# ---------------------------------------------------------------- StitchVideos
+
+@pytest.fixture(scope="module")
+def parts(media):
+    _, blobs = media
+    os.makedirs(f"{blobs}/parts", exist_ok=True)
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=384x576:r=25", "-f", "lavfi", "-i", "sine=f=440:sample_rate=44100",
+           "-t", "45", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", f"{blobs}/parts/p0.mp4")
+    for n in range(1, 10):
+        shutil.copy(f"{blobs}/parts/p0.mp4", f"{blobs}/parts/p{n}.mp4")
+    return [f"parts/p{n}.mp4" for n in range(10)]
+
+
+def packets(path, stream):
+    data = ffprobe(path, "-select_streams", stream, "-show_entries", "packet=dts,duration_time,dts_time")["packets"]
+    return [int(p["dts"]) for p in data]
+
+
+def test_ten_parts_of_45s_stitch_by_stream_copy(media, parts):
+    stub, blobs = media
+    response = stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=parts, output_key="out/ten.mp4"), timeout=120)
+    assert response.mode == "copy"
+    path = os.path.join(blobs, response.video_key)
+    one = float(ffprobe(f"{blobs}/{parts[0]}", "-show_streams", "-select_streams", "v")["streams"][0]["duration"])
+    video = ffprobe(path, "-show_streams", "-select_streams", "v")["streams"][0]
+    assert abs(float(video["duration"]) - 10 * one) <= 0.04  # within one frame
+    assert abs(response.duration_sec - 10 * one) <= 0.04
+    for stream in ("v", "a"):
+        dts = packets(path, stream)
+        assert all(b > a for a, b in zip(dts, dts[1:])), f"{stream} DTS not strictly increasing"
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    assert head.find(b"moov") != -1 and (head.find(b"mdat") == -1 or head.find(b"moov") < head.find(b"mdat"))  # +faststart
+    probe = stub.ProbeMedia(media_pb2.ProbeMediaRequest(key=response.video_key), timeout=30)
+    kinds = {s.type: s for s in probe.streams}
+    # Each AAC part is a little longer than its video (encoder priming and padding); per-stream
+    # offsets keep both gap-free, so the container is as long as its longest stream.
+    assert probe.container.startswith("mov") and abs(kinds["video"].duration_sec - 10 * one) <= 0.04
+    assert probe.duration_sec >= kinds["video"].duration_sec - 0.001
+    assert kinds["video"].width == 384 and kinds["video"].height == 576 and abs(kinds["video"].frame_rate - 25) < 0.01
+    assert kinds["audio"].sample_rate == 44100
+
+
+def test_a_different_resolution_forces_reencode(media):
+    stub, blobs = media
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=384x576:r=25", "-f", "lavfi", "-i", "sine=f=440:sample_rate=44100", "-t", "3",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", f"{blobs}/parts/a.mp4")
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=512x512:r=25", "-f", "lavfi", "-i", "sine=f=220:sample_rate=48000", "-t", "2",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", f"{blobs}/parts/b.mp4")
+    response = stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=["parts/a.mp4", "parts/b.mp4", "parts/a.mp4"],
+                                                               output_key="out/mixed.mp4"), timeout=120)
+    assert response.mode == "reencode"
+    streams = ffprobe(os.path.join(blobs, response.video_key), "-show_streams")["streams"]
+    video = next(s for s in streams if s["codec_type"] == "video")
+    audio = next(s for s in streams if s["codec_type"] == "audio")
+    assert (video["codec_name"], video["width"], video["height"]) == ("h264", 384, 576)
+    assert audio["codec_name"] == "aac"
+    assert abs(float(video["duration"]) - 8.0) <= 0.08
+    assert abs(float(audio["duration"]) - 8.0) <= 0.1
+
+
+def test_original_audio_replaces_the_parts_audio(media, parts):
+    stub, blobs = media
+    ffmpeg("-f", "lavfi", "-i", "sine=f=300:sample_rate=22050", "-t", "134.37", f"{blobs}/in/original.wav")
+    response = stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=parts[:3], audio_key="in/original.wav", output_key="out/overlay.mp4"), timeout=120)
+    assert response.mode == "copy"
+    streams = ffprobe(os.path.join(blobs, response.video_key), "-show_streams")["streams"]
+    audio = [s for s in streams if s["codec_type"] == "audio"]
+    assert len(audio) == 1 and audio[0]["codec_name"] == "aac" and int(audio[0]["sample_rate"]) == 22050
+    assert abs(float(audio[0]["duration"]) - 134.37) <= 0.05  # as long as the original
+
+
+def test_truncated_mp4_is_invalid_video(media, parts):
+    stub, blobs = media
+    with open(f"{blobs}/{parts[0]}", "rb") as fh:
+        data = fh.read()
+    with open(f"{blobs}/parts/truncated.mp4", "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    code, details = error_of(lambda: stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=[parts[1], "parts/truncated.mp4"]), timeout=60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("INVALID_VIDEO:")
+    code, _ = error_of(lambda: stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=["parts/none.mp4"]), timeout=60))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, details = error_of(lambda: stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=[]), timeout=60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "video_keys" in details
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(media, parts):
+    _, blobs = media
+    mount = tempfile.mkdtemp(prefix="talkmesh-full-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", mount], check=True)
+    try:
+        os.makedirs(f"{mount}/parts")
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=s=384x576:r=25", "-t", "4", "-c:v", "libx264", "-preset", "ultrafast",
+               "-pix_fmt", "yuv420p", f"{mount}/parts/small.mp4")
+        size = os.path.getsize(f"{mount}/parts/small.mp4")
+        copies = int(3.5 * 1024 * 1024 / size) + 2  # the output cannot fit
+        service = Service("talkmesh-media", env={"BLOB_STORE": f"file://{mount}"})
+        try:
+            with grpc.insecure_channel(service.address) as channel:
+                stub = media_pb2_grpc.MediaServiceStub(channel)
+                code, details = error_of(lambda: stub.StitchVideos(media_pb2.StitchVideosRequest(
+                    video_keys=["parts/small.mp4"] * copies, output_key="out/full.mp4"), timeout=120))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("STORAGE_FULL:")
+                assert not os.path.exists(f"{mount}/out/full.mp4")
+                assert os.listdir(f"{mount}/.tmp") == []
+        finally:
+            assert service.stop() == 0
+    finally:
+        subprocess.run(["umount", mount], check=True)
