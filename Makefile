@@ -24,6 +24,7 @@ test: unit-test integration-test
 bench: release
 	bench/rpc
 	bench/audio
+	bench/media
 
 up: build
 	scripts/up

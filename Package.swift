@@ -88,5 +88,9 @@ let package = Package(
             name: "TalkMeshAudioTests",
             dependencies: ["TalkMeshAudioService", "TalkMeshCore", "TalkMeshMessages"],
             path: "Tests/AudioTests"),
+        .testTarget(
+            name: "TalkMeshMediaTests",
+            dependencies: ["TalkMeshMediaService", "TalkMeshCore", "TalkMeshMessages"],
+            path: "Tests/MediaTests"),
     ]
 )

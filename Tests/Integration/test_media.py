@@ -294,3 +294,14 @@ def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(media, parts):
             assert service.stop() == 0
     finally:
         subprocess.run(["umount", mount], check=True)
+
+
+def test_a_deadline_stops_a_stitch_and_the_service_keeps_serving(media, parts):
+    stub, blobs = media
+    code, _ = error_of(lambda: stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=parts, output_key="out/late.mp4"), timeout=0.05))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    import time
+    time.sleep(1.0)  # the cancelled job stops at its next check and removes its scratch file
+    assert not os.path.exists(f"{blobs}/out/late.mp4")
+    assert [n for n in os.listdir(f"{blobs}/.tmp") if n.endswith(".mp4")] == []
+    assert stub.ProbeMedia(media_pb2.ProbeMediaRequest(key=parts[0]), timeout=30).streams

@@ -7,7 +7,7 @@ from tmhealth import health_pb2, health_pb2_grpc
 
 SERVICES = [
     ("talkmesh-gateway", None),
-    ("talkmesh-media", "/talkmesh.v1.MediaService/ResizeImage"),
+    ("talkmesh-media", None),  # implemented: see test_media.py
     ("talkmesh-audio", None),  # implemented: see test_audio.py
     ("talkmesh-dispatcher", "/talkmesh.v1.DispatcherService/CreateJob"),
 ]

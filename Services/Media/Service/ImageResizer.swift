@@ -62,11 +62,10 @@ public struct ImageResizer: Sendable {
     /// Runs a resize (blocking: call it on the work pool).
     public func resize(_ request: ResizeImageRequest, flag: CancellationFlag) throws -> ResizeImageResponse {
         let options = try validate(request)
-        let (source, sourceWidth, sourceHeight) = try store.withLocalFile(options.key) { path in
-            try decode(path: path, flag: flag, background: options.background)
+        let (canvas, sourceWidth, sourceHeight) = try store.withLocalFile(options.key) { path in
+            try decodeAndFit(path: path, flag: flag, options: options)
         }
         try flag.check()
-        let canvas = try fit(source, width: sourceWidth, height: sourceHeight, options: options)
         let encoded = try encode(canvas, width: options.width, height: options.height, options: options)
         try store.put(options.output, encoded)
         var response = ResizeImageResponse()
@@ -79,8 +78,9 @@ public struct ImageResizer: Sendable {
         return response
     }
 
-    /// Decodes the first frame to RGB24 (alpha composited, orientation applied).
-    func decode(path: String, flag: CancellationFlag, background: (UInt8, UInt8, UInt8)) throws -> ([UInt8], Int, Int) {
+    /// Decodes the first frame and fits it to the target canvas (RGB24).
+    func decodeAndFit(path: String, flag: CancellationFlag, options: Options) throws -> ([UInt8], Int, Int) {
+        let background = options.background
         let head = (try? FileBlobStore.readPrefix(path, count: 256 * 1024)) ?? []
         let orientation = ExifOrientation.read(head)
         let input = try MediaInput(path: path, flag: flag, invalid: .invalidImage)
@@ -93,11 +93,19 @@ public struct ImageResizer: Sendable {
         var rgba: [UInt8] = []
         var width = 0
         var height = 0
+        var direct: [UInt8]?
         try decoder.decodeAll(from: input, flag: flag, invalid: .invalidImage) { frame in
             width = Int(frame.pointee.width)
             height = Int(frame.pointee.height)
             guard width * height <= configuration.maxPixels else {
                 throw ServiceError(.imageTooLarge, "the image is \(width)×\(height); the limit is \(configuration.maxPixels / 1_000_000) megapixels")
+            }
+            let format = AVPixelFormat(rawValue: frame.pointee.format)
+            let hasAlpha = (av_pix_fmt_desc_get(format)?.pointee.flags ?? 0) & UInt64(AV_PIX_FMT_FLAG_ALPHA) != 0
+            if orientation == 1 && !hasAlpha {
+                // The common case: one Lanczos pass from the decoded format straight to the fitted size.
+                direct = try fitFrame(frame, width: width, height: height, options: options)
+                return false
             }
             rgba = [UInt8](repeating: 0, count: width * height * 4)
             let scaler = try Scaler(from: (Int32(width), Int32(height), AVPixelFormat(rawValue: frame.pointee.format)),
@@ -109,6 +117,7 @@ public struct ImageResizer: Sendable {
             return false  // the first frame is the image
         }
         guard width > 0 else { throw ServiceError(.invalidImage, "no picture could be decoded") }
+        if let direct { return (direct, width, height) }
         // Orientation, then alpha over the background, into RGB24.
         let (outWidth, outHeight) = ExifOrientation.outputSize(orientation: orientation, width: width, height: height)
         var rgb = [UInt8](repeating: 0, count: outWidth * outHeight * 3)
@@ -132,16 +141,35 @@ public struct ImageResizer: Sendable {
                 }
             }
         }
-        return (rgb, outWidth, outHeight)
+        return (try fit(rgb, width: outWidth, height: outHeight, options: options), outWidth, outHeight)
     }
 
-    /// Scales preserving the aspect ratio (Lanczos), then pads centred or crops centred.
-    func fit(_ rgb: [UInt8], width: Int, height: Int, options: Options) throws -> [UInt8] {
+    /// The size the source scales to: inside the target (pad) or covering it (crop).
+    func scaledSize(width: Int, height: Int, options: Options) -> (Int, Int) {
         let scaleX = Double(options.width) / Double(width)
         let scaleY = Double(options.height) / Double(height)
         let scale = options.crop ? max(scaleX, scaleY) : min(scaleX, scaleY)
         let scaledWidth = max(1, min(options.crop ? Int.max : options.width, Int((Double(width) * scale).rounded())))
         let scaledHeight = max(1, min(options.crop ? Int.max : options.height, Int((Double(height) * scale).rounded())))
+        return (scaledWidth, scaledHeight)
+    }
+
+    /// Scales a decoded frame (any pixel format) straight to the fitted size, then places it.
+    func fitFrame(_ frame: UnsafeMutablePointer<AVFrame>, width: Int, height: Int, options: Options) throws -> [UInt8] {
+        let (scaledWidth, scaledHeight) = scaledSize(width: width, height: height, options: options)
+        var scaled = [UInt8](repeating: 0, count: scaledWidth * scaledHeight * 3)
+        let scaler = try Scaler(from: (Int32(width), Int32(height), AVPixelFormat(rawValue: frame.pointee.format)),
+                                to: (Int32(scaledWidth), Int32(scaledHeight), AV_PIX_FMT_RGB24))
+        let planes = frame.planes
+        scaled.withUnsafeMutableBufferPointer { target in
+            scaler.scale(planes.data.map { UnsafePointer($0) }, planes.strides, height: Int32(height), [target.baseAddress], [Int32(scaledWidth * 3)])
+        }
+        return place(scaled, scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options)
+    }
+
+    /// Scales preserving the aspect ratio (Lanczos), then pads centred or crops centred.
+    func fit(_ rgb: [UInt8], width: Int, height: Int, options: Options) throws -> [UInt8] {
+        let (scaledWidth, scaledHeight) = scaledSize(width: width, height: height, options: options)
         var scaled = [UInt8](repeating: 0, count: scaledWidth * scaledHeight * 3)
         let scaler = try Scaler(from: (Int32(width), Int32(height), AV_PIX_FMT_RGB24), to: (Int32(scaledWidth), Int32(scaledHeight), AV_PIX_FMT_RGB24))
         rgb.withUnsafeBufferPointer { source in
@@ -149,6 +177,11 @@ public struct ImageResizer: Sendable {
                 scaler.scale([source.baseAddress], [Int32(width * 3)], height: Int32(height), [target.baseAddress], [Int32(scaledWidth * 3)])
             }
         }
+        return place(scaled, scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options)
+    }
+
+    /// Puts the scaled picture on the canvas: centred with background around it, or centre-cropped.
+    func place(_ scaled: [UInt8], scaledWidth: Int, scaledHeight: Int, options: Options) -> [UInt8] {
         var canvas = [UInt8](repeating: 0, count: options.width * options.height * 3)
         if !options.crop {
             for index in 0..<(options.width * options.height) {
