@@ -275,7 +275,9 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
         guard state == .ready || state == .connecting else { return }
         state = .draining
         onStateChange?(self)
-        if calls.isEmpty { close(RPCError(code: .unavailable, message: "drained")) }
+        // Through fail(): this runs inside nghttp2's GOAWAY handling, which still uses the session
+        // after our callback returns, so the close must wait until the read is done.
+        if calls.isEmpty { fail(RPCError(code: .unavailable, message: "drained")) }
     }
 
     /// Closes with every open call failed as UNAVAILABLE (transparent where nothing was sent).
