@@ -47,6 +47,7 @@ let package = Package(
             name: "TalkMeshService",
             dependencies: [
                 "TalkMeshRPC",
+                "TalkMeshCore",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],

@@ -62,6 +62,24 @@ public final class MediaInput {
         return Double(duration) / Double(AV_TIME_BASE)
     }
 
+    /// Reads every packet to the end of the input; `body` borrows each (it is unreferenced after).
+    /// A read error other than the end is `invalid`; cancellation stops the loop.
+    public func readPackets(invalid: ErrorCode, what: String = "the input",
+                            _ body: (UnsafeMutablePointer<AVPacket>) throws -> Bool) throws {
+        let packet = Packet()
+        while true {
+            try flag.check()
+            let read = av_read_frame(context, packet.pointer)
+            if read == avErrorEOF { return }
+            guard read >= 0 else {
+                try flag.check()
+                throw ServiceError(invalid, "\(what) could not be read to its end", cause: avErrorText(read))
+            }
+            defer { av_packet_unref(packet.pointer) }
+            guard try body(packet.pointer!) else { return }
+        }
+    }
+
     /// The streams.
     public var streams: [UnsafeMutablePointer<AVStream>] {
         guard let context else { return [] }
@@ -165,7 +183,6 @@ extension StreamDecoder {
     /// Undecodable packets are tolerated up to a few; a read error other than EOF is `invalid`.
     public func decodeAll(from input: MediaInput, flag: CancellationFlag, invalid: ErrorCode,
                           _ body: (UnsafeMutablePointer<AVFrame>) throws -> Bool) throws {
-        let packet = Packet()
         let frame = Frame()
         var errors = 0
         var stop = false
@@ -182,23 +199,16 @@ extension StreamDecoder {
                 av_frame_unref(frame.pointer)
             }
         }
-        while !stop {
-            try flag.check()
-            let read = av_read_frame(input.context, packet.pointer)
-            if read == avErrorEOF { break }
-            guard read >= 0 else {
-                try flag.check()
-                throw ServiceError(invalid, "the input could not be read to its end", cause: avErrorText(read))
-            }
-            defer { av_packet_unref(packet.pointer) }
-            guard packet.pointer!.pointee.stream_index == streamIndex else { continue }
-            let sent = avcodec_send_packet(context, packet.pointer)
+        try input.readPackets(invalid: invalid) { packet in
+            guard packet.pointee.stream_index == streamIndex else { return true }
+            let sent = avcodec_send_packet(context, packet)
             if sent < 0 && sent != avErrorAgain {
                 errors += 1
                 if errors > 8 { throw ServiceError(invalid, "the stream does not decode", cause: avErrorText(sent)) }
-                continue
+                return true
             }
             try drain()
+            return !stop
         }
         if !stop {
             avcodec_send_packet(context, nil)

@@ -63,7 +63,6 @@ public enum AudioDecoding {
         var converted: [Int16] = []
         if let declared = input.declaredDuration { converted.reserveCapacity(Int(declared * Double(outputRate * outputChannels)) + 4096) }
         var scratch: [Int16] = []
-        let packet = Packet()
         let frame = Frame()
         var decodeErrors = 0
         var lastError: Int32 = 0
@@ -97,24 +96,17 @@ public enum AudioDecoding {
             }
         }
 
-        while true {
-            try flag.check()
-            let read = av_read_frame(input.context, packet.pointer)
-            if read == avErrorEOF { break }
-            guard read >= 0 else {
-                try flag.check()
-                throw ServiceError(.invalidAudio, "the audio could not be read to its end", cause: avErrorText(read))
-            }
-            defer { av_packet_unref(packet.pointer) }
-            guard packet.pointer!.pointee.stream_index == decoder.streamIndex else { continue }
-            let sent = avcodec_send_packet(codec, packet.pointer)
+        try input.readPackets(invalid: .invalidAudio, what: "the audio") { packet in
+            guard packet.pointee.stream_index == decoder.streamIndex else { return true }
+            let sent = avcodec_send_packet(codec, packet)
             if sent < 0 && sent != avErrorAgain {
                 decodeErrors += 1
                 lastError = sent
                 if decodeErrors > 8 { throw ServiceError(.invalidAudio, "the audio does not decode", cause: avErrorText(sent)) }
-                continue
+                return true
             }
             try drain()
+            return true
         }
         avcodec_send_packet(codec, nil)
         try drain()

@@ -101,18 +101,11 @@ public struct VideoStitcher: Sendable {
 
         var ends = [Int64](repeating: 0, count: outputStreams.count)       // next DTS per output stream
         var presentationEnd = [Int64](repeating: 0, count: outputStreams.count)
-        let packet = Packet()
         for (partIndex, part) in parts.enumerated() {
             var shift = [Int64?](repeating: nil, count: outputStreams.count)
             var partEnds = ends
-            while true {
-                try flag.check()
-                let read = av_read_frame(part.context, packet.pointer)
-                if read == avErrorEOF { break }
-                guard read >= 0 else { throw ServiceError(.invalidVideo, "part \(partIndex) could not be read to its end", cause: avErrorText(read)) }
-                defer { av_packet_unref(packet.pointer) }
-                let p = packet.pointer!
-                guard let outIndex = mapping[Int(p.pointee.stream_index)] else { continue }
+            try part.readPackets(invalid: .invalidVideo, what: "part \(partIndex)") { p in
+                guard let outIndex = mapping[Int(p.pointee.stream_index)] else { return true }
                 let s = Int(outIndex)
                 let noValue = Int64(bitPattern: 0x8000_0000_0000_0000)
                 if p.pointee.dts == noValue { p.pointee.dts = p.pointee.pts }
@@ -130,6 +123,7 @@ public struct VideoStitcher: Sendable {
                 p.pointee.stream_index = outIndex
                 p.pointee.pos = -1
                 try output.write(p)
+                return true
             }
             ends = partEnds
         }
@@ -191,7 +185,6 @@ public struct VideoStitcher: Sendable {
             var audioDecoder: StreamDecoder?
             if partsAudio != nil { audioDecoder = try? StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidVideo, what: "audio") }
             // Video and audio of one part are read in one pass: packets go to their decoder.
-            let packet = Packet()
             let decoded = Frame()
             func drainVideo() throws {
                 while avcodec_receive_frame(decoder.context, decoded.pointer) >= 0 {
@@ -218,17 +211,13 @@ public struct VideoStitcher: Sendable {
                     av_frame_unref(decoded.pointer)
                 }
             }
-            while true {
-                try flag.check()
-                let read = av_read_frame(input.context, packet.pointer)
-                if read == avErrorEOF { break }
-                guard read >= 0 else { throw ServiceError(.invalidVideo, "part \(index) could not be read to its end", cause: avErrorText(read)) }
-                defer { av_packet_unref(packet.pointer) }
-                if packet.pointer!.pointee.stream_index == decoder.streamIndex {
-                    if avcodec_send_packet(decoder.context, packet.pointer) >= 0 { try drainVideo() }
-                } else if let audioDecoder, packet.pointer!.pointee.stream_index == audioDecoder.streamIndex {
-                    if avcodec_send_packet(audioDecoder.context, packet.pointer) >= 0 { try drainAudio() }
+            try input.readPackets(invalid: .invalidVideo, what: "part \(index)") { packet in
+                if packet.pointee.stream_index == decoder.streamIndex {
+                    if avcodec_send_packet(decoder.context, packet) >= 0 { try drainVideo() }
+                } else if let audioDecoder, packet.pointee.stream_index == audioDecoder.streamIndex {
+                    if avcodec_send_packet(audioDecoder.context, packet) >= 0 { try drainAudio() }
                 }
+                return true
             }
             avcodec_send_packet(decoder.context, nil)
             try drainVideo()

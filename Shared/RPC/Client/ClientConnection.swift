@@ -199,19 +199,10 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
         guard let bev, let session else { return }
         let input = bufferevent_get_input(bev)
         inCallback += 1
-        while true {
-            let length = evbuffer_get_length(input)
-            if length == 0 { break }
-            var vector = iovec()
-            guard evbuffer_peek(input, -1, nil, &vector, 1) >= 1 else { break }
-            let count = min(vector.iov_len, length)
-            let consumed = nghttp2_session_mem_recv(session, vector.iov_base.assumingMemoryBound(to: UInt8.self), count)
-            if consumed < 0 {
-                inCallback -= 1
-                fail(RPCError(code: .unavailable, message: "HTTP/2 protocol error from \(address): \(String(cString: nghttp2_strerror(Int32(consumed))))"))
-                return
-            }
-            evbuffer_drain(input, count)
+        if let error = NGHTTP2IO.feed(session, from: input) {
+            inCallback -= 1
+            fail(RPCError(code: .unavailable, message: "HTTP/2 protocol error from \(address): \(error)"))
+            return
         }
         inCallback -= 1
         flush()
@@ -421,11 +412,7 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
         var callbacks: OpaquePointer?
         nghttp2_session_callbacks_new(&callbacks)
         nghttp2_session_callbacks_set_send_callback(callbacks) { _, data, length, _, userData in
-            let connection = from(userData)
-            guard let bev = connection.bev else { return Int(NGHTTP2_ERR_CALLBACK_FAILURE.rawValue) }
-            if connection.pendingOutput >= Connection.outputHighWater { return Int(NGHTTP2_ERR_WOULDBLOCK.rawValue) }
-            bufferevent_write(bev, data, length)
-            return length
+            NGHTTP2IO.send(from(userData).bev, data, length)
         }
         nghttp2_session_callbacks_set_on_header_callback(callbacks) { _, frame, name, nameLength, value, valueLength, _, userData in
             from(userData).header(frame!.pointee.hd.stream_id, name!, nameLength, value!, valueLength)

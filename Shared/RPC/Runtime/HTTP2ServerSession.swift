@@ -41,23 +41,11 @@ final class HTTP2ServerSession {
     func receive(_ input: OpaquePointer?) {
         guard let session else { return }
         connection.callbackDepth += 1
-        while true {
-            let length = evbuffer_get_length(input)
-            if length == 0 { break }
-            // Read the first contiguous chunk without copying.
-            var vector = iovec()
-            guard evbuffer_peek(input, -1, nil, &vector, 1) >= 1 else { break }
-            let count = min(vector.iov_len, length)
-            let consumed = nghttp2_session_mem_recv(session, vector.iov_base.assumingMemoryBound(to: UInt8.self), count)
-            if consumed < 0 {
-                core.logger.debug("closing an HTTP/2 connection: \(String(cString: nghttp2_strerror(Int32(consumed))))",
-                                  metadata: ["peer": "\(connection.peer)"])
-                evbuffer_drain(input, length)
-                connection.callbackDepth -= 1
-                connection.close()
-                return
-            }
-            evbuffer_drain(input, count)
+        if let error = NGHTTP2IO.feed(session, from: input) {
+            core.logger.debug("closing an HTTP/2 connection: \(error)", metadata: ["peer": "\(connection.peer)"])
+            connection.callbackDepth -= 1
+            connection.close()
+            return
         }
         connection.callbackDepth -= 1
         dispatchReady()
@@ -573,13 +561,7 @@ final class HTTP2ServerSession {
         var callbacks: OpaquePointer?
         nghttp2_session_callbacks_new(&callbacks)
         nghttp2_session_callbacks_set_send_callback(callbacks) { _, data, length, _, userData in
-            let session = from(userData)
-            let connection = session.connection
-            if connection.pendingOutput >= Connection.outputHighWater {
-                return Int(NGHTTP2_ERR_WOULDBLOCK.rawValue)
-            }
-            connection.write(data!, length)
-            return length
+            NGHTTP2IO.send(from(userData).connection.bev, data, length)
         }
         nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks) { _, frame, userData in
             let frame = frame!.pointee
