@@ -18,6 +18,7 @@ let package = Package(
         .executable(name: "talkmesh-testserver", targets: ["TalkMeshTestServer"]),
         .executable(name: "talkmesh-testclient", targets: ["TalkMeshTestClient"]),
         .executable(name: "talkmesh", targets: ["TalkMeshCLI"]),
+        .executable(name: "talkmesh-runpod-emulator", targets: ["TalkMeshRunPodEmulator"]),
         .library(name: "TalkMeshRPC", targets: ["TalkMeshRPC"]),
     ],
     dependencies: [
@@ -77,6 +78,11 @@ let package = Package(
             name: "TalkMeshTestClient",
             dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Tools/TestClient"),
+        .executableTarget(
+            name: "TalkMeshRunPodEmulator",
+            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshCore", "TalkMeshLibAV", "CTalkMesh"],
+            path: "Tools/RunPodEmulator",
+            linkerSettings: serverLinkerSettings),
         .executableTarget(
             name: "TalkMeshCLI",
             dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", .product(name: "ArgumentParser", package: "swift-argument-parser")],

@@ -77,6 +77,7 @@ public struct ServiceOptions: ParsableArguments {
     /// A setting with a bad value.
     public struct InvalidSetting: Error, CustomStringConvertible {
         public var description: String
+        public init(description: String) { self.description = description }
     }
 
     /// Merges flags over the environment over the defaults and validates them all.

@@ -1,0 +1,181 @@
+import Foundation
+import TalkMeshCore
+import TalkMeshRPC
+
+/// RunPod's `/v2/{endpoint}/…` REST API on the Shared HTTP runtime (HTTP/1.1 and h2c).
+struct EmulatorAPI: Sendable {
+    struct Faults: Sendable {
+        var http429Rate = 0.0
+        var http500Rate = 0.0
+        var slowStatusSeconds = 0.0
+    }
+
+    let board: JobBoard
+    let apiKey: String?
+    let faults: Faults
+    static let maxBody = 10 * 1024 * 1024
+
+    func register(into router: inout HTTPRouter) {
+        let api = self
+        router.add("POST", "/v2/{endpoint}/run") { try await api.guarded($0) { try await api.run($0, sync: false) } }
+        router.add("POST", "/v2/{endpoint}/runsync") { try await api.guarded($0) { try await api.run($0, sync: true) } }
+        router.add("GET", "/v2/{endpoint}/status/{id}") { try await api.guarded($0) { try await api.status($0) } }
+        router.add("POST", "/v2/{endpoint}/cancel/{id}") { try await api.guarded($0) { await api.cancel($0) } }
+        router.add("POST", "/v2/{endpoint}/retry/{id}") { try await api.guarded($0) { await api.retry($0) } }
+        router.add("GET", "/v2/{endpoint}/health") { try await api.guarded($0) { _ in .json(200, await api.board.health()) } }
+        router.add("POST", "/v2/{endpoint}/purge-queue") { try await api.guarded($0) { _ in
+            .json(200, "{\"removed\":\(await api.board.purge()),\"status\":\"completed\"}")
+        } }
+        router.add("GET", "/_emulator/stats") { _ in .json(200, await api.board.stats()) }
+    }
+
+    /// Authentication and injected HTTP faults, before any route.
+    private func guarded(_ request: HTTPRequest, _ handler: (HTTPRequest) async throws -> HTTPResponse) async throws -> HTTPResponse {
+        if let apiKey, request.header("authorization") != "Bearer \(apiKey)" {
+            return .json(401, "{\"error\":\"Unauthorized\"}")
+        }
+        let draw = Double.random(in: 0..<1)
+        if draw < faults.http429Rate {
+            var response = HTTPResponse.json(429, "{\"error\":\"Too Many Requests\"}")
+            response.headers.append(("retry-after", "1"))
+            return response
+        }
+        if draw < faults.http429Rate + faults.http500Rate { return .json(500, "{\"error\":\"Internal Server Error\"}") }
+        return try await handler(request)
+    }
+
+    private func run(_ request: HTTPRequest, sync: Bool) async throws -> HTTPResponse {
+        guard request.body.count <= Self.maxBody else {
+            return .json(413, "{\"error\":\"request body of \(request.body.count) bytes exceeds the 10 MB limit\"}")
+        }
+        guard let object = try? JSONSerialization.jsonObject(with: Data(request.body)) as? [String: Any],
+              let input = object["input"] as? [String: Any] else {
+            return .json(400, "{\"error\":\"the body must be a JSON object with an input field\"}")
+        }
+        guard let imageText = input["image_base64"] as? String, let image = Data(base64Encoded: imageText),
+              let wavText = input["wav_base64"] as? String, let wav = Data(base64Encoded: wavText) else {
+            return .json(400, "{\"error\":\"input needs image_base64 and wav_base64 (raw base64, no data: prefix)\"}")
+        }
+        let width = Int32((input["width"] as? Int) ?? 512), height = Int32((input["height"] as? Int) ?? 512)
+        guard (64...4096).contains(width), (64...4096).contains(height) else { return .json(400, "{\"error\":\"width and height must be 64–4096\"}") }
+        let policy = object["policy"] as? [String: Any]
+        let timeout = Double((policy?["executionTimeout"] as? Int) ?? 600_000) / 1000
+        let ttl = Double((policy?["ttl"] as? Int) ?? 86_400_000) / 1000
+        var hasher = Hasher()
+        hasher.combine(imageText)
+        hasher.combine(wavText)
+        hasher.combine(width)
+        hasher.combine(height)
+        let hash = String(UInt64(bitPattern: Int64(hasher.finalize())), radix: 16)
+        let job = await board.submit(JobBoard.JobInput(image: [UInt8](image), wav: [UInt8](wav), width: width, height: height, hash: hash),
+                                     executionTimeout: timeout, ttl: ttl)
+        if sync {
+            for _ in 0..<600 {
+                if let current = await board.job(job.id), !["IN_QUEUE", "IN_PROGRESS"].contains(current.status) {
+                    return .json(200, Self.describe(current))
+                }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            if let current = await board.job(job.id) { return .json(200, Self.describe(current)) }
+        }
+        return .json(200, "{\"id\":\"\(job.id)\",\"status\":\"IN_QUEUE\"}")
+    }
+
+    private func status(_ request: HTTPRequest) async throws -> HTTPResponse {
+        if faults.slowStatusSeconds > 0 { try await Task.sleep(for: .milliseconds(Int(faults.slowStatusSeconds * 1000))) }
+        guard let job = await board.job(request.pathParameters["id"] ?? "") else {
+            return .json(404, "{\"error\":\"request does not exist\"}")
+        }
+        return .json(200, Self.describe(job))
+    }
+
+    private func cancel(_ request: HTTPRequest) async -> HTTPResponse {
+        guard let job = await board.cancel(request.pathParameters["id"] ?? "") else { return .json(404, "{\"error\":\"request does not exist\"}") }
+        return .json(200, "{\"id\":\"\(job.id)\",\"status\":\"\(job.status)\"}")
+    }
+
+    private func retry(_ request: HTTPRequest) async -> HTTPResponse {
+        guard let job = await board.retry(request.pathParameters["id"] ?? "") else {
+            return .json(404, "{\"error\":\"request does not exist or is not FAILED/TIMED_OUT\"}")
+        }
+        return .json(200, "{\"id\":\"\(job.id)\",\"status\":\"IN_QUEUE\"}")
+    }
+
+    /// RunPod's status shape.
+    static func describe(_ job: JobBoard.Job) -> String {
+        let now = JobBoard.now()
+        let delay = Int(((job.startedAt ?? now) - job.submittedAt) * 1000)
+        var text = "{\"id\":\"\(job.id)\",\"status\":\"\(job.status)\",\"delayTime\":\(delay)"
+        if let started = job.startedAt { text += ",\"executionTime\":\(Int(((job.finishedAt ?? now) - started) * 1000))" }
+        if let worker = job.workerID { text += ",\"workerId\":\"\(worker)\"" }
+        if let output = job.outputJSON { text += ",\"output\":\(output)" }
+        if let error = job.errorText { text += ",\"error\":\(JSONString.quote(error))" }
+        return text + "}"
+    }
+}
+
+enum JSONString {
+    static func quote(_ text: String) -> String {
+        let data = try! JSONSerialization.data(withJSONObject: [text], options: [.fragmentsAllowed])
+        let array = String(decoding: data, as: UTF8.self)
+        return String(array.dropFirst().dropLast())
+    }
+}
+
+/// The simulated workers: cold start, processing time proportional to the audio, real rendering,
+/// faults, executionTimeout.
+struct EmulatedWorkers: Sendable {
+    let board: JobBoard
+    let renderer: StillVideoRenderer
+    let pool: BlockingWorkPool
+
+    func start() {
+        for index in 0..<board.settings.workers {
+            let name = "emulated-worker-\(index)"
+            Task.detached { await work(name) }
+        }
+    }
+
+    private func work(_ name: String) async {
+        var cold = true
+        while true {
+            let id = await board.next()
+            guard let job = await board.start(id, worker: name) else { continue }
+            let settings = board.settings
+            if cold && settings.coldStartSeconds > 0 { try? await Task.sleep(for: .milliseconds(Int(settings.coldStartSeconds * 1000))) }
+            cold = false
+            let fault = await board.drawFault()
+            if fault == .hang {
+                await board.releaseWorker()
+                continue  // stays IN_PROGRESS until its ttl
+            }
+            let audioSeconds = Double(max(0, job.input.wav.count - 44)) / 32_000  // 16 kHz mono 16-bit, RunPod's usual
+            let work = audioSeconds * settings.speed
+            if work > job.executionTimeout {
+                try? await Task.sleep(for: .milliseconds(Int(job.executionTimeout * 1000)))
+                await board.finish(id, status: "TIMED_OUT", outputJSON: nil, error: "execution timeout exceeded")
+                continue
+            }
+            if work > 0 { try? await Task.sleep(for: .milliseconds(Int(work * 1000))) }
+            switch fault {
+            case .fail:
+                let error = "{\"error_type\": \"<class 'RuntimeError'>\", \"error_message\": \"CUDA out of memory (injected)\", "
+                    + "\"error_traceback\": \"Traceback ...\", \"hostname\": \"\(name)\", \"worker_id\": \"\(name)\", \"runpod_version\": \"1.7.0\"}"
+                await board.finish(id, status: "FAILED", outputJSON: nil, error: error)
+            case .missingOutput:
+                await board.finish(id, status: "COMPLETED", outputJSON: nil, error: nil)
+            default:
+                do {
+                    let input = job.input
+                    let renderer = self.renderer
+                    let video = try await pool.run { flag in
+                        try renderer.render(image: input.image, wav: input.wav, width: input.width, height: input.height, flag: flag)
+                    }
+                    await board.finish(id, status: "COMPLETED", outputJSON: "{\"video\":\"\(Data(video).base64EncodedString())\"}", error: nil)
+                } catch {
+                    await board.finish(id, status: "COMPLETED", outputJSON: "{\"error\":\(JSONString.quote(String(describing: error)))}", error: nil)
+                }
+            }
+        }
+    }
+}
