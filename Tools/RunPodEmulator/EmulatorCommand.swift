@@ -20,8 +20,8 @@ struct EmulatorCommand: ParsableCommand {
     @Option(help: "Fraction of jobs that end FAILED.") var failRate = 0.0
     @Option(help: "Fraction of jobs COMPLETED without output.") var missingOutputRate = 0.0
     @Option(help: "Fraction of jobs that never finish.") var hangRate = 0.0
-    @Option(help: "Fraction of requests answered 429.") var http429Rate = 0.0
-    @Option(help: "Fraction of requests answered 500.") var http500Rate = 0.0
+    @Option(name: .customLong("http-429-rate"), help: "Fraction of requests answered 429.") var http429Rate = 0.0
+    @Option(name: .customLong("http-500-rate"), help: "Fraction of requests answered 500.") var http500Rate = 0.0
     @Option(help: "Delay of every status response (e.g. 500ms).") var slowStatus = "0s"
     @Option(help: "Seed of the fault draws.") var seed: UInt64 = 1
 
