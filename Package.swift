@@ -67,7 +67,11 @@ let package = Package(
             path: "Services/Audio/Service"),
         .executableTarget(name: "TalkMeshAudio", dependencies: ["TalkMeshService", "TalkMeshAudioService", "TalkMeshCore"], path: "Services/Audio/Main",
                          linkerSettings: serverLinkerSettings),
-        .executableTarget(name: "TalkMeshDispatcher", dependencies: ["TalkMeshService"], path: "Services/Dispatcher",
+        .target(
+            name: "TalkMeshDispatcherService",
+            dependencies: ["TalkMeshCore", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
+            path: "Services/Dispatcher/Service"),
+        .executableTarget(name: "TalkMeshDispatcher", dependencies: ["TalkMeshService", "TalkMeshDispatcherService"], path: "Services/Dispatcher/Main",
                          linkerSettings: serverLinkerSettings),
         .executableTarget(
             name: "TalkMeshTestServer",
@@ -99,5 +103,9 @@ let package = Package(
             name: "TalkMeshMediaTests",
             dependencies: ["TalkMeshMediaService", "TalkMeshCore", "TalkMeshMessages"],
             path: "Tests/MediaTests"),
+        .testTarget(
+            name: "TalkMeshDispatcherTests",
+            dependencies: ["TalkMeshDispatcherService", "TalkMeshCore"],
+            path: "Tests/DispatcherTests"),
     ]
 )

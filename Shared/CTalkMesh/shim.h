@@ -61,4 +61,15 @@ static inline long tm_ssl_ctx_set_mode_release_buffers(SSL_CTX *ctx) { return SS
 
 static inline long tm_ssl_set_sni(SSL *ssl, const char *name) { return SSL_set_tlsext_host_name(ssl, name); }
 
+/* libcurl's setopt functions are variadic, which Swift cannot call. */
+static inline CURLcode tm_curl_easy_setopt_long(CURL *c, CURLoption o, long v) { return curl_easy_setopt(c, o, v); }
+static inline CURLcode tm_curl_easy_setopt_ptr(CURL *c, CURLoption o, void *v) { return curl_easy_setopt(c, o, v); }
+static inline CURLcode tm_curl_easy_setopt_str(CURL *c, CURLoption o, const char *v) { return curl_easy_setopt(c, o, v); }
+static inline CURLcode tm_curl_easy_setopt_off(CURL *c, CURLoption o, curl_off_t v) { return curl_easy_setopt(c, o, v); }
+typedef size_t (*tm_curl_write_callback)(char *, size_t, size_t, void *);
+static inline CURLcode tm_curl_easy_setopt_write(CURL *c, CURLoption o, tm_curl_write_callback f) { return curl_easy_setopt(c, o, f); }
+static inline CURLcode tm_curl_easy_getinfo_long(CURL *c, CURLINFO i, long *v) { return curl_easy_getinfo(c, i, v); }
+static inline CURLcode tm_curl_easy_getinfo_ptr(CURL *c, CURLINFO i, void **v) { return curl_easy_getinfo(c, i, v); }
+static inline CURLMcode tm_curl_multi_setopt_long(CURLM *m, CURLMoption o, long v) { return curl_multi_setopt(m, o, v); }
+
 #endif

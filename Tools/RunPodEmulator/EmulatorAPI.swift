@@ -13,6 +13,7 @@ struct EmulatorAPI: Sendable {
     let board: JobBoard
     let apiKey: String?
     let faults: Faults
+    let log = RequestLog()
     static let maxBody = 10 * 1024 * 1024
 
     func register(into router: inout HTTPRouter) {
@@ -27,10 +28,13 @@ struct EmulatorAPI: Sendable {
             .json(200, "{\"removed\":\(await api.board.purge()),\"status\":\"completed\"}")
         } }
         router.add("GET", "/_emulator/stats") { _ in .json(200, await api.board.stats()) }
+        router.add("GET", "/_emulator/requests") { _ in .json(200, await api.log.json()) }
     }
 
     /// Authentication and injected HTTP faults, before any route.
     private func guarded(_ request: HTTPRequest, _ handler: (HTTPRequest) async throws -> HTTPResponse) async throws -> HTTPResponse {
+        let parts = request.path.split(separator: "/")
+        await log.record(parts.count >= 3 ? String(parts[2]) : request.path)
         if let apiKey, request.header("authorization") != "Bearer \(apiKey)" {
             return .json(401, "{\"error\":\"Unauthorized\"}")
         }
@@ -111,6 +115,19 @@ struct EmulatorAPI: Sendable {
         if let output = job.outputJSON { text += ",\"output\":\(output)" }
         if let error = job.errorText { text += ",\"error\":\(JSONString.quote(error))" }
         return text + "}"
+    }
+}
+
+/// Every API request's route and arrival time, so tests can check a client's request budget.
+actor RequestLog {
+    private var entries: [(String, Double)] = []
+
+    func record(_ route: String) {
+        if entries.count < 200_000 { entries.append((route, JobBoard.now())) }
+    }
+
+    func json() -> String {
+        "[" + entries.map { "[\"\($0.0)\",\($0.1)]" }.joined(separator: ",") + "]"
     }
 }
 

@@ -106,6 +106,13 @@ public final class RPCServer: @unchecked Sendable {
     @discardableResult
     public func bind() throws -> Int {
         signal(SIGPIPE, SIG_IGN)
+        // A parent may hand us SIGTERM/SIGINT blocked (a supervisor, a test runner spawning from a
+        // worker thread); unblocked here, before the loops' threads start, so shutdown always works.
+        var shutdownSignals = sigset_t()
+        sigemptyset(&shutdownSignals)
+        sigaddset(&shutdownSignals, SIGTERM)
+        sigaddset(&shutdownSignals, SIGINT)
+        pthread_sigmask(SIG_UNBLOCK, &shutdownSignals, nil)
         loops = (0..<configuration.eventLoops).map { EventLoop(index: $0) }
         var port = configuration.port
         for loop in loops {

@@ -1,0 +1,37 @@
+import Glibc
+
+/// A request budget per route and endpoint (RunPod: `/run` 1000 and `/status` 2000 per 10 s):
+/// a sliding window that makes callers wait rather than ever exceed it, however many jobs poll.
+public actor RequestBudget {
+    private let limit: Int
+    private let window: Double
+    private var times: [Double] = []
+    private var head = 0
+
+    /// `limit` requests per `window` seconds.
+    public init(limit: Int, window: Double) {
+        self.limit = max(1, limit)
+        self.window = window
+    }
+
+    static func now() -> Double {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return Double(spec.tv_sec) + Double(spec.tv_nsec) / 1e9
+    }
+
+    /// Waits for room in the window, then takes it.
+    public func acquire() async throws {
+        while true {
+            let now = Self.now()
+            while head < times.count && now - times[head] >= window { head += 1 }
+            if head > 4096 { times.removeFirst(head); head = 0 }
+            if times.count - head < limit {
+                times.append(now)
+                return
+            }
+            let wait = times[head] + window - now + 0.001
+            try await Task.sleep(nanoseconds: UInt64(max(wait, 0.001) * 1e9))
+        }
+    }
+}

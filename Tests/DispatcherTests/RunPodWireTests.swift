@@ -1,0 +1,85 @@
+import Foundation
+import Testing
+import TalkMeshCore
+@testable import TalkMeshDispatcherService
+
+@Suite("RunPod wire format")
+struct RunPodWireTests {
+    func parse(_ json: String) throws -> RunPodJob { try RunPodJob.parse(Array(json.utf8)) }
+
+    @Test("every status maps to the enum")
+    func statuses() throws {
+        for status in ["IN_QUEUE", "IN_PROGRESS", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"] {
+            let job = try parse(#"{"id":"a","status":"\#(status)","output":{"video":"AAAA"}}"#)
+            #expect(job.status.rawValue == status)
+        }
+        #expect(throws: ServiceError.self) { try parse(#"{"id":"a","status":"EXPLODED"}"#) }
+        #expect(throws: ServiceError.self) { try parse("<html>bad gateway</html>") }
+        #expect(RunPodStatus.completed.isTerminal && !RunPodStatus.inProgress.isTerminal)
+    }
+
+    @Test("raw base64 and data: URIs, URLs and volume paths")
+    func outputs() throws {
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"AAECAw=="}}"#).video == .base64("AAECAw=="))
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"data:video/mp4;base64,AAECAw=="}}"#).video == .base64("AAECAw=="))
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video_url":"https://x/y.mp4"}}"#).video == .url("https://x/y.mp4"))
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"status":"success","video":{"url":"https://x/z.mp4","mime":"video/mp4"}}}"#).video == .url("https://x/z.mp4"))
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video_path":"/runpod-volume/out.mp4"}}"#).video == .volumePath("/runpod-volume/out.mp4"))
+    }
+
+    @Test("missing results and worker errors are failures with stable codes")
+    func failures() throws {
+        #expect(try parse(#"{"id":"a","status":"COMPLETED"}"#).failure?.code == .runpodResultMissing)
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":null}"#).failure?.code == .runpodResultMissing)
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"other":1}}"#).failure?.code == .runpodResultMissing)
+        let errorStatus = try parse(#"{"id":"a","status":"COMPLETED","output":{"status":"error","error":"face not found"}}"#)
+        #expect(errorStatus.failure?.code == .runpodJobFailed && errorStatus.failure?.message == "face not found")
+        let sdk = #"{\"error_type\": \"<class 'RuntimeError'>\", \"error_message\": \"CUDA out of memory\", \"error_traceback\": \"...\"}"#
+        let failed = try parse(#"{"id":"a","status":"FAILED","error":"\#(sdk)"}"#)
+        #expect(failed.failure?.code == .runpodJobFailed && failed.failure?.message == "CUDA out of memory")
+        #expect(try parse(#"{"id":"a","status":"FAILED","error":"plain text"}"#).failure?.message == "plain text")
+    }
+
+    @Test("the /run body carries raw base64, the policy and the worker's fields")
+    func runBody() throws {
+        let input = InfiniteTalkInput(prompt: "talking", image: [1, 2, 3], wav: [4, 5], width: 384, height: 576)
+        let body = try JSONSerialization.jsonObject(with: Data(input.runBody(executionTimeoutMs: 120_000, ttlMs: 3_600_000, webhook: nil))) as! [String: Any]
+        let fields = body["input"] as! [String: Any]
+        #expect(fields["image_base64"] as? String == "AQID" && fields["wav_base64"] as? String == "BAU=")
+        #expect(fields["input_type"] as? String == "image" && fields["person_count"] as? String == "single")
+        #expect(fields["width"] as? Int == 384 && fields["network_volume"] as? Bool == false)
+        #expect((body["policy"] as! [String: Any])["executionTimeout"] as? Int == 120_000)
+    }
+
+    @Test("polling slows down while a job waits, within 1–10 s")
+    func polling() {
+        var schedule = PollSchedule()
+        let queued = RunPodJob(id: "a", status: .inQueue)
+        var last = 0.0
+        for _ in 0..<10 {
+            let next = schedule.next(after: queued)
+            #expect(next >= last && next >= 1 && next <= 10)
+            last = next
+        }
+        #expect(last == 10)
+        #expect(schedule.next(after: RunPodJob(id: "a", status: .inProgress, executionTimeMs: 8000)) == 2)
+    }
+
+    @Test("the request budget never lets more than its limit through in any window")
+    func budget() async throws {
+        let budget = RequestBudget(limit: 5, window: 0.2)
+        let times = try await withThrowingTaskGroup(of: Double.self) { group in
+            for _ in 0..<20 {
+                group.addTask {
+                    try await budget.acquire()
+                    return RequestBudget.now()
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }.sorted()
+        }
+        for (index, time) in times.enumerated() {
+            let inWindow = times[index...].prefix { $0 - time < 0.2 }.count
+            #expect(inWindow <= 5)
+        }
+    }
+}
