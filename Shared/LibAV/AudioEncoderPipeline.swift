@@ -14,14 +14,15 @@ public final class AudioEncoderPipeline {
     let rate: Int32
     let channels: Int32
 
-    public init(rate: Int32, channels: Int32, output: MediaOutput) throws {
+    /// `options`: AAC encoder options (e.g. `aac_coder: fast` where speed matters more than quality).
+    public init(rate: Int32, channels: Int32, output: MediaOutput, options: [String: String] = [:]) throws {
         guard let aac = avcodec_find_encoder(AV_CODEC_ID_AAC) else { throw ServiceError(.internalError, "no AAC encoder") }
         self.rate = rate
         self.channels = max(1, channels)
         self.output = output
         let globalHeader = output.context!.pointee.oformat.pointee.flags & AVFMT_GLOBALHEADER != 0
         let channelCount = self.channels
-        encoder = try StreamEncoder(codec: aac) { context in
+        encoder = try StreamEncoder(codec: aac, options: options) { context in
             context.pointee.sample_rate = rate
             context.pointee.sample_fmt = AV_SAMPLE_FMT_FLTP
             av_channel_layout_default(&context.pointee.ch_layout, channelCount)

@@ -37,7 +37,9 @@ final class StillVideoRenderer: @unchecked Sendable {
         let rate = audioDecoder.context!.pointee.sample_rate
         let output = try MediaOutput(path: outputPath, format: "mp4", flag: flag)
         let videoStream = try output.addStream()
-        let pipeline = try AudioEncoderPipeline(rate: rate, channels: min(2, audioDecoder.context!.pointee.ch_layout.nb_channels), output: output)
+        // The fast AAC coder: a stand-in for a GPU worker needs speed more than the last bit of quality.
+        let pipeline = try AudioEncoderPipeline(rate: rate, channels: min(2, audioDecoder.context!.pointee.ch_layout.nb_channels), output: output,
+                                                options: ["aac_coder": "fast"])
         var samples = 0
         var frames: [UnsafeMutablePointer<AVFrame>] = []
         defer { for frame in frames { var owned: UnsafeMutablePointer<AVFrame>? = frame; av_frame_free(&owned) } }
