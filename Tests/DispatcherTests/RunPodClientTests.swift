@@ -215,6 +215,49 @@ struct RunPodClientTests {
         #expect(throws: ServiceError.self) { try RunPodClient.Configuration.fromEnvironment(["RUNPOD_ENDPOINT_ID": "x", "RUNPOD_BASE_URL": "ftp://x"]) }
     }
 
+    @Test("a video_url result is downloaded into the blob store")
+    func downloadsURL() async throws {
+        let directory = NSTemporaryDirectory() + "talkmesh-client-http-\(getpid())"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let video = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        try Data(video).write(to: URL(fileURLWithPath: directory + "/result.mp4"))
+        let emulator = try Emulator()  // only for a free port number
+        let port = emulator.port + 1
+        let server = try spawn("/usr/bin/env", ["python3", "-m", "http.server", String(port), "--bind", "127.0.0.1", "--directory", directory],
+                               environment: ProcessInfo.processInfo.environment)
+        defer { kill(server, SIGTERM); var status: Int32 = 0; waitpid(server, &status, 0) }
+        let job = try RunPodJob.parse(Array(#"{"id":"a","status":"COMPLETED","output":{"video_url":"http://127.0.0.1:\#(port)/result.mp4"}}"#.utf8))
+        let store = try FileBlobStore(root: directory + "/store")
+        let client = emulator.client()
+        var stored = false
+        for _ in 0..<50 where !stored {  // the HTTP server needs a moment to listen
+            do {
+                try await client.storeVideo(of: job, in: store, as: try BlobKey("jobs/a/result.mp4"))
+                stored = true
+            } catch {
+                try await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        #expect(try store.get(try BlobKey("jobs/a/result.mp4")) == video)
+    }
+
+    @Test("slow status answers time out, are retried, then RUNPOD_UNAVAILABLE")
+    func slowStatus() async throws {
+        let emulator = try Emulator(["--slow-status", "400ms"])
+        let client = emulator.client { $0.requestTimeoutMs = 100; $0.maxAttempts = 2 }
+        let job = try await client.submit(try fixtureInput())
+        do {
+            _ = try await client.status(job.id)
+            Issue.record("expected a timeout")
+        } catch let error as ServiceError {
+            #expect(error.code == .runpodUnavailable)
+        }
+        let statusRequests = try await emulator.requests().filter { $0[0] as? String == "status" }
+        #expect(statusRequests.count == 2)
+        let patient = emulator.client()
+        #expect(try await patient.status(job.id).id == job.id)
+    }
+
     @Test("a volume path without a configured volume is RUNPOD_RESULT_MISSING")
     func volumePath() async throws {
         let job = try RunPodJob.parse(Array(#"{"id":"a","status":"COMPLETED","output":{"video_path":"/runpod-volume/x.mp4"}}"#.utf8))
