@@ -66,12 +66,7 @@ public final class AudioEncoderPipeline {
         let inputCount = frame?.pointee.nb_samples ?? 0
         let capacity = swr_get_out_samples(resampler, inputCount) + 64
         guard capacity > 0 else { return }
-        let converted = Frame()
-        converted.pointer!.pointee.nb_samples = capacity
-        converted.pointer!.pointee.format = AV_SAMPLE_FMT_FLTP.rawValue
-        av_channel_layout_default(&converted.pointer!.pointee.ch_layout, channels)
-        converted.pointer!.pointee.sample_rate = rate
-        guard av_frame_get_buffer(converted.pointer, 0) >= 0 else { throw ServiceError(.internalError, "cannot allocate audio") }
+        let converted = try encoderFrame(samples: capacity)
         let produced: Int32 = converted.pointer!.pointee.extended_data.withMemoryRebound(to: UnsafeMutablePointer<UInt8>?.self, capacity: 8) { out in
             if let frame {
                 return frame.pointee.extended_data.withMemoryRebound(to: UnsafePointer<UInt8>?.self, capacity: 8) { source in
@@ -87,16 +82,22 @@ public final class AudioEncoderPipeline {
         }
     }
 
+    /// A frame in the encoder's format (planar float, our rate and layout) with room for `samples`.
+    private func encoderFrame(samples: Int32) throws -> Frame {
+        let frame = Frame()
+        frame.pointer!.pointee.nb_samples = samples
+        frame.pointer!.pointee.format = AV_SAMPLE_FMT_FLTP.rawValue
+        av_channel_layout_default(&frame.pointer!.pointee.ch_layout, channels)
+        frame.pointer!.pointee.sample_rate = rate
+        guard av_frame_get_buffer(frame.pointer, 0) >= 0 else { throw ServiceError(.internalError, "cannot allocate audio") }
+        return frame
+    }
+
     private func drain(final: Bool) throws {
         let frameSize = max(encoder.context!.pointee.frame_size, 1024)
         while av_audio_fifo_size(fifo) >= frameSize || (final && av_audio_fifo_size(fifo) > 0) {
             let count = min(frameSize, av_audio_fifo_size(fifo))
-            let frame = Frame()
-            frame.pointer!.pointee.nb_samples = count
-            frame.pointer!.pointee.format = AV_SAMPLE_FMT_FLTP.rawValue
-            av_channel_layout_default(&frame.pointer!.pointee.ch_layout, channels)
-            frame.pointer!.pointee.sample_rate = rate
-            guard av_frame_get_buffer(frame.pointer, 0) >= 0 else { throw ServiceError(.internalError, "cannot allocate audio") }
+            let frame = try encoderFrame(samples: count)
             _ = frame.pointer!.pointee.extended_data.withMemoryRebound(to: UnsafeMutableRawPointer?.self, capacity: 8) { data in
                 av_audio_fifo_read(fifo, data, count)
             }
