@@ -105,7 +105,7 @@ let package = Package(
             path: "Tests/MediaTests"),
         .testTarget(
             name: "TalkMeshDispatcherTests",
-            dependencies: ["TalkMeshDispatcherService", "TalkMeshCore"],
+            dependencies: ["TalkMeshDispatcherService", "TalkMeshCore", "TalkMeshRPC"],
             path: "Tests/DispatcherTests"),
     ]
 )

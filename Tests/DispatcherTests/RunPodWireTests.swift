@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TalkMeshCore
+import TalkMeshRPC
 @testable import TalkMeshDispatcherService
 
 @Suite("RunPod wire format")
@@ -72,7 +73,7 @@ struct RunPodWireTests {
             for _ in 0..<20 {
                 group.addTask {
                     try await budget.acquire()
-                    return RequestBudget.now()
+                    return MonotonicClock.seconds()
                 }
             }
             return try await group.reduce(into: []) { $0.append($1) }.sorted()

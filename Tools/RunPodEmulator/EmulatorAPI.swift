@@ -107,7 +107,7 @@ struct EmulatorAPI: Sendable {
 
     /// RunPod's status shape.
     static func describe(_ job: JobBoard.Job) -> String {
-        let now = JobBoard.now()
+        let now = MonotonicClock.seconds()
         let delay = Int(((job.startedAt ?? now) - job.submittedAt) * 1000)
         var text = "{\"id\":\"\(job.id)\",\"status\":\"\(job.status)\",\"delayTime\":\(delay)"
         if let started = job.startedAt { text += ",\"executionTime\":\(Int(((job.finishedAt ?? now) - started) * 1000))" }
@@ -123,7 +123,7 @@ actor RequestLog {
     private var entries: [(String, Double)] = []
 
     func record(_ route: String) {
-        if entries.count < 200_000 { entries.append((route, JobBoard.now())) }
+        if entries.count < 200_000 { entries.append((route, MonotonicClock.seconds())) }
     }
 
     func json() -> String {

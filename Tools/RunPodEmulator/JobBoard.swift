@@ -1,5 +1,6 @@
 import Foundation
 import TalkMeshCore
+import TalkMeshRPC
 
 /// RunPod's job lifecycle, emulated: IN_QUEUE → IN_PROGRESS → COMPLETED | FAILED | CANCELLED |
 /// TIMED_OUT, a pool of simulated workers with cold starts and audio-proportional processing,
@@ -54,17 +55,11 @@ actor JobBoard {
         random = SplitMix(state: settings.seed)
     }
 
-    static func now() -> Double {
-        var spec = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &spec)
-        return Double(spec.tv_sec) + Double(spec.tv_nsec) / 1e9
-    }
-
     // MARK: Requests
 
     func submit(_ input: JobInput, executionTimeout: Double, ttl: Double) -> Job {
         let id = Self.newID()
-        let job = Job(id: id, status: "IN_QUEUE", submittedAt: Self.now(), executionTimeout: executionTimeout, ttl: ttl, input: input)
+        let job = Job(id: id, status: "IN_QUEUE", submittedAt: MonotonicClock.seconds(), executionTimeout: executionTimeout, ttl: ttl, input: input)
         jobs[id] = job
         submissions[input.hash, default: 0] += 1
         enqueue(id)
@@ -81,7 +76,7 @@ actor JobBoard {
         guard var job = jobs[id] else { return nil }
         if ["IN_QUEUE", "IN_PROGRESS"].contains(job.status) {
             job.status = "CANCELLED"
-            job.finishedAt = Self.now()
+            job.finishedAt = MonotonicClock.seconds()
             jobs[id] = job
             queue.removeAll { $0 == id }
         }
@@ -124,7 +119,7 @@ actor JobBoard {
 
     /// Results and expired jobs go away: 404 afterwards, as RunPod does.
     private func expire() {
-        let now = Self.now()
+        let now = MonotonicClock.seconds()
         for (id, job) in jobs {
             let retained = job.finishedAt.map { now - $0 > settings.retentionSeconds } ?? false
             if now - job.submittedAt > job.ttl || retained { jobs.removeValue(forKey: id) }
@@ -152,7 +147,7 @@ actor JobBoard {
         expire()
         guard var job = jobs[id], job.status == "IN_QUEUE" else { return nil }
         job.status = "IN_PROGRESS"
-        job.startedAt = Self.now()
+        job.startedAt = MonotonicClock.seconds()
         job.workerID = worker
         jobs[id] = job
         busyWorkers += 1
@@ -175,7 +170,7 @@ actor JobBoard {
         job.status = status
         job.outputJSON = outputJSON
         job.errorText = error
-        job.finishedAt = Self.now()
+        job.finishedAt = MonotonicClock.seconds()
         jobs[id] = job
         if status == "COMPLETED" { counters["completed", default: 0] += 1 }
         if status == "FAILED" { counters["failed", default: 0] += 1 }

@@ -1,4 +1,4 @@
-import Glibc
+import TalkMeshRPC
 
 /// A request budget per route and endpoint (RunPod: `/run` 1000 and `/status` 2000 per 10 s):
 /// a sliding window that makes callers wait rather than ever exceed it, however many jobs poll.
@@ -14,16 +14,10 @@ public actor RequestBudget {
         self.window = window
     }
 
-    static func now() -> Double {
-        var spec = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &spec)
-        return Double(spec.tv_sec) + Double(spec.tv_nsec) / 1e9
-    }
-
     /// Waits for room in the window, then takes it.
     public func acquire() async throws {
         while true {
-            let now = Self.now()
+            let now = MonotonicClock.seconds()
             while head < times.count && now - times[head] >= window { head += 1 }
             if head > 4096 { times.removeFirst(head); head = 0 }
             if times.count - head < limit {

@@ -88,4 +88,9 @@ public enum MonotonicClock {
         clock_gettime(CLOCK_MONOTONIC, &spec)
         return Int64(spec.tv_sec) * 1_000_000_000 + Int64(spec.tv_nsec)
     }
+
+    /// Seconds since the same fixed point.
+    public static func seconds() -> Double {
+        Double(nanoseconds()) / 1e9
+    }
 }
