@@ -40,7 +40,7 @@ public struct VideoStitcher: Sendable {
         if copy {
             duration = try copyParts(parts, audioPath: audioPath, output: output, flag: flag)
         } else {
-            duration = try reencodeParts(paths, audioPath: audioPath, output: output, flag: flag)
+            duration = try reencodeParts(parts, audioPath: audioPath, output: output, flag: flag)
         }
         try output.finish()
         var info = stat()
@@ -135,8 +135,9 @@ public struct VideoStitcher: Sendable {
 
     // MARK: Re-encode
 
-    private func reencodeParts(_ paths: [String], audioPath: String?, output: MediaOutput, flag: CancellationFlag) throws -> Double {
-        let probe = try MediaInput(path: paths[0], flag: flag, invalid: .invalidVideo)
+    /// Re-encodes the parts (already opened and probed by `stitch`, not yet read).
+    private func reencodeParts(_ parts: [MediaInput], audioPath: String?, output: MediaOutput, flag: CancellationFlag) throws -> Double {
+        let probe = parts[0]
         let firstDecoder = try StreamDecoder(input: probe, mediaType: AVMEDIA_TYPE_VIDEO, invalid: .invalidVideo, what: "video")
         let width = (firstDecoder.context!.pointee.width / 2) * 2
         let height = (firstDecoder.context!.pointee.height / 2) * 2
@@ -177,8 +178,7 @@ public struct VideoStitcher: Sendable {
             packet.pointee.stream_index = videoStream.pointee.index
             try output.write(packet)
         }
-        for (index, path) in paths.enumerated() {
-            let input = try MediaInput(path: path, flag: flag, invalid: .invalidVideo)
+        for (index, input) in parts.enumerated() {
             let decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_VIDEO, invalid: .invalidVideo, what: "video")
             var scaler: Scaler?
             var scalerKey: (Int32, Int32, Int32) = (0, 0, -1)
