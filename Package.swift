@@ -43,7 +43,7 @@ let package = Package(
             path: "Shared/RPC",
             swiftSettings: runtimeSwiftSettings),
         .target(name: "TalkMeshCore", dependencies: ["TalkMeshRPC"], path: "Shared/Core"),
-        .target(name: "TalkMeshLibAV", dependencies: ["CTalkMesh", "TalkMeshCore"], path: "Shared/LibAV"),
+        .target(name: "TalkMeshLibAV", dependencies: ["CTalkMesh", "TalkMeshCore", "TalkMeshRPC"], path: "Shared/LibAV"),
         .target(
             name: "TalkMeshService",
             dependencies: [

@@ -1,12 +1,13 @@
 import CTalkMesh
 import Glibc
 import TalkMeshCore
+import TalkMeshRPC
 
 /// libav's message for an error code (`av_strerror`).
 public func avErrorText(_ code: Int32) -> String {
     var buffer = [CChar](repeating: 0, count: 256)
     av_strerror(code, &buffer, buffer.count)
-    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return cString(buffer)
 }
 
 /// `AVERROR(EAGAIN)` and `AVERROR_EOF`, which Swift cannot import as macros.

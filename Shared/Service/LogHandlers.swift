@@ -51,7 +51,7 @@ public struct JSONLogHandler: LogHandler {
         strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%S", &parts)
         let millis = spec.tv_nsec / 1_000_000
         let padded = millis < 10 ? "00\(millis)" : millis < 100 ? "0\(millis)" : "\(millis)"
-        return "\(StandardStream.string(buffer)).\(padded)Z"
+        return "\(cString(buffer)).\(padded)Z"
     }
 
     /// A JSON string literal for `text`.
@@ -93,10 +93,5 @@ public enum StandardStream {
             offset += written
         }
         bytes.removeAll()
-    }
-
-    /// A String from a NUL-terminated C buffer.
-    public static func string(_ buffer: [CChar]) -> String {
-        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }

@@ -2,6 +2,7 @@ import CTalkMesh
 import Glibc
 import TalkMeshCore
 import TalkMeshLibAV
+import TalkMeshRPC
 
 /// Renders what an InfiniteTalk worker returns, cheaply: an H.264/AAC MP4 of a still image at
 /// width×height, 25 fps, carrying the chunk's audio and exactly its duration. The still is encoded
@@ -14,7 +15,7 @@ final class StillVideoRenderer: @unchecked Sendable {
         var keyframes: [Bool]
     }
 
-    private let lock = PThreadLock()
+    private let lock = PThreadMutex()
     private var cache: [String: EncodedStill] = [:]
     private let scratch: String
     static let fps: Int32 = 25
@@ -124,16 +125,5 @@ final class StillVideoRenderer: @unchecked Sendable {
         let parameters = avcodec_parameters_alloc()!
         avcodec_parameters_from_context(parameters, encoder.context)
         return EncodedStill(parameters: parameters, packets: packets, keyframes: keyframes)
-    }
-}
-
-/// A pthread mutex for the renderer's cache.
-final class PThreadLock: @unchecked Sendable {
-    private var mutex = pthread_mutex_t()
-    init() { pthread_mutex_init(&mutex, nil) }
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return try body()
     }
 }

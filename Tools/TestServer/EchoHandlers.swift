@@ -5,7 +5,7 @@ import TalkMeshRPC
 
 /// Counts what happened to `Hold` calls, by tag, so tests can see a cancellation reach a handler.
 final class CallCounters: @unchecked Sendable {
-    private let lock = Mutex()
+    private let lock = PThreadMutex()
     private var counts: [String: StatsResponse] = [:]
 
     func update(_ tag: String, _ change: (inout StatsResponse) -> Void) {
@@ -14,17 +14,6 @@ final class CallCounters: @unchecked Sendable {
 
     func stats(_ tag: String) -> StatsResponse {
         lock.withLock { counts[tag] ?? StatsResponse() }
-    }
-
-    /// A small pthread mutex (the test server keeps to the runtime's dependencies).
-    final class Mutex: @unchecked Sendable {
-        private var mutex = pthread_mutex_t()
-        init() { pthread_mutex_init(&mutex, nil) }
-        func withLock<T>(_ body: () -> T) -> T {
-            pthread_mutex_lock(&mutex)
-            defer { pthread_mutex_unlock(&mutex) }
-            return body()
-        }
     }
 }
 

@@ -13,7 +13,6 @@ public struct DecodedAudio: Sendable {
     public var inputChannels: Int
     public var codec: String
     public var container: String
-    public var durationSec: Double { Double(profile.frames) / Double(max(profile.rate, 1)) }
 }
 
 /// What ProbeAudio reports.

@@ -1,6 +1,7 @@
 import CTalkMesh
 import Glibc
 import TalkMeshCore
+import TalkMeshRPC
 
 /// An HTTP exchange's result.
 public struct HTTPExchange: Sendable {
@@ -31,7 +32,7 @@ public final class CurlEngine: @unchecked Sendable {
     }
 
     private let multi: UnsafeMutableRawPointer
-    private var mutex = pthread_mutex_t()
+    private let mutex = PThreadMutex()
     private var incoming: [Transfer] = []
     private var running: [UnsafeMutableRawPointer: Transfer] = [:]
     private static let globalInit: Void = { curl_global_init(Int(CURL_GLOBAL_DEFAULT)) }()
@@ -40,7 +41,6 @@ public final class CurlEngine: @unchecked Sendable {
         Self.globalInit
         multi = curl_multi_init()!
         _ = tm_curl_multi_setopt_long(multi, CURLMOPT_PIPELINING, Int(CURLPIPE_MULTIPLEX))
-        pthread_mutex_init(&mutex, nil)
         var thread = pthread_t()
         pthread_create(&thread, nil, curlEngineThread, Unmanaged.passRetained(self).toOpaque())
         pthread_detach(thread)
@@ -92,9 +92,7 @@ public final class CurlEngine: @unchecked Sendable {
                 return length
             }
             _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, context)
-            pthread_mutex_lock(&mutex)
-            incoming.append(transfer)
-            pthread_mutex_unlock(&mutex)
+            mutex.withLock { incoming.append(transfer) }
             curl_multi_wakeup(multi)
         }
     }
@@ -102,10 +100,10 @@ public final class CurlEngine: @unchecked Sendable {
     fileprivate func loop() -> Never {
         var stillRunning: Int32 = 0
         while true {
-            pthread_mutex_lock(&mutex)
-            let added = incoming
-            incoming.removeAll()
-            pthread_mutex_unlock(&mutex)
+            let added: [Transfer] = mutex.withLock {
+                defer { incoming.removeAll() }
+                return incoming
+            }
             for transfer in added {
                 running[transfer.easy] = transfer
                 curl_multi_add_handle(multi, transfer.easy)
@@ -121,7 +119,7 @@ public final class CurlEngine: @unchecked Sendable {
                 if result == CURLE_OK {
                     transfer.continuation.resume(returning: HTTPExchange(status: status, headers: transfer.responseHeaders, body: transfer.body))
                 } else {
-                    let detail = String(decoding: transfer.errorBuffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                    let detail = cString(transfer.errorBuffer)
                     let text = detail.isEmpty ? String(cString: curl_easy_strerror(result)) : detail
                     transfer.continuation.resume(throwing: CurlError(code: Int(result.rawValue), message: text))
                 }

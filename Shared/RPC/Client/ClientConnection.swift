@@ -31,8 +31,6 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
         self.configuration = configuration
     }
 
-    var activeCalls: Int { calls.count }
-
     deinit {
         if let session { nghttp2_session_del(session) }
         if let bev { bufferevent_free(bev) }
@@ -88,7 +86,7 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
         if flags & (BEV_EVENT_EOF | BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT) != 0 {
             var reason = flags & BEV_EVENT_EOF != 0 ? "the server closed the connection" : "connection error"
             if flags & BEV_EVENT_ERROR != 0 {
-                let socketError = EVUTIL_SOCKET_ERROR()
+                let socketError = errno  // libevent leaves the socket's error in errno
                 if socketError != 0 { reason = String(cString: strerror(socketError)) }
                 if configuration.tls != nil {
                     let tlsError = TLSContext.lastError("")
@@ -98,8 +96,6 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
             fail(RPCError(code: .unavailable, message: "\(address): \(reason)"))
         }
     }
-
-    private func EVUTIL_SOCKET_ERROR() -> Int32 { errno }
 
     private func connected() {
         connectTimer = nil

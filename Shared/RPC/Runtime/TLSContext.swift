@@ -60,6 +60,6 @@ public final class TLSContext: @unchecked Sendable {
         let code = ERR_get_error()
         if code == 0 { return what }
         ERR_error_string_n(code, &buffer, buffer.count)
-        return "\(what): \(String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))"
+        return "\(what): \(cString(buffer))"
     }
 }
