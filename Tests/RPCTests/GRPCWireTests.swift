@@ -16,6 +16,24 @@ struct GRPCWireTests {
         #expect(GRPCTimeout.parse(text) == nil)
     }
 
+    @Test("the largest timeouts the spec allows are clamped, never overflow", arguments: ["99999999H", "2562048H", "2562047H", "99999999M"])
+    func timeoutClamps(text: String) {
+        let parsed = GRPCTimeout.parse(text)!
+        #expect(parsed <= GRPCTimeout.maximumNanoseconds)
+        #expect(parsed > 0)
+        // A deadline from it, at any instant of the clock, is representable.
+        #expect(MonotonicClock.deadline(after: parsed) > MonotonicClock.nanoseconds())
+        #expect(MonotonicClock.deadline(after: parsed, from: Int64.max - 1) == Int64.max)
+        #expect(MonotonicClock.deadline(after: -5, from: 100) == 100)
+    }
+
+    @Test("encoding the largest durations does not overflow")
+    func timeoutEncodesExtremes() {
+        #expect(GRPCTimeout.encode(nanoseconds: Int64.max) == "2562048H")
+        #expect(GRPCTimeout.encode(nanoseconds: Int64.min) == "0n")
+        #expect(GRPCTimeout.encode(nanoseconds: GRPCTimeout.maximumNanoseconds) == "52560000M")
+    }
+
     @Test("encoded timeouts keep 8 digits and round up")
     func timeoutEncodes() {
         #expect(GRPCTimeout.encode(nanoseconds: 500) == "500n")

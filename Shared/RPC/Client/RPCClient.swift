@@ -105,7 +105,7 @@ public final class RPCClient: @unchecked Sendable {
     public func unaryCall<Request, Response>(_ method: MethodDescriptor<Request, Response>, _ request: Request,
                                              options: CallOptions = CallOptions()) async throws -> ClientResponse<Response> {
         let frame = GRPCFraming.frame(request)
-        let deadline = options.timeoutNanoseconds.map { MonotonicClock.nanoseconds() + $0 }
+        let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
         let traceparent = (TraceContext.current?.child() ?? TraceContext.root()).traceparent
         let raw = try await withRetries(options: options, deadline: deadline) {
             try await self.attemptUnary(path: method.path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
@@ -144,7 +144,7 @@ public final class RPCClient: @unchecked Sendable {
     public func serverStreaming<Request, Response>(_ method: MethodDescriptor<Request, Response>, _ request: Request,
                                                    options: CallOptions = CallOptions()) async throws -> ResponseStream<Response> {
         let frame = GRPCFraming.frame(request)
-        let deadline = options.timeoutNanoseconds.map { MonotonicClock.nanoseconds() + $0 }
+        let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
         let traceparent = (TraceContext.current?.child() ?? TraceContext.root()).traceparent
         return try await withRetries(options: options, deadline: deadline) {
             try await self.attemptStreaming(path: method.path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)

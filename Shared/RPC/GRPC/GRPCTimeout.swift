@@ -1,6 +1,11 @@
 /// The `grpc-timeout` header: at most 8 ASCII digits and a unit (H, M, S, m, u, n).
 public enum GRPCTimeout {
-    /// The timeout in nanoseconds, or nil when the value is malformed.
+    /// The longest timeout honoured (about 100 years). The spec allows 99999999H (over 11,000
+    /// years), which no Int64 nanosecond clock can add to `now`: a longer one is clamped here, so
+    /// every deadline computed from a peer's header stays far from overflow.
+    public static let maximumNanoseconds: Int64 = 100 * 365 * 86_400 * 1_000_000_000
+
+    /// The timeout in nanoseconds (at most `maximumNanoseconds`), or nil when the value is malformed.
     public static func parse(_ bytes: UnsafeBufferPointer<UInt8>) -> Int64? {
         guard bytes.count >= 2, bytes.count <= 9 else { return nil }
         var value: Int64 = 0
@@ -20,7 +25,7 @@ public enum GRPCTimeout {
         default: return nil
         }
         let (product, overflow) = value.multipliedReportingOverflow(by: multiplier)
-        return overflow ? Int64.max : product
+        return overflow ? maximumNanoseconds : min(product, maximumNanoseconds)
     }
 
     /// Parses a `String` form (tests, clients).
@@ -35,7 +40,7 @@ public enum GRPCTimeout {
                                            (60_000_000_000, "M"), (3_600_000_000_000, "H")]
         let value = max(0, nanoseconds)
         for (size, unit) in units {
-            let amount = (value + size - 1) / size
+            let amount = value / size + (value % size == 0 ? 0 : 1)  // rounds up without overflowing
             if amount < 100_000_000 { return "\(amount)\(unit)" }
         }
         return "99999999H"

@@ -25,7 +25,7 @@ public struct ServerContext: Sendable {
 
     /// The time left before the deadline, in nanoseconds; nil without a deadline.
     public var remainingNanoseconds: Int64? {
-        deadline.map { $0 - MonotonicClock.nanoseconds() }
+        deadline.map { $0.subtractingReportingOverflow(MonotonicClock.nanoseconds()).partialValue }
     }
 }
 
@@ -87,6 +87,14 @@ public enum MonotonicClock {
         var spec = timespec()
         clock_gettime(CLOCK_MONOTONIC, &spec)
         return Int64(spec.tv_sec) * 1_000_000_000 + Int64(spec.tv_nsec)
+    }
+
+    /// The instant `nanoseconds` after `start`, saturating instead of trapping: a duration from a
+    /// peer (a header, a setting) must never be able to overflow the clock arithmetic.
+    @inline(__always)
+    public static func deadline(after nanoseconds: Int64, from start: Int64 = nanoseconds()) -> Int64 {
+        let (sum, overflow) = start.addingReportingOverflow(max(0, nanoseconds))
+        return overflow ? Int64.max : sum
     }
 
     /// Seconds since the same fixed point.

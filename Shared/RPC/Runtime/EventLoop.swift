@@ -108,6 +108,8 @@ public final class EventLoop: @unchecked Sendable {
 
 /// A one-shot timer on a loop; cancelled when released. The callback runs on the loop's thread.
 final class LoopTimer {
+    /// The longest wait a timer takes (about 100 years); longer ones are clamped.
+    static let longest: Int64 = 100 * 365 * 86_400 * 1_000_000_000
     private var event: OpaquePointer!
     private let callback: () -> Void
 
@@ -116,6 +118,8 @@ final class LoopTimer {
         event = event_new(loop.base, -1, 0, { _, _, arg in
             Unmanaged<LoopTimer>.fromOpaque(arg!).takeUnretainedValue().fire()
         }, Unmanaged.passUnretained(self).toOpaque())
+        // Clamped: libevent adds this to its clock in C, where an overflow is undefined.
+        let nanoseconds = min(max(nanoseconds, 0), LoopTimer.longest)
         var tv = timeval(tv_sec: Int(nanoseconds / 1_000_000_000), tv_usec: Int(nanoseconds % 1_000_000_000 / 1000))
         event_add(event, &tv)
     }

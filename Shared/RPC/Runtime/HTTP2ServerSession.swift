@@ -206,12 +206,15 @@ final class HTTP2ServerSession {
 
     fileprivate func streamClosed(_ streamID: Int32, errorCode: UInt32) {
         guard let stream = streams.removeValue(forKey: streamID) else { return }
+        stream.closed = true
         stream.deadlineTimer = nil
-        if let task = stream.task, !stream.answered || !stream.outboundFinished {
-            task.cancel()
+        // A stream can close before its handler was dispatched (HEADERS and RST_STREAM in one
+        // read): it stays in `ready`, and `closed` keeps dispatchReady from starting it.
+        if !stream.answered || !stream.outboundFinished {
+            stream.task?.cancel()
             if !stream.answered {
                 stream.answered = true
-                record(stream, code: .cancelled)
+                if stream.task != nil { record(stream, code: .cancelled) }
             }
         }
         stream.releaseWriters(CancellationError())
@@ -256,7 +259,7 @@ final class HTTP2ServerSession {
         guard !ready.isEmpty else { return }
         let batch = ready
         ready.removeAll(keepingCapacity: true)
-        for stream in batch where !stream.answered {
+        for stream in batch where !stream.answered && !stream.closed {
             switch stream.kind {
             case .grpc: dispatchGRPC(stream)
             case .rest: dispatchREST(stream)
@@ -273,7 +276,7 @@ final class HTTP2ServerSession {
                 ? "the request ended without a complete message" : "a \(method.kind) call takes one request message"))
             return
         }
-        let deadline = stream.timeoutNanoseconds.map { stream.startedAt + $0 }
+        let deadline = stream.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0, from: stream.startedAt) }
         var context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
         if let traceparent = stream.traceparent, let parent = TraceContext.parse(traceparent: traceparent) {
             context.trace = parent.child()

@@ -20,6 +20,8 @@ final class HTTP2Stream {
     /// A response was already decided (error or complete); later input is ignored.
     var answered = false
     var requestComplete = false
+    /// nghttp2 closed the stream (reset, or both sides done): it must never start a handler.
+    var closed = false
     /// Reset the stream (NO_ERROR) once the early response is sent.
     var resetAfterResponse = false
     var startedAt: Int64 = 0
