@@ -145,11 +145,18 @@ public enum Duration {
         let trimmed = text.trimmingWhitespace
         let units: [(String, Double)] = [("ns", 1), ("us", 1e3), ("ms", 1e6), ("s", 1e9), ("m", 60e9), ("h", 3600e9)]
         for (suffix, scale) in units.sorted(by: { $0.0.count > $1.0.count }) where trimmed.hasSuffix(suffix) {
-            guard let value = Double(trimmed.dropLast(suffix.count)), value >= 0, value.isFinite else { return nil }
-            return Int64(value * scale)
+            guard let value = Double(trimmed.dropLast(suffix.count)) else { return nil }
+            return nanoseconds(value * scale)
         }
-        guard let seconds = Double(trimmed), seconds >= 0, seconds.isFinite else { return nil }
-        return Int64(seconds * 1e9)
+        guard let seconds = Double(trimmed) else { return nil }
+        return nanoseconds(seconds * 1e9)
+    }
+
+    /// Nil for a negative, non-finite or unrepresentable (over ~292 years) duration: a conversion
+    /// that would trap is refused instead.
+    private static func nanoseconds(_ value: Double) -> Int64? {
+        guard value.isFinite, value >= 0, value < 9.2e18 else { return nil }
+        return Int64(value)
     }
 }
 

@@ -83,4 +83,17 @@ struct RunPodWireTests {
             #expect(inWindow <= 5)
         }
     }
+
+    @Test("Retry-After is clamped and checked before it becomes a sleep", arguments: [
+        ("3", 3.0), (" 1.5 ", 1.5), ("0", 0.0), ("1e300", RetryAfter.longestSeconds), ("99999999999", RetryAfter.longestSeconds),
+    ])
+    func retryAfter(header: String, seconds: Double) {
+        #expect(RetryAfter.seconds(header) == seconds)
+    }
+
+    @Test("a Retry-After that is not a finite non-negative number falls back to backoff",
+          arguments: ["-1", "inf", "nan", "Wed, 21 Oct 2015 07:28:00 GMT", ""])
+    func retryAfterRejected(header: String) {
+        #expect(RetryAfter.seconds(header) == nil)
+    }
 }

@@ -151,3 +151,36 @@ def make_png(path, width, height):
     import subprocess
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}", "-frames:v", "1", path],
                    check=True)
+
+
+# Numbers from JSON bodies are range-checked before any conversion (Int32(1e12) trapped the emulator).
+
+@pytest.mark.parametrize("field,value", [("width", 10**12), ("height", -(10**15)), ("width", 2**63 - 1)])
+def test_emulator_refuses_out_of_range_dimensions(start_service, field, value):
+    import json
+    import urllib.error
+    import urllib.request
+    service = start_service("talkmesh-runpod-emulator")
+    payload = {"input": {"image_base64": "aGk=", "wav_base64": "aGk=", field: value}}
+    request = urllib.request.Request(f"http://{service.address}/v2/test/run", data=json.dumps(payload).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 400
+    assert "64–4096" in info.value.read().decode()
+    assert service.proc.poll() is None
+
+
+@pytest.mark.parametrize("policy", [{"executionTimeout": 2**63 - 1}, {"ttl": -5}, {"executionTimeout": 10}])
+def test_emulator_refuses_out_of_range_policies(start_service, policy):
+    import json
+    import urllib.error
+    import urllib.request
+    service = start_service("talkmesh-runpod-emulator")
+    payload = {"input": {"image_base64": "aGk=", "wav_base64": "aGk="}, "policy": policy}
+    request = urllib.request.Request(f"http://{service.address}/v2/test/run", data=json.dumps(payload).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 400
+    assert service.proc.poll() is None

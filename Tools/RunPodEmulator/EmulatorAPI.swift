@@ -15,6 +15,7 @@ struct EmulatorAPI: Sendable {
     let faults: Faults
     let log = RequestLog()
     static let maxBody = 10 * 1024 * 1024
+    static let sevenDaysMs = 7 * 86_400_000
 
     func register(into router: inout HTTPRouter) {
         let api = self
@@ -60,11 +61,18 @@ struct EmulatorAPI: Sendable {
               let wavText = input["wav_base64"] as? String, let wav = Data(base64Encoded: wavText) else {
             return .json(400, "{\"error\":\"input needs image_base64 and wav_base64 (raw base64, no data: prefix)\"}")
         }
-        let width = Int32((input["width"] as? Int) ?? 512), height = Int32((input["height"] as? Int) ?? 512)
-        guard (64...4096).contains(width), (64...4096).contains(height) else { return .json(400, "{\"error\":\"width and height must be 64–4096\"}") }
+        // Numbers are range-checked before any conversion: a JSON number can be anything.
+        let requestedWidth = (input["width"] as? Int) ?? 512, requestedHeight = (input["height"] as? Int) ?? 512
+        guard (64...4096).contains(requestedWidth), (64...4096).contains(requestedHeight) else {
+            return .json(400, "{\"error\":\"width and height must be 64–4096\"}")
+        }
+        let width = Int32(requestedWidth), height = Int32(requestedHeight)
         let policy = object["policy"] as? [String: Any]
-        let timeout = Double((policy?["executionTimeout"] as? Int) ?? 600_000) / 1000
-        let ttl = Double((policy?["ttl"] as? Int) ?? 86_400_000) / 1000
+        let timeoutMs = (policy?["executionTimeout"] as? Int) ?? 600_000, ttlMs = (policy?["ttl"] as? Int) ?? 86_400_000
+        guard (5_000...Self.sevenDaysMs).contains(timeoutMs), (10_000...Self.sevenDaysMs).contains(ttlMs) else {
+            return .json(400, "{\"error\":\"policy.executionTimeout must be 5 s–7 d and policy.ttl 10 s–7 d, in milliseconds\"}")
+        }
+        let timeout = Double(timeoutMs) / 1000, ttl = Double(ttlMs) / 1000
         var hasher = Hasher()
         hasher.combine(imageText)
         hasher.combine(wavText)

@@ -145,7 +145,7 @@ public struct RunPodClient: Sendable {
                 case 413:
                     throw ServiceError(.runpodPayloadTooLarge, "RunPod refused the request body as too large")
                 case 429:
-                    let retryAfter = exchange.headers["retry-after"].flatMap(Double.init) ?? backoff(attempt)
+                    let retryAfter = RetryAfter.seconds(exchange.headers["retry-after"]) ?? backoff(attempt)
                     guard attempt < configuration.maxAttempts else {
                         throw ServiceError(.runpodUnavailable, "RunPod kept answering 429 (rate limited)")
                     }
@@ -165,7 +165,7 @@ public struct RunPodClient: Sendable {
                 }
                 delay = backoff(attempt)
             }
-            try await Task.sleep(nanoseconds: UInt64(delay * 1e9))
+            try await Task.sleep(nanoseconds: UInt64(min(max(delay, 0), RetryAfter.longestSeconds) * 1e9))
         }
     }
 

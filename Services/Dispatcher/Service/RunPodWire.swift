@@ -158,3 +158,16 @@ public struct PollSchedule: Sendable {
         return interval
     }
 }
+
+/// RunPod's `Retry-After` header (delta-seconds; an HTTP-date is not used by RunPod and falls
+/// back to backoff). The value comes from the peer: it is checked and clamped before any use.
+public enum RetryAfter {
+    /// The longest wait a peer can ask for: past it, the request budget's own backoff takes over.
+    public static let longestSeconds: Double = 120
+
+    /// Seconds to wait, within 0…`longestSeconds`; nil when absent or not a finite non-negative number.
+    public static func seconds(_ header: String?) -> Double? {
+        guard let header, let value = Double(header.trimmingCharacters(in: .whitespaces)), value.isFinite, value >= 0 else { return nil }
+        return min(value, longestSeconds)
+    }
+}
