@@ -184,3 +184,35 @@ def test_emulator_refuses_out_of_range_policies(start_service, policy):
         urllib.request.urlopen(request, timeout=10)
     assert info.value.code == 400
     assert service.proc.poll() is None
+
+
+# 3. The pixel limit is checked on the header, before any decoder allocates what it claims.
+
+def tiny_png(width, height, bit_depth=16, color_type=6):
+    import zlib
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 8)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width,height", [(16000, 16000), (2**31 - 1, 2**31 - 1), (60000, 1000)])
+def test_a_tiny_png_claiming_a_huge_size_is_refused_before_decoding(start_service, width, height):
+    from tmmedia import media_pb2, media_pb2_grpc
+    service = start_service("talkmesh-media")
+    blobs = service_blob_dir(service)
+    data = tiny_png(width, height)
+    assert len(data) < 80
+    with open(os.path.join(blobs, "tiny.png"), "wb") as fh:
+        fh.write(data)
+    before = rss_bytes(service)
+    with grpc.insecure_channel(service.address) as channel:
+        stub = media_pb2_grpc.MediaServiceStub(channel)
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="tiny.png", width=512, height=512), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith("IMAGE_TOO_LARGE:"), info.value.details()
+    grown = rss_bytes(service) - before
+    assert grown < 32 << 20, f"RSS grew by {grown >> 20} MiB"
+    assert_serving(service)

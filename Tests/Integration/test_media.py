@@ -175,14 +175,34 @@ def test_missing_image_is_not_found(media):
 
 def test_image_over_the_pixel_limit_is_refused_before_decoding(media):
     _, blobs = media
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=1080x1920", "-frames:v", "1", f"{blobs}/in/limit.png")
     service = Service("talkmesh-media", env={"BLOB_STORE": f"file://{blobs}", "MAX_IMAGE_PIXELS": "1000000"})
     try:
         with grpc.insecure_channel(service.address) as channel:
             stub = media_pb2_grpc.MediaServiceStub(channel)
-            code, details = error_of(lambda: stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/portrait.png", width=384, height=576), timeout=30))
+            code, details = error_of(lambda: stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/limit.png", width=384, height=576), timeout=30))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("IMAGE_TOO_LARGE:")
     finally:
         assert service.stop() == 0
+
+
+@pytest.mark.parametrize("ext,args", [("png", []), ("jpg", ["-q:v", "3"]), ("webp", ["-c:v", "libwebp", "-lossless", "0"]),
+                                      ("lossless.webp", ["-c:v", "libwebp", "-lossless", "1"]), ("bmp", []), ("gif", [])])
+def test_every_accepted_format_resizes_and_reports_its_source_size(media, ext, args):
+    """The header reader and the decoder agree on each format's size: PNG, JPEG, WebP (VP8, VP8L), BMP, GIF."""
+    stub, blobs = media
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=300x200", "-frames:v", "1", *args, f"{blobs}/in/format.{ext}")
+    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key=f"in/format.{ext}", width=128, height=128,
+                                                            output_key=f"out/format-{ext}.png"), timeout=30)
+    assert (response.source_width, response.source_height) == (300, 200)
+    assert ffprobe(f"{blobs}/out/format-{ext}.png", "-show_streams")["streams"][0]["width"] == 128
+
+
+def test_an_image_format_outside_the_list_is_invalid_image(media):
+    stub, blobs = media
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=300x200", "-frames:v", "1", f"{blobs}/in/format.tiff")
+    code, details = error_of(lambda: stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/format.tiff", width=128, height=128), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("INVALID_IMAGE:")
 
 
 # ---------------------------------------------------------------- StitchVideos

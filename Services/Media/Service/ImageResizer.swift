@@ -81,6 +81,18 @@ public struct ImageResizer: Sendable {
     /// Decodes the first frame and fits it to the target canvas (RGB24).
     func decodeAndFit(path: String, flag: CancellationFlag, options: Options) throws -> ([UInt8], Int, Int) {
         let background = options.background
+        let header = try FileBlobStore.withReader(path) { read in ImageHeader.read { (try? read($0, $1)) ?? [] } }
+        switch header {
+        case .failure(.unknownFormat):
+            throw ServiceError(.invalidImage, "not a PNG, JPEG, WebP, BMP or GIF image")
+        case .failure(.malformed(let reason)):
+            throw ServiceError(.invalidImage, "the image header is malformed", cause: reason)
+        case .success(let declared):
+            // Refused before any decoder runs: decoders allocate what the header claims.
+            guard declared.width <= configuration.maxPixels / declared.height else {
+                throw ServiceError(.imageTooLarge, "the image is \(declared.width)×\(declared.height); the limit is \(configuration.maxPixels / 1_000_000) megapixels")
+            }
+        }
         let head = (try? FileBlobStore.readPrefix(path, count: 256 * 1024)) ?? []
         let orientation = ExifOrientation.read(head)
         let input = try MediaInput(path: path, flag: flag, invalid: .invalidImage)

@@ -130,18 +130,27 @@ public struct FileBlobStore: BlobStore {
 
     /// Reads at most `count` bytes from the start of a file.
     public static func readPrefix(_ path: String, count: Int) throws -> [UInt8] {
+        try withReader(path) { try $0(0, count) }
+    }
+
+    /// Opens `path` for the duration of `body`, which reads up to `count` bytes at `offset` (fewer
+    /// at the end of the file) as often as it likes: for headers read at a few scattered offsets.
+    public static func withReader<T>(_ path: String, _ body: ((Int, Int) throws -> [UInt8]) throws -> T) throws -> T {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw failure("open", path) }
         defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: count)
-        var filled = 0
-        while filled < count {
-            let got = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + filled, count - filled) }
-            if got < 0 { if errno == EINTR { continue }; throw failure("read", path) }
-            if got == 0 { break }
-            filled += got
+        return try body { offset, count in
+            guard offset >= 0, count > 0 else { return [] }
+            var buffer = [UInt8](repeating: 0, count: count)
+            var filled = 0
+            while filled < count {
+                let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + filled, count - filled, off_t(offset + filled)) }
+                if got < 0 { if errno == EINTR { continue }; throw failure("read", path) }
+                if got == 0 { break }
+                filled += got
+            }
+            return Array(buffer[0..<filled])
         }
-        return Array(buffer[0..<filled])
     }
 
     static func copy(_ source: String, _ destination: String) throws {
