@@ -37,6 +37,12 @@ public struct ServiceOptions: ParsableArguments {
     var drainTimeout: String?
     @Option(help: "Close a connection with no complete preface or request by then (env HANDSHAKE_TIMEOUT, default 10s).")
     var handshakeTimeout: String?
+    @Option(help: "Close a connection with no request in progress after this long; 0 disables (env IDLE_TIMEOUT, default 2m).")
+    var idleTimeout: String?
+    @Option(help: "Longest pause while a request body arrives: 408 / DEADLINE_EXCEEDED past it (env BODY_TIMEOUT, default 30s).")
+    var bodyTimeout: String?
+    @Option(help: "Request bytes one connection may have buffered before dispatch (env MAX_CONNECTION_BUFFER_BYTES, default 128 MiB).")
+    var maxConnectionBufferBytes: String?
 
     public init() {}
 
@@ -65,6 +71,9 @@ public struct ServiceOptions: ParsableArguments {
         Setting(environment: "MAX_CONNECTION_AGE", flag: "--max-connection-age", meaning: "graceful reconnect age, 0 = never (default 5m)"),
         Setting(environment: "DRAIN_TIMEOUT", flag: "--drain-timeout", meaning: "grace for in-flight calls on shutdown (default 30s)"),
         Setting(environment: "HANDSHAKE_TIMEOUT", flag: "--handshake-timeout", meaning: "deadline for a connection's first request (default 10s)"),
+        Setting(environment: "IDLE_TIMEOUT", flag: "--idle-timeout", meaning: "close connections with no request in progress, 0 = never (default 2m)"),
+        Setting(environment: "BODY_TIMEOUT", flag: "--body-timeout", meaning: "longest pause while a request body arrives (default 30s)"),
+        Setting(environment: "MAX_CONNECTION_BUFFER_BYTES", flag: "--max-connection-buffer-bytes", meaning: "request bytes one connection may buffer before dispatch (default 128 MiB)"),
     ]
 
     /// The resolved settings.
@@ -110,6 +119,17 @@ public struct ServiceOptions: ParsableArguments {
         server.handshakeTimeoutNanoseconds = try duration(handshakeTimeout, "HANDSHAKE_TIMEOUT", 10_000_000_000)
         if server.handshakeTimeoutNanoseconds <= 0 {
             throw InvalidSetting(description: "HANDSHAKE_TIMEOUT must be positive")
+        }
+        server.idleTimeoutNanoseconds = try duration(idleTimeout, "IDLE_TIMEOUT", 120_000_000_000)
+        server.bodyTimeoutNanoseconds = try duration(bodyTimeout, "BODY_TIMEOUT", 30_000_000_000)
+        if server.bodyTimeoutNanoseconds <= 0 {
+            throw InvalidSetting(description: "BODY_TIMEOUT must be positive")
+        }
+        let largestRequest = max(server.maxBodyBytes, server.maxReceiveMessageBytes + 5)
+        server.maxConnectionBufferBytes = try integer(maxConnectionBufferBytes, "MAX_CONNECTION_BUFFER_BYTES", max(128 << 20, largestRequest),
+                                                      0...(1 << 42))
+        if server.maxConnectionBufferBytes < largestRequest {
+            throw InvalidSetting(description: "MAX_CONNECTION_BUFFER_BYTES must hold the largest request (MAX_BODY_BYTES and MAX_RECEIVE_MESSAGE_BYTES + 5): at least \(largestRequest)")
         }
         let certificate = pick(tlsCertFile, "TLS_CERT_FILE")?.0
         let key = pick(tlsKeyFile, "TLS_KEY_FILE")?.0

@@ -19,13 +19,14 @@ struct EmulatorAPI: Sendable {
 
     func register(into router: inout HTTPRouter) {
         let api = self
-        router.add("POST", "/v2/{endpoint}/run") { try await api.guarded($0) { try await api.run($0, sync: false) } }
-        router.add("POST", "/v2/{endpoint}/runsync") { try await api.guarded($0) { try await api.run($0, sync: true) } }
+        // Up to twice RunPod's limit reaches the handler, which answers RunPod's JSON 413; the runtime refuses more.
+        router.add("POST", "/v2/{endpoint}/run", maxBodyBytes: 2 * Self.maxBody) { try await api.guarded($0) { try await api.run($0, sync: false) } }
+        router.add("POST", "/v2/{endpoint}/runsync", maxBodyBytes: 2 * Self.maxBody) { try await api.guarded($0) { try await api.run($0, sync: true) } }
         router.add("GET", "/v2/{endpoint}/status/{id}") { try await api.guarded($0) { try await api.status($0) } }
-        router.add("POST", "/v2/{endpoint}/cancel/{id}") { try await api.guarded($0) { await api.cancel($0) } }
-        router.add("POST", "/v2/{endpoint}/retry/{id}") { try await api.guarded($0) { await api.retry($0) } }
+        router.add("POST", "/v2/{endpoint}/cancel/{id}", maxBodyBytes: 64 << 10) { try await api.guarded($0) { await api.cancel($0) } }
+        router.add("POST", "/v2/{endpoint}/retry/{id}", maxBodyBytes: 64 << 10) { try await api.guarded($0) { await api.retry($0) } }
         router.add("GET", "/v2/{endpoint}/health") { try await api.guarded($0) { _ in .json(200, await api.board.health()) } }
-        router.add("POST", "/v2/{endpoint}/purge-queue") { try await api.guarded($0) { _ in
+        router.add("POST", "/v2/{endpoint}/purge-queue", maxBodyBytes: 64 << 10) { try await api.guarded($0) { _ in
             .json(200, "{\"removed\":\(await api.board.purge()),\"status\":\"completed\"}")
         } }
         router.add("GET", "/_emulator/stats") { _ in .json(200, await api.board.stats()) }
@@ -62,15 +63,21 @@ struct EmulatorAPI: Sendable {
             return .json(400, "{\"error\":\"input needs image_base64 and wav_base64 (raw base64, no data: prefix)\"}")
         }
         // Numbers are range-checked before any conversion: a JSON number can be anything.
-        let requestedWidth = (input["width"] as? Int) ?? 512, requestedHeight = (input["height"] as? Int) ?? 512
-        guard (64...4096).contains(requestedWidth), (64...4096).contains(requestedHeight) else {
+        // A present field must be an integer: 1e30 or 5.5 is refused, not replaced by the default.
+        func integer(_ object: [String: Any]?, _ key: String, _ fallback: Int) -> Int? {
+            guard let raw = object?[key] else { return fallback }
+            return raw as? Int
+        }
+        guard let requestedWidth = integer(input, "width", 512), let requestedHeight = integer(input, "height", 512),
+              (64...4096).contains(requestedWidth), (64...4096).contains(requestedHeight) else {
             return .json(400, "{\"error\":\"width and height must be 64–4096\"}")
         }
         let width = Int32(requestedWidth), height = Int32(requestedHeight)
         let policy = object["policy"] as? [String: Any]
-        let timeoutMs = (policy?["executionTimeout"] as? Int) ?? 600_000, ttlMs = (policy?["ttl"] as? Int) ?? 86_400_000
-        guard (5_000...Self.sevenDaysMs).contains(timeoutMs), (10_000...Self.sevenDaysMs).contains(ttlMs) else {
-            return .json(400, "{\"error\":\"policy.executionTimeout must be 5 s–7 d and policy.ttl 10 s–7 d, in milliseconds\"}")
+        // RunPod's own floor is 5 s; the emulator takes shorter ones so tests run fast.
+        guard let timeoutMs = integer(policy, "executionTimeout", 600_000), let ttlMs = integer(policy, "ttl", 86_400_000),
+              (1...Self.sevenDaysMs).contains(timeoutMs), (1...Self.sevenDaysMs).contains(ttlMs) else {
+            return .json(400, "{\"error\":\"policy.executionTimeout and policy.ttl must be 1 ms–7 d, in milliseconds\"}")
         }
         let timeout = Double(timeoutMs) / 1000, ttl = Double(ttlMs) / 1000
         var hasher = Hasher()

@@ -8,6 +8,8 @@ public struct HTTPRouter: Sendable {
         let method: String
         let pattern: String
         let segments: [Substring]
+        /// nil: the server's MAX_BODY_BYTES for methods that carry a body, none for the others.
+        let maxBodyBytes: Int?
         let handler: Handler
     }
 
@@ -15,10 +17,35 @@ public struct HTTPRouter: Sendable {
 
     public init() {}
 
-    /// Adds a route, e.g. `add("GET", "/v1/jobs/{id}") { request in … }`.
-    public mutating func add(_ method: String, _ pattern: String, _ handler: @escaping Handler) {
+    /// Adds a route, e.g. `add("GET", "/v1/jobs/{id}") { request in … }`. `maxBodyBytes` is the
+    /// largest body the route reads; by default POST, PUT and PATCH take up to the server's
+    /// MAX_BODY_BYTES and every other method takes none. A body past the limit is refused (413)
+    /// from the request's head or its first byte over, before anything is buffered or dispatched.
+    public mutating func add(_ method: String, _ pattern: String, maxBodyBytes: Int? = nil, _ handler: @escaping Handler) {
         routes.append(Route(method: method.uppercased(), pattern: pattern,
-                            segments: pattern.split(separator: "/", omittingEmptySubsequences: true), handler: handler))
+                            segments: pattern.split(separator: "/", omittingEmptySubsequences: true),
+                            maxBodyBytes: maxBodyBytes, handler: handler))
+    }
+
+    /// What a request may carry, decided from its head alone: the body limit, and the answer when
+    /// the body goes past it (413 for a route; the 404 or 405 itself when nothing matches, as such
+    /// a request is answered without reading its body).
+    func bodyPolicy(method: String, target: String, serverLimit: Int) -> (limit: Int, refusal: HTTPResponse) {
+        let path = target.firstIndex(of: "?").map { String(target[..<$0]) } ?? target
+        let parts = path.split(separator: "/", omittingEmptySubsequences: true)
+        var allowed: [String] = []
+        for route in routes {
+            guard Self.capture(route.segments, parts) != nil else { continue }
+            if route.method == method || (method == "HEAD" && route.method == "GET") {
+                let limit = route.maxBodyBytes ?? (["POST", "PUT", "PATCH"].contains(method) ? serverLimit : 0)
+                return (limit, HTTPResponse.text(413, limit == 0 ? "this route takes no request body\n" : "request body too large (limit \(limit) bytes)\n"))
+            }
+            allowed.append(route.method)
+        }
+        if allowed.isEmpty { return (0, HTTPResponse.text(404, "not found\n")) }
+        var response = HTTPResponse.text(405, "method not allowed\n")
+        response.headers.append(("allow", allowed.joined(separator: ", ")))
+        return (0, response)
     }
 
     /// The outcome of matching a request.

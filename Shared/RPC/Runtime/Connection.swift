@@ -156,6 +156,33 @@ final class Connection {
         finishIfRequested()
     }
 
+    /// Enforces the idle and body timeouts (the loop's housekeeping sweep).
+    func sweep(now: Int64) {
+        guard !closed, !lingering else { return }
+        callbackDepth += 1
+        switch mode {
+        case .http2(let session): session.sweep(now: now)
+        case .http1(let session): session.sweep(now: now)
+        case .sniffing: break
+        }
+        callbackDepth -= 1
+        finishIfRequested()
+    }
+
+    /// Stops reading requests (HTTP/1.1 pipelining past its bounds); TCP flow control then
+    /// stops the peer.
+    func pauseReading() {
+        guard let bev else { return }
+        bufferevent_disable(bev, Int16(EV_READ))
+    }
+
+    /// Reads again, first handling what was read before the pause.
+    func resumeReading() {
+        guard !closed, let bev else { return }
+        bufferevent_enable(bev, Int16(EV_READ))
+        if evbuffer_get_length(bufferevent_get_input(bev)) > 0 { onReadable() }
+    }
+
     // MARK: Shutdown
 
     /// Graceful close: GOAWAY for HTTP/2 (in-flight streams finish), close-when-idle for HTTP/1.1.

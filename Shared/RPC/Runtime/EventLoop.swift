@@ -38,8 +38,22 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     deinit {
+        housekeepingTimer = nil  // its event must go before the base
+        drainTimer = nil
         event_free(wakeEvent)
         event_base_free(base)
+    }
+
+    /// Idle connections and stalled request bodies are found by one sweep per loop, not a timer
+    /// per stream: a body timeout re-armed on every DATA frame would cost an event per frame.
+    private var housekeepingTimer: LoopTimer?
+
+    func startHousekeeping(every period: Int64) {
+        housekeepingTimer = LoopTimer(loop: self, after: period, repeating: true) { [unowned self] in
+            let now = MonotonicClock.nanoseconds()
+            for connection in Array(self.connections.values) { connection.sweep(now: now) }
+            self.afterWork()
+        }
     }
 
     /// `evthread_use_pthreads()` must run before the first `event_base_new`, or `event_active`
@@ -113,9 +127,10 @@ final class LoopTimer {
     private var event: OpaquePointer!
     private let callback: () -> Void
 
-    init(loop: EventLoop, after nanoseconds: Int64, _ callback: @escaping () -> Void) {
+    /// A `repeating` timer fires every `nanoseconds` until it is released.
+    init(loop: EventLoop, after nanoseconds: Int64, repeating: Bool = false, _ callback: @escaping () -> Void) {
         self.callback = callback
-        event = event_new(loop.base, -1, 0, { _, _, arg in
+        event = event_new(loop.base, -1, repeating ? Int16(EV_PERSIST) : 0, { _, _, arg in
             Unmanaged<LoopTimer>.fromOpaque(arg!).takeUnretainedValue().fire()
         }, Unmanaged.passUnretained(self).toOpaque())
         // Clamped: libevent adds this to its clock in C, where an overflow is undefined.

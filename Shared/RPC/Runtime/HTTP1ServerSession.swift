@@ -11,8 +11,14 @@ final class HTTP1ServerSession {
     }
 
     private enum Failure {
-        case headersTooLarge, bodyTooLarge
+        case headersTooLarge
+        /// Over the route's body limit (413), or a 404/405 whose body is not read.
+        case refused(HTTPResponse)
+        case overBudget
     }
+
+    /// Pipelined requests parsed ahead of the one in flight; past this, reading pauses.
+    static let maxQueued = 16
 
     unowned let connection: Connection
     private let core: ServerCore
@@ -31,6 +37,17 @@ final class HTTP1ServerSession {
     private var messageStartedAt: Int64 = 0
     /// Bounds how long a request's head may take to arrive (slow-header clients).
     private var headerTimer: LoopTimer?
+    /// The current request's body limit and the answer past it, decided from its head.
+    private var bodyLimit = 0
+    private var bodyRefusal = HTTPResponse.text(413, "request body too large\n")
+    /// Between the end of a request's head and the end of its body.
+    private var inBody = false
+    /// Between a request's first byte and its end.
+    private var inMessage = false
+    /// Body bytes of the requests waiting in `queue`.
+    private var queuedBytes = 0
+    private var readPaused = false
+    private var lastActivityAt = MonotonicClock.nanoseconds()
 
     init(connection: Connection) {
         self.connection = connection
@@ -52,6 +69,7 @@ final class HTTP1ServerSession {
             return
         }
         guard let bytes = evbuffer_pullup(input, length) else { return }
+        lastActivityAt = MonotonicClock.nanoseconds()
         connection.callbackDepth += 1
         var offset = 0
         while offset < length && !closeAfterFlush {
@@ -63,7 +81,8 @@ final class HTTP1ServerSession {
             if let failure {
                 switch failure {
                 case .headersTooLarge: fail(431, "request header fields too large\n")
-                case .bodyTooLarge: fail(413, "request body too large\n")
+                case .refused(let response): fail(response)
+                case .overBudget: fail(503, "too many request bytes buffered on this connection\n")
                 }
             } else if errno != HPE_OK.rawValue {
                 let name = String(cString: http_errno_name(http_errno(rawValue: errno)))
@@ -78,22 +97,35 @@ final class HTTP1ServerSession {
         }
         evbuffer_drain(input, length)
         connection.callbackDepth -= 1
+        if queue.count >= Self.maxQueued && !readPaused {
+            readPaused = true
+            connection.pauseReading()
+        }
         startNext()
     }
 
     private func fail(_ status: Int, _ message: String) {
+        fail(HTTPResponse.text(status, message))
+    }
+
+    private func fail(_ response: HTTPResponse) {
         queue.removeAll()
+        queuedBytes = 0
         guard !closeAfterFlush else { return }
         closeAfterFlush = true
         if !inFlight {
-            writeResponse(HTTPResponse.text(status, message), keepAlive: false, method: "GET")
-            core.metrics.record(shard: connection.loop.index, kind: .http, method: "other", status: String(status), seconds: 0)
+            writeResponse(response, keepAlive: false, method: "GET")
+            core.metrics.record(shard: connection.loop.index, kind: .http, method: "other", status: String(response.status), seconds: 0)
         }
     }
 
+    /// Starts the next queued request unless the peer is not reading its responses: past the
+    /// output bound it waits for `outputDrained`, so unread responses cannot pile up.
     private func startNext() {
         guard !inFlight, !queue.isEmpty, !closeAfterFlush || failure == nil else { return }
+        guard connection.pendingOutput <= Connection.outputHighWater else { return }
         let pending = queue.removeFirst()
+        queuedBytes -= pending.request.body.count
         inFlight = true
         let router = core.router
         let loop = connection.loop
@@ -109,6 +141,7 @@ final class HTTP1ServerSession {
 
     private func complete(_ response: HTTPResponse, route: String, pending: PendingRequest) {
         inFlight = false
+        lastActivityAt = MonotonicClock.nanoseconds()
         let keepAlive = pending.keepAlive && !goingAway && !closeAfterFlush
         writeResponse(response, keepAlive: keepAlive, method: pending.request.method)
         let seconds = Double(MonotonicClock.nanoseconds() - pending.receivedAt) / 1e9
@@ -119,6 +152,13 @@ final class HTTP1ServerSession {
         }
         if connection.pendingOutput == 0 && closeAfterFlush { connection.lingeringClose(); return }
         startNext()
+        resumeReadingIfRoom()
+    }
+
+    private func resumeReadingIfRoom() {
+        guard readPaused, queue.count < Self.maxQueued, connection.pendingOutput <= Connection.outputHighWater, !closeAfterFlush else { return }
+        readPaused = false
+        connection.resumeReading()
     }
 
     private func writeResponse(_ response: HTTPResponse, keepAlive: Bool, method: String) {
@@ -133,7 +173,22 @@ final class HTTP1ServerSession {
     }
 
     func outputDrained() {
-        if closeAfterFlush && !inFlight && connection.pendingOutput == 0 { connection.lingeringClose() }
+        if closeAfterFlush && !inFlight && connection.pendingOutput == 0 { connection.lingeringClose(); return }
+        startNext()
+        resumeReadingIfRoom()
+    }
+
+    /// The body timeout (the longest pause while a body arrives) and the idle timeout (no request
+    /// in progress). Called by the loop's housekeeping sweep.
+    func sweep(now: Int64) {
+        guard !closeAfterFlush else { return }
+        let configuration = core.configuration
+        if inBody && now - lastActivityAt > configuration.bodyTimeoutNanoseconds {
+            fail(408, "request body timeout\n")
+        } else if configuration.idleTimeoutNanoseconds > 0, !inMessage, !inFlight, queue.isEmpty,
+                  now - lastActivityAt > configuration.idleTimeoutNanoseconds {
+            connection.close()
+        }
     }
 
     func goAway() {
@@ -185,6 +240,7 @@ final class HTTP1ServerSession {
             session.headers.removeAll(keepingCapacity: true)
             session.body = []
             session.headerBytes = 0
+            session.inMessage = true
             session.messageStartedAt = MonotonicClock.nanoseconds()
             session.startHeaderTimer()
             return 0
@@ -214,11 +270,22 @@ final class HTTP1ServerSession {
             session.headerTimer = nil
             session.flushHeader()
             session.valueStarted = false
+            // The route decides, from the head alone, how much body it takes.
+            let configuration = session.core.configuration
+            let methodName = String(cString: http_method_str(http_method(rawValue: parser!.pointee.method)))
+            (session.bodyLimit, session.bodyRefusal) = session.core.router.bodyPolicy(
+                method: methodName, target: String(decoding: session.url, as: UTF8.self), serverLimit: configuration.maxBodyBytes)
+            session.inBody = true
             let declared = parser!.pointee.content_length
-            if declared != UInt64.max && declared > UInt64(session.core.configuration.maxBodyBytes) {
-                session.failure = .bodyTooLarge
+            let chunked = parser!.pointee.flags & UInt32(F_CHUNKED.rawValue) != 0
+            if declared != UInt64.max && declared > UInt64(session.bodyLimit) {
+                session.failure = .refused(session.bodyRefusal)
                 http_parser_pause(parser, 1)
-            } else if session.headers.contains(where: { $0.name == "expect" && $0.value.lowercased() == "100-continue" }) {
+            } else if declared != UInt64.max && Int(declared) + session.queuedBytes > configuration.maxConnectionBufferBytes {
+                session.failure = .overBudget
+                http_parser_pause(parser, 1)
+            } else if session.bodyLimit > 0 || chunked,
+                      session.headers.contains(where: { $0.name == "expect" && $0.value.lowercased() == "100-continue" }) {
                 // The client waits for this before sending a large body (curl does, past 1 MiB).
                 let interim = Array("HTTP/1.1 100 Continue\r\n\r\n".utf8)
                 interim.withUnsafeBytes { session.connection.write($0.baseAddress!, $0.count) }
@@ -227,8 +294,13 @@ final class HTTP1ServerSession {
         }
         settings.on_body = { parser, data, length in
             let session = from(parser)
-            if session.body.count + length > session.core.configuration.maxBodyBytes {
-                session.failure = .bodyTooLarge
+            if session.body.count + length > session.bodyLimit {
+                session.failure = .refused(session.bodyRefusal)
+                http_parser_pause(parser, 1)
+                return 0
+            }
+            if session.queuedBytes + session.body.count + length > session.core.configuration.maxConnectionBufferBytes {
+                session.failure = .overBudget
                 http_parser_pause(parser, 1)
                 return 0
             }
@@ -246,6 +318,9 @@ final class HTTP1ServerSession {
             }
             request.peer = session.connection.peer
             session.body = []
+            session.inBody = false
+            session.inMessage = false
+            session.queuedBytes += request.body.count
             session.queue.append(PendingRequest(request: request, keepAlive: http_should_keep_alive(parser) != 0,
                                                 receivedAt: session.messageStartedAt))
             return 0

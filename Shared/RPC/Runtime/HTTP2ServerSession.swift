@@ -12,6 +12,10 @@ final class HTTP2ServerSession {
     private var goingAway = false
     private var goAwayTimer: LoopTimer?
     private let core: ServerCore
+    /// Request bytes held by streams not yet dispatched (MAX_CONNECTION_BUFFER_BYTES).
+    private var bufferedRequestBytes = 0
+    /// Since when the connection has had no open stream; nil while one is open.
+    private var idleSince: Int64? = MonotonicClock.nanoseconds()
 
     /// Streams waiting for a writer's data beyond this many buffered bytes make the writer wait.
     static let streamHighWater = 256 * 1024
@@ -74,7 +78,9 @@ final class HTTP2ServerSession {
     fileprivate func beginHeaders(_ streamID: Int32) {
         let stream = HTTP2Stream(id: streamID)
         stream.startedAt = MonotonicClock.nanoseconds()
+        stream.lastInputAt = stream.startedAt
         streams[streamID] = stream
+        idleSince = nil
     }
 
     fileprivate func header(_ streamID: Int32, _ name: UnsafePointer<UInt8>, _ nameLength: Int,
@@ -104,6 +110,9 @@ final class HTTP2ServerSession {
                 stream.isGRPCContentType = stream.contentType.hasPrefix("application/grpc")
                 stream.restHeaders.append(("content-type", stream.contentType))
             }
+        } else if bytesEqual(name, nameLength, "content-length") {
+            stream.declaredLength = Self.decimal(value, valueLength)
+            stream.restHeaders.append(("content-length", valueString()))
         } else if bytesEqual(name, nameLength, "grpc-timeout") {
             stream.timeoutNanoseconds = GRPCTimeout.parse(UnsafeBufferPointer(start: value, count: valueLength)) ?? -1
         } else if bytesEqual(name, nameLength, "traceparent") {
@@ -120,6 +129,21 @@ final class HTTP2ServerSession {
             if !key.hasPrefix("grpc-") && key != "user-agent" { stream.metadata.addWire(key: key, value: text) }
         }
         return 0
+    }
+
+    /// A non-negative decimal, saturating at Int.max (never trapping); nil when malformed.
+    static func decimal(_ value: UnsafePointer<UInt8>, _ length: Int) -> Int? {
+        guard length > 0 else { return nil }
+        var result = 0
+        for index in 0..<length {
+            let byte = value[index]
+            guard byte >= 0x30, byte <= 0x39 else { return nil }
+            let (times, overflow1) = result.multipliedReportingOverflow(by: 10)
+            let (sum, overflow2) = times.addingReportingOverflow(Int(byte - 0x30))
+            if overflow1 || overflow2 { return Int.max }
+            result = sum
+        }
+        return result
     }
 
     /// Clients call the same few methods over and over: reuse the last path's String.
@@ -167,15 +191,29 @@ final class HTTP2ServerSession {
             respondPlain(stream, HTTPResponse.text(415, "content-type must be application/grpc\n"))
         } else {
             stream.kind = .rest
+            // The route decides, from the head alone, how much body it takes.
+            let policy = core.router.bodyPolicy(method: stream.method, target: stream.path, serverLimit: core.configuration.maxBodyBytes)
+            stream.bodyLimit = policy.limit
+            stream.bodyRefusal = policy.refusal
+            if let declared = stream.declaredLength, declared > policy.limit {
+                respondPlain(stream, policy.refusal)
+                resetAfterResponse(stream)
+            }
         }
     }
 
     fileprivate func data(_ streamID: Int32, _ bytes: UnsafePointer<UInt8>, _ count: Int) {
         guard let stream = streams[streamID], !stream.answered else { return }
+        stream.lastInputAt = MonotonicClock.nanoseconds()
+        if stream.kind != .undecided && bufferedRequestBytes + count > core.configuration.maxConnectionBufferBytes {
+            refuseOverBudget(stream)
+            return
+        }
         switch stream.kind {
         case .grpc:
             do {
                 try stream.reader?.append(UnsafeBufferPointer(start: bytes, count: count))
+                hold(stream, count)
             } catch .tooLarge(let announced, let limit) {
                 stream.reader = nil
                 respondStatus(stream, RPCError(code: .resourceExhausted,
@@ -187,15 +225,65 @@ final class HTTP2ServerSession {
                 resetAfterResponse(stream)
             }
         case .rest:
-            if stream.body.count + count > core.configuration.maxBodyBytes {
-                respondPlain(stream, HTTPResponse.text(413, "request body too large\n"))
+            if stream.body.count + count > stream.bodyLimit {
+                respondPlain(stream, stream.bodyRefusal ?? HTTPResponse.text(413, "request body too large\n"))
+                stream.body = []
+                release(stream)
                 resetAfterResponse(stream)
                 return
             }
             stream.body.append(contentsOf: UnsafeBufferPointer(start: bytes, count: count))
+            hold(stream, count)
         case .undecided:
             break
         }
+    }
+
+    private func hold(_ stream: HTTP2Stream, _ count: Int) {
+        stream.bufferedRequestBytes += count
+        bufferedRequestBytes += count
+    }
+
+    /// The stream's buffered request bytes leave the budget (dispatched, refused or closed).
+    private func release(_ stream: HTTP2Stream) {
+        bufferedRequestBytes -= stream.bufferedRequestBytes
+        stream.bufferedRequestBytes = 0
+    }
+
+    private func refuseOverBudget(_ stream: HTTP2Stream) {
+        stream.reader = nil
+        stream.body = []
+        release(stream)
+        if stream.kind == .grpc {
+            respondStatus(stream, RPCError(code: .resourceExhausted, message: "too many request bytes buffered on this connection"))
+        } else {
+            respondPlain(stream, HTTPResponse.text(503, "too many request bytes buffered on this connection\n"))
+        }
+        resetAfterResponse(stream)
+    }
+
+    /// The body timeout for streams whose request is still arriving, and the idle timeout for a
+    /// connection with no stream. Called by the loop's housekeeping sweep.
+    func sweep(now: Int64) {
+        let configuration = core.configuration
+        if let idleSince, configuration.idleTimeoutNanoseconds > 0, !goingAway, now - idleSince > configuration.idleTimeoutNanoseconds {
+            core.logger.debug("closing an idle HTTP/2 connection", metadata: ["peer": "\(connection.peer)"])
+            connection.goAway()
+            return
+        }
+        for stream in streams.values where !stream.requestComplete && !stream.answered
+            && now - stream.lastInputAt > configuration.bodyTimeoutNanoseconds {
+            stream.reader = nil
+            stream.body = []
+            release(stream)
+            if stream.kind == .grpc {
+                respondStatus(stream, RPCError(code: .deadlineExceeded, message: "the request stalled for longer than the body timeout"))
+            } else {
+                respondPlain(stream, HTTPResponse.text(408, "request body timeout\n"))
+            }
+            resetAfterResponse(stream)
+        }
+        connection.scheduleFlush()
     }
 
     fileprivate func endOfRequest(_ streamID: Int32) {
@@ -207,6 +295,8 @@ final class HTTP2ServerSession {
     fileprivate func streamClosed(_ streamID: Int32, errorCode: UInt32) {
         guard let stream = streams.removeValue(forKey: streamID) else { return }
         stream.closed = true
+        release(stream)
+        if streams.isEmpty { idleSince = MonotonicClock.nanoseconds() }
         stream.deadlineTimer = nil
         // A stream can close before its handler was dispatched (HEADERS and RST_STREAM in one
         // read): it stays in `ready`, and `closed` keeps dispatchReady from starting it.
@@ -260,6 +350,7 @@ final class HTTP2ServerSession {
         let batch = ready
         ready.removeAll(keepingCapacity: true)
         for stream in batch where !stream.answered && !stream.closed {
+            release(stream)  // the handler owns the request now
             switch stream.kind {
             case .grpc: dispatchGRPC(stream)
             case .rest: dispatchREST(stream)

@@ -25,6 +25,15 @@ final class HTTP2Stream {
     /// Reset the stream (NO_ERROR) once the early response is sent.
     var resetAfterResponse = false
     var startedAt: Int64 = 0
+    /// When request bytes last arrived (the body timeout).
+    var lastInputAt: Int64 = 0
+    /// The `content-length` the client declared (saturating), if any.
+    var declaredLength: Int?
+    /// The route's body limit and the answer past it (REST).
+    var bodyLimit = 0
+    var bodyRefusal: HTTPResponse?
+    /// Request bytes this stream holds toward the connection's buffer budget.
+    var bufferedRequestBytes = 0
 
     var task: Task<Void, Never>?
     var deadlineTimer: LoopTimer?

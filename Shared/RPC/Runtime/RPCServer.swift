@@ -33,6 +33,14 @@ public final class RPCServer: @unchecked Sendable {
         public var drainTimeoutNanoseconds: Int64 = 30_000_000_000
         /// A connection that has not sent a complete preface or request line by then is closed.
         public var handshakeTimeoutNanoseconds: Int64 = 10_000_000_000
+        /// A connection with no request in progress is closed (HTTP/2: GOAWAY) after this long;
+        /// 0 disables. Keepalive PINGs do not count as activity.
+        public var idleTimeoutNanoseconds: Int64 = 120_000_000_000
+        /// The longest pause while a request's body arrives (408, or DEADLINE_EXCEEDED for gRPC).
+        public var bodyTimeoutNanoseconds: Int64 = 30_000_000_000
+        /// Request bytes one connection may hold buffered before their requests are dispatched;
+        /// a stream that would go past it is refused (503 / RESOURCE_EXHAUSTED).
+        public var maxConnectionBufferBytes = 128 << 20
         /// The service name used in metrics labels.
         public var serviceName = "talkmesh"
         /// A second, plaintext port serving only health (gRPC Health, /healthz, /readyz, /metrics),
@@ -47,7 +55,7 @@ public final class RPCServer: @unchecked Sendable {
     /// The health-only view served on `healthPort`.
     private let healthCore: ServerCore
     private var loops: [EventLoop] = []
-    private var listenerContexts: [ListenerContext] = []
+    fileprivate(set) var listenerContexts: [ListenerContext] = []
     /// The health port actually bound, when one is configured.
     public private(set) var boundHealthPort: Int?
     private var listeners: [OpaquePointer?] = []
@@ -120,6 +128,7 @@ public final class RPCServer: @unchecked Sendable {
             if port == 0 { port = Self.localPort(fd) }
             loop.server = self
             loop.listener = try listen(fd: fd, loop: loop, core: core)
+            loop.startHousekeeping(every: housekeepingPeriod)
         }
         boundPort = port
         if let healthPort = configuration.healthPort {
@@ -130,14 +139,26 @@ public final class RPCServer: @unchecked Sendable {
         return port
     }
 
+    /// How often each loop sweeps for idle connections and stalled bodies: a quarter of the
+    /// shortest timeout, between 50 ms and 1 s.
+    private var housekeepingPeriod: Int64 {
+        let idle = configuration.idleTimeoutNanoseconds > 0 ? configuration.idleTimeoutNanoseconds : Int64.max
+        return min(1_000_000_000, max(50_000_000, min(idle, configuration.bodyTimeoutNanoseconds) / 4))
+    }
+
     private func listen(fd: Int32, loop: EventLoop, core: ServerCore) throws -> OpaquePointer {
         let context = ListenerContext(loop: loop, core: core)
         listenerContexts.append(context)
         let listener = evconnlistener_new(loop.base, { _, fd, address, _, context in
             let context = Unmanaged<ListenerContext>.fromOpaque(context!).takeUnretainedValue()
+            context.accepted()
             context.loop.server?.accept(fd: fd, address: address, on: context.loop, core: context.core)
         }, Unmanaged.passUnretained(context).toOpaque(), LEV_OPT_CLOSE_ON_FREE, 0, fd)
         guard let listener else { throw RPCError(code: .unavailable, message: "evconnlistener_new failed") }
+        context.listener = listener
+        evconnlistener_set_error_cb(listener) { _, context in
+            Unmanaged<ListenerContext>.fromOpaque(context!).takeUnretainedValue().acceptFailed(errno)
+        }
         listeners.append(listener)
         return listener
     }
@@ -258,14 +279,44 @@ public final class RPCServer: @unchecked Sendable {
     }
 }
 
-/// What a listener's accept callback needs: the loop and which view of the server it serves.
+/// What a listener's callbacks need: the loop, which view of the server it serves, and the
+/// accept backoff. Out of descriptors (EMFILE/ENFILE) the pending connection stays in the
+/// backlog and the listener would fire again at once, spinning the loop: accepting pauses
+/// instead, 10 ms doubling to 1 s, with one log line per 10 s.
 final class ListenerContext {
     unowned let loop: EventLoop
     let core: ServerCore
+    var listener: OpaquePointer?
+    private var backoff: Int64 = 0
+    private var resumeTimer: LoopTimer?
+    private var lastLog: Int64 = 0
+    private var failuresSinceLog = 0
 
     init(loop: EventLoop, core: ServerCore) {
         self.loop = loop
         self.core = core
+    }
+
+    func accepted() {
+        backoff = 0
+    }
+
+    func acceptFailed(_ error: Int32) {
+        failuresSinceLog += 1
+        let now = MonotonicClock.nanoseconds()
+        if lastLog == 0 || now - lastLog >= 10_000_000_000 {
+            core.logger.error("accept failed: \(String(cString: strerror(error))); pausing accepts",
+                              metadata: ["errno": "\(error)", "failures": "\(failuresSinceLog)"])
+            lastLog = now
+            failuresSinceLog = 0
+        }
+        guard let listener, !loop.draining else { return }
+        evconnlistener_disable(listener)
+        backoff = backoff == 0 ? 10_000_000 : min(backoff * 2, 1_000_000_000)
+        resumeTimer = LoopTimer(loop: loop, after: backoff) { [weak self] in
+            guard let self, let listener = self.listener, !self.loop.draining else { return }
+            evconnlistener_enable(listener)
+        }
     }
 }
 
@@ -310,6 +361,7 @@ extension EventLoop {
         draining = true
         if let listener { evconnlistener_free(listener) }
         listener = nil
+        for context in server?.listenerContexts ?? [] where context.loop === self { context.listener = nil }
         if let healthListener { evconnlistener_free(healthListener) }
         healthListener = nil
         for connection in Array(connections.values) { connection.goAway() }
