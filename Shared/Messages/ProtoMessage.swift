@@ -26,7 +26,68 @@ public protocol ProtoMessage: Sendable, Hashable {
 public struct ProtoDecodingError: Error, CustomStringConvertible {
     /// The message type that failed to decode.
     public var messageType: String
-    public var description: String { "invalid protobuf encoding of \(messageType)" }
+    /// Set when the encoding is sound but a `string` field is not valid UTF-8 or holds a NUL
+    /// (protobuf-c's strings end at the first NUL, so `out/x\0.png` would silently become `out/x`).
+    public var invalidStringField: String?
+
+    public init(messageType: String, invalidStringField: String? = nil) {
+        self.messageType = messageType
+        self.invalidStringField = invalidStringField
+    }
+
+    public var description: String {
+        if let field = invalidStringField { return "\(field): a string must be valid UTF-8 without NUL characters" }
+        return "invalid protobuf encoding of \(messageType)"
+    }
+}
+
+/// Checks every `string` field of an encoded message (nested messages included) for NUL bytes
+/// and invalid UTF-8, guided by protobuf-c's descriptor. Runs after a successful unpack, so the
+/// encoding is known to be well formed; every read is bounds-checked all the same.
+enum ProtoStringCheck {
+    /// The dotted name of the first bad string field, or nil when all are good.
+    static func firstInvalidField(_ bytes: UnsafeBufferPointer<UInt8>, _ descriptor: UnsafePointer<ProtobufCMessageDescriptor>,
+                                  prefix: String = "", depth: Int = 0) -> String? {
+        guard depth < 64 else { return nil }
+        var index = 0
+        func varint() -> UInt64? {
+            var value: UInt64 = 0
+            var shift: UInt64 = 0
+            while index < bytes.count, shift < 64 {
+                let byte = bytes[index]
+                index += 1
+                value |= UInt64(byte & 0x7F) << shift
+                if byte & 0x80 == 0 { return value }
+                shift += 7
+            }
+            return nil
+        }
+        while index < bytes.count {
+            guard let key = varint() else { return nil }
+            let number = UInt32(truncatingIfNeeded: key >> 3)
+            switch key & 7 {
+            case 0: guard varint() != nil else { return nil }
+            case 1: index += 8
+            case 5: index += 4
+            case 2:
+                guard let length = varint(), length <= UInt64(bytes.count - index) else { return nil }
+                let start = index
+                index += Int(length)
+                guard let field = protobuf_c_message_descriptor_get_field(descriptor, number) else { continue }
+                let value = UnsafeBufferPointer(rebasing: bytes[start..<index])
+                let name = prefix + String(cString: field.pointee.name)
+                if field.pointee.type == PROTOBUF_C_TYPE_STRING {
+                    if value.contains(0) || String(validating: value, as: UTF8.self) == nil { return name }
+                } else if field.pointee.type == PROTOBUF_C_TYPE_MESSAGE, let nested = field.pointee.descriptor {
+                    let nestedDescriptor = nested.assumingMemoryBound(to: ProtobufCMessageDescriptor.self)
+                    if let bad = firstInvalidField(value, nestedDescriptor, prefix: name + ".", depth: depth + 1) { return bad }
+                }
+            default:
+                return nil  // groups: not used by proto3
+            }
+        }
+        return nil
+    }
 }
 
 extension ProtoMessage {
@@ -39,6 +100,10 @@ extension ProtoMessage {
             ?? withUnsafePointer(to: &empty) { Self.cUnpack($0, 0) }
         guard let unpacked else { throw ProtoDecodingError(messageType: String(describing: Self.self)) }
         defer { Self.cFreeUnpacked(unpacked) }
+        if let base, let descriptor = UnsafeRawPointer(unpacked).assumingMemoryBound(to: ProtobufCMessage.self).pointee.descriptor,
+           let field = ProtoStringCheck.firstInvalidField(UnsafeBufferPointer(start: base, count: bytes.count), descriptor) {
+            throw ProtoDecodingError(messageType: String(describing: Self.self), invalidStringField: field)
+        }
         self.init(c: unpacked.pointee)
     }
 

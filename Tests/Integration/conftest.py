@@ -52,8 +52,9 @@ def free_port(host="127.0.0.1"):
 class Service:
     """A running executable: its port, its log, and a clean SIGTERM stop."""
 
-    def __init__(self, exe, env=None, args=(), host="127.0.0.1", port=None):
-        """`port`: where the service is expected to listen when a flag, not PORT, sets it."""
+    def __init__(self, exe, env=None, args=(), host="127.0.0.1", port=None, nofile=None):
+        """`port`: where the service is expected to listen when a flag, not PORT, sets it;
+        `nofile`: a descriptor limit (RLIMIT_NOFILE) for the process."""
         self.exe = exe
         self.host = host
         env_port = free_port(host)
@@ -63,7 +64,12 @@ class Service:
         full_env.update({"HOST": host, "PORT": str(env_port), "LOG_LEVEL": "debug",
                          "BLOB_STORE": "file://" + tempfile.mkdtemp(prefix="talkmesh-blobs-")})
         full_env.update(env or {})
-        self.proc = subprocess.Popen([os.path.join(BIN, exe), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        def limit():
+            if nofile:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        self.proc = subprocess.Popen([os.path.join(BIN, exe), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=limit)
         self.wait_ready()
 
     @property

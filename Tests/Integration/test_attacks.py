@@ -32,6 +32,29 @@ def rss_bytes(service):
     raise AssertionError("no VmRSS")
 
 
+def send_body(client, sid, data, end_stream=False, timeout=10):
+    """Sends `data` on a stream in frames that respect the peer's frame size and flow control."""
+    deadline = time.time() + timeout
+    client.pump(lambda: False, timeout=0.05)  # take the server's SETTINGS and window updates
+    offset = 0
+    while offset < len(data):
+        window = min(client.conn.local_flow_control_window(sid), client.conn.max_outbound_frame_size)
+        if window <= 0:
+            assert time.time() < deadline, "flow control never opened"
+            if sid in client.ended or not client.pump(lambda: client.conn.local_flow_control_window(sid) > 0, timeout=1):
+                if sid in client.ended:
+                    return offset
+            continue
+        piece = data[offset:offset + window]
+        client.conn.send_data(sid, piece)
+        offset += len(piece)
+        client.flush()
+    if end_stream:
+        client.conn.end_stream(sid)
+        client.flush()
+    return offset
+
+
 def hold_stats(client, tag):
     sid = client.conn.get_next_available_stream_id()
     client.conn.send_headers(sid, grpc_headers(STATS))
@@ -216,3 +239,331 @@ def test_a_tiny_png_claiming_a_huge_size_is_refused_before_decoding(start_servic
     grown = rss_bytes(service) - before
     assert grown < 32 << 20, f"RSS grew by {grown >> 20} MiB"
     assert_serving(service)
+
+
+# 4. Bodies are routed on the head: no body is buffered for a route that takes none, each
+#    route has its limit, a connection has a budget, and a stalled body times out.
+
+def http1_exchange(service, raw, timeout=5):
+    """Sends raw bytes, returns everything the server answers until it closes or goes quiet."""
+    with socket.create_connection((service.host, service.port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        out = b""
+        sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except socket.timeout:
+            pass
+        return out
+
+
+@pytest.mark.parametrize("exe", ["talkmesh-testserver", "talkmesh-media", "talkmesh-runpod-emulator"])
+def test_http2_bodies_to_healthz_are_refused_at_their_first_byte(start_service, exe):
+    service = start_service(exe)
+    before = rss_bytes(service)
+    client = Client(service)
+    sids = []
+    for _ in range(8):
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":path", "/healthz"), (":authority", "x")])
+        client.flush()
+        send_body(client, sid, b"\0" * 60000)
+        sids.append(sid)
+    assert client.pump(lambda: all(s in client.ended for s in sids)), client.terminated
+    for sid in sids:
+        assert client.headers[sid][":status"] == "413", client.headers[sid]
+    assert rss_bytes(service) - before < 16 << 20
+    client.close()
+    if exe != "talkmesh-runpod-emulator":
+        assert_serving(service)
+
+
+def test_http2_declared_length_over_the_route_limit_is_refused_before_any_data(start_service):
+    service = start_service(env={"MAX_BODY_BYTES": str(1 << 20)})
+    client = Client(service)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/echo"), (":authority", "x"),
+                                   ("content-length", str(60 << 20))])
+    client.flush()
+    assert client.pump(lambda: sid in client.ended)
+    assert client.headers[sid][":status"] == "413"
+    client.close()
+
+
+@pytest.mark.parametrize("request_head,status", [
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 60000000\r\n\r\n", b"413"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n", b"413"),
+    (b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 60000000\r\n\r\n", b"404"),
+    (b"DELETE /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 60000000\r\n\r\n", b"405"),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n", b"413"),
+])
+def test_http1_bodies_are_refused_from_the_head(start_service, request_head, status):
+    service = start_service(env={"MAX_BODY_BYTES": str(1 << 20)})
+    before = rss_bytes(service)
+    answer = http1_exchange(service, request_head)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert rss_bytes(service) - before < 8 << 20
+    assert service.http_get("/healthz") == (200, "ok\n")
+
+
+def test_http1_chunked_body_over_the_limit_is_refused_as_it_arrives(start_service):
+    service = start_service(env={"MAX_BODY_BYTES": str(1 << 20)})
+    with socket.create_connection((service.host, service.port), timeout=10) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % 65536 + b"a" * 65536 + b"\r\n"
+        sent = 0
+        try:
+            while sent < (4 << 20):
+                sock.sendall(chunk)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_a_stalled_http1_body_times_out(start_service):
+    service = start_service(env={"BODY_TIMEOUT": "1s"})
+    started = time.time()
+    answer = http1_exchange(service, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789", timeout=6)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.time() - started < 4
+
+
+def test_stalled_http2_bodies_time_out(start_service):
+    service = start_service(env={"BODY_TIMEOUT": "1s"})
+    client = Client(service)
+    grpc_sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(grpc_sid, grpc_headers(HOLD))
+    client.conn.send_data(grpc_sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=1, tag="stall"))[:4])
+    rest_sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(rest_sid, [(":method", "POST"), (":scheme", "http"), (":path", "/echo"), (":authority", "x")])
+    client.conn.send_data(rest_sid, b"partial")
+    client.flush()
+    started = time.time()
+    assert client.pump(lambda: grpc_sid in client.ended and rest_sid in client.ended, timeout=6)
+    assert time.time() - started < 4
+    assert client.status(grpc_sid) == "4"  # DEADLINE_EXCEEDED
+    assert client.headers[rest_sid][":status"] == "408"
+    assert hold_stats(client, "stall").started == 0
+    client.close()
+
+
+def test_a_connection_over_its_buffer_budget_is_refused_per_stream(start_service):
+    limit = 1 << 20
+    service = start_service(env={"MAX_BODY_BYTES": str(limit), "MAX_RECEIVE_MESSAGE_BYTES": str(limit),
+                                 "MAX_CONNECTION_BUFFER_BYTES": str(2 * limit)})
+    client = Client(service)
+    sids = []
+    for _ in range(4):
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/echo"), (":authority", "x")])
+        client.flush()
+        send_body(client, sid, b"x" * 700_000)  # never ended: held until the budget refuses
+        sids.append(sid)
+    assert client.pump(lambda: len(client.ended) >= 2, timeout=5)
+    refused = [s for s in sids if client.headers.get(s, {}).get(":status") == "503"]
+    assert len(refused) == 2, client.headers
+    assert set(refused) == set(sids[2:])
+    client.close()
+    assert_serving(service)
+
+
+# 5. Pipelined requests whose responses are never read stop being read.
+
+def test_unread_pipelined_responses_do_not_grow_the_service(start_service):
+    service = start_service()
+    before = rss_bytes(service)
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = socket.create_connection((service.host, service.port))
+    sock.setblocking(False)
+    sent, deadline = 0, time.time() + 3
+    burst = request * 1000
+    while sent < 60_000 and time.time() < deadline:
+        try:
+            sock.send(burst)
+            sent += 1000
+        except BlockingIOError:
+            time.sleep(0.05)
+    time.sleep(0.5)
+    grown = rss_bytes(service) - before
+    assert grown < 24 << 20, f"RSS grew by {grown >> 20} MiB"
+    # The kernel's socket buffers absorb a few thousand responses; past them the server stops.
+    _, metrics = service.http_get("/metrics")
+    served = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                 if line.startswith("talkmesh_http_server_requests_total") and 'route="/metrics"' in line)
+    assert served < sent / 3, f"{served} of {sent} pipelined requests were answered while nothing was read"
+    # Reading the responses lets the connection go on.
+    sock.setblocking(True)
+    sock.settimeout(5)
+    assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    sock.close()
+    assert service.http_get("/healthz") == (200, "ok\n")
+
+
+# 6. Out of descriptors, accepting backs off instead of spinning; idle connections are closed.
+
+def test_descriptor_exhaustion_backs_off_and_recovers(start_service):
+    service = start_service(nofile=64, env={"EVENT_LOOPS": "1", "WORKERS": "1"})
+    conns = []
+    for _ in range(80):
+        try:
+            conns.append(socket.create_connection((service.host, service.port), timeout=2))
+        except OSError:
+            break
+    time.sleep(0.3)
+    before = cpu_seconds(service)
+    time.sleep(2)
+    spent = cpu_seconds(service) - before
+    assert spent < 0.3, f"the accept loop spun: {spent:.2f} s of CPU in 2 s"
+    assert service.read_log().count("accept failed") <= 2
+    for sock in conns:
+        sock.close()
+    deadline = time.time() + 5
+    while True:
+        try:
+            assert service.http_get("/healthz", timeout=2) == (200, "ok\n")
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+    assert_serving(service)
+
+
+def test_idle_http1_connection_is_closed(start_service):
+    service = start_service(env={"IDLE_TIMEOUT": "1s"})
+    with socket.create_connection((service.host, service.port), timeout=6) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.time()
+        assert sock.recv(4096) == b""
+        assert time.time() - started < 4
+
+
+def test_idle_http2_connection_gets_goaway(start_service):
+    import h2.events
+    service = start_service(env={"IDLE_TIMEOUT": "1s"})
+    client = Client(service)
+    started = time.time()
+    assert client.pump(lambda: client.terminated is not None, timeout=8)
+    assert time.time() - started < 5
+    assert isinstance(client.terminated, h2.events.ConnectionTerminated) or client.terminated == "closed"
+    client.close()
+
+
+def test_an_http2_connection_with_a_stream_in_flight_is_not_idle(start_service):
+    service = start_service(env={"IDLE_TIMEOUT": "1s"})
+    client = Client(service)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers(HOLD))
+    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=2500, tag="busy")), end_stream=True)
+    client.flush()
+    assert client.pump(lambda: sid in client.ended, timeout=8)
+    assert client.status(sid) == "0"
+    client.close()
+
+
+# 7. Smaller findings.
+
+def wav_with_rate(rate, channels=1, bits=16, frames=16000):
+    data = b"\0" * (frames * channels * bits // 8)
+    fmt = struct.pack("<HHIIHH", 1, channels, rate & 0xFFFFFFFF, (rate * channels * bits // 8) & 0xFFFFFFFF, channels * bits // 8, bits)
+    return b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
+
+
+@pytest.mark.parametrize("rate", [0xFFFFFFFF, 0x7FFFFFFF, 3_000_000, 0])
+def test_an_absurd_wav_sample_rate_gets_a_real_message(start_service, rate):
+    from tmaudio import audio_pb2, audio_pb2_grpc
+    service = start_service("talkmesh-audio")
+    blobs = service_blob_dir(service)
+    with open(os.path.join(blobs, "absurd.wav"), "wb") as fh:
+        fh.write(wav_with_rate(rate))
+    with grpc.insecure_channel(service.address) as channel:
+        stub = audio_pb2_grpc.AudioServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SplitAudio(audio_pb2.SplitAudioRequest(audio_key="absurd.wav"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith("INVALID_AUDIO:"), info.value.details()
+    assert "Success" not in info.value.details()
+    if rate == 3_000_000:  # libav itself refuses the others while opening
+        assert "sample rate" in info.value.details()
+    assert_serving(service)
+
+
+def test_grpc_encoding_gzip_is_unimplemented(testserver):
+    client = Client(testserver)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers("/talkmesh.testing.v1.EchoService/Echo", [("grpc-encoding", "gzip")]))
+    client.conn.send_data(sid, grpc_frame(echo_pb2.EchoRequest(text="hi")), end_stream=True)
+    client.flush()
+    assert client.pump(lambda: sid in client.ended)
+    assert client.status(sid) == "12"
+    assert (client.trailers.get(sid) or client.headers.get(sid))["grpc-accept-encoding"] == "identity"
+    client.close()
+
+
+@pytest.mark.parametrize("key,code", [("out/" + "a" * 300 + ".png", "INVALID_KEY"), ("out/x\0.png", "INVALID_ARGUMENT")])
+def test_bad_output_keys_are_refused_with_a_stable_code(start_service, key, code):
+    from tmmedia import media_pb2, media_pb2_grpc
+    service = start_service("talkmesh-media")
+    blobs = service_blob_dir(service)
+    make_png(os.path.join(blobs, "in.png"), 128, 128)
+    with grpc.insecure_channel(service.address) as channel:
+        stub = media_pb2_grpc.MediaServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in.png", width=64, height=64, output_key=key), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith(code + ":"), info.value.details()
+    assert not os.path.exists(os.path.join(blobs, "out", "x"))
+
+
+def test_a_key_naming_a_directory_is_invalid_key(start_service):
+    from tmmedia import media_pb2, media_pb2_grpc
+    service = start_service("talkmesh-media")
+    blobs = service_blob_dir(service)
+    make_png(os.path.join(blobs, "in.png"), 128, 128)
+    os.makedirs(os.path.join(blobs, "out", "dir.png"))
+    with grpc.insecure_channel(service.address) as channel:
+        stub = media_pb2_grpc.MediaServiceStub(channel)
+        for request in (media_pb2.ResizeImageRequest(image_key="in.png", width=64, height=64, output_key="out/dir.png"),
+                        media_pb2.ResizeImageRequest(image_key="out", width=64, height=64)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ResizeImage(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert info.value.details().startswith("INVALID_KEY:"), info.value.details()
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b"GET /healthz HTTP/1.1\nHost: x\n\n", b"without CR"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\nX-A: b\r\n\r\n", b"without CR"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  folded\r\n\r\n", b"folding"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tfolded\r\n\r\n", b"folding"),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n", b"CRLF"),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\n\n0\r\n\r\n", b"CRLF"),
+])
+def test_http1_parsing_is_strict(testserver, raw, reason):
+    answer = http1_exchange(testserver, raw)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert reason in answer
+
+
+def test_strict_parsing_still_takes_well_formed_pipelined_and_chunked_requests(testserver):
+    chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    plain = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((testserver.host, testserver.port), timeout=5) as sock:
+        # Split at every awkward place: between CR and LF, inside the head, inside the chunk trailer.
+        data = b"\r\n" + chunked + plain + chunked
+        for cut in range(0, len(data), 7):
+            sock.sendall(data[cut:cut + 7])
+            time.sleep(0.001)
+        out = b""
+        while out.count(b"HTTP/1.1 200") < 3:
+            chunk = sock.recv(65536)
+            assert chunk, out
+            out += chunk
+    assert out.count(b"abcde") == 2

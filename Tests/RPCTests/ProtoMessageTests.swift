@@ -41,6 +41,33 @@ struct ProtoMessageTests {
         #expect(decoded.chunks[0].error == nil)
     }
 
+    /// The encoding of `job` with the first occurrence of `text` changed by `change` (same length).
+    func corrupt(_ job: Job, _ text: String, _ change: ([UInt8]) -> [UInt8]) -> [UInt8] {
+        var bytes = job.serializedBytes()
+        let needle = Array(text.utf8)
+        let start = (0...(bytes.count - needle.count)).first { Array(bytes[$0..<($0 + needle.count)]) == needle }!
+        bytes.replaceSubrange(start..<(start + needle.count), with: change(needle))
+        return bytes
+    }
+
+    @Test("a string with a NUL or invalid UTF-8 is refused, naming the field, even nested")
+    func invalidStrings() {
+        let job = sampleJob()
+        let cases: [(String, String, ([UInt8]) -> [UInt8])] = [
+            ("job-1", "id", { $0.dropLast() + [0] }),
+            ("jobs/job-1/chunks/2.wav", "chunks.audio_key", { [$0[0], 0] + $0.dropFirst(2) }),
+            ("jobs/job-1/chunks/2.wav", "chunks.audio_key", { [0xC3, 0x28] + $0.dropFirst(2) }),
+        ]
+        for (text, field, change) in cases {
+            #expect(throws: ProtoDecodingError.self) { try Job(serializedBytes: corrupt(job, text, change)) }
+            do {
+                _ = try Job(serializedBytes: corrupt(job, text, change))
+            } catch {
+                #expect(error.invalidStringField == field)
+            }
+        }
+    }
+
     @Test("repeated strings and bytes round-trip")
     func repeatedAndBytes() throws {
         var request = StitchVideosRequest()

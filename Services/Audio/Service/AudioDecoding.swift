@@ -26,11 +26,26 @@ public struct AudioProbe: Sendable {
 
 /// The libav side of the Audio service: any format libavformat/libavcodec read, in process.
 public enum AudioDecoding {
+    /// The widest formats accepted; a header can claim anything (a WAV's rate is 32 bits), and a
+    /// resampler set up for an absurd one fails with no useful error.
+    static let sampleRates = 1_000...768_000
+    static let channelCounts = 1...64
+
+    static func checkFormat(rate: Int, channels: Int) throws(ServiceError) {
+        guard sampleRates.contains(rate) else {
+            throw ServiceError(.invalidAudio, "the audio's sample rate \(rate) Hz is outside \(sampleRates.lowerBound)–\(sampleRates.upperBound) Hz")
+        }
+        guard channelCounts.contains(channels) else {
+            throw ServiceError(.invalidAudio, "the audio has \(channels) channels; at most \(channelCounts.upperBound) are accepted")
+        }
+    }
+
     /// Reads stream parameters and the declared duration without decoding.
     public static func probe(path: String, flag: CancellationFlag) throws -> AudioProbe {
         let input = try MediaInput(path: path, flag: flag, invalid: .invalidAudio)
         let decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidAudio, what: "audio")
         let context = decoder.context!.pointee
+        try checkFormat(rate: Int(context.sample_rate), channels: Int(context.ch_layout.nb_channels))
         let stream = input.streams[Int(decoder.streamIndex)].pointee
         var duration = input.declaredDuration ?? 0
         if stream.duration > 0 {
@@ -49,7 +64,7 @@ public enum AudioDecoding {
         guard let codec = decoder.context else { throw ServiceError(.internalError, "no decoder") }
         let rate = Int(codec.pointee.sample_rate)
         let channels = Int(codec.pointee.ch_layout.nb_channels)
-        guard rate > 0, channels > 0 else { throw ServiceError(.invalidAudio, "the audio stream has no sample rate or channels") }
+        try checkFormat(rate: rate, channels: channels)
         if let declared = input.declaredDuration, declared > maxSeconds + 1 {
             throw ServiceError(.audioTooLong, "the audio lasts \(Int(declared)) s; the limit is \(Int(maxSeconds)) s")
         }

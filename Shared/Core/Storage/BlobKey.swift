@@ -3,14 +3,14 @@
 public struct BlobKey: Hashable, Sendable, CustomStringConvertible {
     public let rawValue: String
 
-    /// Validates: 1–512 bytes, `/`-separated segments of `A-Z a-z 0-9 . _ -`, none empty, `.` or `..`,
-    /// no leading `/`.
+    /// Validates: 1–512 bytes, `/`-separated segments of 1–255 bytes of `A-Z a-z 0-9 . _ -`, none
+    /// `.` or `..`, no leading `/`.
     public init(_ text: String) throws(ServiceError) {
         guard !text.isEmpty, text.utf8.count <= 512 else {
             throw ServiceError(.invalidKey, "a blob key must have 1 to 512 bytes")
         }
         for segment in text.split(separator: "/", omittingEmptySubsequences: false) {
-            guard !segment.isEmpty, segment != ".", segment != "..",
+            guard !segment.isEmpty, segment.utf8.count <= 255, segment != ".", segment != "..",
                   segment.utf8.allSatisfy({ Self.allowed($0) }) else {
                 throw ServiceError(.invalidKey, "invalid blob key \"\(text)\"")
             }

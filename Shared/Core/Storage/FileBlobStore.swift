@@ -19,8 +19,12 @@ public struct FileBlobStore: BlobStore {
     public func withLocalFile<T>(_ key: BlobKey, _ body: (String) throws -> T) throws -> T {
         let path = path(key)
         var info = stat()
-        guard stat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+        guard stat(path, &info) == 0 else {
+            if errno == ENOTDIR || errno == ENAMETOOLONG { throw Self.failure("stat", path) }
             throw ServiceError(.notFound, "no blob \(key)")
+        }
+        guard (info.st_mode & S_IFMT) == S_IFREG else {
+            throw ServiceError(.invalidKey, "the blob key \(key) names a directory, not a blob")
         }
         return try body(path)
     }
@@ -77,6 +81,10 @@ public struct FileBlobStore: BlobStore {
         let text = String(cString: strerror(error))
         if error == ENOSPC || error == EDQUOT {
             return ServiceError(.storageFull, "no space left for \(path)", cause: text)
+        }
+        // The key itself is at fault: it names a directory, or a file where a directory is needed.
+        if error == EISDIR || error == ENOTDIR || error == ENAMETOOLONG {
+            return ServiceError(.invalidKey, "the blob key conflicts with the store's layout (\(text))", cause: path)
         }
         return ServiceError(.storageFailed, "\(what) \(path) failed", cause: text)
     }

@@ -64,7 +64,9 @@ struct GRPCMessageReader {
                 if length > maxMessageBytes { throw .tooLarge(announced: length, limit: maxMessageBytes) }
                 expected = length
                 message = []
-                message.reserveCapacity(length)
+                // Memory follows the bytes that arrive: a prefix that merely announces 64 MiB
+                // must not reserve 64 MiB.
+                message.reserveCapacity(min(length, 64 << 10))
             }
             let take = min(expected - message.count, bytes.count - index)
             if take > 0 {

@@ -66,6 +66,9 @@ public struct RPCServiceRegistry: Sendable {
         do {
             return try Request(serializedBytes: bytes)
         } catch {
+            // A sound encoding with a bad string is the caller's argument; anything else is
+            // gRPC's INTERNAL for an unparsable request.
+            if error.invalidStringField != nil { throw RPCError(code: .invalidArgument, message: "INVALID_ARGUMENT: \(error)") }
             throw RPCError(code: .internal, message: "could not decode the request: \(error)")
         }
     }

@@ -48,6 +48,14 @@ final class HTTP1ServerSession {
     private var queuedBytes = 0
     private var readPaused = false
     private var lastActivityAt = MonotonicClock.nanoseconds()
+    /// Strictness the parser lacks: the head's line ends, and the CRLF after each chunk's data.
+    private var headScanner = HTTP1HeadScanner()
+    /// Where the parser was paused to check a position: after a chunk's data, or a message's end.
+    private enum Boundary { case chunkEnd, messageEnd }
+    private var boundary: Boundary?
+    /// The last byte of the previous read (a chunk's CR may end one read and its LF start the next).
+    private var previousByte: UInt8 = 0
+    private var lastChunkSize: UInt64 = 0
 
     init(connection: Connection) {
         self.connection = connection
@@ -72,12 +80,38 @@ final class HTTP1ServerSession {
         lastActivityAt = MonotonicClock.nanoseconds()
         connection.callbackDepth += 1
         var offset = 0
+        let octets = UnsafePointer(bytes)
         while offset < length && !closeAfterFlush {
+            if headScanner.inHead {
+                do throws(HTTP1HeadScanner.Violation) {
+                    try headScanner.scan(octets, from: offset, to: length)
+                } catch {
+                    fail(400, error == .bareLineFeed ? "malformed HTTP/1.1 request (a line ends without CR)\n"
+                                                     : "malformed HTTP/1.1 request (obsolete line folding)\n")
+                    break
+                }
+            }
             let parsed = bytes.withMemoryRebound(to: CChar.self, capacity: length) { chars in
                 http_parser_execute(parser, &HTTP1ServerSession.settings, chars + offset, length - offset)
             }
             offset += parsed
             let errno = parser.pointee.http_errno
+            if let boundary, failure == nil, errno == HPE_PAUSED.rawValue {
+                self.boundary = nil
+                http_parser_pause(parser, 0)
+                switch boundary {
+                case .messageEnd:
+                    headScanner.reset()
+                case .chunkEnd:
+                    // Paused at the byte after a chunk's data and the one after it: they must be CRLF.
+                    let lf = octets[offset - 1]
+                    let cr = offset >= 2 ? octets[offset - 2] : previousByte
+                    if cr != 0x0D || lf != 0x0A {
+                        fail(400, "malformed HTTP/1.1 request (chunk data not followed by CRLF)\n")
+                    }
+                }
+                continue
+            }
             if let failure {
                 switch failure {
                 case .headersTooLarge: fail(431, "request header fields too large\n")
@@ -95,6 +129,7 @@ final class HTTP1ServerSession {
                 break
             }
         }
+        previousByte = octets[length - 1]
         evbuffer_drain(input, length)
         connection.callbackDepth -= 1
         if queue.count >= Self.maxQueued && !readPaused {
@@ -323,6 +358,20 @@ final class HTTP1ServerSession {
             session.queuedBytes += request.body.count
             session.queue.append(PendingRequest(request: request, keepAlive: http_should_keep_alive(parser) != 0,
                                                 receivedAt: session.messageStartedAt))
+            session.boundary = .messageEnd
+            http_parser_pause(parser, 1)
+            return 0
+        }
+        settings.on_chunk_header = { parser in
+            from(parser).lastChunkSize = parser!.pointee.content_length
+            return 0
+        }
+        settings.on_chunk_complete = { parser in
+            let session = from(parser)
+            // The last (empty) chunk completes at the end of its trailers, not after data.
+            guard session.lastChunkSize > 0 else { return 0 }
+            session.boundary = .chunkEnd
+            http_parser_pause(parser, 1)
             return 0
         }
         return settings

@@ -113,6 +113,8 @@ final class HTTP2ServerSession {
         } else if bytesEqual(name, nameLength, "content-length") {
             stream.declaredLength = Self.decimal(value, valueLength)
             stream.restHeaders.append(("content-length", valueString()))
+        } else if bytesEqual(name, nameLength, "grpc-encoding") {
+            if !bytesEqual(value, valueLength, "identity") { stream.encoding = valueString() }
         } else if bytesEqual(name, nameLength, "grpc-timeout") {
             stream.timeoutNanoseconds = GRPCTimeout.parse(UnsafeBufferPointer(start: value, count: valueLength)) ?? -1
         } else if bytesEqual(name, nameLength, "traceparent") {
@@ -176,6 +178,13 @@ final class HTTP2ServerSession {
             }
             stream.grpcMethod = method
             stream.methodIndex = method.index
+            if let encoding = stream.encoding {
+                // gRPC's compression spec: an unsupported algorithm is UNIMPLEMENTED, with what is accepted.
+                respondStatus(stream, RPCError(code: .unimplemented, message: "grpc-encoding \(encoding) is not supported; use identity"),
+                              extra: [("grpc-accept-encoding", "identity")])
+                resetAfterResponse(stream)
+                return
+            }
             stream.reader = GRPCMessageReader(maxMessageBytes: core.configuration.maxReceiveMessageBytes)
             if let timeout = stream.timeoutNanoseconds {
                 guard timeout >= 0 else {
@@ -521,7 +530,7 @@ final class HTTP2ServerSession {
 
     /// A gRPC status with no response message: Trailers-Only (one HEADERS frame with END_STREAM),
     /// or trailers after the data already sent.
-    private func respondStatus(_ stream: HTTP2Stream, _ error: RPCError?) {
+    private func respondStatus(_ stream: HTTP2Stream, _ error: RPCError?, extra: [(name: String, value: String)] = []) {
         guard !stream.answered else { return }
         if stream.responseStarted {
             finishResponse(stream, trailers: error.map(statusHeaders))
@@ -534,6 +543,7 @@ final class HTTP2ServerSession {
         stream.outboundFinished = true
         var headers: [(name: String, value: String)] = [(":status", "200"), ("content-type", "application/grpc")]
         headers += error.map(statusHeaders) ?? [("grpc-status", "0")]
+        headers += extra
         let block = HeaderBlock(headers)
         block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, nil) }
         block.free()

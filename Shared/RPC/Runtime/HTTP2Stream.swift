@@ -29,6 +29,8 @@ final class HTTP2Stream {
     var lastInputAt: Int64 = 0
     /// The `content-length` the client declared (saturating), if any.
     var declaredLength: Int?
+    /// A `grpc-encoding` other than identity (none is supported).
+    var encoding: String?
     /// The route's body limit and the answer past it (REST).
     var bodyLimit = 0
     var bodyRefusal: HTTPResponse?
