@@ -260,14 +260,17 @@ final class HTTP2ServerSession {
     }
 
     private func refuseOverBudget(_ stream: HTTP2Stream) {
+        abandonRequest(stream, RPCError(code: .resourceExhausted, message: "too many request bytes buffered on this connection"),
+                       HTTPResponse.text(503, "too many request bytes buffered on this connection\n"))
+    }
+
+    /// Drops what a stream's request buffered, answers (gRPC status or HTTP response by the
+    /// stream's kind) and resets the stream so the client stops sending.
+    private func abandonRequest(_ stream: HTTP2Stream, _ error: RPCError, _ response: HTTPResponse) {
         stream.reader = nil
         stream.body = []
         release(stream)
-        if stream.kind == .grpc {
-            respondStatus(stream, RPCError(code: .resourceExhausted, message: "too many request bytes buffered on this connection"))
-        } else {
-            respondPlain(stream, HTTPResponse.text(503, "too many request bytes buffered on this connection\n"))
-        }
+        if stream.kind == .grpc { respondStatus(stream, error) } else { respondPlain(stream, response) }
         resetAfterResponse(stream)
     }
 
@@ -282,15 +285,8 @@ final class HTTP2ServerSession {
         }
         for stream in streams.values where !stream.requestComplete && !stream.answered
             && now - stream.lastInputAt > configuration.bodyTimeoutNanoseconds {
-            stream.reader = nil
-            stream.body = []
-            release(stream)
-            if stream.kind == .grpc {
-                respondStatus(stream, RPCError(code: .deadlineExceeded, message: "the request stalled for longer than the body timeout"))
-            } else {
-                respondPlain(stream, HTTPResponse.text(408, "request body timeout\n"))
-            }
-            resetAfterResponse(stream)
+            abandonRequest(stream, RPCError(code: .deadlineExceeded, message: "the request stalled for longer than the body timeout"),
+                           HTTPResponse.text(408, "request body timeout\n"))
         }
         connection.scheduleFlush()
     }
