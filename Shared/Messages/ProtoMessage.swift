@@ -47,7 +47,7 @@ public struct ProtoDecodingError: Error, CustomStringConvertible {
 enum ProtoStringCheck {
     /// The dotted name of the first bad string field, or nil when all are good.
     static func firstInvalidField(_ bytes: UnsafeBufferPointer<UInt8>, _ descriptor: UnsafePointer<ProtobufCMessageDescriptor>,
-                                  prefix: String = "", depth: Int = 0) -> String? {
+                                  depth: Int = 0) -> String? {
         guard depth < 64 else { return nil }
         var index = 0
         func varint() -> UInt64? {
@@ -75,12 +75,14 @@ enum ProtoStringCheck {
                 index += Int(length)
                 guard let field = protobuf_c_message_descriptor_get_field(descriptor, number) else { continue }
                 let value = UnsafeBufferPointer(rebasing: bytes[start..<index])
-                let name = prefix + String(cString: field.pointee.name)
+                // The name is built only for the answer: this runs on every request's decode.
                 if field.pointee.type == PROTOBUF_C_TYPE_STRING {
-                    if value.contains(0) || String(validating: value, as: UTF8.self) == nil { return name }
+                    if value.contains(0) || String(validating: value, as: UTF8.self) == nil { return String(cString: field.pointee.name) }
                 } else if field.pointee.type == PROTOBUF_C_TYPE_MESSAGE, let nested = field.pointee.descriptor {
                     let nestedDescriptor = nested.assumingMemoryBound(to: ProtobufCMessageDescriptor.self)
-                    if let bad = firstInvalidField(value, nestedDescriptor, prefix: name + ".", depth: depth + 1) { return bad }
+                    if let bad = firstInvalidField(value, nestedDescriptor, depth: depth + 1) {
+                        return String(cString: field.pointee.name) + "." + bad
+                    }
                 }
             default:
                 return nil  // groups: not used by proto3

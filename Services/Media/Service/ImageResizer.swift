@@ -81,7 +81,10 @@ public struct ImageResizer: Sendable {
     /// Decodes the first frame and fits it to the target canvas (RGB24).
     func decodeAndFit(path: String, flag: CancellationFlag, options: Options) throws -> ([UInt8], Int, Int) {
         let background = options.background
-        let header = try FileBlobStore.withReader(path) { read in ImageHeader.read { (try? read($0, $1)) ?? [] } }
+        // One open for both: the declared size, and the first 256 KiB where a JPEG keeps its EXIF.
+        let (header, head) = try FileBlobStore.withReader(path) { read in
+            (ImageHeader.read { (try? read($0, $1)) ?? [] }, (try? read(0, 256 * 1024)) ?? [])
+        }
         switch header {
         case .failure(.unknownFormat):
             throw ServiceError(.invalidImage, "not a PNG, JPEG, WebP, BMP or GIF image")
@@ -93,7 +96,6 @@ public struct ImageResizer: Sendable {
                 throw ServiceError(.imageTooLarge, "the image is \(declared.width)×\(declared.height); the limit is \(configuration.maxPixels / 1_000_000) megapixels")
             }
         }
-        let head = (try? FileBlobStore.readPrefix(path, count: 256 * 1024)) ?? []
         let orientation = ExifOrientation.read(head)
         let input = try MediaInput(path: path, flag: flag, invalid: .invalidImage)
         let decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_VIDEO, invalid: .invalidImage, what: "image")

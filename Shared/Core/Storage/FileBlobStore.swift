@@ -136,11 +136,6 @@ public struct FileBlobStore: BlobStore {
         return out
     }
 
-    /// Reads at most `count` bytes from the start of a file.
-    public static func readPrefix(_ path: String, count: Int) throws -> [UInt8] {
-        try withReader(path) { try $0(0, count) }
-    }
-
     /// Opens `path` for the duration of `body`, which reads up to `count` bytes at `offset` (fewer
     /// at the end of the file) as often as it likes: for headers read at a few scattered offsets.
     public static func withReader<T>(_ path: String, _ body: ((Int, Int) throws -> [UInt8]) throws -> T) throws -> T {

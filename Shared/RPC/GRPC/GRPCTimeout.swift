@@ -3,7 +3,7 @@ public enum GRPCTimeout {
     /// The longest timeout honoured (about 100 years). The spec allows 99999999H (over 11,000
     /// years), which no Int64 nanosecond clock can add to `now`: a longer one is clamped here, so
     /// every deadline computed from a peer's header stays far from overflow.
-    public static let maximumNanoseconds: Int64 = 100 * 365 * 86_400 * 1_000_000_000
+    public static let maximumNanoseconds = MonotonicClock.longestWait
 
     /// The timeout in nanoseconds (at most `maximumNanoseconds`), or nil when the value is malformed.
     public static func parse(_ bytes: UnsafeBufferPointer<UInt8>) -> Int64? {

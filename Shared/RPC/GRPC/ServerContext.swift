@@ -89,6 +89,10 @@ public enum MonotonicClock {
         return Int64(spec.tv_sec) * 1_000_000_000 + Int64(spec.tv_nsec)
     }
 
+    /// The longest wait anything takes (about 100 years): a peer's timeout is clamped to it, and so
+    /// is a loop timer, whose libevent arithmetic in C must not overflow.
+    public static let longestWait: Int64 = 100 * 365 * 86_400 * 1_000_000_000
+
     /// The instant `nanoseconds` after `start`, saturating instead of trapping: a duration from a
     /// peer (a header, a setting) must never be able to overflow the clock arithmetic.
     @inline(__always)

@@ -32,27 +32,25 @@ public struct HTTPRouter: Sendable {
     /// a request is answered without reading its body).
     func bodyPolicy(method: String, target: String, serverLimit: Int) -> (limit: Int, refusal: HTTPResponse) {
         let path = target.firstIndex(of: "?").map { String(target[..<$0]) } ?? target
-        let parts = path.split(separator: "/", omittingEmptySubsequences: true)
-        var allowed: [String] = []
-        for route in routes {
-            guard Self.capture(route.segments, parts) != nil else { continue }
-            if route.method == method || (method == "HEAD" && route.method == "GET") {
-                let limit = route.maxBodyBytes ?? (["POST", "PUT", "PATCH"].contains(method) ? serverLimit : 0)
-                return (limit, HTTPResponse.text(413, limit == 0 ? "this route takes no request body\n" : "request body too large (limit \(limit) bytes)\n"))
-            }
-            allowed.append(route.method)
-        }
-        if allowed.isEmpty { return (0, HTTPResponse.text(404, "not found\n")) }
-        var response = HTTPResponse.text(405, "method not allowed\n")
-        response.headers.append(("allow", allowed.joined(separator: ", ")))
-        return (0, response)
+        let match = match(method: method, path: path)
+        guard case .found(let route, _) = match else { return (0, match.unmatchedResponse) }
+        let limit = route.maxBodyBytes ?? (["POST", "PUT", "PATCH"].contains(method) ? serverLimit : 0)
+        return (limit, HTTPResponse.text(413, limit == 0 ? "this route takes no request body\n" : "request body too large (limit \(limit) bytes)\n"))
     }
 
     /// The outcome of matching a request.
     enum Match {
-        case found(Handler, pattern: String, parameters: [String: String])
+        case found(Route, parameters: [String: String])
         case methodNotAllowed(allowed: [String])
         case notFound
+
+        /// The 404 or 405 answer when nothing matched.
+        var unmatchedResponse: HTTPResponse {
+            guard case .methodNotAllowed(let allowed) = self else { return HTTPResponse.text(404, "not found\n") }
+            var response = HTTPResponse.text(405, "method not allowed\n")
+            response.headers.append(("allow", allowed.joined(separator: ", ")))
+            return response
+        }
     }
 
     func match(method: String, path: String) -> Match {
@@ -61,7 +59,7 @@ public struct HTTPRouter: Sendable {
         for route in routes {
             guard let parameters = Self.capture(route.segments, parts) else { continue }
             if route.method == method || (method == "HEAD" && route.method == "GET") {
-                return .found(route.handler, pattern: route.pattern, parameters: parameters)
+                return .found(route, parameters: parameters)
             }
             allowed.append(route.method)
         }
@@ -83,21 +81,14 @@ public struct HTTPRouter: Sendable {
 
     /// Runs the matching handler, answering 404/405 itself; errors become 500.
     func respond(to request: HTTPRequest) async -> (HTTPResponse, route: String) {
-        switch match(method: request.method, path: request.path) {
-        case .found(let handler, let pattern, let parameters):
-            var request = request
-            request.pathParameters = parameters
-            do {
-                return (try await handler(request), pattern)
-            } catch {
-                return (HTTPResponse.text(500, "internal error: \(error)\n"), pattern)
-            }
-        case .methodNotAllowed(let allowed):
-            var response = HTTPResponse.text(405, "method not allowed\n")
-            response.headers.append(("allow", allowed.joined(separator: ", ")))
-            return (response, "other")
-        case .notFound:
-            return (HTTPResponse.text(404, "not found\n"), "other")
+        let match = match(method: request.method, path: request.path)
+        guard case .found(let route, let parameters) = match else { return (match.unmatchedResponse, "other") }
+        var request = request
+        request.pathParameters = parameters
+        do {
+            return (try await route.handler(request), route.pattern)
+        } catch {
+            return (HTTPResponse.text(500, "internal error: \(error)\n"), route.pattern)
         }
     }
 }

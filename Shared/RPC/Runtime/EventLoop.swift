@@ -122,8 +122,6 @@ public final class EventLoop: @unchecked Sendable {
 
 /// A one-shot timer on a loop; cancelled when released. The callback runs on the loop's thread.
 final class LoopTimer {
-    /// The longest wait a timer takes (about 100 years); longer ones are clamped.
-    static let longest: Int64 = 100 * 365 * 86_400 * 1_000_000_000
     private var event: OpaquePointer!
     private let callback: () -> Void
 
@@ -134,7 +132,7 @@ final class LoopTimer {
             Unmanaged<LoopTimer>.fromOpaque(arg!).takeUnretainedValue().fire()
         }, Unmanaged.passUnretained(self).toOpaque())
         // Clamped: libevent adds this to its clock in C, where an overflow is undefined.
-        let nanoseconds = min(max(nanoseconds, 0), LoopTimer.longest)
+        let nanoseconds = min(max(nanoseconds, 0), MonotonicClock.longestWait)
         var tv = timeval(tv_sec: Int(nanoseconds / 1_000_000_000), tv_usec: Int(nanoseconds % 1_000_000_000 / 1000))
         event_add(event, &tv)
     }
