@@ -28,14 +28,17 @@ def _generate_stubs():
     os.makedirs(os.path.join(src, "tmecho"))
     os.makedirs(os.path.join(src, "tmaudio"))
     os.makedirs(os.path.join(src, "tmmedia"))
+    os.makedirs(os.path.join(src, "tmdispatcher"))
+    shutil.copy(os.path.join(ROOT, "proto/talkmesh/v1/dispatcher.proto"), os.path.join(src, "tmdispatcher/dispatcher.proto"))
     shutil.copy(os.path.join(ROOT, "proto/talkmesh/v1/media.proto"), os.path.join(src, "tmmedia/media.proto"))
     shutil.copy(os.path.join(ROOT, "proto/talkmesh/v1/audio.proto"), os.path.join(src, "tmaudio/audio.proto"))
     shutil.copy(os.path.join(ROOT, "proto/grpc/health/v1/health.proto"), os.path.join(src, "tmhealth/health.proto"))
     shutil.copy(os.path.join(ROOT, "proto/talkmesh/testing/v1/echo.proto"), os.path.join(src, "tmecho/echo.proto"))
-    for name in ("tmhealth/health.proto", "tmecho/echo.proto", "tmaudio/audio.proto", "tmmedia/media.proto"):
+    for name in ("tmhealth/health.proto", "tmecho/echo.proto", "tmaudio/audio.proto", "tmmedia/media.proto",
+                 "tmdispatcher/dispatcher.proto"):
         rc = protoc.main(["protoc", f"-I{src}", f"--python_out={out}", f"--grpc_python_out={out}", os.path.join(src, name)])
         assert rc == 0, f"grpc_tools.protoc failed on {name}"
-    for pkg in ("tmhealth", "tmecho", "tmaudio", "tmmedia"):
+    for pkg in ("tmhealth", "tmecho", "tmaudio", "tmmedia", "tmdispatcher"):
         open(os.path.join(out, pkg, "__init__.py"), "w").close()
     sys.path.insert(0, out)
 
@@ -61,8 +64,14 @@ class Service:
         self.port = port or env_port
         self.log = tempfile.NamedTemporaryFile(prefix=f"{exe}-", suffix=".log", delete=False)
         full_env = dict(os.environ)
+        scratch = tempfile.mkdtemp(prefix="talkmesh-service-")
+        self.scratch = scratch
+        # The Dispatcher needs a job store and a RunPod endpoint; by default a fresh store and
+        # a port nothing listens on (tests that run jobs point it at the emulator).
         full_env.update({"HOST": host, "PORT": str(env_port), "LOG_LEVEL": "debug",
-                         "BLOB_STORE": "file://" + tempfile.mkdtemp(prefix="talkmesh-blobs-")})
+                         "BLOB_STORE": "file://" + os.path.join(scratch, "blobs"),
+                         "JOB_STORE": "sqlite://" + os.path.join(scratch, "jobs.db"),
+                         "RUNPOD_ENDPOINT_ID": "test", "RUNPOD_BASE_URL": "http://127.0.0.1:9/v2"})
         full_env.update(env or {})
         def limit():
             if nofile:
@@ -93,6 +102,12 @@ class Service:
             return fh.read()
 
     def stop(self, timeout=40):
+        try:
+            return self._stop(timeout)
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _stop(self, timeout):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -1,5 +1,5 @@
 """The four service executables start on the runtime and serve health, /healthz, /readyz and
-/metrics; their own methods answer UNIMPLEMENTED until their issues land."""
+/metrics."""
 import grpc
 import pytest
 
@@ -9,7 +9,7 @@ SERVICES = [
     ("talkmesh-gateway", None),
     ("talkmesh-media", None),  # implemented: see test_media.py
     ("talkmesh-audio", None),  # implemented: see test_audio.py
-    ("talkmesh-dispatcher", "/talkmesh.v1.DispatcherService/CreateJob"),
+    ("talkmesh-dispatcher", None),  # implemented: see test_dispatcher.py
 ]
 
 

@@ -1,16 +1,6 @@
 import Foundation
 import TalkMeshCore
 
-extension ErrorCode {
-    public static let runpodUnauthorized = ErrorCode(rawValue: "RUNPOD_UNAUTHORIZED")
-    public static let runpodUnavailable = ErrorCode(rawValue: "RUNPOD_UNAVAILABLE")
-    public static let runpodPayloadTooLarge = ErrorCode(rawValue: "RUNPOD_PAYLOAD_TOO_LARGE")
-    public static let runpodJobExpired = ErrorCode(rawValue: "RUNPOD_JOB_EXPIRED")
-    public static let runpodResultMissing = ErrorCode(rawValue: "RUNPOD_RESULT_MISSING")
-    public static let runpodJobFailed = ErrorCode(rawValue: "RUNPOD_JOB_FAILED")
-    public static let runpodBadResponse = ErrorCode(rawValue: "RUNPOD_BAD_RESPONSE")
-}
-
 /// RunPod's job statuses, one Swift enum.
 public enum RunPodStatus: String, Sendable, Hashable {
     case inQueue = "IN_QUEUE", inProgress = "IN_PROGRESS", running = "RUNNING", completed = "COMPLETED"

@@ -23,6 +23,21 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
     public static let deadlineExceeded = ErrorCode(rawValue: "DEADLINE_EXCEEDED")
     public static let overloaded = ErrorCode(rawValue: "OVERLOADED")
     public static let internalError = ErrorCode(rawValue: "INTERNAL")
+    public static let runpodUnauthorized = ErrorCode(rawValue: "RUNPOD_UNAUTHORIZED")
+    public static let runpodUnavailable = ErrorCode(rawValue: "RUNPOD_UNAVAILABLE")
+    public static let runpodPayloadTooLarge = ErrorCode(rawValue: "RUNPOD_PAYLOAD_TOO_LARGE")
+    public static let runpodJobExpired = ErrorCode(rawValue: "RUNPOD_JOB_EXPIRED")
+    public static let runpodResultMissing = ErrorCode(rawValue: "RUNPOD_RESULT_MISSING")
+    public static let runpodJobFailed = ErrorCode(rawValue: "RUNPOD_JOB_FAILED")
+    public static let runpodBadResponse = ErrorCode(rawValue: "RUNPOD_BAD_RESPONSE")
+    public static let jobNotFound = ErrorCode(rawValue: "JOB_NOT_FOUND")
+    public static let jobTerminal = ErrorCode(rawValue: "JOB_TERMINAL")
+    public static let jobTimedOut = ErrorCode(rawValue: "JOB_TIMED_OUT")
+    public static let illegalTransition = ErrorCode(rawValue: "ILLEGAL_TRANSITION")
+    public static let storeUnavailable = ErrorCode(rawValue: "STORE_UNAVAILABLE")
+    public static let storeConflict = ErrorCode(rawValue: "STORE_CONFLICT")
+    public static let leaseLost = ErrorCode(rawValue: "LEASE_LOST")
+    public static let serviceUnavailable = ErrorCode(rawValue: "SERVICE_UNAVAILABLE")
 
     /// The one table: code → (gRPC status, HTTP status).
     static let table: [ErrorCode: (RPCError.Code, Int)] = [
@@ -42,7 +57,25 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
         .deadlineExceeded: (.deadlineExceeded, 504),
         .overloaded: (.resourceExhausted, 429),
         .internalError: (.internal, 500),
+        .runpodUnauthorized: (.unavailable, 502),
+        .runpodUnavailable: (.unavailable, 503),
+        .runpodPayloadTooLarge: (.invalidArgument, 413),
+        .runpodJobExpired: (.notFound, 502),
+        .runpodResultMissing: (.unavailable, 502),
+        .runpodJobFailed: (.unavailable, 502),
+        .runpodBadResponse: (.unavailable, 502),
+        .jobNotFound: (.notFound, 404),
+        .jobTerminal: (.failedPrecondition, 409),
+        .jobTimedOut: (.deadlineExceeded, 504),
+        .illegalTransition: (.failedPrecondition, 409),
+        .storeUnavailable: (.unavailable, 503),
+        .storeConflict: (.aborted, 409),
+        .leaseLost: (.aborted, 409),
+        .serviceUnavailable: (.unavailable, 503),
     ]
+
+    /// Every code in the table (tests check that each maps).
+    public static var all: [ErrorCode] { Array(table.keys) }
 
     /// The gRPC status this code is sent with.
     public var grpcCode: RPCError.Code { Self.table[self]?.0 ?? .unknown }

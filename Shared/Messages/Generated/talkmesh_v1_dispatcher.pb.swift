@@ -39,6 +39,7 @@ public struct ChunkStatus: RawRepresentable, Hashable, Sendable, CustomStringCon
     public static let chunkCompleted = ChunkStatus(rawValue: 4)
     public static let chunkFailed = ChunkStatus(rawValue: 5)
     public static let chunkCancelled = ChunkStatus(rawValue: 6)
+    public static let chunkSubmitting = ChunkStatus(rawValue: 7)
     /// The value's name in the .proto file, or its number when unknown.
     public var description: String {
         switch rawValue {
@@ -49,9 +50,41 @@ public struct ChunkStatus: RawRepresentable, Hashable, Sendable, CustomStringCon
         case 4: return "CHUNK_COMPLETED"
         case 5: return "CHUNK_FAILED"
         case 6: return "CHUNK_CANCELLED"
+        case 7: return "CHUNK_SUBMITTING"
         default: return String(rawValue)
         }
     }
+}
+
+/// `JobStage`: an open proto3 enum; unknown values survive a round trip.
+public struct JobStage: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+    public static let stageUnspecified = JobStage(rawValue: 0)
+    public static let stagePreparing = JobStage(rawValue: 1)
+    public static let stageRendering = JobStage(rawValue: 2)
+    public static let stageStitching = JobStage(rawValue: 3)
+    public static let stageDone = JobStage(rawValue: 4)
+    /// The value's name in the .proto file, or its number when unknown.
+    public var description: String {
+        switch rawValue {
+        case 0: return "STAGE_UNSPECIFIED"
+        case 1: return "STAGE_PREPARING"
+        case 2: return "STAGE_RENDERING"
+        case 3: return "STAGE_STITCHING"
+        case 4: return "STAGE_DONE"
+        default: return String(rawValue)
+        }
+    }
+}
+
+/// `talkmesh.v1.JobOptions`
+public struct JobOptions: Hashable, Sendable {
+    public var chunkTargetSec: Double = 0
+    public var maxConcurrentChunks: Int32 = 0
+    public var forceOffload: Bool = false
+    public var dryRun: Bool = false
+    public init() {}
 }
 
 /// `talkmesh.v1.JobError`
@@ -72,6 +105,10 @@ public struct JobChunk: Hashable, Sendable {
     public var videoKey: String = ""
     public var attempts: Int32 = 0
     public var error: JobError? = nil
+    public var submittedAtUnixMs: Int64 = 0
+    public var finishedAtUnixMs: Int64 = 0
+    public var queueDelayMs: Int64 = 0
+    public var executionMs: Int64 = 0
     public init() {}
 }
 
@@ -93,6 +130,15 @@ public struct Job: Hashable, Sendable {
     public var height: Int32 = 0
     public var owner: String = ""
     public var durationSec: Double = 0
+    public var options: JobOptions? = nil
+    public var stage: JobStage = JobStage(rawValue: 0)
+    public var etaSeconds: Double = 0
+    public var idempotencyKey: String = ""
+    public var resizedImageKey: String = ""
+    public var audioDurationSec: Double = 0
+    public var deadlineUnixMs: Int64 = 0
+    public var version: Int64 = 0
+    public var traceparent: String = ""
     public init() {}
 }
 
@@ -105,6 +151,7 @@ public struct CreateJobRequest: Hashable, Sendable {
     public var height: Int32 = 0
     public var owner: String = ""
     public var idempotencyKey: String = ""
+    public var options: JobOptions? = nil
     public init() {}
 }
 
@@ -158,6 +205,38 @@ public enum DispatcherService {
     public static let watchJob = MethodDescriptor<WatchJobRequest, Job>(service: "talkmesh.v1.DispatcherService", method: "WatchJob", kind: .serverStreaming)
 }
 
+extension JobOptions: ProtoMessage {
+    public typealias CMessage = Talkmesh__V1__JobOptions
+    public init(c: Talkmesh__V1__JobOptions) {
+        self.init()
+        chunkTargetSec = c.chunk_target_sec
+        maxConcurrentChunks = c.max_concurrent_chunks
+        forceOffload = (c.force_offload != 0)
+        dryRun = (c.dry_run != 0)
+    }
+    public func toC(_ arena: ProtoArena) -> Talkmesh__V1__JobOptions {
+        var c = Talkmesh__V1__JobOptions()
+        talkmesh__v1__job_options__init(&c)
+        c.chunk_target_sec = chunkTargetSec
+        c.max_concurrent_chunks = maxConcurrentChunks
+        c.force_offload = (forceOffload ? 1 : 0)
+        c.dry_run = (dryRun ? 1 : 0)
+        return c
+    }
+    public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__JobOptions>? {
+        talkmesh__v1__job_options__unpack(nil, count, data)
+    }
+    public static func cFreeUnpacked(_ message: UnsafeMutablePointer<Talkmesh__V1__JobOptions>) {
+        talkmesh__v1__job_options__free_unpacked(message, nil)
+    }
+    public static func cPackedSize(_ message: UnsafePointer<Talkmesh__V1__JobOptions>) -> Int {
+        talkmesh__v1__job_options__get_packed_size(message)
+    }
+    public static func cPack(_ message: UnsafePointer<Talkmesh__V1__JobOptions>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
+        talkmesh__v1__job_options__pack(message, out)
+    }
+}
+
 extension JobError: ProtoMessage {
     public typealias CMessage = Talkmesh__V1__JobError
     public init(c: Talkmesh__V1__JobError) {
@@ -199,6 +278,10 @@ extension JobChunk: ProtoMessage {
         videoKey = ProtoC.string(c.video_key)
         attempts = c.attempts
         error = c.error.map { JobError(c: $0.pointee) }
+        submittedAtUnixMs = c.submitted_at_unix_ms
+        finishedAtUnixMs = c.finished_at_unix_ms
+        queueDelayMs = c.queue_delay_ms
+        executionMs = c.execution_ms
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__JobChunk {
         var c = Talkmesh__V1__JobChunk()
@@ -212,6 +295,10 @@ extension JobChunk: ProtoMessage {
         c.video_key = arena.string(videoKey)
         c.attempts = attempts
         c.error = error.map { arena.object($0.toC(arena)) }
+        c.submitted_at_unix_ms = submittedAtUnixMs
+        c.finished_at_unix_ms = finishedAtUnixMs
+        c.queue_delay_ms = queueDelayMs
+        c.execution_ms = executionMs
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__JobChunk>? {
@@ -248,6 +335,15 @@ extension Job: ProtoMessage {
         height = c.height
         owner = ProtoC.string(c.owner)
         durationSec = c.duration_sec
+        options = c.options.map { JobOptions(c: $0.pointee) }
+        stage = JobStage(rawValue: Int32(bitPattern: UInt32(c.stage.rawValue)))
+        etaSeconds = c.eta_seconds
+        idempotencyKey = ProtoC.string(c.idempotency_key)
+        resizedImageKey = ProtoC.string(c.resized_image_key)
+        audioDurationSec = c.audio_duration_sec
+        deadlineUnixMs = c.deadline_unix_ms
+        version = c.version
+        traceparent = ProtoC.string(c.traceparent)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__Job {
         var c = Talkmesh__V1__Job()
@@ -269,6 +365,15 @@ extension Job: ProtoMessage {
         c.height = height
         c.owner = arena.string(owner)
         c.duration_sec = durationSec
+        c.options = options.map { arena.object($0.toC(arena)) }
+        c.stage = Talkmesh__V1__JobStage(rawValue: numericCast(UInt32(bitPattern: stage.rawValue)))
+        c.eta_seconds = etaSeconds
+        c.idempotency_key = arena.string(idempotencyKey)
+        c.resized_image_key = arena.string(resizedImageKey)
+        c.audio_duration_sec = audioDurationSec
+        c.deadline_unix_ms = deadlineUnixMs
+        c.version = version
+        c.traceparent = arena.string(traceparent)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__Job>? {
@@ -296,6 +401,7 @@ extension CreateJobRequest: ProtoMessage {
         height = c.height
         owner = ProtoC.string(c.owner)
         idempotencyKey = ProtoC.string(c.idempotency_key)
+        options = c.options.map { JobOptions(c: $0.pointee) }
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__CreateJobRequest {
         var c = Talkmesh__V1__CreateJobRequest()
@@ -307,6 +413,7 @@ extension CreateJobRequest: ProtoMessage {
         c.height = height
         c.owner = arena.string(owner)
         c.idempotency_key = arena.string(idempotencyKey)
+        c.options = options.map { arena.object($0.toC(arena)) }
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__CreateJobRequest>? {

@@ -15,6 +15,7 @@ PROTOBUF_C__BEGIN_DECLS
 #endif
 
 
+typedef struct Talkmesh__V1__JobOptions Talkmesh__V1__JobOptions;
 typedef struct Talkmesh__V1__JobError Talkmesh__V1__JobError;
 typedef struct Talkmesh__V1__JobChunk Talkmesh__V1__JobChunk;
 typedef struct Talkmesh__V1__Job Talkmesh__V1__Job;
@@ -49,11 +50,55 @@ typedef enum _Talkmesh__V1__ChunkStatus {
   TALKMESH__V1__CHUNK_STATUS__CHUNK_RUNNING = 3,
   TALKMESH__V1__CHUNK_STATUS__CHUNK_COMPLETED = 4,
   TALKMESH__V1__CHUNK_STATUS__CHUNK_FAILED = 5,
-  TALKMESH__V1__CHUNK_STATUS__CHUNK_CANCELLED = 6
+  TALKMESH__V1__CHUNK_STATUS__CHUNK_CANCELLED = 6,
+  /*
+   * Decided to submit, committed before `/run` is called; found after a crash, the one window
+   * in which RunPod may have accepted a job whose id was never stored.
+   */
+  TALKMESH__V1__CHUNK_STATUS__CHUNK_SUBMITTING = 7
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(TALKMESH__V1__CHUNK_STATUS)
 } Talkmesh__V1__ChunkStatus;
+/*
+ * Where a RUNNING job is in its workflow.
+ */
+typedef enum _Talkmesh__V1__JobStage {
+  TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED = 0,
+  /*
+   * resizing the image, splitting the audio
+   */
+  TALKMESH__V1__JOB_STAGE__STAGE_PREPARING = 1,
+  /*
+   * chunks on RunPod
+   */
+  TALKMESH__V1__JOB_STAGE__STAGE_RENDERING = 2,
+  TALKMESH__V1__JOB_STAGE__STAGE_STITCHING = 3,
+  TALKMESH__V1__JOB_STAGE__STAGE_DONE = 4
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(TALKMESH__V1__JOB_STAGE)
+} Talkmesh__V1__JobStage;
 
 /* --- messages --- */
+
+struct  Talkmesh__V1__JobOptions
+{
+  ProtobufCMessage base;
+  /*
+   * 0: the Dispatcher's default (45)
+   */
+  double chunk_target_sec;
+  /*
+   * 0: MAX_CONCURRENT_CHUNKS
+   */
+  int32_t max_concurrent_chunks;
+  protobuf_c_boolean force_offload;
+  /*
+   * stop after the split and report the plan
+   */
+  protobuf_c_boolean dry_run;
+};
+#define TALKMESH__V1__JOB_OPTIONS__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job_options__descriptor) \
+    , 0, 0, 0, 0 }
+
 
 struct  Talkmesh__V1__JobError
 {
@@ -81,10 +126,20 @@ struct  Talkmesh__V1__JobChunk
   char *video_key;
   int32_t attempts;
   Talkmesh__V1__JobError *error;
+  int64_t submitted_at_unix_ms;
+  int64_t finished_at_unix_ms;
+  /*
+   * RunPod's delayTime of the last attempt
+   */
+  int64_t queue_delay_ms;
+  /*
+   * RunPod's executionTime of the last attempt
+   */
+  int64_t execution_ms;
 };
 #define TALKMESH__V1__JOB_CHUNK__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job_chunk__descriptor) \
-    , 0, (char *)protobuf_c_empty_string, 0, 0, TALKMESH__V1__CHUNK_STATUS__CHUNK_STATUS_UNSPECIFIED, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, NULL }
+    , 0, (char *)protobuf_c_empty_string, 0, 0, TALKMESH__V1__CHUNK_STATUS__CHUNK_STATUS_UNSPECIFIED, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, NULL, 0, 0, 0, 0 }
 
 
 struct  Talkmesh__V1__Job
@@ -112,11 +167,32 @@ struct  Talkmesh__V1__Job
    * the API key's id
    */
   char *owner;
+  /*
+   * of the final video
+   */
   double duration_sec;
+  Talkmesh__V1__JobOptions *options;
+  Talkmesh__V1__JobStage stage;
+  /*
+   * -1 while unknown
+   */
+  double eta_seconds;
+  char *idempotency_key;
+  char *resized_image_key;
+  double audio_duration_sec;
+  int64_t deadline_unix_ms;
+  /*
+   * bumps on every stored change
+   */
+  int64_t version;
+  /*
+   * the CreateJob call's trace: every step of the job logs its id
+   */
+  char *traceparent;
 };
 #define TALKMESH__V1__JOB__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job__descriptor) \
-    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0 }
+    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string }
 
 
 struct  Talkmesh__V1__CreateJobRequest
@@ -129,10 +205,11 @@ struct  Talkmesh__V1__CreateJobRequest
   int32_t height;
   char *owner;
   char *idempotency_key;
+  Talkmesh__V1__JobOptions *options;
 };
 #define TALKMESH__V1__CREATE_JOB_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__create_job_request__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, NULL }
 
 
 struct  Talkmesh__V1__CreateJobResponse
@@ -203,6 +280,25 @@ struct  Talkmesh__V1__WatchJobRequest
     , (char *)protobuf_c_empty_string }
 
 
+/* Talkmesh__V1__JobOptions methods */
+void   talkmesh__v1__job_options__init
+                     (Talkmesh__V1__JobOptions         *message);
+size_t talkmesh__v1__job_options__get_packed_size
+                     (const Talkmesh__V1__JobOptions   *message);
+size_t talkmesh__v1__job_options__pack
+                     (const Talkmesh__V1__JobOptions   *message,
+                      uint8_t             *out);
+size_t talkmesh__v1__job_options__pack_to_buffer
+                     (const Talkmesh__V1__JobOptions   *message,
+                      ProtobufCBuffer     *buffer);
+Talkmesh__V1__JobOptions *
+       talkmesh__v1__job_options__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   talkmesh__v1__job_options__free_unpacked
+                     (Talkmesh__V1__JobOptions *message,
+                      ProtobufCAllocator *allocator);
 /* Talkmesh__V1__JobError methods */
 void   talkmesh__v1__job_error__init
                      (Talkmesh__V1__JobError         *message);
@@ -395,6 +491,9 @@ void   talkmesh__v1__watch_job_request__free_unpacked
                       ProtobufCAllocator *allocator);
 /* --- per-message closures --- */
 
+typedef void (*Talkmesh__V1__JobOptions_Closure)
+                 (const Talkmesh__V1__JobOptions *message,
+                  void *closure_data);
 typedef void (*Talkmesh__V1__JobError_Closure)
                  (const Talkmesh__V1__JobError *message,
                   void *closure_data);
@@ -490,6 +589,8 @@ void talkmesh__v1__dispatcher_service__watch_job(ProtobufCService *service,
 
 extern const ProtobufCEnumDescriptor    talkmesh__v1__job_status__descriptor;
 extern const ProtobufCEnumDescriptor    talkmesh__v1__chunk_status__descriptor;
+extern const ProtobufCEnumDescriptor    talkmesh__v1__job_stage__descriptor;
+extern const ProtobufCMessageDescriptor talkmesh__v1__job_options__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job_error__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor;

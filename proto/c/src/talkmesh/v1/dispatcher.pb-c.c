@@ -7,6 +7,51 @@
 #endif
 
 #include "talkmesh/v1/dispatcher.pb-c.h"
+void   talkmesh__v1__job_options__init
+                     (Talkmesh__V1__JobOptions         *message)
+{
+  static const Talkmesh__V1__JobOptions init_value = TALKMESH__V1__JOB_OPTIONS__INIT;
+  *message = init_value;
+}
+size_t talkmesh__v1__job_options__get_packed_size
+                     (const Talkmesh__V1__JobOptions *message)
+{
+  assert(message->base.descriptor == &talkmesh__v1__job_options__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t talkmesh__v1__job_options__pack
+                     (const Talkmesh__V1__JobOptions *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &talkmesh__v1__job_options__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t talkmesh__v1__job_options__pack_to_buffer
+                     (const Talkmesh__V1__JobOptions *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &talkmesh__v1__job_options__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Talkmesh__V1__JobOptions *
+       talkmesh__v1__job_options__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Talkmesh__V1__JobOptions *)
+     protobuf_c_message_unpack (&talkmesh__v1__job_options__descriptor,
+                                allocator, len, data);
+}
+void   talkmesh__v1__job_options__free_unpacked
+                     (Talkmesh__V1__JobOptions *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &talkmesh__v1__job_options__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   talkmesh__v1__job_error__init
                      (Talkmesh__V1__JobError         *message)
 {
@@ -457,6 +502,83 @@ void   talkmesh__v1__watch_job_request__free_unpacked
   assert(message->base.descriptor == &talkmesh__v1__watch_job_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+static const ProtobufCFieldDescriptor talkmesh__v1__job_options__field_descriptors[4] =
+{
+  {
+    "chunk_target_sec",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobOptions, chunk_target_sec),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "max_concurrent_chunks",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobOptions, max_concurrent_chunks),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "force_offload",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobOptions, force_offload),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dry_run",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobOptions, dry_run),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned talkmesh__v1__job_options__field_indices_by_name[] = {
+  0,   /* field[0] = chunk_target_sec */
+  3,   /* field[3] = dry_run */
+  2,   /* field[2] = force_offload */
+  1,   /* field[1] = max_concurrent_chunks */
+};
+static const ProtobufCIntRange talkmesh__v1__job_options__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 4 }
+};
+const ProtobufCMessageDescriptor talkmesh__v1__job_options__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.JobOptions",
+  "JobOptions",
+  "Talkmesh__V1__JobOptions",
+  "talkmesh.v1",
+  sizeof(Talkmesh__V1__JobOptions),
+  4,
+  talkmesh__v1__job_options__field_descriptors,
+  talkmesh__v1__job_options__field_indices_by_name,
+  1,  talkmesh__v1__job_options__number_ranges,
+  (ProtobufCMessageInit) talkmesh__v1__job_options__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
 static const ProtobufCFieldDescriptor talkmesh__v1__job_error__field_descriptors[2] =
 {
   {
@@ -508,7 +630,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_error__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__job_error__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__job_chunk__field_descriptors[9] =
+static const ProtobufCFieldDescriptor talkmesh__v1__job_chunk__field_descriptors[13] =
 {
   {
     "index",
@@ -618,22 +740,74 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job_chunk__field_descriptors
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "submitted_at_unix_ms",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobChunk, submitted_at_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "finished_at_unix_ms",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobChunk, finished_at_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "queue_delay_ms",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobChunk, queue_delay_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "execution_ms",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobChunk, execution_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job_chunk__field_indices_by_name[] = {
   7,   /* field[7] = attempts */
   1,   /* field[1] = audio_key */
   3,   /* field[3] = duration_sec */
   8,   /* field[8] = error */
+  12,   /* field[12] = execution_ms */
+  10,   /* field[10] = finished_at_unix_ms */
   0,   /* field[0] = index */
+  11,   /* field[11] = queue_delay_ms */
   5,   /* field[5] = runpod_job_id */
   2,   /* field[2] = start_sec */
   4,   /* field[4] = status */
+  9,   /* field[9] = submitted_at_unix_ms */
   6,   /* field[6] = video_key */
 };
 static const ProtobufCIntRange talkmesh__v1__job_chunk__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 13 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor =
 {
@@ -643,14 +817,14 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor =
   "Talkmesh__V1__JobChunk",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__JobChunk),
-  9,
+  13,
   talkmesh__v1__job_chunk__field_descriptors,
   talkmesh__v1__job_chunk__field_indices_by_name,
   1,  talkmesh__v1__job_chunk__number_ranges,
   (ProtobufCMessageInit) talkmesh__v1__job_chunk__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[16] =
+static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[25] =
 {
   {
     "id",
@@ -844,29 +1018,146 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[16] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "options",
+    17,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, options),
+    &talkmesh__v1__job_options__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "stage",
+    18,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, stage),
+    &talkmesh__v1__job_stage__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "eta_seconds",
+    19,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, eta_seconds),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "idempotency_key",
+    20,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, idempotency_key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "resized_image_key",
+    21,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, resized_image_key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "audio_duration_sec",
+    22,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, audio_duration_sec),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "deadline_unix_ms",
+    23,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, deadline_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "version",
+    24,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, version),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "traceparent",
+    25,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, traceparent),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
+  21,   /* field[21] = audio_duration_sec */
   10,   /* field[10] = audio_key */
   3,   /* field[3] = chunks */
   7,   /* field[7] = completed_at_unix_ms */
   5,   /* field[5] = created_at_unix_ms */
+  22,   /* field[22] = deadline_unix_ms */
   15,   /* field[15] = duration_sec */
   4,   /* field[4] = error */
+  18,   /* field[18] = eta_seconds */
   13,   /* field[13] = height */
   0,   /* field[0] = id */
+  19,   /* field[19] = idempotency_key */
   9,   /* field[9] = image_key */
+  16,   /* field[16] = options */
   14,   /* field[14] = owner */
   2,   /* field[2] = progress */
   11,   /* field[11] = prompt */
+  20,   /* field[20] = resized_image_key */
+  17,   /* field[17] = stage */
   1,   /* field[1] = status */
+  24,   /* field[24] = traceparent */
   6,   /* field[6] = updated_at_unix_ms */
+  23,   /* field[23] = version */
   8,   /* field[8] = video_key */
   12,   /* field[12] = width */
 };
 static const ProtobufCIntRange talkmesh__v1__job__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 16 }
+  { 0, 25 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
 {
@@ -876,14 +1167,14 @@ const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
   "Talkmesh__V1__Job",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__Job),
-  16,
+  25,
   talkmesh__v1__job__field_descriptors,
   talkmesh__v1__job__field_indices_by_name,
   1,  talkmesh__v1__job__number_ranges,
   (ProtobufCMessageInit) talkmesh__v1__job__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__create_job_request__field_descriptors[7] =
+static const ProtobufCFieldDescriptor talkmesh__v1__create_job_request__field_descriptors[8] =
 {
   {
     "image_key",
@@ -969,12 +1260,25 @@ static const ProtobufCFieldDescriptor talkmesh__v1__create_job_request__field_de
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "options",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__CreateJobRequest, options),
+    &talkmesh__v1__job_options__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__create_job_request__field_indices_by_name[] = {
   1,   /* field[1] = audio_key */
   4,   /* field[4] = height */
   6,   /* field[6] = idempotency_key */
   0,   /* field[0] = image_key */
+  7,   /* field[7] = options */
   5,   /* field[5] = owner */
   2,   /* field[2] = prompt */
   3,   /* field[3] = width */
@@ -982,7 +1286,7 @@ static const unsigned talkmesh__v1__create_job_request__field_indices_by_name[] 
 static const ProtobufCIntRange talkmesh__v1__create_job_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__create_job_request__descriptor =
 {
@@ -992,7 +1296,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__create_job_request__descriptor =
   "Talkmesh__V1__CreateJobRequest",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__CreateJobRequest),
-  7,
+  8,
   talkmesh__v1__create_job_request__field_descriptors,
   talkmesh__v1__create_job_request__field_indices_by_name,
   1,  talkmesh__v1__create_job_request__number_ranges,
@@ -1317,7 +1621,7 @@ const ProtobufCEnumDescriptor talkmesh__v1__job_status__descriptor =
   talkmesh__v1__job_status__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCEnumValue talkmesh__v1__chunk_status__enum_values_by_number[7] =
+static const ProtobufCEnumValue talkmesh__v1__chunk_status__enum_values_by_number[8] =
 {
   { "CHUNK_STATUS_UNSPECIFIED", "TALKMESH__V1__CHUNK_STATUS__CHUNK_STATUS_UNSPECIFIED", 0 },
   { "CHUNK_PENDING", "TALKMESH__V1__CHUNK_STATUS__CHUNK_PENDING", 1 },
@@ -1326,11 +1630,12 @@ static const ProtobufCEnumValue talkmesh__v1__chunk_status__enum_values_by_numbe
   { "CHUNK_COMPLETED", "TALKMESH__V1__CHUNK_STATUS__CHUNK_COMPLETED", 4 },
   { "CHUNK_FAILED", "TALKMESH__V1__CHUNK_STATUS__CHUNK_FAILED", 5 },
   { "CHUNK_CANCELLED", "TALKMESH__V1__CHUNK_STATUS__CHUNK_CANCELLED", 6 },
+  { "CHUNK_SUBMITTING", "TALKMESH__V1__CHUNK_STATUS__CHUNK_SUBMITTING", 7 },
 };
 static const ProtobufCIntRange talkmesh__v1__chunk_status__value_ranges[] = {
-{0, 0},{0, 7}
+{0, 0},{0, 8}
 };
-static const ProtobufCEnumValueIndex talkmesh__v1__chunk_status__enum_values_by_name[7] =
+static const ProtobufCEnumValueIndex talkmesh__v1__chunk_status__enum_values_by_name[8] =
 {
   { "CHUNK_CANCELLED", 6 },
   { "CHUNK_COMPLETED", 4 },
@@ -1339,6 +1644,7 @@ static const ProtobufCEnumValueIndex talkmesh__v1__chunk_status__enum_values_by_
   { "CHUNK_RUNNING", 3 },
   { "CHUNK_STATUS_UNSPECIFIED", 0 },
   { "CHUNK_SUBMITTED", 2 },
+  { "CHUNK_SUBMITTING", 7 },
 };
 const ProtobufCEnumDescriptor talkmesh__v1__chunk_status__descriptor =
 {
@@ -1347,12 +1653,46 @@ const ProtobufCEnumDescriptor talkmesh__v1__chunk_status__descriptor =
   "ChunkStatus",
   "Talkmesh__V1__ChunkStatus",
   "talkmesh.v1",
-  7,
+  8,
   talkmesh__v1__chunk_status__enum_values_by_number,
-  7,
+  8,
   talkmesh__v1__chunk_status__enum_values_by_name,
   1,
   talkmesh__v1__chunk_status__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCEnumValue talkmesh__v1__job_stage__enum_values_by_number[5] =
+{
+  { "STAGE_UNSPECIFIED", "TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED", 0 },
+  { "STAGE_PREPARING", "TALKMESH__V1__JOB_STAGE__STAGE_PREPARING", 1 },
+  { "STAGE_RENDERING", "TALKMESH__V1__JOB_STAGE__STAGE_RENDERING", 2 },
+  { "STAGE_STITCHING", "TALKMESH__V1__JOB_STAGE__STAGE_STITCHING", 3 },
+  { "STAGE_DONE", "TALKMESH__V1__JOB_STAGE__STAGE_DONE", 4 },
+};
+static const ProtobufCIntRange talkmesh__v1__job_stage__value_ranges[] = {
+{0, 0},{0, 5}
+};
+static const ProtobufCEnumValueIndex talkmesh__v1__job_stage__enum_values_by_name[5] =
+{
+  { "STAGE_DONE", 4 },
+  { "STAGE_PREPARING", 1 },
+  { "STAGE_RENDERING", 2 },
+  { "STAGE_STITCHING", 3 },
+  { "STAGE_UNSPECIFIED", 0 },
+};
+const ProtobufCEnumDescriptor talkmesh__v1__job_stage__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.JobStage",
+  "JobStage",
+  "Talkmesh__V1__JobStage",
+  "talkmesh.v1",
+  5,
+  talkmesh__v1__job_stage__enum_values_by_number,
+  5,
+  talkmesh__v1__job_stage__enum_values_by_name,
+  1,
+  talkmesh__v1__job_stage__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
 static const ProtobufCMethodDescriptor talkmesh__v1__dispatcher_service__method_descriptors[5] =

@@ -1,0 +1,169 @@
+import Foundation
+import Logging
+import TalkMeshCore
+import TalkMeshMessages
+
+/// One chunk through RunPod: submit (the decision committed first), poll by the throughput
+/// RunPod shows, store the partial video, retry what failed. It holds one deployment-wide
+/// in-flight slot from submission until the chunk ends.
+struct ChunkDriver {
+    let runner: JobRunner
+    let index: Int
+
+    private var context: DispatcherContext { runner.context }
+
+    func run() async throws {
+        var holdsSlot = false
+        defer { if holdsSlot { Task { [limit = context.limit] in await limit.release() } } }
+        var wait = 0.0
+        var transientFailures = 0
+        var submitRefused = false
+        while true {
+            try Task.checkCancellation()
+            let record = await runner.record
+            let chunk = record.chunks[index]
+            if !holdsSlot && chunk.status != .chunkCompleted {
+                try await context.limit.acquire()
+                holdsSlot = true
+            }
+            switch chunk.status {
+            case .chunkCompleted:
+                return
+            case .chunkPending, .chunkFailed, .chunkSubmitting:
+                submitRefused = try await submit(chunk, job: record.job, again: submitRefused)
+                wait = 0
+            case .chunkSubmitted, .chunkRunning:
+                try await Task.sleep(nanoseconds: UInt64(wait * 1e9))
+                let status: RunPodJob
+                do {
+                    status = try await context.runpod.status(chunk.runpodJobId)
+                    transientFailures = 0
+                } catch let error as ServiceError where error.code == .runpodJobExpired {
+                    // RunPod says the job is gone: the only case in which a chunk is submitted again.
+                    try await failOrRetry(chunk, JobError(code: error.code.rawValue, message: error.message), canRetryInPlace: false)
+                    continue
+                } catch let error as ServiceError where error.code == .runpodUnavailable {
+                    transientFailures += 1
+                    runner.logger.warning("RunPod status unavailable; polling on", metadata: ["chunk": "\(index)", "error": "\(error)"])
+                    wait = min(10, 0.5 * Double(transientFailures))
+                    continue
+                }
+                wait = try await handle(status, chunk: chunk, previousWait: wait)
+                if await runner.record.chunks[index].status == .chunkCompleted { return }
+            default:
+                throw ServiceError(.illegalTransition, "chunk \(index) is \(chunk.status)")
+            }
+        }
+    }
+
+    /// Commits SUBMITTING, calls `/run`, commits the RunPod id. A chunk found SUBMITTING again
+    /// (the process died between `/run` and the commit) is the one case that may pay twice; it is
+    /// logged and counted.
+    /// Returns true when RunPod was unavailable (the chunk stays SUBMITTING, to be sent again).
+    private func submit(_ chunk: JobChunk, job: Job, again: Bool) async throws -> Bool {
+        let attempts = context.configuration.chunkMaxAttempts
+        if chunk.status == .chunkSubmitting && again {
+            // The last /run never got an answer from RunPod; no attempt is counted for it.
+        } else if chunk.status == .chunkSubmitting {
+            context.counters.count(event: "chunk_resubmitted_after_crash")
+            runner.logger.warning("chunk was being submitted when the Dispatcher stopped; submitting again", metadata: ["chunk": "\(index)"])
+        } else {
+            if chunk.status == .chunkFailed && chunk.attempts >= attempts {
+                throw ChunkExhausted(error: chunk.error ?? JobError(code: ErrorCode.runpodJobFailed.rawValue, message: "chunk \(index) failed"))
+            }
+            try await runner.save { record, _ in
+                try record.moveChunk(index, to: .chunkSubmitting) { $0.attempts += 1; $0.runpodJobID = "" }
+            }
+        }
+        var input = try readInput(chunk, job: job)
+        input.forceOffload = job.options?.forceOffload ?? false
+        let submitted: RunPodJob
+        do {
+            submitted = try await context.runpod.submit(input, executionTimeoutMs: context.configuration.runpodExecutionTimeoutMs)
+        } catch let error as ServiceError where error.code == .runpodUnavailable {
+            // Still SUBMITTING: the next turn submits again without counting an attempt.
+            runner.logger.warning("RunPod /run unavailable; trying again", metadata: ["chunk": "\(index)", "error": "\(error)"])
+            try await Task.sleep(nanoseconds: 1_000_000_000)
+            return true
+        }
+        context.counters.count(event: "runpod_submissions")
+        try await runner.save { record, now in
+            try record.moveChunk(index, to: .chunkSubmitted) {
+                $0.runpodJobID = submitted.id
+                $0.submittedAtUnixMs = now
+            }
+        }
+        runner.logger.debug("chunk submitted", metadata: ["chunk": "\(index)", "runpod_job_id": "\(submitted.id)"])
+        return false
+    }
+
+    /// The resized image and the chunk's audio, as RunPod's worker takes them.
+    private func readInput(_ chunk: JobChunk, job: Job) throws -> InfiniteTalkInput {
+        let image = try context.blobs.get(try BlobKey(job.resizedImageKey))
+        let wav = try context.blobs.get(try BlobKey(chunk.audioKey))
+        return InfiniteTalkInput(prompt: job.prompt, image: image, wav: wav, width: Int(job.width), height: Int(job.height))
+    }
+
+    /// Acts on one status answer; returns the wait before the next poll.
+    private func handle(_ status: RunPodJob, chunk: JobChunk, previousWait: Double) async throws -> Double {
+        switch status.status {
+        case .inQueue, .inProgress, .running:
+            let running = status.status != .inQueue
+            if running && chunk.status == .chunkSubmitted {
+                try await runner.save { record, _ in
+                    try record.moveChunk(index, to: .chunkRunning) { $0.queueDelayMs = Int64(status.delayTimeMs ?? 0) }
+                }
+            }
+            return context.planner.next(running: running, executionMs: status.executionTimeMs.map(Int64.init),
+                                        audioSeconds: chunk.durationSec, estimate: context.throughput.estimate, previous: previousWait)
+        case .completed where status.failure == nil:
+            let key = "jobs/\((await runner.record).id)/parts/\(String(format: "%04d", index)).mp4"
+            try await context.runpod.storeVideo(of: status, in: context.blobs, as: try BlobKey(key))
+            let delay = Int64(status.delayTimeMs ?? 0), execution = Int64(status.executionTimeMs ?? 0)
+            context.throughput.record(audioSeconds: chunk.durationSec, queueDelayMs: delay, executionMs: execution)
+            context.counters.count(event: "chunks_completed")
+            try await runner.save { record, now in
+                try record.moveChunk(index, to: .chunkCompleted) {
+                    $0.videoKey = key
+                    $0.finishedAtUnixMs = now
+                    $0.queueDelayMs = delay
+                    $0.executionMs = execution
+                    $0.error = nil
+                }
+            }
+            return 0
+        default:
+            let failure = status.failure ?? ServiceError(.runpodJobFailed, "RunPod ended the job \(status.status.rawValue)")
+            let inPlace = status.status == .failed || status.status == .timedOut
+            try await failOrRetry(chunk, JobError(code: failure.code.rawValue, message: failure.message), canRetryInPlace: inPlace)
+            return 0
+        }
+    }
+
+    /// Another attempt while attempts remain: RunPod's `/retry` (same id) for FAILED/TIMED_OUT,
+    /// else a new submission; out of attempts, the chunk fails and takes the job with it.
+    private func failOrRetry(_ chunk: JobChunk, _ error: JobError, canRetryInPlace: Bool) async throws {
+        context.counters.count(event: "chunks_failed_attempts")
+        runner.logger.warning("chunk attempt failed", metadata: ["chunk": "\(index)", "attempt": "\(chunk.attempts)", "code": "\(error.code)"])
+        guard chunk.attempts < context.configuration.chunkMaxAttempts else {
+            try await runner.save { record, now in
+                try record.moveChunk(index, to: .chunkFailed) { $0.error = error; $0.finishedAtUnixMs = now }
+            }
+            throw ChunkExhausted(error: JobError(code: error.code, message: "chunk \(index) failed \(chunk.attempts) times: \(error.message)"))
+        }
+        if canRetryInPlace {
+            do {
+                _ = try await context.runpod.retry(chunk.runpodJobId)
+                try await runner.save { record, now in
+                    try record.moveChunk(index, to: .chunkSubmitted) { $0.attempts += 1; $0.error = error; $0.submittedAtUnixMs = now }
+                }
+                return
+            } catch let retryError as ServiceError where retryError.code == .runpodJobExpired || retryError.code == .runpodBadResponse {
+                // Not retryable in place any more: a new submission below.
+            }
+        }
+        try await runner.save { record, _ in
+            try record.moveChunk(index, to: .chunkFailed) { $0.error = error }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+import Logging
+import TalkMeshCore
+import TalkMeshMessages
+import TalkMeshRPC
+
+/// Owns the jobs this replica drives: one `JobRunner` per unfinished job (a task and its timers,
+/// not a thread), resumed from the store at start, started on `CreateJob`, stopped on `CancelJob`.
+public actor Dispatcher {
+    public let context: DispatcherContext
+    private var runners: [String: JobRunner] = [:]
+
+    public init(context: DispatcherContext) {
+        self.context = context
+    }
+
+    /// Resumes every job the store says is unfinished (up to `maxActiveJobs`).
+    public func start() async throws {
+        try await fill()
+    }
+
+    /// Jobs being driven here.
+    public var activeJobs: Int { runners.count }
+
+    /// Claims unfinished jobs while there is room and starts their runners.
+    private func fill() async throws {
+        let room = context.configuration.maxActiveJobs - runners.count
+        guard room > 0 else { return }
+        let ids = try await context.store.claimUnfinished(limit: room + runners.count)
+        for id in ids where runners[id] == nil && runners.count < context.configuration.maxActiveJobs {
+            guard let record = try await context.store.get(id), !record.isTerminal else { continue }
+            if !record.chunks.isEmpty || record.status == .running {
+                context.logger.info("resuming job", metadata: ["job_id": "\(id)", "status": "\(record.status)"])
+            }
+            launch(record)
+        }
+    }
+
+    private func launch(_ record: JobRecord) {
+        let runner = JobRunner(record: record, context: context)
+        runners[record.id] = runner
+        Task { await runner.start { id in await self.ended(id) } }
+    }
+
+    private func ended(_ id: String) async {
+        runners[id] = nil
+        try? await context.store.release(id)
+        do { try await fill() } catch {
+            context.logger.error("cannot claim jobs", metadata: ["error": "\(error)"])
+        }
+    }
+
+    // MARK: API
+
+    /// Stores a new job (or finds the one with the same idempotency key) and starts it.
+    public func create(_ request: CreateJobRequest, traceparent: String) async throws -> Job {
+        try Self.validate(request)
+        for key in [request.imageKey, request.audioKey] {
+            guard try context.blobs.exists(try BlobKey(key)) else {
+                throw ServiceError(.notFound, "no blob \(key)")
+            }
+        }
+        let now = context.clock.nowUnixMs()
+        var job = Job()
+        job.id = JobID.make()
+        job.imageKey = request.imageKey
+        job.audioKey = request.audioKey
+        job.prompt = request.prompt
+        job.width = request.width
+        job.height = request.height
+        job.owner = request.owner
+        job.idempotencyKey = request.idempotencyKey
+        job.options = request.options ?? JobOptions()
+        job.createdAtUnixMs = now
+        job.deadlineUnixMs = now + context.configuration.jobTimeoutMs
+        job.traceparent = traceparent
+        let (record, created) = try await context.store.create(JobRecord(new: job))
+        if created {
+            context.counters.count(job: .inQueue)
+            context.logger.info("job created", metadata: ["job_id": "\(record.id)", "owner": "\(record.job.owner)"])
+            if runners.count < context.configuration.maxActiveJobs { launch(record) }
+        }
+        return record.job
+    }
+
+    /// The job as stored.
+    public func get(_ id: String) async throws -> Job {
+        guard JobID.isValid(id), let record = try await context.store.get(id) else {
+            throw ServiceError(.jobNotFound, "no job \(id)")
+        }
+        return record.job
+    }
+
+    /// Cancels a job: CANCELLED with its RunPod jobs cancelled; JOB_TERMINAL when it already ended.
+    public func cancel(_ id: String) async throws -> Job {
+        guard JobID.isValid(id), var record = try await context.store.get(id) else {
+            throw ServiceError(.jobNotFound, "no job \(id)")
+        }
+        guard !record.isTerminal else { throw ServiceError(.jobTerminal, "job \(id) already ended \(record.status)") }
+        if let runner = runners[id] {
+            let ended = await runner.stop(.cancelled)
+            if ended.isTerminal { return ended.job }
+            guard let stored = try await context.store.get(id) else { throw ServiceError(.jobNotFound, "no job \(id)") }
+            record = stored
+        }
+        // Not driven here (another replica's, or waiting for room): the stored state changes and
+        // the owner's next write sees it and stops.
+        while !record.isTerminal {
+            do {
+                try record.move(to: .cancelled, error: JobError(code: ErrorCode.cancelled.rawValue, message: "the job was cancelled"),
+                                at: context.clock.nowUnixMs())
+                record = try await context.store.update(record)
+                context.events.publish(record.job)
+            } catch let error as ServiceError where error.code == .storeConflict {
+                guard let stored = try await context.store.get(id) else { throw ServiceError(.jobNotFound, "no job \(id)") }
+                record = stored
+            }
+        }
+        return record.job
+    }
+
+    /// One page of an owner's jobs, newest first.
+    public func list(_ request: ListJobsRequest) async throws -> ListJobsResponse {
+        guard (0...1000).contains(request.pageSize) else {
+            throw ServiceError(.invalidArgument, "page_size must be 0–1000 (0: 50)")
+        }
+        let status: JobStatus? = request.status == .jobStatusUnspecified ? nil : request.status
+        if let status, !(1...6).contains(status.rawValue) { throw ServiceError(.invalidArgument, "unknown status \(status.rawValue)") }
+        let token = request.pageToken.isEmpty ? nil : try PageToken(parsing: request.pageToken)
+        let query = JobQuery(owner: request.owner, status: status, pageSize: request.pageSize == 0 ? 50 : Int(request.pageSize), after: token)
+        let (jobs, next) = try await context.store.list(query)
+        var response = ListJobsResponse()
+        response.jobs = jobs
+        response.nextPageToken = next
+        return response
+    }
+
+    /// Sends the job now and on every stored change until it is terminal.
+    public nonisolated func watch(_ id: String, send: (Job) async throws -> Void) async throws {
+        guard JobID.isValid(id) else { throw ServiceError(.jobNotFound, "no job \(id)") }
+        let changes = context.events.subscribe(id)
+        guard let current = try await context.store.get(id) else { throw ServiceError(.jobNotFound, "no job \(id)") }
+        try await send(current.job)
+        if current.isTerminal { return }
+        var last = current.job.version
+        for await job in changes where job.version > last {
+            try await send(job)
+            last = job.version
+            if JobStateMachine.isTerminal(job.status) { return }
+        }
+    }
+
+    static func validate(_ request: CreateJobRequest) throws(ServiceError) {
+        func invalid(_ message: String) -> ServiceError { ServiceError(.invalidArgument, message) }
+        guard !request.imageKey.isEmpty else { throw invalid("image_key is required") }
+        guard !request.audioKey.isEmpty else { throw invalid("audio_key is required") }
+        guard (64...4096).contains(request.width), (64...4096).contains(request.height) else {
+            throw invalid("width and height must be 64–4096")
+        }
+        guard request.prompt.utf8.count <= 4000 else { throw invalid("prompt must be at most 4000 bytes") }
+        guard request.owner.utf8.count <= 200, request.idempotencyKey.utf8.count <= 200 else {
+            throw invalid("owner and idempotency_key must be at most 200 bytes")
+        }
+        if let options = request.options {
+            guard options.chunkTargetSec == 0 || (5...60).contains(options.chunkTargetSec) else {
+                throw invalid("options.chunk_target_sec must be 5–60 (0: the default)")
+            }
+            guard (0...64).contains(options.maxConcurrentChunks) else {
+                throw invalid("options.max_concurrent_chunks must be 0–64 (0: the default)")
+            }
+        }
+    }
+}
+
+/// `talkmesh.v1.DispatcherService` on the RPC runtime.
+public struct DispatcherHandlers: Sendable {
+    public let dispatcher: Dispatcher
+
+    public init(dispatcher: Dispatcher) {
+        self.dispatcher = dispatcher
+    }
+
+    public func register(into registry: inout RPCServiceRegistry) {
+        let dispatcher = self.dispatcher
+        registry.register(DispatcherService.createJob) { request, context in
+            var response = CreateJobResponse()
+            let trace = context.trace ?? TraceContext.root()
+            response.job = try await dispatcher.create(request, traceparent: trace.traceparent)
+            return response
+        }
+        registry.register(DispatcherService.getJob) { request, _ in try await dispatcher.get(request.id) }
+        registry.register(DispatcherService.listJobs) { request, _ in try await dispatcher.list(request) }
+        registry.register(DispatcherService.cancelJob) { request, _ in try await dispatcher.cancel(request.id) }
+        registry.register(DispatcherService.watchJob) { request, _, writer in
+            try await dispatcher.watch(request.id) { job in try await writer.write(job) }
+        }
+    }
+}

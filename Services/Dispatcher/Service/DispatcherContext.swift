@@ -1,0 +1,55 @@
+import Logging
+import TalkMeshCore
+import TalkMeshRPC
+
+/// The Dispatcher's settings.
+public struct DispatcherConfiguration: Sendable {
+    /// Chunks of one job on RunPod at once (`MAX_CONCURRENT_CHUNKS`), unless the job asks fewer or more.
+    public var maxConcurrentChunks = 3
+    /// RunPod jobs in flight for the whole deployment (`MAX_RUNPOD_JOBS_IN_FLIGHT`).
+    public var maxRunPodJobsInFlight = 50
+    /// Attempts per chunk before the job fails (`CHUNK_MAX_ATTEMPTS`).
+    public var chunkMaxAttempts = 3
+    /// A job's whole budget (`JOB_TIMEOUT`), milliseconds.
+    public var jobTimeoutMs: Int64 = 3_600_000
+    /// Default chunk length asked of the Audio service, seconds.
+    public var chunkTargetSec = 45.0
+    /// How long Media or Audio may be unavailable before the job fails, seconds.
+    public var serviceRetrySeconds = 60.0
+    /// RunPod's executionTimeout per chunk, milliseconds.
+    public var runpodExecutionTimeoutMs = 600_000
+    /// Jobs a replica drives at once; more wait in the store.
+    public var maxActiveJobs = 10_000
+
+    public init() {}
+}
+
+/// Everything a job's workflow talks to.
+public struct DispatcherContext: Sendable {
+    public var configuration: DispatcherConfiguration
+    public var store: any JobStore
+    public var blobs: any BlobStore
+    public var media: RPCClient
+    public var audio: RPCClient
+    public var runpod: RunPodClient
+    public var clock: any WallClock
+    public var events = JobEvents()
+    public var limit: InFlightLimit
+    public var throughput = Throughput()
+    public var planner = PollPlanner()
+    public var counters = DispatcherCounters()
+    public var logger: Logger
+
+    public init(configuration: DispatcherConfiguration, store: any JobStore, blobs: any BlobStore, media: RPCClient, audio: RPCClient,
+                runpod: RunPodClient, clock: any WallClock = SystemWallClock(), logger: Logger) {
+        self.configuration = configuration
+        self.store = store
+        self.blobs = blobs
+        self.media = media
+        self.audio = audio
+        self.runpod = runpod
+        self.clock = clock
+        self.logger = logger
+        limit = InFlightLimit(capacity: configuration.maxRunPodJobsInFlight)
+    }
+}

@@ -1,0 +1,342 @@
+import Foundation
+import Logging
+import TalkMeshCore
+import TalkMeshMessages
+import TalkMeshRPC
+
+/// Drives one job from wherever its stored state says it is to a terminal state: resize, split,
+/// chunks on RunPod (bounded, retried), stitch. Every step is committed before the next depends
+/// on it, so a new runner on the same record — after a restart or on another replica — carries
+/// on without submitting a chunk RunPod still knows.
+public actor JobRunner {
+    /// Why a job stops before its workflow ends.
+    public enum StopReason: Sendable { case cancelled, timedOut }
+
+    let context: DispatcherContext
+    private(set) var record: JobRecord
+    private var stopReason: StopReason?
+    private var workflow: Task<Void, Never>?
+    private var finishedWaiters: [CheckedContinuation<JobRecord, Never>] = []
+    private var finished = false
+    private var saving = false
+    private var saveWaiters: [CheckedContinuation<Void, Never>] = []
+    let logger: Logger
+
+    init(record: JobRecord, context: DispatcherContext) {
+        self.record = record
+        self.context = context
+        var logger = context.logger
+        logger[metadataKey: "job_id"] = "\(record.id)"
+        if let trace = TraceContext.parse(traceparent: record.job.traceparent) { logger[metadataKey: "trace_id"] = "\(trace.traceID)" }
+        self.logger = logger
+    }
+
+    /// Starts the workflow; `onEnd` runs once it reached a terminal state or lost the job.
+    func start(onEnd: @escaping @Sendable (String) async -> Void) {
+        let trace = TraceContext.parse(traceparent: record.job.traceparent)
+        workflow = Task {
+            await TraceContext.$current.withValue(trace) {
+                await self.runToEnd()
+            }
+            await onEnd(self.record.id)
+        }
+    }
+
+    /// Stops the job (`CancelJob`, `JOB_TIMEOUT`) and waits until its final state is stored.
+    func stop(_ reason: StopReason) async -> JobRecord {
+        if !finished {
+            if stopReason == nil { stopReason = reason }
+            workflow?.cancel()
+        }
+        return await ended()
+    }
+
+    /// Waits until the workflow has ended.
+    func ended() async -> JobRecord {
+        if finished { return record }
+        return await withCheckedContinuation { finishedWaiters.append($0) }
+    }
+
+    // MARK: The workflow
+
+    private func runToEnd() async {
+        let deadline = record.job.deadlineUnixMs
+        let watchdog = Task { [context] in
+            let wait = deadline - context.clock.nowUnixMs()
+            if wait > 0 { try await Task.sleep(nanoseconds: UInt64(wait) * 1_000_000) }
+            await self.timeUp()
+        }
+        defer { watchdog.cancel() }
+        do {
+            try await runWorkflow()
+        } catch let error as WorkflowEnd {
+            logger.info("job handed over", metadata: ["reason": "\(error.reason)"])
+        } catch {
+            // The workflow's task may be cancelled (that is how it was stopped): the cleanup runs
+            // in a task of its own so its RunPod calls and store writes are not cancelled too.
+            let failure = Self.jobError(error)
+            await Task { await self.finish(failure: failure) }.value
+        }
+        markFinished()
+    }
+
+    private func timeUp() {
+        guard !finished, stopReason == nil else { return }
+        stopReason = .timedOut
+        workflow?.cancel()
+    }
+
+    private func markFinished() {
+        finished = true
+        for waiter in finishedWaiters { waiter.resume(returning: record) }
+        finishedWaiters.removeAll()
+    }
+
+    private func runWorkflow() async throws {
+        if record.isTerminal { return }
+        if record.status == .inQueue {
+            try await save { record, now in
+                try record.move(to: .running, at: now)
+                record.update { $0.stage = .stagePreparing }
+            }
+        }
+        try await prepare()
+        if record.job.options?.dryRun == true {
+            try await save { record, now in try record.move(to: .completed, at: now) }
+            await deleteIntermediates()
+            return
+        }
+        try await save { record, _ in record.update { $0.stage = .stageRendering } }
+        try await renderChunks()
+        try await stitch()
+        await deleteIntermediates()
+    }
+
+    /// Resize and split, each skipped when its result is already stored.
+    private func prepare() async throws {
+        let job = record.job
+        if job.resizedImageKey.isEmpty {
+            var request = ResizeImageRequest()
+            request.imageKey = job.imageKey
+            request.width = job.width
+            request.height = job.height
+            request.outputKey = "jobs/\(job.id)/image.png"
+            let resize = request
+            let response = try await callService("ResizeImage") {
+                try await self.context.media.unary(MediaService.resizeImage, resize, options: .timeout(seconds: 120, idempotent: true))
+            }
+            try await save { record, _ in record.update { $0.resizedImageKey = response.imageKey } }
+        }
+        if record.chunks.isEmpty {
+            var request = SplitAudioRequest()
+            request.audioKey = job.audioKey
+            let target = (job.options?.chunkTargetSec ?? 0) > 0 ? job.options!.chunkTargetSec : context.configuration.chunkTargetSec
+            request.targetSec = target
+            request.maxSec = max(target, min(60, target * 1.5))
+            request.outputPrefix = "jobs/\(job.id)/chunks/"
+            let split = request
+            let response = try await callService("SplitAudio") {
+                try await self.context.audio.unary(AudioService.splitAudio, split, options: .timeout(seconds: 600, idempotent: true))
+            }
+            let chunks = response.chunks.map { chunk -> JobChunk in
+                var planned = JobChunk()
+                planned.index = chunk.index
+                planned.audioKey = chunk.key
+                planned.startSec = chunk.startSec
+                planned.durationSec = chunk.durationSec
+                return planned
+            }
+            try await save { record, _ in try record.setPlan(chunks, audioDurationSec: response.durationSec) }
+        }
+    }
+
+    /// Every chunk to COMPLETED, at most the job's concurrency at once; the first chunk out of
+    /// attempts ends the job (the group cancels the others).
+    private func renderChunks() async throws {
+        let requested = Int(record.job.options?.maxConcurrentChunks ?? 0)
+        let concurrency = max(1, requested > 0 ? requested : context.configuration.maxConcurrentChunks)
+        // Chunks RunPod already holds go first: they are paid for.
+        let order = record.chunks.indices.sorted {
+            let a = JobStateMachine.isInFlight(record.chunks[$0].status), b = JobStateMachine.isInFlight(record.chunks[$1].status)
+            return a != b ? a : $0 < $1
+        }.filter { record.chunks[$0].status != .chunkCompleted }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            var next = order.makeIterator()
+            for _ in 0..<concurrency {
+                guard let index = next.next() else { break }
+                group.addTask { try await ChunkDriver(runner: self, index: index).run() }
+            }
+            while try await group.next() != nil {
+                if let index = next.next() {
+                    group.addTask { try await ChunkDriver(runner: self, index: index).run() }
+                }
+            }
+        }
+    }
+
+    private func stitch() async throws {
+        try await save { record, _ in record.update { $0.stage = .stageStitching } }
+        var request = StitchVideosRequest()
+        request.videoKeys = record.chunks.map(\.videoKey)
+        request.audioKey = record.job.audioKey
+        request.outputKey = "jobs/\(record.id)/video.mp4"
+        let stitchRequest = request
+        let response = try await callService("StitchVideos") {
+            try await self.context.media.unary(MediaService.stitchVideos, stitchRequest, options: .timeout(seconds: 1800, idempotent: true))
+        }
+        try await save { record, now in
+            record.update {
+                $0.videoKey = response.videoKey
+                $0.durationSec = response.durationSec
+            }
+            try record.move(to: .completed, at: now)
+        }
+    }
+
+    // MARK: Ending
+
+    /// The workflow stopped early: cancel what RunPod still runs, then store the terminal state.
+    private func finish(failure: JobError) async {
+        let status: JobStatus
+        let jobError: JobError
+        switch stopReason {
+        case .cancelled:
+            status = .cancelled
+            jobError = JobError(code: ErrorCode.cancelled.rawValue, message: "the job was cancelled")
+        case .timedOut:
+            status = .timedOut
+            jobError = JobError(code: ErrorCode.jobTimedOut.rawValue, message: "the job did not finish within its deadline")
+        case nil:
+            status = .failed
+            jobError = failure
+        }
+        let inFlight = record.chunks.filter { JobStateMachine.isInFlight($0.status) && !$0.runpodJobId.isEmpty }.map(\.runpodJobId)
+        await withTaskGroup(of: Void.self) { group in
+            for id in inFlight {
+                group.addTask {
+                    do { _ = try await self.context.runpod.cancel(id) } catch {
+                        self.logger.warning("could not cancel a RunPod job", metadata: ["runpod_job_id": "\(id)", "error": "\(error)"])
+                    }
+                }
+            }
+        }
+        do {
+            try await save(retrying: true) { record, now in
+                if record.isTerminal { return }
+                let attempts = Int32(self.context.configuration.chunkMaxAttempts)
+                for index in record.chunks.indices where ![.chunkCompleted, .chunkCancelled].contains(record.chunks[index].status) {
+                    // A chunk out of attempts stays FAILED: it is the reason.
+                    if record.chunks[index].status == .chunkFailed && record.chunks[index].attempts >= attempts { continue }
+                    try record.moveChunk(index, to: .chunkCancelled) { $0.finishedAtUnixMs = now }
+                }
+                let target = record.status == .inQueue && status == .timedOut ? JobStatus.failed : status
+                try record.move(to: target, error: jobError, at: now)
+            }
+        } catch {
+            logger.error("could not store the job's end", metadata: ["error": "\(error)"])
+            return
+        }
+        await deleteIntermediates()
+    }
+
+    static func jobError(_ error: any Error) -> JobError {
+        switch error {
+        case let error as ServiceError: return JobError(code: error.code.rawValue, message: error.message)
+        case let error as RPCError:
+            let code = ServiceError.code(in: error)
+            let message = code.map { String(error.message.dropFirst($0.rawValue.count + 1)).trimmingCharacters(in: .whitespaces) } ?? error.message
+            return JobError(code: (code ?? .serviceUnavailable).rawValue, message: message)
+        case let error as ChunkExhausted: return error.error
+        default: return JobError(code: ErrorCode.internalError.rawValue, message: "\(error)")
+        }
+    }
+
+    /// Resized image, chunks and partial videos go; the final video stays.
+    private func deleteIntermediates() async {
+        var keys = record.chunks.flatMap { [$0.audioKey, $0.videoKey] }
+        keys.append(record.job.resizedImageKey)
+        for key in keys where !key.isEmpty {
+            do { try context.blobs.delete(try BlobKey(key)) } catch {
+                logger.warning("could not delete an intermediate blob", metadata: ["key": "\(key)", "error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: Storing
+
+    /// Applies `change` to the current record and commits it; watchers see it once committed.
+    /// Writes are one at a time. On a conflict the record is re-read: a job someone else ended
+    /// (a cancel from another replica) ends this workflow; otherwise `change` is applied again
+    /// when `retrying`.
+    @discardableResult
+    func save(retrying: Bool = true, _ change: (inout JobRecord, Int64) throws -> Void) async throws -> JobRecord {
+        while saving { await withCheckedContinuation { saveWaiters.append($0) } }
+        saving = true
+        defer {
+            saving = false
+            if !saveWaiters.isEmpty { saveWaiters.removeFirst().resume() }
+        }
+        while true {
+            var next = record
+            try change(&next, context.clock.nowUnixMs())
+            let estimate = context.throughput.estimate
+            let concurrency = Int(next.job.options?.maxConcurrentChunks ?? 0)
+            next.update { fields in
+                fields.progress = JobProgress.progress(of: fields.job)
+                fields.etaSeconds = JobProgress.eta(of: fields.job, estimate: estimate,
+                                                    concurrency: concurrency > 0 ? concurrency : context.configuration.maxConcurrentChunks)
+            }
+            do {
+                let previous = record.status
+                record = try await context.store.update(next)
+                context.events.publish(record.job)
+                if record.status != previous {
+                    context.counters.count(job: record.status)
+                    logger.info("job state", metadata: ["status": "\(record.status)", "from": "\(previous)"])
+                }
+                return record
+            } catch let error as ServiceError where error.code == .storeConflict {
+                guard let stored = try await context.store.get(record.id) else { throw WorkflowEnd(reason: "the job is gone from the store") }
+                record = stored
+                if stored.isTerminal || !retrying { throw WorkflowEnd(reason: "the job was changed elsewhere (\(stored.status))") }
+            } catch let error as ServiceError where error.code == .leaseLost {
+                throw WorkflowEnd(reason: "lease lost")
+            }
+        }
+    }
+
+    /// Media and Audio briefly unavailable are retried with backoff for `serviceRetrySeconds`.
+    func callService<T: Sendable>(_ name: String, _ body: @Sendable () async throws -> T) async throws -> T {
+        let started = context.clock.nowUnixMs()
+        var delay = 0.2
+        while true {
+            do {
+                return try await body()
+            } catch let error as RPCError where [.unavailable, .resourceExhausted].contains(error.code)
+                && Double(context.clock.nowUnixMs() - started) / 1000 < context.configuration.serviceRetrySeconds {
+                logger.warning("service unavailable; retrying", metadata: ["call": "\(name)", "error": "\(error)"])
+                try await Task.sleep(nanoseconds: UInt64(delay * 1e9))
+                delay = min(delay * 2, 5)
+            }
+        }
+    }
+}
+
+/// The workflow ends without a terminal state of its own making (another writer ended the job,
+/// or this replica lost it).
+struct WorkflowEnd: Error {
+    let reason: String
+}
+
+/// A chunk ran out of attempts.
+struct ChunkExhausted: Error {
+    let error: JobError
+}
+
+extension JobError {
+    init(code: String, message: String) {
+        self.init()
+        self.code = code
+        self.message = message
+    }
+}

@@ -1,0 +1,146 @@
+import TalkMeshCore
+import TalkMeshMessages
+
+/// The one place job and chunk states change. `IN_QUEUE → RUNNING → COMPLETED | FAILED |
+/// CANCELLED | TIMED_OUT`, and `IN_QUEUE` may end at once as `FAILED` or `CANCELLED`.
+public enum JobStateMachine {
+    /// The states a job may move to from `status`.
+    public static func successors(of status: JobStatus) -> Set<JobStatus> {
+        switch status {
+        case .inQueue: return [.running, .failed, .cancelled]
+        case .running: return [.completed, .failed, .cancelled, .timedOut]
+        default: return []
+        }
+    }
+
+    /// True when nothing may follow.
+    public static func isTerminal(_ status: JobStatus) -> Bool {
+        [.completed, .failed, .cancelled, .timedOut].contains(status)
+    }
+
+    /// The states a chunk may move to. A chunk is retried from FAILED (a new attempt), resubmitted
+    /// from SUBMITTING or SUBMITTED (the crash window, or RunPod forgot the job), and may be
+    /// cancelled from anything but COMPLETED.
+    public static func successors(of status: ChunkStatus) -> Set<ChunkStatus> {
+        switch status {
+        case .chunkPending: return [.chunkSubmitting, .chunkCancelled]
+        case .chunkSubmitting: return [.chunkSubmitted, .chunkSubmitting, .chunkFailed, .chunkCancelled]
+        case .chunkSubmitted: return [.chunkRunning, .chunkCompleted, .chunkFailed, .chunkCancelled, .chunkSubmitting, .chunkSubmitted]
+        case .chunkRunning: return [.chunkCompleted, .chunkFailed, .chunkCancelled, .chunkSubmitting, .chunkSubmitted]
+        case .chunkFailed: return [.chunkSubmitting, .chunkSubmitted, .chunkCancelled]
+        default: return []
+        }
+    }
+
+    /// True when a chunk's RunPod job can still be running.
+    public static func isInFlight(_ status: ChunkStatus) -> Bool {
+        [.chunkSubmitting, .chunkSubmitted, .chunkRunning].contains(status)
+    }
+}
+
+/// A job as the Dispatcher holds it. Its status and its chunks' statuses can only change through
+/// `move(to:)` and `moveChunk(_:to:)`, which refuse what the state machine does not allow: an
+/// illegal transition cannot be written.
+public struct JobRecord: Sendable, Equatable {
+    /// The job as the API shows it.
+    public private(set) var job: Job
+
+    /// A new job, `IN_QUEUE`.
+    public init(new job: Job) {
+        var job = job
+        job.status = .inQueue
+        job.stage = .stageUnspecified
+        job.etaSeconds = -1
+        for index in job.chunks.indices { job.chunks[index].status = .chunkPending }
+        self.job = job
+    }
+
+    /// A job read back from the store (its states were checked when it was written).
+    public init(stored job: Job) {
+        self.job = job
+    }
+
+    public var id: String { job.id }
+    public var status: JobStatus { job.status }
+    public var isTerminal: Bool { JobStateMachine.isTerminal(job.status) }
+    public var chunks: [JobChunk] { job.chunks }
+
+    /// Moves the job; ILLEGAL_TRANSITION when the state machine forbids it.
+    public mutating func move(to status: JobStatus, error: JobError? = nil, at now: Int64) throws(ServiceError) {
+        guard JobStateMachine.successors(of: job.status).contains(status) else {
+            throw ServiceError(.illegalTransition, "job \(job.id): \(job.status) → \(status) is not a legal transition")
+        }
+        job.status = status
+        if let error { job.error = error }
+        if JobStateMachine.isTerminal(status) {
+            job.completedAtUnixMs = now
+            job.stage = .stageDone
+            job.etaSeconds = status == .completed ? 0 : -1
+        }
+    }
+
+    /// Moves one chunk; ILLEGAL_TRANSITION when the state machine forbids it or the job has ended
+    /// (a terminal job's chunks may only be cancelled).
+    public mutating func moveChunk(_ index: Int, to status: ChunkStatus, _ update: (inout ChunkFields) -> Void = { _ in }) throws(ServiceError) {
+        guard job.chunks.indices.contains(index) else {
+            throw ServiceError(.illegalTransition, "job \(job.id) has no chunk \(index)")
+        }
+        let current = job.chunks[index].status
+        guard JobStateMachine.successors(of: current).contains(status), !isTerminal || status == .chunkCancelled else {
+            throw ServiceError(.illegalTransition, "job \(job.id) chunk \(index): \(current) → \(status) is not a legal transition")
+        }
+        var fields = ChunkFields(chunk: job.chunks[index])
+        update(&fields)
+        job.chunks[index] = fields.chunk
+        job.chunks[index].status = status
+    }
+
+    /// Sets the plan once: the chunks from the split (only while preparing).
+    public mutating func setPlan(_ chunks: [JobChunk], audioDurationSec: Double) throws(ServiceError) {
+        guard job.status == .running, job.chunks.isEmpty else {
+            throw ServiceError(.illegalTransition, "job \(job.id): the plan is set once, while running")
+        }
+        job.chunks = chunks.map { var chunk = $0; chunk.status = .chunkPending; return chunk }
+        job.audioDurationSec = audioDurationSec
+    }
+
+    /// Fields that are not states: free to change while the job is not terminal.
+    public mutating func update(_ body: (inout JobFields) -> Void) {
+        var fields = JobFields(job: job)
+        body(&fields)
+        let status = job.status, chunks = job.chunks
+        job = fields.job
+        job.status = status
+        job.chunks = chunks
+    }
+
+    /// Stamps a stored write (version and time); the store calls this.
+    public mutating func stamp(version: Int64, at now: Int64) {
+        job.version = version
+        job.updatedAtUnixMs = now
+    }
+}
+
+/// A chunk's non-state fields, editable inside `JobRecord.moveChunk`.
+public struct ChunkFields {
+    var chunk: JobChunk
+    public var runpodJobID: String { get { chunk.runpodJobId } set { chunk.runpodJobId = newValue } }
+    public var videoKey: String { get { chunk.videoKey } set { chunk.videoKey = newValue } }
+    public var attempts: Int32 { get { chunk.attempts } set { chunk.attempts = newValue } }
+    public var error: JobError? { get { chunk.error } set { chunk.error = newValue } }
+    public var submittedAtUnixMs: Int64 { get { chunk.submittedAtUnixMs } set { chunk.submittedAtUnixMs = newValue } }
+    public var finishedAtUnixMs: Int64 { get { chunk.finishedAtUnixMs } set { chunk.finishedAtUnixMs = newValue } }
+    public var queueDelayMs: Int64 { get { chunk.queueDelayMs } set { chunk.queueDelayMs = newValue } }
+    public var executionMs: Int64 { get { chunk.executionMs } set { chunk.executionMs = newValue } }
+}
+
+/// A job's non-state fields, editable inside `JobRecord.update`.
+public struct JobFields {
+    var job: Job
+    public var progress: Double { get { job.progress } set { job.progress = newValue } }
+    public var etaSeconds: Double { get { job.etaSeconds } set { job.etaSeconds = newValue } }
+    public var stage: JobStage { get { job.stage } set { job.stage = newValue } }
+    public var resizedImageKey: String { get { job.resizedImageKey } set { job.resizedImageKey = newValue } }
+    public var videoKey: String { get { job.videoKey } set { job.videoKey = newValue } }
+    public var durationSec: Double { get { job.durationSec } set { job.durationSec = newValue } }
+}

@@ -1,0 +1,157 @@
+import Foundation
+import TalkMeshCore
+import TalkMeshMessages
+
+/// The embedded `JobStore`: one SQLite file in WAL mode, one connection confined to one thread
+/// (no SQLITE_BUSY between our own writers), versioned migrations in `PRAGMA user_version`.
+/// One replica owns the file, so there are no leases: every unfinished job is this replica's.
+public final class SQLiteJobStore: JobStore {
+    /// The connection, used only on `thread`'s one worker.
+    private final class Connection: @unchecked Sendable {
+        let db: SQLiteDatabase
+        init(_ db: SQLiteDatabase) { self.db = db }
+    }
+
+    private let connection: Connection
+    private let thread = BlockingWorkPool(threads: 1)
+    private let clock: any WallClock
+
+    /// The schema, one migration per version; each runs in its own transaction.
+    static let migrations = [
+        """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            idempotency_key TEXT,
+            status INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            data BLOB NOT NULL
+        ) STRICT;
+        CREATE UNIQUE INDEX jobs_idempotency ON jobs(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX jobs_owner_newest ON jobs(owner, created_ms DESC, id DESC);
+        CREATE INDEX jobs_unfinished ON jobs(created_ms) WHERE status IN (1, 2);
+        """,
+    ]
+
+    /// Opens (creating and migrating) the store at `path`.
+    public init(path: String, clock: any WallClock = SystemWallClock()) throws {
+        if let slash = path.lastIndex(of: "/"), slash != path.startIndex {
+            let directory = String(path[..<slash])
+            do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
+                throw ServiceError(.storeUnavailable, "cannot create the job store's directory", cause: "\(directory): \(error)")
+            }
+        }
+        let db = try SQLiteDatabase(path: path)
+        try Self.migrate(db)
+        connection = Connection(db)
+        self.clock = clock
+    }
+
+    static func migrate(_ db: SQLiteDatabase) throws {
+        let read = try db.prepare("PRAGMA user_version")
+        _ = try read.step()
+        let current = Int(read.int64(0))
+        guard current <= migrations.count else {
+            throw ServiceError(.storeUnavailable, "the job store's schema (version \(current)) is newer than this Dispatcher knows (\(migrations.count))")
+        }
+        for version in current..<migrations.count {
+            try db.transaction {
+                try db.execute(migrations[version])
+                try db.execute("PRAGMA user_version = \(version + 1)")
+            }
+        }
+    }
+
+    private func onThread<T: Sendable>(_ body: @escaping @Sendable (SQLiteDatabase) throws -> T) async throws -> T {
+        let connection = self.connection
+        return try await thread.run { _ in try body(connection.db) }
+    }
+
+    public func create(_ record: JobRecord) async throws -> (record: JobRecord, created: Bool) {
+        let now = clock.nowUnixMs()
+        var record = record
+        record.stamp(version: 1, at: now)
+        let stamped = record
+        return try await onThread { db in
+            try db.transaction {
+                let job = stamped.job
+                let key: String? = job.idempotencyKey.isEmpty ? nil : job.idempotencyKey
+                if let key {
+                    let existing = try db.prepare("SELECT data FROM jobs WHERE owner = ? AND idempotency_key = ?")
+                    try existing.bind([job.owner, key])
+                    if try existing.step() { return (JobRecord(stored: try Job(serializedBytes: existing.blob(0))), false) }
+                }
+                try db.prepare("INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+                    .run([job.id, job.owner, key, job.status.rawValue, job.createdAtUnixMs, job.updatedAtUnixMs, job.version, job.serializedBytes()])
+                return (stamped, true)
+            }
+        }
+    }
+
+    public func get(_ id: String) async throws -> JobRecord? {
+        try await onThread { db in
+            let statement = try db.prepare("SELECT data FROM jobs WHERE id = ?")
+            try statement.bind([id])
+            return try statement.step() ? JobRecord(stored: try Job(serializedBytes: statement.blob(0))) : nil
+        }
+    }
+
+    public func update(_ record: JobRecord) async throws -> JobRecord {
+        let expected = record.job.version
+        var record = record
+        record.stamp(version: expected + 1, at: clock.nowUnixMs())
+        let stamped = record
+        return try await onThread { db in
+            let job = stamped.job
+            try db.prepare("UPDATE jobs SET status = ?, updated_ms = ?, version = ?, data = ? WHERE id = ? AND version = ?")
+                .run([job.status.rawValue, job.updatedAtUnixMs, job.version, job.serializedBytes(), job.id, expected])
+            guard db.changes == 1 else {
+                throw ServiceError(.storeConflict, "job \(job.id) changed since version \(expected)")
+            }
+            return stamped
+        }
+    }
+
+    public func list(_ query: JobQuery) async throws -> (jobs: [Job], nextPageToken: String) {
+        try await onThread { db in
+            var sql = "SELECT data FROM jobs WHERE owner = ?"
+            var values: [Any?] = [query.owner]
+            if let status = query.status {
+                sql += " AND status = ?"
+                values.append(status.rawValue)
+            }
+            if let after = query.after {
+                sql += " AND (created_ms < ? OR (created_ms = ? AND id < ?))"
+                values += [after.createdAtUnixMs, after.createdAtUnixMs, after.id]
+            }
+            sql += " ORDER BY created_ms DESC, id DESC LIMIT ?"
+            values.append(query.pageSize + 1)
+            let statement = try db.prepare(sql)
+            try statement.bind(values)
+            var jobs: [Job] = []
+            while try statement.step() { jobs.append(try Job(serializedBytes: statement.blob(0))) }
+            guard jobs.count > query.pageSize else { return (jobs, "") }
+            jobs.removeLast()
+            let last = jobs[jobs.count - 1]
+            return (jobs, PageToken(createdAtUnixMs: last.createdAtUnixMs, id: last.id).text)
+        }
+    }
+
+    public func claimUnfinished(limit: Int) async throws -> [String] {
+        try await onThread { db in
+            let statement = try db.prepare("SELECT id FROM jobs WHERE status IN (1, 2) ORDER BY created_ms LIMIT ?")
+            try statement.bind([limit])
+            var ids: [String] = []
+            while try statement.step() { ids.append(statement.text(0) ?? "") }
+            return ids
+        }
+    }
+
+    public func release(_ id: String) async throws {}
+
+    public func ping() async throws {
+        try await onThread { db in _ = try db.prepare("SELECT 1").step() }
+    }
+}

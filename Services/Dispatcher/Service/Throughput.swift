@@ -1,0 +1,108 @@
+import TalkMeshMessages
+
+import Synchronization
+
+/// What RunPod's own timings say about this endpoint: seconds of execution per second of audio
+/// and seconds spent queued, as moving averages over finished chunks. Polls are timed by it and
+/// ETAs come from it.
+public final class Throughput: Sendable {
+    public struct Estimate: Sendable, Equatable {
+        /// Execution seconds per audio second; nil until a chunk finished.
+        public var secondsPerAudioSecond: Double?
+        /// Queue delay of a chunk, seconds; nil until a chunk started.
+        public var queueDelaySeconds: Double?
+    }
+
+    private let state = Mutex(Estimate())
+    /// Weight of the newest sample.
+    let smoothing: Double
+
+    public init(smoothing: Double = 0.3) {
+        self.smoothing = smoothing
+    }
+
+    public var estimate: Estimate { state.withLock { $0 } }
+
+    /// Adds a finished chunk: its audio length and RunPod's delayTime and executionTime.
+    public func record(audioSeconds: Double, queueDelayMs: Int64, executionMs: Int64) {
+        guard audioSeconds > 0, queueDelayMs >= 0, executionMs >= 0 else { return }
+        let rate = Double(executionMs) / 1000 / audioSeconds
+        let delay = Double(queueDelayMs) / 1000
+        let weight = smoothing
+        state.withLock { estimate in
+            estimate.secondsPerAudioSecond = estimate.secondsPerAudioSecond.map { $0 + weight * (rate - $0) } ?? rate
+            estimate.queueDelaySeconds = estimate.queueDelaySeconds.map { $0 + weight * (delay - $0) } ?? delay
+        }
+    }
+}
+
+/// When to poll a RunPod job next. Not a fixed ladder: once the job runs, the next poll lands
+/// when RunPod's own throughput says it should be done, then follows closely until it is.
+public struct PollPlanner: Sendable {
+    /// Shortest and longest waits, seconds.
+    public var shortest = 0.1
+    public var longest = 10.0
+    /// Polls after the predicted end: this first, growing by `growth` up to `overdueLongest`.
+    public var overdueFirst = 0.1
+    public var growth = 1.5
+    public var overdueLongest = 1.0
+    /// Unknown throughput: this first, growing up to `unknownLongest`.
+    public var unknownFirst = 0.25
+    public var unknownLongest = 2.0
+
+    public init() {}
+
+    /// The wait before the next poll. `previous` is the last wait (0 at first);
+    /// `executionMs` what RunPod reports the job has run so far.
+    public func next(running: Bool, executionMs: Int64?, audioSeconds: Double, estimate: Throughput.Estimate, previous: Double) -> Double {
+        guard running, let rate = estimate.secondsPerAudioSecond else {
+            return min(unknownLongest, previous <= 0 ? unknownFirst : previous * growth)
+        }
+        let remaining = rate * audioSeconds - Double(executionMs ?? 0) / 1000
+        if remaining > shortest { return min(longest, remaining) }
+        return min(overdueLongest, previous <= 0 || previous > overdueLongest ? overdueFirst : previous * growth)
+    }
+}
+
+/// Progress and ETA from a job's stage and chunks: preparation 5 %, rendering 85 % by audio seconds
+/// done, stitching 10 %; the ETA from RunPod's measured throughput.
+public enum JobProgress {
+    public static let preparingWeight = 0.05
+    public static let renderingWeight = 0.85
+
+    /// Fraction done, 0…1.
+    public static func progress(of job: Job) -> Double {
+        switch job.stage {
+        case .stageDone: return job.status == .completed ? 1 : job.progress
+        case .stageStitching: return preparingWeight + renderingWeight
+        case .stageRendering:
+            let total = job.chunks.reduce(0) { $0 + $1.durationSec }
+            guard total > 0 else { return preparingWeight }
+            let done = job.chunks.filter { $0.status == .chunkCompleted }.reduce(0) { $0 + $1.durationSec }
+            return preparingWeight + renderingWeight * done / total
+        default: return 0
+        }
+    }
+
+    /// Seconds left, or -1 while unknown: the remaining audio rendered `concurrency` at a time
+    /// at the measured rate, plus one queue delay, plus stitching (`stitchSeconds`).
+    public static func eta(of job: Job, estimate: Throughput.Estimate, concurrency: Int, stitchSeconds: Double = 2) -> Double {
+        switch job.stage {
+        case .stageDone: return job.status == .completed ? 0 : -1
+        case .stageStitching: return stitchSeconds
+        case .stageRendering:
+            guard let rate = estimate.secondsPerAudioSecond else { return -1 }
+            let left = job.chunks.filter { $0.status != .chunkCompleted }
+            guard !left.isEmpty else { return stitchSeconds }
+            let seconds = left.map { $0.durationSec * rate }.sorted(by: >)
+            // Longest first onto `concurrency` lanes: the finish time of the busiest lane.
+            var lanes = [Double](repeating: 0, count: max(1, min(concurrency, seconds.count)))
+            for item in seconds {
+                let index = lanes.indices.min { lanes[$0] < lanes[$1] }!
+                lanes[index] += item
+            }
+            return lanes.max()! + (estimate.queueDelaySeconds ?? 0) + stitchSeconds
+        default: return -1
+        }
+    }
+}
