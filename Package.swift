@@ -105,7 +105,7 @@ let package = Package(
             path: "Tests/MediaTests"),
         .testTarget(
             name: "TalkMeshDispatcherTests",
-            dependencies: ["TalkMeshDispatcherService", "TalkMeshCore", "TalkMeshRPC"],
+            dependencies: ["TalkMeshDispatcherService", "TalkMeshCore", "TalkMeshRPC", "TalkMeshMessages"],
             path: "Tests/DispatcherTests"),
     ]
 )

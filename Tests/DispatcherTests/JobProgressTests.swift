@@ -1,0 +1,86 @@
+import Testing
+import TalkMeshMessages
+@testable import TalkMeshDispatcherService
+
+@Suite struct JobProgressTests {
+    func job(stage: JobStage, chunks: [(Double, ChunkStatus)]) -> Job {
+        var job = Job()
+        job.status = .running
+        job.stage = stage
+        job.chunks = chunks.map { var chunk = JobChunk(); chunk.durationSec = $0.0; chunk.status = $0.1; return chunk }
+        return job
+    }
+
+    @Test func progressIsWeightedByStageAndAudioSeconds() {
+        #expect(JobProgress.progress(of: job(stage: .stagePreparing, chunks: [])) == 0)
+        let rendering = job(stage: .stageRendering, chunks: [(30, .chunkCompleted), (10, .chunkRunning), (20, .chunkPending)])
+        #expect(abs(JobProgress.progress(of: rendering) - (0.05 + 0.85 * 30 / 60)) < 1e-9)
+        #expect(abs(JobProgress.progress(of: job(stage: .stageStitching, chunks: [])) - 0.9) < 1e-9)
+    }
+
+    @Test func etaPacksTheRemainingChunksOntoTheJobsLanes() {
+        let estimate = Throughput.Estimate(secondsPerAudioSecond: 2, queueDelaySeconds: 1)
+        let rendering = job(stage: .stageRendering, chunks: [(10, .chunkCompleted), (10, .chunkPending), (5, .chunkPending), (5, .chunkRunning)])
+        // Left: 20 s, 10 s, 10 s of work on 2 lanes → 20; plus queue delay 1 and stitching 2.
+        #expect(JobProgress.eta(of: rendering, estimate: estimate, concurrency: 2) == 23)
+        #expect(JobProgress.eta(of: rendering, estimate: estimate, concurrency: 1) == 43)
+        #expect(JobProgress.eta(of: rendering, estimate: Throughput.Estimate(), concurrency: 2) == -1)
+    }
+
+    @Test func throughputIsAMovingAverageOfRunPodsTimings() {
+        let throughput = Throughput(smoothing: 0.5)
+        throughput.record(audioSeconds: 10, queueDelayMs: 2000, executionMs: 20_000)
+        #expect(throughput.estimate == Throughput.Estimate(secondsPerAudioSecond: 2, queueDelaySeconds: 2))
+        throughput.record(audioSeconds: 10, queueDelayMs: 0, executionMs: 40_000)
+        #expect(throughput.estimate == Throughput.Estimate(secondsPerAudioSecond: 3, queueDelaySeconds: 1))
+        throughput.record(audioSeconds: 0, queueDelayMs: 0, executionMs: 1)  // ignored
+        #expect(throughput.estimate.secondsPerAudioSecond == 3)
+    }
+
+    @Test func pollsLandWhenRunPodsThroughputSaysTheChunkIsDone() {
+        let planner = PollPlanner()
+        let known = Throughput.Estimate(secondsPerAudioSecond: 0.5, queueDelaySeconds: 0)
+        // A 20 s chunk at 0.5 s/s needs 10 s; 4 s have run: the next poll is in 6 s, not a ladder step.
+        #expect(planner.next(running: true, executionMs: 4000, audioSeconds: 20, estimate: known, previous: 1) == 6)
+        // Overdue: close polls, growing to at most 1 s.
+        var wait = 0.0
+        var waits: [Double] = []
+        for _ in 0..<8 {
+            wait = planner.next(running: true, executionMs: 11_000, audioSeconds: 20, estimate: known, previous: wait)
+            waits.append(wait)
+        }
+        #expect(waits.first == 0.1 && waits.max()! <= 1.0 && waits == waits.sorted())
+        // Unknown throughput, or still queued: a short growing ladder capped at 2 s.
+        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: known, previous: 0) == 0.25)
+        #expect(planner.next(running: true, executionMs: 100, audioSeconds: 20, estimate: Throughput.Estimate(), previous: 1.9) == 2)
+        // Never longer than `longest`, however long the chunk.
+        #expect(planner.next(running: true, executionMs: 0, audioSeconds: 600, estimate: known, previous: 0) == 10)
+    }
+
+    @Test func theInFlightLimitNeverExceedsItsCapacity() async throws {
+        let limit = InFlightLimit(capacity: 3)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<20 {
+                group.addTask {
+                    try await limit.acquire()
+                    try await Task.sleep(for: .milliseconds(2))
+                    await limit.release()
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(await limit.peak == 3)
+        #expect(await limit.inUse == 0)
+    }
+
+    @Test func aCancelledWaiterLeavesTheQueue() async throws {
+        let limit = InFlightLimit(capacity: 1)
+        try await limit.acquire()
+        let waiter = Task { try await limit.acquire() }
+        try await Task.sleep(for: .milliseconds(20))
+        waiter.cancel()
+        await #expect(throws: CancellationError.self) { try await waiter.value }
+        await limit.release()
+        #expect(await limit.inUse == 0)
+    }
+}

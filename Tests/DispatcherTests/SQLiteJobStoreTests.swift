@@ -1,0 +1,101 @@
+import Foundation
+import Testing
+import TalkMeshCore
+import TalkMeshMessages
+@testable import TalkMeshDispatcherService
+
+/// A clock the test moves.
+final class ManualClock: WallClock, @unchecked Sendable {
+    var now: Int64 = 1_000
+    func nowUnixMs() -> Int64 { now }
+}
+
+@Suite struct SQLiteJobStoreTests {
+    let directory: String
+    let clock = ManualClock()
+
+    init() {
+        directory = NSTemporaryDirectory() + "talkmesh-jobstore-\(UUID().uuidString)"
+    }
+
+    func store() throws -> SQLiteJobStore { try SQLiteJobStore(path: directory + "/nested/jobs.db", clock: clock) }
+
+    func newJob(owner: String = "o", key: String = "", created: Int64) -> JobRecord {
+        var job = Job()
+        job.id = JobID.make()
+        job.owner = owner
+        job.idempotencyKey = key
+        job.createdAtUnixMs = created
+        return JobRecord(new: job)
+    }
+
+    @Test func writesAreCompareAndSwapOnTheVersion() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try store()
+        let (created, isNew) = try await store.create(newJob(created: 1))
+        #expect(isNew && created.job.version == 1)
+        var first = created, second = created
+        try first.move(to: .running, at: 2)
+        let stored = try await store.update(first)
+        #expect(stored.job.version == 2)
+        try second.move(to: .cancelled, at: 3)
+        await #expect(throws: ServiceError.self) { _ = try await store.update(second) }
+        #expect(try await store.get(created.id)?.status == .running)
+    }
+
+    @Test func anIdempotencyKeyFindsTheFirstJobPerOwner() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try store()
+        let first = try await store.create(newJob(owner: "a", key: "k", created: 1))
+        let again = try await store.create(newJob(owner: "a", key: "k", created: 2))
+        let other = try await store.create(newJob(owner: "b", key: "k", created: 3))
+        #expect(first.created && !again.created && other.created)
+        #expect(again.record.id == first.record.id && other.record.id != first.record.id)
+    }
+
+    @Test func listingPagesNewestFirstAndFilters() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try store()
+        var ids: [String] = []
+        for created in [5, 1, 3, 3, 9] as [Int64] { ids.append(try await store.create(newJob(created: created)).record.id) }
+        var record = try #require(try await store.get(ids[4]))
+        try record.move(to: .failed, at: 10)
+        _ = try await store.update(record)
+        var seen: [Job] = []
+        var query = JobQuery(owner: "o", pageSize: 2)
+        while true {
+            let page = try await store.list(query)
+            seen += page.jobs
+            guard !page.nextPageToken.isEmpty else { break }
+            query.after = try PageToken(parsing: page.nextPageToken)
+        }
+        #expect(seen.map(\.createdAtUnixMs) == [9, 5, 3, 3, 1])
+        #expect(Set(seen.map(\.id)).count == 5)
+        #expect(try await store.list(JobQuery(owner: "o", status: .failed)).jobs.map(\.id) == [ids[4]])
+        #expect(try await store.list(JobQuery(owner: "nobody")).jobs.isEmpty)
+        #expect(throws: ServiceError.self) { try PageToken(parsing: "12.x; DROP TABLE jobs") }
+    }
+
+    @Test func unfinishedJobsSurviveReopening() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var ids: [String] = []
+        do {
+            let store = try store()
+            for created in 1...3 as ClosedRange<Int64> { ids.append(try await store.create(newJob(created: created)).record.id) }
+            var done = try #require(try await store.get(ids[1]))
+            try done.move(to: .cancelled, at: 4)
+            _ = try await store.update(done)
+        }
+        let reopened = try store()
+        #expect(try await reopened.claimUnfinished(limit: 10) == [ids[0], ids[2]])
+        #expect(try await reopened.get(ids[1])?.status == .cancelled)
+    }
+
+    @Test func aNewerSchemaIsRefused() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        _ = try store()
+        let db = try SQLiteDatabase(path: directory + "/nested/jobs.db")
+        try db.execute("PRAGMA user_version = 99")
+        #expect(throws: ServiceError.self) { _ = try store() }
+    }
+}
