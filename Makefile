@@ -25,6 +25,7 @@ bench: release
 	bench/rpc
 	bench/audio
 	bench/media
+	bench/dispatcher
 
 up: build
 	scripts/up

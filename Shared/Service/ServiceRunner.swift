@@ -10,6 +10,8 @@ public enum ServiceRunner {
     public struct Setup {
         public var services = RPCServiceRegistry()
         public var router = HTTPRouter()
+        /// The service's own metrics, appended to `/metrics`.
+        public var metricsSources: [@Sendable () -> String] = []
         public let health: HealthService
         public let logger: Logger
     }
@@ -36,7 +38,7 @@ public enum ServiceRunner {
         do {
             try configure(&setup)
             let server = try RPCServer(configuration: resolved.server, services: setup.services, router: setup.router,
-                                       health: health, logger: logger)
+                                       health: health, metricsSources: setup.metricsSources, logger: logger)
             let port = try server.bind()
             logger.info("serving gRPC, HTTP/2 and HTTP/1.1", metadata: [
                 "host": "\(resolved.server.host)", "port": "\(port)",

@@ -52,20 +52,6 @@ struct RunPodWireTests {
         #expect((body["policy"] as! [String: Any])["executionTimeout"] as? Int == 120_000)
     }
 
-    @Test("polling slows down while a job waits, within 1–10 s")
-    func polling() {
-        var schedule = PollSchedule()
-        let queued = RunPodJob(id: "a", status: .inQueue)
-        var last = 0.0
-        for _ in 0..<10 {
-            let next = schedule.next(after: queued)
-            #expect(next >= last && next >= 1 && next <= 10)
-            last = next
-        }
-        #expect(last == 10)
-        #expect(schedule.next(after: RunPodJob(id: "a", status: .inProgress, executionTimeMs: 8000)) == 2)
-    }
-
     @Test("the request budget never lets more than its limit through in any window")
     func budget() async throws {
         let budget = RequestBudget(limit: 5, window: 0.2)

@@ -159,6 +159,11 @@ def test_three_minute_speech_job_completes(mesh_factory, inputs):
     assert sum(stats.values()) == len(job.chunks) and set(stats.values()) == {1}
     left = [os.path.relpath(os.path.join(d, f), mesh.blobs) for d, _, files in os.walk(os.path.join(mesh.blobs, "jobs")) for f in files]
     assert left == [job.video_key]
+    _, metrics = mesh.dispatcher.http_get("/metrics")
+    assert 'talkmesh_dispatcher_events_total{event="jobs_completed"} 1' in metrics
+    assert f'talkmesh_dispatcher_events_total{{event="runpod_submissions"}} {len(job.chunks)}' in metrics
+    assert f"talkmesh_dispatcher_runpod_execution_seconds_count {len(job.chunks)}" in metrics
+    assert "talkmesh_dispatcher_job_duration_seconds_count 1" in metrics
 
 
 def test_watch_sees_every_change_in_order(mesh_factory):

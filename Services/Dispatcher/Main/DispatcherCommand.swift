@@ -64,6 +64,7 @@ struct DispatcherCommand: ParsableCommand {
                                             runpod: RunPodClient(configuration: runpodConfiguration), logger: setup.logger)
             let dispatcher = Dispatcher(context: context)
             DispatcherHandlers(dispatcher: dispatcher).register(into: &setup.services)
+            setup.metricsSources.append { [counters = context.counters] in counters.render() }
             let health = setup.health, logger = setup.logger
             Task {
                 do { try await dispatcher.start() } catch { logger.error("cannot resume jobs", metadata: ["error": "\(error)"]) }

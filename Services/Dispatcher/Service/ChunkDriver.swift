@@ -122,6 +122,8 @@ struct ChunkDriver {
             let delay = Int64(status.delayTimeMs ?? 0), execution = Int64(status.executionTimeMs ?? 0)
             context.throughput.record(audioSeconds: chunk.durationSec, queueDelayMs: delay, executionMs: execution)
             context.counters.count(event: "chunks_completed")
+            context.counters.observe("runpod_queue_delay", seconds: Double(delay) / 1000)
+            context.counters.observe("runpod_execution", seconds: Double(execution) / 1000)
             try await runner.save { record, now in
                 try record.moveChunk(index, to: .chunkCompleted) {
                     $0.videoKey = key

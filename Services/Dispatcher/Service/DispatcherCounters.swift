@@ -1,10 +1,31 @@
 import Synchronization
 import TalkMeshMessages
 
-/// Counters for `/metrics`: job state changes, chunk outcomes, RunPod submissions, and the
-/// resubmissions that the crash window forces.
+/// The Dispatcher's Prometheus metrics: job state changes, chunk outcomes, RunPod submissions (and
+/// the resubmissions the crash window forces), RunPod's queue delay and execution time, and job
+/// duration.
 public final class DispatcherCounters: Sendable {
-    private let values = Mutex([String: Int]())
+    /// Upper bounds of the histograms' buckets, seconds.
+    static let bounds: [Double] = [0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
+
+    struct Histogram {
+        var buckets = [UInt64](repeating: 0, count: DispatcherCounters.bounds.count)
+        var count: UInt64 = 0
+        var sum = 0.0
+
+        mutating func observe(_ value: Double) {
+            count += 1
+            sum += value
+            for (index, bound) in DispatcherCounters.bounds.enumerated() where value <= bound { buckets[index] += 1 }
+        }
+    }
+
+    private struct State {
+        var events: [String: Int] = [:]
+        var histograms: [String: Histogram] = [:]
+    }
+
+    private let state = Mutex(State())
 
     public init() {}
 
@@ -14,11 +35,32 @@ public final class DispatcherCounters: Sendable {
     }
 
     public func count(event: String) {
-        values.withLock { $0[event, default: 0] += 1 }
+        state.withLock { $0.events[event, default: 0] += 1 }
     }
 
-    public func value(_ event: String) -> Int { values.withLock { $0[event] ?? 0 } }
+    /// Adds a sample (seconds) to a histogram: `runpod_queue_delay`, `runpod_execution`, `job_duration`.
+    public func observe(_ name: String, seconds: Double) {
+        guard seconds.isFinite, seconds >= 0 else { return }
+        state.withLock { $0.histograms[name, default: Histogram()].observe(seconds) }
+    }
 
-    /// Every counter, sorted by name.
-    public var snapshot: [(String, Int)] { values.withLock { $0.sorted { $0.key < $1.key } } }
+    public func value(_ event: String) -> Int { state.withLock { $0.events[event] ?? 0 } }
+
+    /// The Prometheus text exposition of every counter and histogram.
+    public func render() -> String {
+        let (events, histograms) = state.withLock { ($0.events, $0.histograms) }
+        var text = "# TYPE talkmesh_dispatcher_events_total counter\n"
+        for (event, value) in events.sorted(by: { $0.key < $1.key }) {
+            text += "talkmesh_dispatcher_events_total{event=\"\(event)\"} \(value)\n"
+        }
+        for (name, histogram) in histograms.sorted(by: { $0.key < $1.key }) {
+            let metric = "talkmesh_dispatcher_\(name)_seconds"
+            text += "# TYPE \(metric) histogram\n"
+            for (index, bound) in Self.bounds.enumerated() {
+                text += "\(metric)_bucket{le=\"\(bound)\"} \(histogram.buckets[index])\n"
+            }
+            text += "\(metric)_bucket{le=\"+Inf\"} \(histogram.count)\n\(metric)_sum \(histogram.sum)\n\(metric)_count \(histogram.count)\n"
+        }
+        return text
+    }
 }

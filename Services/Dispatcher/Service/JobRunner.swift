@@ -64,7 +64,7 @@ public actor JobRunner {
         let watchdog = Task { [context] in
             let wait = deadline - context.clock.nowUnixMs()
             if wait > 0 { try await Task.sleep(nanoseconds: UInt64(wait) * 1_000_000) }
-            await self.timeUp()
+            self.timeUp()
         }
         defer { watchdog.cancel() }
         do {
@@ -292,6 +292,9 @@ public actor JobRunner {
                 context.events.publish(record.job)
                 if record.status != previous {
                     context.counters.count(job: record.status)
+                    if record.isTerminal {
+                        context.counters.observe("job_duration", seconds: Double(record.job.completedAtUnixMs - record.job.createdAtUnixMs) / 1000)
+                    }
                     logger.info("job state", metadata: ["status": "\(record.status)", "from": "\(previous)"])
                 }
                 return record

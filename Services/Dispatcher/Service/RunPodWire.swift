@@ -129,26 +129,6 @@ public struct RunPodJob: Sendable {
     }
 }
 
-/// How often to poll one job: fast at first, slower while it queues or runs long (1 s … 10 s).
-public struct PollSchedule: Sendable {
-    public private(set) var interval: Double = 1
-
-    public init() {}
-
-    public mutating func next(after job: RunPodJob) -> Double {
-        switch job.status {
-        case .inQueue:
-            interval = min(10, max(1, interval * 1.5))
-        case .inProgress, .running:
-            let elapsed = Double(job.executionTimeMs ?? 0) / 1000
-            interval = min(10, max(1, elapsed / 4))
-        default:
-            interval = 1
-        }
-        return interval
-    }
-}
-
 /// RunPod's `Retry-After` header (delta-seconds; an HTTP-date is not used by RunPod and falls
 /// back to backoff). The value comes from the peer: it is checked and clamped before any use.
 public enum RetryAfter {

@@ -71,8 +71,10 @@ public final class RPCServer: @unchecked Sendable {
     public var metrics: RequestMetrics { core.metrics }
 
     /// Creates a server. `Health`, `/healthz`, `/readyz` and `/metrics` are added to what is given.
+    /// `metricsSources` add their Prometheus text to `/metrics` (a service's own metrics).
     public init(configuration: Configuration, services: RPCServiceRegistry = RPCServiceRegistry(),
-                router: HTTPRouter = HTTPRouter(), health: HealthService = HealthService(), logger: Logger) throws {
+                router: HTTPRouter = HTTPRouter(), health: HealthService = HealthService(),
+                metricsSources: [@Sendable () -> String] = [], logger: Logger) throws {
         var configuration = configuration
         if configuration.eventLoops <= 0 { configuration.eventLoops = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
         self.configuration = configuration
@@ -88,7 +90,7 @@ public final class RPCServer: @unchecked Sendable {
         }
         router.add("GET", "/metrics") { _ in
             HTTPResponse(status: 200, headers: [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                         body: Array(metrics.render().utf8))
+                         body: Array((metrics.render() + metricsSources.map { $0() }.joined()).utf8))
         }
         var tls: TLSContext?
         if let certificate = configuration.tlsCertificateFile, let key = configuration.tlsKeyFile {
