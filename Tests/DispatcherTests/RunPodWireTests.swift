@@ -52,6 +52,24 @@ struct RunPodWireTests {
         #expect((body["policy"] as! [String: Any])["executionTimeout"] as? Int == 120_000)
     }
 
+    @Test("the hand-written /run body is JSON with every field, whatever the prompt holds")
+    func runBodyEscapes() throws {
+        let prompt = "quote \" backslash \\ newline \n tab \t bell \u{07} é 🙂"
+        var input = InfiniteTalkInput(prompt: prompt, image: [1, 2, 3], wav: Array(repeating: 255, count: 1000), width: 64, height: 4096)
+        input.forceOffload = false
+        let body = try JSONSerialization.jsonObject(with: Data(input.runBody(executionTimeoutMs: 5, ttlMs: 6, webhook: "http://h/\"x"))) as! [String: Any]
+        let fields = body["input"] as! [String: Any]
+        #expect(fields["prompt"] as? String == prompt)
+        #expect(fields["image_base64"] as? String == Data([1, 2, 3]).base64EncodedString())
+        #expect(Data(base64Encoded: fields["wav_base64"] as! String) == Data(Array(repeating: 255, count: 1000)))
+        #expect(fields["force_offload"] as? Bool == false && fields["height"] as? Int == 4096)
+        #expect(body["webhook"] as? String == "http://h/\"x")
+        let urls = InfiniteTalkInput(prompt: "", imageURL: "https://a/i.png", wavURL: "https://a/w.wav", width: 64, height: 64)
+        let other = try JSONSerialization.jsonObject(with: Data(urls.runBody(executionTimeoutMs: 1, ttlMs: 1, webhook: nil))) as! [String: Any]
+        #expect((other["input"] as! [String: Any])["wav_url"] as? String == "https://a/w.wav")
+        #expect(other["webhook"] == nil)
+    }
+
     @Test("the request budget never lets more than its limit through in any window")
     func budget() async throws {
         let budget = RequestBudget(limit: 5, window: 0.2)

@@ -47,7 +47,8 @@ class Mesh:
         self.blobs = os.path.join(self.dir, "blobs")
         os.makedirs(self.blobs)
         shared = {"BLOB_STORE": "file://" + self.blobs}
-        self.emulator = Service("talkmesh-runpod-emulator", env=shared, args=["--workers", "8", *emulator_args])
+        workers = [] if "--workers" in emulator_args else ["--workers", "8"]
+        self.emulator = Service("talkmesh-runpod-emulator", env=shared, args=[*workers, *emulator_args])
         self.media = Service("talkmesh-media", env=shared)
         self.audio = Service("talkmesh-audio", env=shared)
         self.dispatcher_env = {**shared, "JOB_STORE": "sqlite://" + os.path.join(self.dir, "jobs.db"),
@@ -277,7 +278,9 @@ def test_faults_are_retried_to_completion(mesh_factory):
 
 
 def test_a_chunk_that_always_fails_fails_the_job_and_cancels_the_rest(mesh_factory):
-    mesh = mesh_factory(emulator_args=["--fail-rate", "1", "--speed", "0.3"], dispatcher_env={"CHUNK_MAX_ATTEMPTS": "2"})
+    # One RunPod worker: while one chunk runs out of attempts the others wait in RunPod's queue,
+    # so there is always something in flight to cancel.
+    mesh = mesh_factory(emulator_args=["--fail-rate", "1", "--speed", "0.1", "--workers", "1"], dispatcher_env={"CHUNK_MAX_ATTEMPTS": "2"})
     job = mesh.wait(mesh.create(options={"chunk_target_sec": 5, "max_concurrent_chunks": 4}).id, timeout=120)
     assert job.status == pb.FAILED
     assert job.error.code == "RUNPOD_JOB_FAILED" and "failed 2 times" in job.error.message

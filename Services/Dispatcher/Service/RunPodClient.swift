@@ -97,10 +97,12 @@ public struct RunPodClient: Sendable {
         switch video {
         case .base64(let text):
             guard let handle = FileHandleWriter(path: scratch) else { throw ServiceError(.storageFailed, "cannot write \(scratch)") }
-            var index = text.startIndex
-            while index < text.endIndex {
-                let end = text.index(index, offsetBy: 4 * 1024 * 1024, limitedBy: text.endIndex) ?? text.endIndex
-                guard let bytes = Data(base64Encoded: String(text[index..<end])) else {
+            // Sliced on the UTF-8 view: offsetting it is O(1), a Character walk over megabytes is not.
+            let utf8 = text.utf8
+            var index = utf8.startIndex
+            while index < utf8.endIndex {
+                let end = utf8.index(index, offsetBy: 4 * 1024 * 1024, limitedBy: utf8.endIndex) ?? utf8.endIndex
+                guard let bytes = Data(base64Encoded: Data(utf8[index..<end])) else {
                     handle.close()
                     throw ServiceError(.runpodBadResponse, "output.video is not valid base64")
                 }
