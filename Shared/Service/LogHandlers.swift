@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import TalkMeshCore
 import TalkMeshRPC
 
 /// One JSON object per line on stdout: `ts`, `level`, `service`, `msg`, then the metadata.
@@ -55,26 +56,7 @@ public struct JSONLogHandler: LogHandler {
     }
 
     /// A JSON string literal for `text`.
-    public static func quote(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if scalar.value < 0x20 {
-                    let hex = String(scalar.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        return out + "\""
-    }
+    public static func quote(_ text: String) -> String { JSONText.quote(text) }
 }
 
 /// Whole-line writes to stdout and stderr with write(2): one call per line, so lines from

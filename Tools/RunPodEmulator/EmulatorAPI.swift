@@ -128,7 +128,7 @@ struct EmulatorAPI: Sendable {
         if let started = job.startedAt { text += ",\"executionTime\":\(Int(((job.finishedAt ?? now) - started) * 1000))" }
         if let worker = job.workerID { text += ",\"workerId\":\"\(worker)\"" }
         if let output = job.outputJSON { text += ",\"output\":\(output)" }
-        if let error = job.errorText { text += ",\"error\":\(JSONString.quote(error))" }
+        if let error = job.errorText { text += ",\"error\":\(JSONText.quote(error))" }
         return text + "}"
     }
 }
@@ -143,14 +143,6 @@ actor RequestLog {
 
     func json() -> String {
         "[" + entries.map { "[\"\($0.0)\",\($0.1)]" }.joined(separator: ",") + "]"
-    }
-}
-
-enum JSONString {
-    static func quote(_ text: String) -> String {
-        let data = try! JSONSerialization.data(withJSONObject: [text], options: [.fragmentsAllowed])
-        let array = String(decoding: data, as: UTF8.self)
-        return String(array.dropFirst().dropLast())
     }
 }
 
@@ -205,7 +197,7 @@ struct EmulatedWorkers: Sendable {
                     }
                     await board.finish(id, status: "COMPLETED", outputJSON: "{\"video\":\"\(Data(video).base64EncodedString())\"}", error: nil)
                 } catch {
-                    await board.finish(id, status: "COMPLETED", outputJSON: "{\"error\":\(JSONString.quote(String(describing: error)))}", error: nil)
+                    await board.finish(id, status: "COMPLETED", outputJSON: "{\"error\":\(JSONText.quote(String(describing: error)))}", error: nil)
                 }
             }
         }

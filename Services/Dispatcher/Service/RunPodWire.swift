@@ -159,24 +159,3 @@ public enum RetryAfter {
         return min(value, longestSeconds)
     }
 }
-
-/// JSON string literals, written straight into a byte buffer.
-public enum JSONText {
-    /// Appends `text` as a quoted JSON string (RFC 8259 escapes; other UTF-8 passes through).
-    public static func appendQuoted(_ text: String, to out: inout [UInt8]) {
-        let hex = Array("0123456789abcdef".utf8)
-        out.append(0x22)
-        for byte in text.utf8 {
-            switch byte {
-            case 0x22: out += [0x5C, 0x22]
-            case 0x5C: out += [0x5C, 0x5C]
-            case 0x0A: out += [0x5C, 0x6E]
-            case 0x0D: out += [0x5C, 0x72]
-            case 0x09: out += [0x5C, 0x74]
-            case 0..<0x20: out += [0x5C, 0x75, 0x30, 0x30, hex[Int(byte >> 4)], hex[Int(byte & 0xF)]]
-            default: out.append(byte)
-            }
-        }
-        out.append(0x22)
-    }
-}
