@@ -3,23 +3,21 @@ import TalkMeshCore
 
 /// The settings of services that do blocking media work on blobs (Media, Audio).
 public struct WorkerOptions: ParsableArguments {
-    @Option(help: "Blob store URL (env BLOB_STORE, default file:///var/lib/talkmesh/blobs).")
-    var blobStore: String?
+    @OptionGroup var blobs: BlobStoreOptions
     @Option(help: "Concurrent jobs; 0 = one per core (env WORKERS, default 0).")
     var workers: String?
 
     public init() {}
 
     /// The `--help` rows of these settings.
-    public static let discussion = """
+    public static let discussion = BlobStoreOptions.discussion + """
 
-          BLOB_STORE                 --blob-store                 where blobs live (default file:///var/lib/talkmesh/blobs)
           WORKERS                    --workers                    concurrent jobs, 0 = one per core (default 0)
         """
 
     /// Opens the blob store (BLOB_STORE).
     public func makeStore(_ settings: SettingsReader) throws -> any BlobStore {
-        try BlobStores.open(settings.string(blobStore, "BLOB_STORE") ?? "file:///var/lib/talkmesh/blobs")
+        try blobs.makeStore(settings)
     }
 
     /// Starts the work pool (WORKERS).

@@ -11,10 +11,9 @@ struct DispatcherCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "talkmesh-dispatcher",
         abstract: "TalkMesh dispatcher: owns every job and drives it through RunPod.",
-        discussion: settingsDiscussion + """
+        discussion: settingsDiscussion + BlobStoreOptions.discussion + """
 
               JOB_STORE                  --job-store                  where jobs live: sqlite://PATH (default sqlite:///var/lib/talkmesh/jobs.db)
-              BLOB_STORE                 --blob-store                 where blobs live (default file:///var/lib/talkmesh/blobs)
               MEDIA_ADDR                 --media-addr                 the Media service (default 127.0.0.1:50051)
               AUDIO_ADDR                 --audio-addr                 the Audio service (default 127.0.0.1:50052)
               MAX_CONCURRENT_CHUNKS      --max-concurrent-chunks      chunks of one job on RunPod at once (default 3)
@@ -29,7 +28,7 @@ struct DispatcherCommand: ParsableCommand {
 
     @OptionGroup var options: ServiceOptions
     @Option(help: "Job store URL (env JOB_STORE, default sqlite:///var/lib/talkmesh/jobs.db).") var jobStore: String?
-    @Option(help: "Blob store URL (env BLOB_STORE, default file:///var/lib/talkmesh/blobs).") var blobStore: String?
+    @OptionGroup var blobOptions: BlobStoreOptions
     @Option(help: "Media service address (env MEDIA_ADDR, default 127.0.0.1:50051).") var mediaAddr: String?
     @Option(help: "Audio service address (env AUDIO_ADDR, default 127.0.0.1:50052).") var audioAddr: String?
     @Option(help: "Chunks of one job on RunPod at once (env MAX_CONCURRENT_CHUNKS, default 3).") var maxConcurrentChunks: String?
@@ -57,7 +56,7 @@ struct DispatcherCommand: ParsableCommand {
                 throw ServiceOptions.InvalidSetting(description: error.message)
             }
             let store = try JobStores.open(settings.string(jobStore, "JOB_STORE") ?? "sqlite:///var/lib/talkmesh/jobs.db")
-            let blobs = try BlobStores.open(settings.string(blobStore, "BLOB_STORE") ?? "file:///var/lib/talkmesh/blobs")
+            let blobs = try blobOptions.makeStore(settings)
             let media = try RPCClient(configuration: .init(target: settings.string(mediaAddr, "MEDIA_ADDR") ?? "127.0.0.1:50051"))
             let audio = try RPCClient(configuration: .init(target: settings.string(audioAddr, "AUDIO_ADDR") ?? "127.0.0.1:50052"))
             let context = DispatcherContext(configuration: configuration, store: store, blobs: blobs, media: media, audio: audio,
