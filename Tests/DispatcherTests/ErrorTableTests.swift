@@ -11,7 +11,14 @@ import TalkMeshRPC
             #expect((400...599).contains(code.httpStatus), "\(code)")
             let sent = ServiceError(code, "message").rpcError
             #expect(ServiceError.code(in: sent) == code)
+            #expect(ServiceError(received: sent)?.message == "message")
         }
+    }
+
+    @Test func aStatusWithoutAKnownCodeIsNotReadAsOne() {
+        #expect(ServiceError(received: RPCError(code: .unavailable, message: "connection refused")) == nil)
+        #expect(ServiceError(received: RPCError(code: .internal, message: "NOT_A_CODE: x")) == nil)
+        #expect(ServiceError(received: RPCError(code: .invalidArgument, message: "INVALID_IMAGE:  no image "))?.message == "no image")
     }
 
     @Test func theDispatchersCodesAreInTheTable() {

@@ -1,4 +1,3 @@
-import Foundation
 import Logging
 import TalkMeshCore
 import TalkMeshMessages
@@ -243,9 +242,8 @@ public actor JobRunner {
         switch error {
         case let error as ServiceError: return JobError(code: error.code.rawValue, message: error.message)
         case let error as RPCError:
-            let code = ServiceError.code(in: error)
-            let message = code.map { String(error.message.dropFirst($0.rawValue.count + 1)).trimmingCharacters(in: .whitespaces) } ?? error.message
-            return JobError(code: (code ?? .serviceUnavailable).rawValue, message: message)
+            let received = ServiceError(received: error) ?? ServiceError(.serviceUnavailable, error.message)
+            return JobError(code: received.code.rawValue, message: received.message)
         case let error as ChunkExhausted: return error.error
         default: return JobError(code: ErrorCode.internalError.rawValue, message: "\(error)")
         }

@@ -110,4 +110,13 @@ public struct ServiceError: Error, Sendable, CustomStringConvertible, RPCErrorCo
         let candidate = ErrorCode(rawValue: String(error.message[..<colon]))
         return ErrorCode.table[candidate] != nil ? candidate : nil
     }
+
+    /// The error a peer sent, read back from its status message ("CODE: message"); nil when the
+    /// message carries no code from the table.
+    public init?(received error: RPCError) {
+        guard let code = Self.code(in: error) else { return nil }
+        let text = error.message.dropFirst(code.rawValue.count + 1)
+        let isSpace: (Character) -> Bool = { $0 == " " || $0 == "\t" }
+        self.init(code, String(text.drop(while: isSpace).reversed().drop(while: isSpace).reversed()))
+    }
 }
