@@ -75,7 +75,7 @@ struct ChunkDriver {
                 try record.moveChunk(index, to: .chunkSubmitting) { $0.attempts += 1; $0.runpodJobID = "" }
             }
         }
-        var input = try readInput(chunk, job: job)
+        var input = try await readInput(chunk, job: job)
         input.forceOffload = job.options?.forceOffload ?? false
         let submitted: RunPodJob
         do {
@@ -98,10 +98,10 @@ struct ChunkDriver {
     }
 
     /// The resized image and the chunk's audio, as RunPod's worker takes them.
-    private func readInput(_ chunk: JobChunk, job: Job) throws -> InfiniteTalkInput {
-        let image = try context.blobs.get(try BlobKey(job.resizedImageKey))
+    private func readInput(_ chunk: JobChunk, job: Job) async throws -> InfiniteTalkInput {
+        let image = try await runner.imageBase64()
         let wav = try context.blobs.get(try BlobKey(chunk.audioKey))
-        return InfiniteTalkInput(prompt: job.prompt, image: image, wav: wav, width: Int(job.width), height: Int(job.height))
+        return InfiniteTalkInput(prompt: job.prompt, imageBase64: image, wav: wav, width: Int(job.width), height: Int(job.height))
     }
 
     /// Acts on one status answer; returns the wait before the next poll.

@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import TalkMeshCore
 import TalkMeshMessages
@@ -19,6 +20,8 @@ public actor JobRunner {
     private var finished = false
     private var saving = false
     private var saveWaiters: [CheckedContinuation<Void, Never>] = []
+    /// The resized image in base64, read and encoded once for all of the job's submissions.
+    private var encodedImage: (key: String, base64: String)?
     let logger: Logger
 
     init(record: JobRecord, context: DispatcherContext) {
@@ -258,6 +261,15 @@ public actor JobRunner {
                 logger.warning("could not delete an intermediate blob", metadata: ["key": "\(key)", "error": "\(error)"])
             }
         }
+    }
+
+    /// The resized image as every chunk's `/run` sends it.
+    func imageBase64() throws -> String {
+        let key = record.job.resizedImageKey
+        if let encodedImage, encodedImage.key == key { return encodedImage.base64 }
+        let base64 = Data(try context.blobs.get(try BlobKey(key))).base64EncodedString()
+        encodedImage = (key, base64)
+        return base64
     }
 
     // MARK: Storing

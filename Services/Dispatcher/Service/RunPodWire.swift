@@ -21,8 +21,13 @@ public struct InfiniteTalkInput: Sendable {
     public var forceOffload = true
 
     public init(prompt: String, image: [UInt8], wav: [UInt8], width: Int, height: Int) {
+        self.init(prompt: prompt, imageBase64: Data(image).base64EncodedString(), wav: wav, width: width, height: height)
+    }
+
+    /// With an image already in base64 (one job's chunks all send the same image).
+    public init(prompt: String, imageBase64: String, wav: [UInt8], width: Int, height: Int) {
         self.prompt = prompt
-        imageBase64 = Data(image).base64EncodedString()
+        self.imageBase64 = imageBase64
         wavBase64 = Data(wav).base64EncodedString()
         self.width = width
         self.height = height
