@@ -26,6 +26,7 @@ bench: release
 	bench/audio
 	bench/media
 	bench/dispatcher
+	bench/gateway
 
 up: build
 	scripts/up

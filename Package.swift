@@ -53,7 +53,12 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Shared/Service"),
-        .executableTarget(name: "TalkMeshGateway", dependencies: ["TalkMeshService"], path: "Services/Gateway",
+        .target(
+            name: "TalkMeshGatewayService",
+            dependencies: ["TalkMeshCore", "TalkMeshMessages", "TalkMeshRPC", "TalkMeshAudioService", "CTalkMesh",
+                           .product(name: "Logging", package: "swift-log")],
+            path: "Services/Gateway/Service"),
+        .executableTarget(name: "TalkMeshGateway", dependencies: ["TalkMeshService", "TalkMeshGatewayService", .product(name: "Logging", package: "swift-log")], path: "Services/Gateway/Main",
                          linkerSettings: serverLinkerSettings),
         .target(
             name: "TalkMeshMediaService",
@@ -89,7 +94,7 @@ let package = Package(
             linkerSettings: serverLinkerSettings),
         .executableTarget(
             name: "TalkMeshCLI",
-            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", "TalkMeshGatewayService", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Tools/CLI"),
         .testTarget(
             name: "TalkMeshRPCTests",

@@ -30,6 +30,8 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/sha.h>
+#include <openssl/rand.h>
+#include <openssl/crypto.h>
 #include <openssl/x509.h>
 
 #include <nghttp2/nghttp2.h>
@@ -52,6 +54,9 @@
 
 #include <curl/curl.h>
 #include <sqlite3.h>
+#include <postgresql/libpq-fe.h>
+#include <hiredis/hiredis.h>
+#include <poll.h>
 
 /* Macros Swift cannot import, as inline functions. */
 static inline int tm_averror(int e) { return AVERROR(e); }

@@ -69,6 +69,16 @@ public final class MediaOutput {
         return stream
     }
 
+    /// Adds a stream that takes `source`'s packets as they are (stream copy): its codec
+    /// parameters and time base, without the source container's codec tag.
+    public func addStream(copying source: UnsafeMutablePointer<AVStream>) throws -> UnsafeMutablePointer<AVStream> {
+        let stream = try addStream()
+        avcodec_parameters_copy(stream.pointee.codecpar, source.pointee.codecpar)
+        stream.pointee.codecpar.pointee.codec_tag = 0
+        stream.pointee.time_base = source.pointee.time_base
+        return stream
+    }
+
     /// Opens the file and writes the header (`options`: muxer options such as movflags).
     public func start(options: [String: String] = [:]) throws {
         var callback = AVIOInterruptCB()

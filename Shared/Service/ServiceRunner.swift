@@ -1,4 +1,5 @@
 import ArgumentParser
+import Dispatch
 import Glibc
 import Logging
 import TalkMeshRPC
@@ -12,6 +13,8 @@ public enum ServiceRunner {
         public var router = HTTPRouter()
         /// The service's own metrics, appended to `/metrics`.
         public var metricsSources: [@Sendable () -> String] = []
+        /// Runs once the server has drained, before the process exits.
+        public var onStop: [@Sendable () async -> Void] = []
         public let health: HealthService
         public let logger: Logger
     }
@@ -46,6 +49,15 @@ public enum ServiceRunner {
                 "tls": "\(resolved.server.tlsCertificateFile != nil)", "event_loops": "\(server.configuration.eventLoops)",
             ])
             server.run()
+            if !setup.onStop.isEmpty {
+                let hooks = setup.onStop
+                let done = DispatchSemaphore(value: 0)
+                Task {
+                    for hook in hooks { await hook() }
+                    done.signal()
+                }
+                if done.wait(timeout: .now() + 30) == .timedOut { logger.warning("stop hooks did not finish within 30 s") }
+            }
             logger.info("stopped")
         } catch let error as ServiceOptions.InvalidSetting {
             StandardStream.write(2, "\(name): invalid setting: \(error)\n")

@@ -43,7 +43,7 @@ struct StorageTests {
 
     @Test("the error table maps each code to one gRPC and one HTTP status")
     func table() {
-        #expect(ErrorCode.invalidAudio.grpcCode == .invalidArgument && ErrorCode.invalidAudio.httpStatus == 422)
+        #expect(ErrorCode.invalidAudio.grpcCode == .invalidArgument && ErrorCode.invalidAudio.httpStatus == 400)
         #expect(ErrorCode.notFound.grpcCode == .notFound)
         #expect(ErrorCode.storageFull.grpcCode == .resourceExhausted)
         let error = ServiceError(.emptyAudio, "no samples").rpcError

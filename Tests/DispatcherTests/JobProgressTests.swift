@@ -58,29 +58,34 @@ import TalkMeshMessages
     }
 
     @Test func theInFlightLimitNeverExceedsItsCapacity() async throws {
-        let limit = InFlightLimit(capacity: 3)
+        let limit = LocalInFlightSlots(capacity: 3)
         try await withThrowingTaskGroup(of: Void.self) { group in
-            for _ in 0..<20 {
+            for chunk in 0..<20 {
                 group.addTask {
-                    try await limit.acquire()
+                    try await limit.acquire(job: "a", chunk: chunk)
+                    try await limit.acquire(job: "a", chunk: chunk)  // held already: no second slot
                     try await Task.sleep(for: .milliseconds(2))
-                    await limit.release()
+                    await limit.release(job: "a", chunk: chunk)
                 }
             }
             try await group.waitForAll()
         }
         #expect(await limit.peak == 3)
         #expect(await limit.inUse == 0)
+        try await limit.acquire(job: "b", chunk: 0)
+        try await limit.acquire(job: "b", chunk: 1)
+        await limit.releaseAll(job: "b")
+        #expect(await limit.inUse == 0)
     }
 
     @Test func aCancelledWaiterLeavesTheQueue() async throws {
-        let limit = InFlightLimit(capacity: 1)
-        try await limit.acquire()
-        let waiter = Task { try await limit.acquire() }
+        let limit = LocalInFlightSlots(capacity: 1)
+        try await limit.acquire(job: "a", chunk: 0)
+        let waiter = Task { try await limit.acquire(job: "a", chunk: 1) }
         try await Task.sleep(for: .milliseconds(20))
         waiter.cancel()
         await #expect(throws: CancellationError.self) { try await waiter.value }
-        await limit.release()
+        await limit.release(job: "a", chunk: 0)
         #expect(await limit.inUse == 0)
     }
 }

@@ -78,7 +78,7 @@ class Service:
                 import resource
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen([os.path.join(BIN, exe), *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     preexec_fn=limit)
+                                     preexec_fn=limit if nofile else None)  # none: vfork, so no grpcio fork handler runs
         self.wait_ready()
 
     @property
@@ -142,3 +142,13 @@ def start_service():
     yield start
     for service in started:
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session; tests take a fresh database each."""
+    from pgserver import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()

@@ -155,10 +155,23 @@ def test_three_minute_speech_job_completes(mesh_factory, inputs):
     assert (video["width"], video["height"]) == (320, 480)
     assert abs(float(info["format"]["duration"]) - inputs["long"]) <= 0.04, (info["format"]["duration"], inputs["long"])
     assert abs(job.duration_sec - inputs["long"]) <= 0.04
+    # The audio was encoded to AAC while the chunks rendered and copied by the stitch: the
+    # video's audio track is the whole recording, starting at 0 (the encoder's priming hidden).
+    assert job.encoded_audio_key == f"jobs/{job.id}/audio.m4a"
+    audio = next(s for s in info["streams"] if s["codec_type"] == "audio")
+    assert audio["codec_name"] == "aac" and abs(float(audio["duration"]) - inputs["long"]) <= 0.04
+    assert abs(float(audio.get("start_time", 0))) < 0.001
     # One submission per chunk, and every intermediate blob deleted; the final video stays.
     stats = submissions(mesh)
     assert sum(stats.values()) == len(job.chunks) and set(stats.values()) == {1}
-    left = [os.path.relpath(os.path.join(d, f), mesh.blobs) for d, _, files in os.walk(os.path.join(mesh.blobs, "jobs")) for f in files]
+    # The intermediates are deleted right after COMPLETED is stored (a reader may see the state
+    # first): wait for them, bounded.
+    deadline = time.time() + 20
+    while True:
+        left = [os.path.relpath(os.path.join(d, f), mesh.blobs) for d, _, files in os.walk(os.path.join(mesh.blobs, "jobs")) for f in files]
+        if left == [job.video_key] or time.time() > deadline:
+            break
+        time.sleep(0.1)
     assert left == [job.video_key]
     _, metrics = mesh.dispatcher.http_get("/metrics")
     assert 'talkmesh_dispatcher_events_total{event="jobs_completed"} 1' in metrics
@@ -216,7 +229,9 @@ def test_list_jobs_pages_newest_first_and_filters(mesh_factory):
         if not token:
             break
     assert [len(p) for p in pages] == [2, 2, 1]
-    assert [i for p in pages for i in p] == list(reversed(ids))
+    # Newest first; jobs created in the same millisecond are ordered by id (descending).
+    created = {i: mesh.stub.GetJob(pb.GetJobRequest(id=i), timeout=10).created_at_unix_ms for i in ids}
+    assert [i for p in pages for i in p] == sorted(ids, key=lambda i: (created[i], i), reverse=True)
     done = mesh.stub.ListJobs(pb.ListJobsRequest(owner="carol", status=pb.COMPLETED), timeout=10)
     assert len(done.jobs) == 5
     assert not mesh.stub.ListJobs(pb.ListJobsRequest(owner="carol", status=pb.FAILED), timeout=10).jobs

@@ -277,6 +277,36 @@ def test_original_audio_replaces_the_parts_audio(media, parts):
     assert abs(float(audio[0]["duration"]) - 134.37) <= 0.05  # as long as the original
 
 
+def test_encode_audio_then_stitch_copies_it_in_sync(media, parts):
+    stub, blobs = media
+    # A click at exactly 1.000 s: after EncodeAudio and a stitch that copies the AAC, it must still
+    # be at 1.000 s (the encoder's 1024 priming samples hidden by the edit list, not played).
+    ffmpeg("-f", "lavfi", "-i", "aevalsrc='if(between(t,1,1.005),0.9,0)':s=22050:d=134.37", f"{blobs}/in/click.wav")
+    encoded = stub.EncodeAudio(media_pb2.EncodeAudioRequest(audio_key="in/click.wav", output_key="out/click.m4a"), timeout=120)
+    assert encoded.audio_key == "out/click.m4a" and abs(encoded.duration_sec - 134.37) < 0.001
+    streams = ffprobe(os.path.join(blobs, encoded.audio_key), "-show_streams")["streams"]
+    assert [s["codec_name"] for s in streams] == ["aac"]
+    response = stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=parts[:3], audio_key=encoded.audio_key, output_key="out/click.mp4"), timeout=120)
+    assert response.mode == "copy"
+    out = os.path.join(blobs, response.video_key)
+    audio = [s for s in ffprobe(out, "-show_streams")["streams"] if s["codec_type"] == "audio"][0]
+    assert abs(float(audio["duration"]) - 134.37) <= 0.05
+    pcm = subprocess.run(["ffmpeg", "-v", "error", "-i", out, "-map", "0:a", "-f", "s16le", "-ac", "1", "-"], check=True,
+                         capture_output=True).stdout
+    samples = [int.from_bytes(pcm[i:i + 2], "little", signed=True) for i in range(0, 22050 * 2 * 2, 2)]
+    onset = next(i for i, v in enumerate(samples) if abs(v) > 8000) / 22050
+    assert abs(onset - 1.0) < 0.003, onset
+
+
+def test_encode_audio_refuses_what_is_not_audio(media):
+    stub, blobs = media
+    with open(f"{blobs}/in/notaudio.wav", "w") as fh:
+        fh.write("plain text, not audio")
+    assert error_of(lambda: stub.EncodeAudio(media_pb2.EncodeAudioRequest(audio_key="in/notaudio.wav"), timeout=30))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_of(lambda: stub.EncodeAudio(media_pb2.EncodeAudioRequest(audio_key="in/missing.wav"), timeout=30))[0] == grpc.StatusCode.NOT_FOUND
+    assert error_of(lambda: stub.EncodeAudio(media_pb2.EncodeAudioRequest(), timeout=30))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_truncated_mp4_is_invalid_video(media, parts):
     stub, blobs = media
     with open(f"{blobs}/{parts[0]}", "rb") as fh:

@@ -10,7 +10,7 @@ struct TalkMeshCLI: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "talkmesh",
         abstract: "TalkMesh's command-line tool.",
-        subcommands: [HealthCommand.self])
+        subcommands: [HealthCommand.self, KeysCommand.self])
 }
 
 /// Client TLS flags shared by the commands that call a service.

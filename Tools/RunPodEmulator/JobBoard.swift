@@ -48,6 +48,10 @@ actor JobBoard {
     private var submissions: [String: Int] = [:]
     private var counters = ["completed": 0, "failed": 0, "retried": 0]
     private var busyWorkers = 0
+    /// Jobs IN_QUEUE or IN_PROGRESS now, and the most there ever were (what a caller's in-flight
+    /// cap is checked against).
+    private var inFlight = 0
+    private var peakInFlight = 0
     private var random: SplitMix
 
     init(settings: Settings) {
@@ -62,6 +66,7 @@ actor JobBoard {
         let job = Job(id: id, status: "IN_QUEUE", submittedAt: MonotonicClock.seconds(), executionTimeout: executionTimeout, ttl: ttl, input: input)
         jobs[id] = job
         submissions[input.hash, default: 0] += 1
+        entered()
         enqueue(id)
         return job
     }
@@ -75,6 +80,7 @@ actor JobBoard {
         expire()
         guard var job = jobs[id] else { return nil }
         if ["IN_QUEUE", "IN_PROGRESS"].contains(job.status) {
+            inFlight -= 1
             job.status = "CANCELLED"
             job.finishedAt = MonotonicClock.seconds()
             jobs[id] = job
@@ -94,13 +100,17 @@ actor JobBoard {
         job.attempt += 1
         jobs[id] = job
         counters["retried", default: 0] += 1
+        entered()
         enqueue(id)
         return job
     }
 
     func purge() -> Int {
         let removed = queue.count
-        for id in queue { jobs[id]?.status = "CANCELLED" }
+        for id in queue where jobs[id]?.status == "IN_QUEUE" {
+            jobs[id]?.status = "CANCELLED"
+            inFlight -= 1
+        }
         queue.removeAll()
         return removed
     }
@@ -114,7 +124,8 @@ actor JobBoard {
 
     func stats() -> String {
         let entries = submissions.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\($0.value)" }.joined(separator: ",")
-        return "{\"submissions\":{\(entries)},\"total\":\(submissions.values.reduce(0, +)),\"jobs\":\(jobs.count)}"
+        return "{\"submissions\":{\(entries)},\"total\":\(submissions.values.reduce(0, +)),\"jobs\":\(jobs.count),"
+            + "\"in_flight\":\(inFlight),\"peak_in_flight\":\(peakInFlight)}"
     }
 
     /// Results and expired jobs go away: 404 afterwards, as RunPod does.
@@ -122,8 +133,16 @@ actor JobBoard {
         let now = MonotonicClock.seconds()
         for (id, job) in jobs {
             let retained = job.finishedAt.map { now - $0 > settings.retentionSeconds } ?? false
-            if now - job.submittedAt > job.ttl || retained { jobs.removeValue(forKey: id) }
+            if now - job.submittedAt > job.ttl || retained {
+                if ["IN_QUEUE", "IN_PROGRESS"].contains(job.status) { inFlight -= 1 }
+                jobs.removeValue(forKey: id)
+            }
         }
+    }
+
+    private func entered() {
+        inFlight += 1
+        peakInFlight = max(peakInFlight, inFlight)
     }
 
     // MARK: Workers
@@ -172,6 +191,7 @@ actor JobBoard {
         job.errorText = error
         job.finishedAt = MonotonicClock.seconds()
         jobs[id] = job
+        inFlight -= 1
         if status == "COMPLETED" { counters["completed", default: 0] += 1 }
         if status == "FAILED" { counters["failed", default: 0] += 1 }
     }

@@ -5,16 +5,19 @@ import TalkMeshMessages
 
 /// One chunk through RunPod: submit (the decision committed first), poll by the throughput
 /// RunPod shows, store the partial video, retry what failed. It holds one deployment-wide
-/// in-flight slot from submission until the chunk ends.
+/// in-flight slot from before its submission until the chunk ends.
 struct ChunkDriver {
     let runner: JobRunner
     let index: Int
 
     private var context: DispatcherContext { runner.context }
 
+    /// The slot is given back when the chunk completes. A chunk that stops otherwise keeps it
+    /// until its job's end has cancelled what RunPod still runs (`JobRunner`), or — handed over
+    /// to another replica — for the new owner.
     func run() async throws {
         var holdsSlot = false
-        defer { if holdsSlot { Task { [limit = context.limit] in await limit.release() } } }
+        let job = await runner.record.id
         var wait = 0.0
         var transientFailures = 0
         var submitRefused = false
@@ -23,11 +26,12 @@ struct ChunkDriver {
             let record = await runner.record
             let chunk = record.chunks[index]
             if !holdsSlot && chunk.status != .chunkCompleted {
-                try await context.limit.acquire()
+                try await context.slots.acquire(job: job, chunk: index)
                 holdsSlot = true
             }
             switch chunk.status {
             case .chunkCompleted:
+                if holdsSlot { await context.slots.release(job: job, chunk: index) }
                 return
             case .chunkPending, .chunkFailed, .chunkSubmitting:
                 submitRefused = try await submit(chunk, job: record.job, again: submitRefused)
@@ -49,7 +53,6 @@ struct ChunkDriver {
                     continue
                 }
                 wait = try await handle(status, chunk: chunk, previousWait: wait)
-                if await runner.record.chunks[index].status == .chunkCompleted { return }
             default:
                 throw ServiceError(.illegalTransition, "chunk \(index) is \(chunk.status)")
             }

@@ -13,21 +13,96 @@ public actor Dispatcher {
         self.context = context
     }
 
-    /// Resumes every job the store says is unfinished (up to `maxActiveJobs`).
+    private var maintenance: Task<Void, Never>?
+    private var stopping = false
+
+    /// A clean stop (SIGTERM, after the server drained): with leases, every job driven here is
+    /// handed over — its workflow stops where its stored state is, nothing is cancelled on RunPod
+    /// — and the leases are released so another replica continues at once, not after they expire.
+    /// The SQLite store's single replica has nothing to hand over: its jobs resume at the next start.
+    public func shutdown() async {
+        guard context.store.leaseSeconds != nil else { return }
+        stopping = true
+        maintenance?.cancel()
+        await maintenance?.value  // no heartbeat or claim of its may land after the release below
+        let driven = Array(runners.values)
+        for runner in driven { await runner.handOver() }
+        for runner in driven { _ = await runner.ended() }
+        do { try await context.store.releaseAll() } catch {
+            context.logger.warning("could not release leases; other replicas take over when they expire", metadata: ["error": "\(error)"])
+        }
+        context.logger.info("jobs handed over", metadata: ["jobs": "\(driven.count)"])
+    }
+
+    /// Resumes every job the store says is unfinished (up to `maxActiveJobs`). With leases
+    /// (PostgreSQL), it also keeps them alive, gives up the ones another replica took, claims
+    /// jobs whose owner died, and follows other replicas' changes.
     public func start() async throws {
+        context.store.observe { change in Task { await self.noticed(change) } }
         try await fill()
+        if let lease = context.store.leaseSeconds, maintenance == nil {
+            maintenance = Task { await self.maintain(every: min(lease / 3, 5)) }
+        }
+    }
+
+    private func maintain(every interval: Double) async {
+        while true {
+            // A cancelled sleep ends the loop: a claim after shutdown's release would keep a job
+            // leased to a replica that is gone.
+            guard (try? await Task.sleep(nanoseconds: UInt64(interval * 1e9))) != nil else { return }
+            do {
+                for id in try await context.store.heartbeat() {
+                    context.logger.warning("lease lost; another replica drives the job now", metadata: ["job_id": "\(id)"])
+                    await runners[id]?.handOver()
+                }
+                try await fill()
+            } catch {
+                context.logger.error("cannot renew leases or claim jobs", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    /// A change stored by anyone: watchers here see it; a job driven here that another replica
+    /// ended (a cancel) stops.
+    private func noticed(_ change: StoreChange) async {
+        switch change {
+        case .job(let id, let version):
+            let runner = runners[id]
+            if let runner, await runner.record.job.version >= version { return }
+            guard runner != nil || context.events.isWatched(id) else { return }
+            guard let stored = try? await context.store.get(id), stored.job.version >= version else { return }
+            context.events.publish(stored.job)
+            if let runner, stored.isTerminal {
+                context.logger.info("job ended by another replica", metadata: ["job_id": "\(id)", "status": "\(stored.status)"])
+                _ = await runner.stop(.cancelled)
+            }
+        case .resynchronize:
+            for id in context.events.watched {
+                if let stored = try? await context.store.get(id) { context.events.publish(stored.job) }
+            }
+        case .claimable:
+            if !stopping { try? await fill() }
+        case .slotsFreed:
+            break
+        }
     }
 
     /// Jobs being driven here.
     public var activeJobs: Int { runners.count }
 
     /// Claims unfinished jobs while there is room and starts their runners.
+    /// Nothing is claimed once shutdown began: what a claim in flight took then is released again.
     private func fill() async throws {
         let room = context.configuration.maxActiveJobs - runners.count
-        guard room > 0 else { return }
-        let ids = try await context.store.claimUnfinished(limit: room + runners.count)
-        for id in ids where runners[id] == nil && runners.count < context.configuration.maxActiveJobs {
-            guard let record = try await context.store.get(id), !record.isTerminal else { continue }
+        guard room > 0, !stopping else { return }
+        let ids = try await context.store.claimUnfinished(limit: room, running: Set(runners.keys))
+        for id in ids {
+            let record = try await context.store.get(id)
+            guard !stopping, let record, !record.isTerminal, runners[id] == nil,
+                  runners.count < context.configuration.maxActiveJobs else {
+                if runners[id] == nil { try? await context.store.release(id) }  // for a replica that can drive it
+                continue
+            }
             if !record.chunks.isEmpty || record.status == .running {
                 context.logger.info("resuming job", metadata: ["job_id": "\(id)", "status": "\(record.status)"])
             }
@@ -38,11 +113,14 @@ public actor Dispatcher {
     private func launch(_ record: JobRecord) {
         let runner = JobRunner(record: record, context: context)
         runners[record.id] = runner
+        context.counters.set(driven: runners.count)
         Task { await runner.start { id in await self.ended(id) } }
     }
 
     private func ended(_ id: String) async {
         runners[id] = nil
+        context.counters.set(driven: runners.count)
+        if stopping { return }
         try? await context.store.release(id)
         do { try await fill() } catch {
             context.logger.error("cannot claim jobs", metadata: ["error": "\(error)"])
@@ -77,7 +155,11 @@ public actor Dispatcher {
         if created {
             context.counters.count(job: .inQueue)
             context.logger.info("job created", metadata: ["job_id": "\(record.id)", "owner": "\(record.job.owner)"])
-            if runners.count < context.configuration.maxActiveJobs { launch(record) }
+            if runners.count < context.configuration.maxActiveJobs {
+                launch(record)
+            } else {
+                try? await context.store.release(record.id)  // for a replica with room to claim
+            }
         }
         return record.job
     }

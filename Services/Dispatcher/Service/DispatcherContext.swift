@@ -34,14 +34,15 @@ public struct DispatcherContext: Sendable {
     public var runpod: RunPodClient
     public var clock: any WallClock
     public var events = JobEvents()
-    public var limit: InFlightLimit
+    /// The deployment-wide cap on RunPod jobs in flight.
+    public var slots: any InFlightSlots
     public var throughput = Throughput()
     public var planner = PollPlanner()
     public var counters = DispatcherCounters()
     public var logger: Logger
 
     public init(configuration: DispatcherConfiguration, store: any JobStore, blobs: any BlobStore, media: RPCClient, audio: RPCClient,
-                runpod: RunPodClient, clock: any WallClock = SystemWallClock(), logger: Logger) {
+                runpod: RunPodClient, slots: (any InFlightSlots)? = nil, clock: any WallClock = SystemWallClock(), logger: Logger) {
         self.configuration = configuration
         self.store = store
         self.blobs = blobs
@@ -50,6 +51,6 @@ public struct DispatcherContext: Sendable {
         self.runpod = runpod
         self.clock = clock
         self.logger = logger
-        limit = InFlightLimit(capacity: configuration.maxRunPodJobsInFlight)
+        self.slots = slots ?? LocalInFlightSlots(capacity: configuration.maxRunPodJobsInFlight)
     }
 }

@@ -22,6 +22,9 @@ public final class DispatcherCounters: Sendable {
 
     private struct State {
         var events: [String: Int] = [:]
+        /// Unfinished jobs by state, deployment-wide (read from the store), and jobs driven here.
+        var unfinished: [JobStatus: Int] = [:]
+        var driven = 0
         var histograms: [String: Histogram] = [:]
     }
 
@@ -44,12 +47,27 @@ public final class DispatcherCounters: Sendable {
         state.withLock { $0.histograms[name, default: Histogram()].observe(seconds) }
     }
 
+    /// The store's latest count of unfinished jobs by state.
+    public func set(unfinished: [JobStatus: Int]) {
+        state.withLock { $0.unfinished = unfinished }
+    }
+
+    /// Jobs this replica drives now.
+    public func set(driven: Int) {
+        state.withLock { $0.driven = driven }
+    }
+
     public func value(_ event: String) -> Int { state.withLock { $0.events[event] ?? 0 } }
 
     /// The Prometheus text exposition of every counter and histogram.
     public func render() -> String {
-        let (events, histograms) = state.withLock { ($0.events, $0.histograms) }
-        var text = "# TYPE talkmesh_dispatcher_events_total counter\n"
+        let (events, histograms, unfinished, driven) = state.withLock { ($0.events, $0.histograms, $0.unfinished, $0.driven) }
+        var text = "# TYPE talkmesh_dispatcher_jobs gauge\n"
+        for status in [JobStatus.inQueue, .running] {
+            text += "talkmesh_dispatcher_jobs{status=\"\(status)\"} \(unfinished[status] ?? 0)\n"
+        }
+        text += "# TYPE talkmesh_dispatcher_jobs_driven gauge\ntalkmesh_dispatcher_jobs_driven \(driven)\n"
+        text += "# TYPE talkmesh_dispatcher_events_total counter\n"
         for (event, value) in events.sorted(by: { $0.key < $1.key }) {
             text += "talkmesh_dispatcher_events_total{event=\"\(event)\"} \(value)\n"
         }

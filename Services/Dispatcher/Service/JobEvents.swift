@@ -41,6 +41,12 @@ public final class JobEvents: Sendable {
         for watcher in watchers { watcher.yield(job) }
     }
 
+    /// Whether anyone watches the job.
+    public func isWatched(_ id: String) -> Bool { state.withLock { $0.watchers[id] != nil } }
+
+    /// Jobs someone watches.
+    public var watched: [String] { state.withLock { Array($0.watchers.keys) } }
+
     /// Watchers across all jobs.
     public var count: Int { state.withLock { $0.watchers.values.reduce(0) { $0 + $1.count } } }
 }

@@ -9,8 +9,9 @@ import TalkMeshRPC
 /// on it, so a new runner on the same record — after a restart or on another replica — carries
 /// on without submitting a chunk RunPod still knows.
 public actor JobRunner {
-    /// Why a job stops before its workflow ends.
-    public enum StopReason: Sendable { case cancelled, timedOut }
+    /// Why a job stops before its workflow ends: it ends (`cancelled`, `timedOut`), or another
+    /// replica now holds it (`handedOver`: nothing is cancelled, nothing released).
+    public enum StopReason: Sendable { case cancelled, timedOut, handedOver }
 
     let context: DispatcherContext
     private(set) var record: JobRecord
@@ -53,6 +54,14 @@ public actor JobRunner {
         return await ended()
     }
 
+    /// Another replica claimed the job (this one's lease expired): stop driving it, touching
+    /// nothing — the new owner carries on from the stored state.
+    func handOver() {
+        guard !finished, stopReason == nil else { return }
+        stopReason = .handedOver
+        workflow?.cancel()
+    }
+
     /// Waits until the workflow has ended.
     func ended() async -> JobRecord {
         if finished { return record }
@@ -71,8 +80,13 @@ public actor JobRunner {
         defer { watchdog.cancel() }
         do {
             try await runWorkflow()
+            await context.slots.releaseAll(job: record.id)
         } catch let error as WorkflowEnd {
-            logger.info("job handed over", metadata: ["reason": "\(error.reason)"])
+            logger.info("job no longer driven here", metadata: ["reason": "\(error.reason)"])
+            // Ended by another replica (a cancel): what RunPod still runs for it is cancelled here.
+            if error.endedElsewhere { await Task { await self.cleanUp() }.value }
+        } catch where stopReason == .handedOver {
+            logger.warning("job handed over: another replica holds it now")
         } catch {
             // The workflow's task may be cancelled (that is how it was stopped): the cleanup runs
             // in a task of its own so its RunPod calls and store writes are not cancelled too.
@@ -109,8 +123,11 @@ public actor JobRunner {
             return
         }
         try await save { record, _ in record.update { $0.stage = .stageRendering } }
+        // The original audio becomes AAC while RunPod works, so the stitch after the last chunk
+        // only muxes instead of encoding the whole track on the critical path.
+        async let encodedAudio = encodeAudioTrack()
         try await renderChunks()
-        try await stitch()
+        try await stitch(audioKey: await encodedAudio ?? record.job.audioKey)
         await deleteIntermediates()
     }
 
@@ -176,11 +193,32 @@ public actor JobRunner {
         }
     }
 
-    private func stitch() async throws {
+    /// Media's `EncodeAudio` of the original audio (once: the key is stored); nil when it failed —
+    /// the stitch then encodes the original itself.
+    private func encodeAudioTrack() async -> String? {
+        let job = record.job
+        if !job.encodedAudioKey.isEmpty, (try? context.blobs.exists(try BlobKey(job.encodedAudioKey))) == true { return job.encodedAudioKey }
+        var request = EncodeAudioRequest()
+        request.audioKey = job.audioKey
+        request.outputKey = "jobs/\(job.id)/audio.m4a"
+        let encode = request
+        do {
+            let response = try await callService("EncodeAudio") {
+                try await self.context.media.unary(MediaService.encodeAudio, encode, options: .timeout(seconds: 1800, idempotent: true))
+            }
+            try await save { record, _ in record.update { $0.encodedAudioKey = response.audioKey } }
+            return response.audioKey
+        } catch {
+            if !Task.isCancelled { logger.warning("could not encode the audio ahead; the stitch will", metadata: ["error": "\(error)"]) }
+            return nil
+        }
+    }
+
+    private func stitch(audioKey: String) async throws {
         try await save { record, _ in record.update { $0.stage = .stageStitching } }
         var request = StitchVideosRequest()
         request.videoKeys = record.chunks.map(\.videoKey)
-        request.audioKey = record.job.audioKey
+        request.audioKey = audioKey
         request.outputKey = "jobs/\(record.id)/video.mp4"
         let stitchRequest = request
         let response = try await callService("StitchVideos") {
@@ -208,20 +246,11 @@ public actor JobRunner {
         case .timedOut:
             status = .timedOut
             jobError = JobError(code: ErrorCode.jobTimedOut.rawValue, message: "the job did not finish within its deadline")
-        case nil:
+        case nil, .handedOver:
             status = .failed
             jobError = failure
         }
-        let inFlight = record.chunks.filter { JobStateMachine.isInFlight($0.status) && !$0.runpodJobId.isEmpty }.map(\.runpodJobId)
-        await withTaskGroup(of: Void.self) { group in
-            for id in inFlight {
-                group.addTask {
-                    do { _ = try await self.context.runpod.cancel(id) } catch {
-                        self.logger.warning("could not cancel a RunPod job", metadata: ["runpod_job_id": "\(id)", "error": "\(error)"])
-                    }
-                }
-            }
-        }
+        await cancelOnRunPod()
         do {
             try await save(retrying: true) { record, now in
                 if record.isTerminal { return }
@@ -234,11 +263,34 @@ public actor JobRunner {
                 let target = record.status == .inQueue && status == .timedOut ? JobStatus.failed : status
                 try record.move(to: target, error: jobError, at: now)
             }
+        } catch let error as WorkflowEnd where error.endedElsewhere {
+            // Someone else stored its end first.
         } catch {
             logger.error("could not store the job's end", metadata: ["error": "\(error)"])
             return
         }
         await deleteIntermediates()
+    }
+
+    /// After another replica ended the job: RunPod's jobs cancelled, slots and blobs freed.
+    private func cleanUp() async {
+        await cancelOnRunPod()
+        await deleteIntermediates()
+    }
+
+    /// Cancels every chunk RunPod still runs, then gives the job's in-flight slots back.
+    private func cancelOnRunPod() async {
+        let inFlight = record.chunks.filter { JobStateMachine.isInFlight($0.status) && !$0.runpodJobId.isEmpty }.map(\.runpodJobId)
+        await withTaskGroup(of: Void.self) { group in
+            for id in inFlight {
+                group.addTask {
+                    do { _ = try await self.context.runpod.cancel(id) } catch {
+                        self.logger.warning("could not cancel a RunPod job", metadata: ["runpod_job_id": "\(id)", "error": "\(error)"])
+                    }
+                }
+            }
+        }
+        await context.slots.releaseAll(job: record.id)
     }
 
     static func jobError(_ error: any Error) -> JobError {
@@ -255,7 +307,7 @@ public actor JobRunner {
     /// Resized image, chunks and partial videos go; the final video stays.
     private func deleteIntermediates() async {
         var keys = record.chunks.flatMap { [$0.audioKey, $0.videoKey] }
-        keys.append(record.job.resizedImageKey)
+        keys += [record.job.resizedImageKey, record.job.encodedAudioKey]
         for key in keys where !key.isEmpty {
             do { try context.blobs.delete(try BlobKey(key)) } catch {
                 logger.warning("could not delete an intermediate blob", metadata: ["key": "\(key)", "error": "\(error)"])
@@ -298,7 +350,7 @@ public actor JobRunner {
             }
             do {
                 let previous = record.status
-                record = try await context.store.update(next)
+                record = try await context.store.update(next, asHolder: true)
                 context.events.publish(record.job)
                 if record.status != previous {
                     context.counters.count(job: record.status)
@@ -311,9 +363,11 @@ public actor JobRunner {
             } catch let error as ServiceError where error.code == .storeConflict {
                 guard let stored = try await context.store.get(record.id) else { throw WorkflowEnd(reason: "the job is gone from the store") }
                 record = stored
-                if stored.isTerminal || !retrying { throw WorkflowEnd(reason: "the job was changed elsewhere (\(stored.status))") }
+                if stored.isTerminal || !retrying {
+                    throw WorkflowEnd(reason: "the job was changed elsewhere (\(stored.status))", endedElsewhere: stored.isTerminal)
+                }
             } catch let error as ServiceError where error.code == .leaseLost {
-                throw WorkflowEnd(reason: "lease lost")
+                throw WorkflowEnd(reason: "lease lost: another replica holds the job")
             }
         }
     }
@@ -339,6 +393,8 @@ public actor JobRunner {
 /// or this replica lost it).
 struct WorkflowEnd: Error {
     let reason: String
+    /// The job reached a terminal state another writer stored.
+    var endedElsewhere = false
 }
 
 /// A chunk ran out of attempts.

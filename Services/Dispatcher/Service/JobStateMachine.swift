@@ -141,6 +141,7 @@ public struct JobFields {
     public var etaSeconds: Double { get { job.etaSeconds } set { job.etaSeconds = newValue } }
     public var stage: JobStage { get { job.stage } set { job.stage = newValue } }
     public var resizedImageKey: String { get { job.resizedImageKey } set { job.resizedImageKey = newValue } }
+    public var encodedAudioKey: String { get { job.encodedAudioKey } set { job.encodedAudioKey = newValue } }
     public var videoKey: String { get { job.videoKey } set { job.videoKey = newValue } }
     public var durationSec: Double { get { job.durationSec } set { job.durationSec = newValue } }
 }

@@ -11,18 +11,66 @@ public protocol JobStore: Sendable {
     /// The job, or nil.
     func get(_ id: String) async throws -> JobRecord?
     /// Writes `record` when the stored version is still `record.job.version`; returns it with its
-    /// new version. STORE_CONFLICT when someone else wrote first, LEASE_LOST when this replica
-    /// no longer holds the job.
-    func update(_ record: JobRecord) async throws -> JobRecord
+    /// new version. STORE_CONFLICT when someone else wrote first. `asHolder`: the write of the
+    /// job's driver, which needs this replica's lease (LEASE_LOST without it — also once the
+    /// lease was lost and forgotten, so a stale driver can never write as a mere bystander);
+    /// otherwise a bystander's write (a cancel), checked by version alone.
+    func update(_ record: JobRecord, asHolder: Bool) async throws -> JobRecord
     /// One page of an owner's jobs, newest first.
     func list(_ query: JobQuery) async throws -> (jobs: [Job], nextPageToken: String)
-    /// Ids of jobs that are not terminal and that this replica should drive now (with leases:
-    /// the ones it claimed).
-    func claimUnfinished(limit: Int) async throws -> [String]
+    /// Up to `limit` ids of jobs that are not terminal and that this replica should drive now,
+    /// none of `running` (with leases: the ones it just claimed).
+    func claimUnfinished(limit: Int, running: Set<String>) async throws -> [String]
     /// Gives up what this replica holds on a job (a terminal job, or shutdown).
     func release(_ id: String) async throws
-    /// Succeeds when the store answers (for `/readyz`).
-    func ping() async throws
+    /// Jobs queued and running, in the whole store: the jobs-by-state gauge, and `/readyz`'s
+    /// question (it fails while the store does not answer).
+    func unfinishedCounts() async throws -> [JobStatus: Int]
+
+    // MARK: Sharing the work between replicas (a store one replica owns keeps the defaults)
+
+    /// How long a claim lasts without a heartbeat, seconds; nil when there are no leases.
+    var leaseSeconds: Double? { get }
+    /// Extends this replica's leases; returns the ids of jobs it no longer holds (another
+    /// replica claimed them after its lease expired).
+    func heartbeat() async throws -> [String]
+    /// Gives up every lease this replica holds (a clean shutdown: others take over at once).
+    func releaseAll() async throws
+    /// The deployment-wide cap on RunPod jobs in flight.
+    func inFlightSlots(capacity: Int) throws -> any InFlightSlots
+    /// The deployment-wide budget of one RunPod route: `limit` requests per `window` seconds.
+    func requestGate(route: String, limit: Int, window: Double) throws -> any RequestGate
+    /// Calls `handler` for every change other replicas make (and this one: the handler tells
+    /// them apart by version).
+    func observe(_ handler: @escaping @Sendable (StoreChange) -> Void)
+}
+
+/// A change the store reports (PostgreSQL: LISTEN/NOTIFY).
+public enum StoreChange: Sendable, Equatable {
+    /// The job was written; its version is now `version`.
+    case job(id: String, version: Int64)
+    /// RunPod slots were freed.
+    case slotsFreed
+    /// A replica released jobs (a clean shutdown, or no room): claim them now.
+    case claimable
+    /// Notices may have been missed (the listening connection was re-established): re-read.
+    case resynchronize
+}
+
+extension JobStore {
+    /// A bystander's write (checked by version alone).
+    public func update(_ record: JobRecord) async throws -> JobRecord {
+        try await update(record, asHolder: false)
+    }
+
+    public var leaseSeconds: Double? { nil }
+    public func heartbeat() async throws -> [String] { [] }
+    public func releaseAll() async throws {}
+    public func inFlightSlots(capacity: Int) throws -> any InFlightSlots { LocalInFlightSlots(capacity: capacity) }
+    public func requestGate(route: String, limit: Int, window: Double) throws -> any RequestGate {
+        RequestBudget(limit: limit, window: window)
+    }
+    public func observe(_ handler: @escaping @Sendable (StoreChange) -> Void) {}
 }
 
 /// A `ListJobs` query.
@@ -79,13 +127,18 @@ public enum JobID {
 
 /// Opens the store a `JOB_STORE` URL names.
 public enum JobStores {
-    /// `sqlite://PATH` (`sqlite:///abs/jobs.db`).
-    public static func open(_ url: String, clock: any WallClock = SystemWallClock()) throws -> any JobStore {
+    /// `sqlite://PATH` (`sqlite:///abs/jobs.db`), or `postgres://…` / `postgresql://…` (libpq's URL,
+    /// e.g. `postgres://user:pass@host:5432/talkmesh`) where replicas share the work under leases
+    /// of `leaseSeconds`.
+    public static func open(_ url: String, leaseSeconds: Double = 30, clock: any WallClock = SystemWallClock()) throws -> any JobStore {
         if url.hasPrefix("sqlite://") {
             let path = String(url.dropFirst("sqlite://".count))
             guard !path.isEmpty else { throw ServiceError(.invalidArgument, "JOB_STORE=\(url): expected sqlite://PATH") }
             return try SQLiteJobStore(path: path, clock: clock)
         }
-        throw ServiceError(.invalidArgument, "JOB_STORE=\(url): expected sqlite://PATH")
+        if url.hasPrefix("postgres://") || url.hasPrefix("postgresql://") {
+            return try PostgresJobStore(url: url, leaseSeconds: leaseSeconds, clock: clock)
+        }
+        throw ServiceError(.invalidArgument, "JOB_STORE=\(PostgresConnection.redact(url)): expected sqlite://PATH or postgres://…")
     }
 }

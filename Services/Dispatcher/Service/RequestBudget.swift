@@ -2,7 +2,7 @@ import TalkMeshRPC
 
 /// A request budget per route and endpoint (RunPod: `/run` 1000 and `/status` 2000 per 10 s):
 /// a sliding window that makes callers wait rather than ever exceed it, however many jobs poll.
-public actor RequestBudget {
+public actor RequestBudget: RequestGate {
     private let limit: Int
     private let window: Double
     private var times: [Double] = []

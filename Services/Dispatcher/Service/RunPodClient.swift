@@ -45,14 +45,16 @@ public struct RunPodClient: Sendable {
 
     public let configuration: Configuration
     let engine: CurlEngine
-    let runBudget: RequestBudget
-    let statusBudget: RequestBudget
+    let runBudget: any RequestGate
+    let statusBudget: any RequestGate
 
-    public init(configuration: Configuration, engine: CurlEngine = CurlEngine()) {
+    /// `budgets` (for `/run` and `/retry`; for `/status`, `/cancel` and `/health`): this process's
+    /// own sliding windows unless given (a store shares them between replicas).
+    public init(configuration: Configuration, engine: CurlEngine = CurlEngine(), budgets: (run: any RequestGate, status: any RequestGate)? = nil) {
         self.configuration = configuration
         self.engine = engine
-        runBudget = RequestBudget(limit: configuration.runPerWindow, window: configuration.budgetWindow)
-        statusBudget = RequestBudget(limit: configuration.statusPerWindow, window: configuration.budgetWindow)
+        runBudget = budgets?.run ?? RequestBudget(limit: configuration.runPerWindow, window: configuration.budgetWindow)
+        statusBudget = budgets?.status ?? RequestBudget(limit: configuration.statusPerWindow, window: configuration.budgetWindow)
     }
 
     private var base: String { "\(configuration.baseURL)/\(configuration.endpointID)" }
@@ -126,7 +128,7 @@ public struct RunPodClient: Sendable {
 
     // MARK: Transport
 
-    private func send(_ method: String, _ path: String, body: [UInt8]? = nil, budget: RequestBudget) async throws -> HTTPExchange {
+    private func send(_ method: String, _ path: String, body: [UInt8]? = nil, budget: any RequestGate) async throws -> HTTPExchange {
         var headers = ["Content-Type: application/json", "Accept: application/json"]
         if let key = configuration.apiKey { headers.append("Authorization: Bearer \(key)") }
         var attempt = 0

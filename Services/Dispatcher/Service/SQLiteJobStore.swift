@@ -98,7 +98,8 @@ public final class SQLiteJobStore: JobStore {
         }
     }
 
-    public func update(_ record: JobRecord) async throws -> JobRecord {
+    /// One replica holds every job: `asHolder` changes nothing.
+    public func update(_ record: JobRecord, asHolder: Bool) async throws -> JobRecord {
         let expected = record.job.version
         var record = record
         record.stamp(version: expected + 1, at: clock.nowUnixMs())
@@ -139,19 +140,28 @@ public final class SQLiteJobStore: JobStore {
         }
     }
 
-    public func claimUnfinished(limit: Int) async throws -> [String] {
+    public func claimUnfinished(limit: Int, running: Set<String>) async throws -> [String] {
         try await onThread { db in
             let statement = try db.prepare("SELECT id FROM jobs WHERE status IN (1, 2) ORDER BY created_ms LIMIT ?")
-            try statement.bind([limit])
+            try statement.bind([limit + running.count])
             var ids: [String] = []
-            while try statement.step() { ids.append(statement.text(0) ?? "") }
+            while ids.count < limit, try statement.step() {
+                let id = statement.text(0) ?? ""
+                if !running.contains(id) { ids.append(id) }
+            }
             return ids
         }
     }
 
     public func release(_ id: String) async throws {}
 
-    public func ping() async throws {
-        try await onThread { db in _ = try db.prepare("SELECT 1").step() }
+    public func unfinishedCounts() async throws -> [JobStatus: Int] {
+        try await onThread { db in
+            let statement = try db.prepare("SELECT status, count(*) FROM jobs WHERE status IN (1, 2) GROUP BY status")
+            var counts: [JobStatus: Int] = [:]
+            while try statement.step() { counts[JobStatus(rawValue: Int32(statement.int64(0)))] = Int(statement.int64(1)) }
+            return counts
+        }
     }
+
 }

@@ -1,16 +1,19 @@
 import Logging
 import TalkMeshRPC
 
-/// Keeps `/readyz` and gRPC health honest: NOT_SERVING while the job store does not answer.
+/// Keeps `/readyz` and gRPC health honest: NOT_SERVING while the job store does not answer. Its
+/// question — how many jobs are queued and running — feeds the jobs-by-state gauge.
 public struct StoreProbe: Sendable {
     let store: any JobStore
     let health: HealthService
+    let counters: DispatcherCounters
     let logger: Logger
     var interval: Duration = .seconds(2)
 
-    public init(store: any JobStore, health: HealthService, logger: Logger) {
+    public init(store: any JobStore, health: HealthService, counters: DispatcherCounters, logger: Logger) {
         self.store = store
         self.health = health
+        self.counters = counters
         self.logger = logger
     }
 
@@ -18,7 +21,10 @@ public struct StoreProbe: Sendable {
         var serving = true
         while !Task.isCancelled && !health.isShuttingDown {
             let reachable: Bool
-            do { try await store.ping(); reachable = true } catch {
+            do {
+                counters.set(unfinished: try await store.unfinishedCounts())
+                reachable = true
+            } catch {
                 reachable = false
                 if serving { logger.error("the job store does not answer", metadata: ["error": "\(error)"]) }
             }

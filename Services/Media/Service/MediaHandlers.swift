@@ -25,6 +25,10 @@ public struct MediaHandlers: Sendable {
         registry.register(MediaService.stitchVideos) { request, _ in
             try await pool.run { flag in try stitcher.stitch(request, flag: flag) }
         }
+        let audioEncoder = AudioEncoder(store: store)
+        registry.register(MediaService.encodeAudio) { request, _ in
+            try await pool.run { flag in try audioEncoder.encode(request, flag: flag) }
+        }
         registry.register(MediaService.probeMedia) { request, _ in
             try await pool.run { flag in
                 guard !request.key.isEmpty else { throw ServiceError(.invalidArgument, "key: required") }

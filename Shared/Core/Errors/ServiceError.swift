@@ -38,6 +38,15 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
     public static let storeConflict = ErrorCode(rawValue: "STORE_CONFLICT")
     public static let leaseLost = ErrorCode(rawValue: "LEASE_LOST")
     public static let serviceUnavailable = ErrorCode(rawValue: "SERVICE_UNAVAILABLE")
+    // The Gateway's own.
+    public static let invalidRequest = ErrorCode(rawValue: "INVALID_REQUEST")
+    public static let unauthorized = ErrorCode(rawValue: "UNAUTHORIZED")
+    public static let rateLimited = ErrorCode(rawValue: "RATE_LIMITED")
+    public static let tooManyActiveJobs = ErrorCode(rawValue: "TOO_MANY_ACTIVE_JOBS")
+    public static let payloadTooLarge = ErrorCode(rawValue: "PAYLOAD_TOO_LARGE")
+    public static let unsupportedMediaType = ErrorCode(rawValue: "UNSUPPORTED_MEDIA_TYPE")
+    public static let jobNotCompleted = ErrorCode(rawValue: "JOB_NOT_COMPLETED")
+    public static let rangeNotSatisfiable = ErrorCode(rawValue: "RANGE_NOT_SATISFIABLE")
 
     /// The one table: code → (gRPC status, HTTP status).
     static let table: [ErrorCode: (RPCError.Code, Int)] = [
@@ -47,10 +56,10 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
         .storageFull: (.resourceExhausted, 507),
         .storageFailed: (.internal, 500),
         .emptyAudio: (.invalidArgument, 422),
-        .invalidAudio: (.invalidArgument, 422),
-        .audioTooLong: (.invalidArgument, 422),
+        .invalidAudio: (.invalidArgument, 400),
+        .audioTooLong: (.invalidArgument, 400),
         .chunkTooLarge: (.invalidArgument, 422),
-        .invalidImage: (.invalidArgument, 422),
+        .invalidImage: (.invalidArgument, 400),
         .imageTooLarge: (.invalidArgument, 422),
         .invalidVideo: (.invalidArgument, 422),
         .cancelled: (.cancelled, 499),
@@ -72,6 +81,14 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
         .storeConflict: (.aborted, 409),
         .leaseLost: (.aborted, 409),
         .serviceUnavailable: (.unavailable, 503),
+        .invalidRequest: (.invalidArgument, 400),
+        .unauthorized: (.unauthenticated, 401),
+        .rateLimited: (.resourceExhausted, 429),
+        .tooManyActiveJobs: (.resourceExhausted, 429),
+        .payloadTooLarge: (.resourceExhausted, 413),
+        .unsupportedMediaType: (.invalidArgument, 415),
+        .jobNotCompleted: (.failedPrecondition, 409),
+        .rangeNotSatisfiable: (.outOfRange, 416),
     ]
 
     /// Every code in the table (tests check that each maps).

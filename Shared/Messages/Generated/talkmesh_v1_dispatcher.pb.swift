@@ -84,6 +84,7 @@ public struct JobOptions: Hashable, Sendable {
     public var maxConcurrentChunks: Int32 = 0
     public var forceOffload: Bool = false
     public var dryRun: Bool = false
+    public var pushToS3: Bool = false
     public init() {}
 }
 
@@ -139,6 +140,7 @@ public struct Job: Hashable, Sendable {
     public var deadlineUnixMs: Int64 = 0
     public var version: Int64 = 0
     public var traceparent: String = ""
+    public var encodedAudioKey: String = ""
     public init() {}
 }
 
@@ -213,6 +215,7 @@ extension JobOptions: ProtoMessage {
         maxConcurrentChunks = c.max_concurrent_chunks
         forceOffload = (c.force_offload != 0)
         dryRun = (c.dry_run != 0)
+        pushToS3 = (c.push_to_s3 != 0)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__JobOptions {
         var c = Talkmesh__V1__JobOptions()
@@ -221,6 +224,7 @@ extension JobOptions: ProtoMessage {
         c.max_concurrent_chunks = maxConcurrentChunks
         c.force_offload = (forceOffload ? 1 : 0)
         c.dry_run = (dryRun ? 1 : 0)
+        c.push_to_s3 = (pushToS3 ? 1 : 0)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__JobOptions>? {
@@ -344,6 +348,7 @@ extension Job: ProtoMessage {
         deadlineUnixMs = c.deadline_unix_ms
         version = c.version
         traceparent = ProtoC.string(c.traceparent)
+        encodedAudioKey = ProtoC.string(c.encoded_audio_key)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__Job {
         var c = Talkmesh__V1__Job()
@@ -374,6 +379,7 @@ extension Job: ProtoMessage {
         c.deadline_unix_ms = deadlineUnixMs
         c.version = version
         c.traceparent = arena.string(traceparent)
+        c.encoded_audio_key = arena.string(encodedAudioKey)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__Job>? {

@@ -73,12 +73,28 @@ public struct ProbeMediaResponse: Hashable, Sendable {
     public init() {}
 }
 
+/// `talkmesh.v1.EncodeAudioRequest`
+public struct EncodeAudioRequest: Hashable, Sendable {
+    public var audioKey: String = ""
+    public var outputKey: String = ""
+    public init() {}
+}
+
+/// `talkmesh.v1.EncodeAudioResponse`
+public struct EncodeAudioResponse: Hashable, Sendable {
+    public var audioKey: String = ""
+    public var durationSec: Double = 0
+    public var sizeBytes: Int64 = 0
+    public init() {}
+}
+
 /// Method descriptors of `talkmesh.v1.MediaService`.
 public enum MediaService {
     public static let name = "talkmesh.v1.MediaService"
     public static let resizeImage = MethodDescriptor<ResizeImageRequest, ResizeImageResponse>(service: "talkmesh.v1.MediaService", method: "ResizeImage", kind: .unary)
     public static let stitchVideos = MethodDescriptor<StitchVideosRequest, StitchVideosResponse>(service: "talkmesh.v1.MediaService", method: "StitchVideos", kind: .unary)
     public static let probeMedia = MethodDescriptor<ProbeMediaRequest, ProbeMediaResponse>(service: "talkmesh.v1.MediaService", method: "ProbeMedia", kind: .unary)
+    public static let encodeAudio = MethodDescriptor<EncodeAudioRequest, EncodeAudioResponse>(service: "talkmesh.v1.MediaService", method: "EncodeAudio", kind: .unary)
 }
 
 extension ResizeImageRequest: ProtoMessage {
@@ -320,5 +336,63 @@ extension ProbeMediaResponse: ProtoMessage {
     }
     public static func cPack(_ message: UnsafePointer<Talkmesh__V1__ProbeMediaResponse>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
         talkmesh__v1__probe_media_response__pack(message, out)
+    }
+}
+
+extension EncodeAudioRequest: ProtoMessage {
+    public typealias CMessage = Talkmesh__V1__EncodeAudioRequest
+    public init(c: Talkmesh__V1__EncodeAudioRequest) {
+        self.init()
+        audioKey = ProtoC.string(c.audio_key)
+        outputKey = ProtoC.string(c.output_key)
+    }
+    public func toC(_ arena: ProtoArena) -> Talkmesh__V1__EncodeAudioRequest {
+        var c = Talkmesh__V1__EncodeAudioRequest()
+        talkmesh__v1__encode_audio_request__init(&c)
+        c.audio_key = arena.string(audioKey)
+        c.output_key = arena.string(outputKey)
+        return c
+    }
+    public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__EncodeAudioRequest>? {
+        talkmesh__v1__encode_audio_request__unpack(nil, count, data)
+    }
+    public static func cFreeUnpacked(_ message: UnsafeMutablePointer<Talkmesh__V1__EncodeAudioRequest>) {
+        talkmesh__v1__encode_audio_request__free_unpacked(message, nil)
+    }
+    public static func cPackedSize(_ message: UnsafePointer<Talkmesh__V1__EncodeAudioRequest>) -> Int {
+        talkmesh__v1__encode_audio_request__get_packed_size(message)
+    }
+    public static func cPack(_ message: UnsafePointer<Talkmesh__V1__EncodeAudioRequest>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
+        talkmesh__v1__encode_audio_request__pack(message, out)
+    }
+}
+
+extension EncodeAudioResponse: ProtoMessage {
+    public typealias CMessage = Talkmesh__V1__EncodeAudioResponse
+    public init(c: Talkmesh__V1__EncodeAudioResponse) {
+        self.init()
+        audioKey = ProtoC.string(c.audio_key)
+        durationSec = c.duration_sec
+        sizeBytes = c.size_bytes
+    }
+    public func toC(_ arena: ProtoArena) -> Talkmesh__V1__EncodeAudioResponse {
+        var c = Talkmesh__V1__EncodeAudioResponse()
+        talkmesh__v1__encode_audio_response__init(&c)
+        c.audio_key = arena.string(audioKey)
+        c.duration_sec = durationSec
+        c.size_bytes = sizeBytes
+        return c
+    }
+    public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__EncodeAudioResponse>? {
+        talkmesh__v1__encode_audio_response__unpack(nil, count, data)
+    }
+    public static func cFreeUnpacked(_ message: UnsafeMutablePointer<Talkmesh__V1__EncodeAudioResponse>) {
+        talkmesh__v1__encode_audio_response__free_unpacked(message, nil)
+    }
+    public static func cPackedSize(_ message: UnsafePointer<Talkmesh__V1__EncodeAudioResponse>) -> Int {
+        talkmesh__v1__encode_audio_response__get_packed_size(message)
+    }
+    public static func cPack(_ message: UnsafePointer<Talkmesh__V1__EncodeAudioResponse>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
+        talkmesh__v1__encode_audio_response__pack(message, out)
     }
 }

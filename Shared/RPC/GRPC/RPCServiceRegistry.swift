@@ -10,8 +10,14 @@ public struct RPCServiceRegistry: Sendable {
         var index = 0
         /// Runs the handler; a unary call returns its framed response, a streaming one writes
         /// through the writer and returns nil.
-        let run: @Sendable ([UInt8], ServerContext, RawResponseWriter) async throws -> [UInt8]?
+        var run: @Sendable ([UInt8], ServerContext, RawResponseWriter) async throws -> [UInt8]?
     }
+
+    /// Runs around every registered method's handler, outermost first: auth, limits, access
+    /// logs (the gRPC side of `HTTPRouter.interceptors`). It may throw instead of calling `next`,
+    /// or call it inside a task-local scope the handler then sees.
+    public typealias Interceptor = @Sendable (_ context: ServerContext, _ next: @Sendable (ServerContext) async throws -> Void) async throws -> Void
+    public var interceptors: [Interceptor] = []
 
     private(set) var methods: [String: Method] = [:]
 
@@ -60,7 +66,21 @@ public struct RPCServiceRegistry: Sendable {
         Set(methods.keys.compactMap { path in path.split(separator: "/").first.map(String.init) })
     }
 
-    func method(for path: String) -> Method? { methods[path] }
+    func method(for path: String) -> Method? {
+        guard var method = methods[path], !interceptors.isEmpty else { return methods[path] }
+        let handler = method.run, chain = interceptors
+        method.run = { bytes, context, writer in
+            let result = HandlerResult()
+            var next: @Sendable (ServerContext) async throws -> Void = { context in result.bytes = try await handler(bytes, context, writer) }
+            for interceptor in chain.reversed() {
+                let inner = next
+                next = { context in try await interceptor(context, inner) }
+            }
+            try await next(context)
+            return result.bytes
+        }
+        return method
+    }
 
     private static func decode<Request: ProtoMessage>(_ type: Request.Type, _ bytes: [UInt8]) throws -> Request {
         do {
@@ -72,4 +92,9 @@ public struct RPCServiceRegistry: Sendable {
             throw RPCError(code: .internal, message: "could not decode the request: \(error)")
         }
     }
+}
+
+/// A unary handler's framed response, carried out through the interceptors.
+private final class HandlerResult: @unchecked Sendable {
+    var bytes: [UInt8]?
 }

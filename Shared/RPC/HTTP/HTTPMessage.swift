@@ -14,6 +14,10 @@ public struct HTTPRequest: Sendable {
     public var pathParameters: [String: String] = [:]
     /// The peer's address.
     public var peer: String = ""
+    /// Whether the request came over TLS (for the URLs a response gives back).
+    public var isSecure = false
+    /// The body as it arrives, for a route added with `addStreaming` (`body` is empty then).
+    public var bodyStream: HTTPBodyStream?
 
     /// Creates a request.
     public init(method: String, path: String, query: String = "", headers: [(name: String, value: String)] = [], body: [UInt8] = []) {
@@ -22,6 +26,16 @@ public struct HTTPRequest: Sendable {
         self.query = query
         self.headers = headers
         self.body = body
+    }
+
+    /// Creates a request from its request target (`/path?query`), split at the first `?`.
+    init(method: String, target: String, headers: [(name: String, value: String)], body: [UInt8] = []) {
+        if let question = target.firstIndex(of: "?") {
+            self.init(method: method, path: String(target[..<question]), query: String(target[target.index(after: question)...]),
+                      headers: headers, body: body)
+        } else {
+            self.init(method: method, path: target, headers: headers, body: body)
+        }
     }
 
     /// The first value of a header (case-insensitive name).
@@ -39,6 +53,10 @@ public struct HTTPResponse: Sendable {
     public var headers: [(name: String, value: String)]
     /// The whole body.
     public var body: [UInt8]
+    /// A body produced while it is sent (a download, server-sent events): `body` is ignored.
+    /// With a `content-length` header the producer must write exactly that many bytes; without
+    /// one HTTP/1.1 sends it chunked. Not run for HEAD.
+    public var streamBody: (@Sendable (HTTPBodyWriter) async throws -> Void)?
 
     /// Creates a response.
     public init(status: Int, headers: [(name: String, value: String)] = [], body: [UInt8] = []) {
@@ -65,6 +83,7 @@ public struct HTTPResponse: Sendable {
         case 202: return "Accepted"
         case 204: return "No Content"
         case 301: return "Moved Permanently"
+        case 206: return "Partial Content"
         case 304: return "Not Modified"
         case 400: return "Bad Request"
         case 401: return "Unauthorized"
@@ -76,6 +95,7 @@ public struct HTTPResponse: Sendable {
         case 411: return "Length Required"
         case 413: return "Content Too Large"
         case 415: return "Unsupported Media Type"
+        case 416: return "Range Not Satisfiable"
         case 422: return "Unprocessable Content"
         case 429: return "Too Many Requests"
         case 431: return "Request Header Fields Too Large"

@@ -10,10 +10,27 @@ public struct HTTPRouter: Sendable {
         let segments: [Substring]
         /// nil: the server's MAX_BODY_BYTES for methods that carry a body, none for the others.
         let maxBodyBytes: Int?
+        /// The handler starts once the head arrived and reads the body as it comes (`bodyStream`).
+        let streamsBody: Bool
         let handler: Handler
     }
 
     private var routes: [Route] = []
+
+    /// The answer to what the router itself refuses (404, 405, 413) and to a thrown error: a
+    /// status, a stable code and a message. Plain text unless a service sets its own format.
+    public var errorResponse: @Sendable (_ status: Int, _ code: String, _ message: String) -> HTTPResponse = { status, _, message in
+        HTTPResponse.text(status, message + "\n")
+    }
+
+    /// What a handler's thrown error becomes; by default 500 with the error's description.
+    public var thrownResponse: (@Sendable (any Error) -> HTTPResponse)?
+
+    /// Runs around every request, matched or not (`route` is the pattern, or "other"): auth,
+    /// limits, request ids, access logs. The first added is the outermost; each calls `next`
+    /// to go on, or answers itself.
+    public typealias Interceptor = @Sendable (_ request: HTTPRequest, _ route: String, _ next: @Sendable (HTTPRequest) async throws -> HTTPResponse) async throws -> HTTPResponse
+    public var interceptors: [Interceptor] = []
 
     public init() {}
 
@@ -24,18 +41,38 @@ public struct HTTPRouter: Sendable {
     public mutating func add(_ method: String, _ pattern: String, maxBodyBytes: Int? = nil, _ handler: @escaping Handler) {
         routes.append(Route(method: method.uppercased(), pattern: pattern,
                             segments: pattern.split(separator: "/", omittingEmptySubsequences: true),
-                            maxBodyBytes: maxBodyBytes, handler: handler))
+                            maxBodyBytes: maxBodyBytes, streamsBody: false, handler: handler))
+    }
+
+    /// Adds a route whose handler starts as soon as the request's head arrived and reads the body
+    /// from `request.bodyStream` as it comes (uploads far larger than memory should hold). Past
+    /// `maxBodyBytes` the stream throws `HTTPBodyError.tooLarge` and the server reads no more;
+    /// a response sent before the body's end closes the HTTP/1.1 connection (or resets the
+    /// HTTP/2 stream) once it is out.
+    public mutating func addStreaming(_ method: String, _ pattern: String, maxBodyBytes: Int, _ handler: @escaping Handler) {
+        routes.append(Route(method: method.uppercased(), pattern: pattern,
+                            segments: pattern.split(separator: "/", omittingEmptySubsequences: true),
+                            maxBodyBytes: maxBodyBytes, streamsBody: true, handler: handler))
     }
 
     /// What a request may carry, decided from its head alone: the body limit, and the answer when
     /// the body goes past it (413 for a route; the 404 or 405 itself when nothing matches, as such
-    /// a request is answered without reading its body).
-    func bodyPolicy(method: String, target: String, serverLimit: Int) -> (limit: Int, refusal: HTTPResponse) {
+    /// a request is answered without reading its body). The refusal is built only when needed.
+    func bodyPolicy(method: String, target: String, serverLimit: Int) -> (limit: Int, refusal: @Sendable () -> HTTPResponse, streams: Bool) {
         let path = target.firstIndex(of: "?").map { String(target[..<$0]) } ?? target
         let match = match(method: method, path: path)
-        guard case .found(let route, _) = match else { return (0, match.unmatchedResponse) }
+        guard case .found(let route, _) = match else {
+            let response = unmatchedResponse(match)
+            return (0, { response }, false)
+        }
         let limit = route.maxBodyBytes ?? (["POST", "PUT", "PATCH"].contains(method) ? serverLimit : 0)
-        return (limit, HTTPResponse.text(413, limit == 0 ? "this route takes no request body\n" : "request body too large (limit \(limit) bytes)\n"))
+        let router = self
+        return (limit, { router.tooLarge(limit: limit) }, route.streamsBody)
+    }
+
+    /// The 413 for a body past `limit`.
+    public func tooLarge(limit: Int) -> HTTPResponse {
+        errorResponse(413, "PAYLOAD_TOO_LARGE", limit == 0 ? "this route takes no request body" : "request body too large (limit \(limit) bytes)")
     }
 
     /// The outcome of matching a request.
@@ -43,14 +80,14 @@ public struct HTTPRouter: Sendable {
         case found(Route, parameters: [String: String])
         case methodNotAllowed(allowed: [String])
         case notFound
+    }
 
-        /// The 404 or 405 answer when nothing matched.
-        var unmatchedResponse: HTTPResponse {
-            guard case .methodNotAllowed(let allowed) = self else { return HTTPResponse.text(404, "not found\n") }
-            var response = HTTPResponse.text(405, "method not allowed\n")
-            response.headers.append(("allow", allowed.joined(separator: ", ")))
-            return response
-        }
+    /// The 404 or 405 answer when nothing matched.
+    func unmatchedResponse(_ match: Match) -> HTTPResponse {
+        guard case .methodNotAllowed(let allowed) = match else { return errorResponse(404, "NOT_FOUND", "not found") }
+        var response = errorResponse(405, "METHOD_NOT_ALLOWED", "method not allowed")
+        response.headers.append(("allow", allowed.joined(separator: ", ")))
+        return response
     }
 
     func match(method: String, path: String) -> Match {
@@ -79,16 +116,36 @@ public struct HTTPRouter: Sendable {
         return parameters
     }
 
-    /// Runs the matching handler, answering 404/405 itself; errors become 500.
+    /// Runs the matching handler, answering 404/405 itself; a thrown error becomes
+    /// `thrownResponse` (by default 500).
     func respond(to request: HTTPRequest) async -> (HTTPResponse, route: String) {
         let match = match(method: request.method, path: request.path)
-        guard case .found(let route, let parameters) = match else { return (match.unmatchedResponse, "other") }
         var request = request
-        request.pathParameters = parameters
-        do {
-            return (try await route.handler(request), route.pattern)
-        } catch {
-            return (HTTPResponse.text(500, "internal error: \(error)\n"), route.pattern)
+        let pattern: String
+        var handler: Handler
+        if case .found(let route, let parameters) = match {
+            request.pathParameters = parameters
+            pattern = route.pattern
+            handler = route.handler
+        } else {
+            let unmatched = unmatchedResponse(match)
+            pattern = "other"
+            handler = { _ in unmatched }
         }
+        for interceptor in interceptors.reversed() {
+            let next = handler
+            handler = { request in try await interceptor(request, pattern, next) }
+        }
+        do {
+            return (try await handler(request), pattern)
+        } catch {
+            return (response(for: error), pattern)
+        }
+    }
+
+    /// The answer to a thrown error (`thrownResponse`, by default 500).
+    public func response(for error: any Error) -> HTTPResponse {
+        if let thrownResponse { return thrownResponse(error) }
+        return errorResponse(500, "INTERNAL", "internal error: \(error)")
     }
 }

@@ -15,10 +15,25 @@ final class HTTP1ServerSession {
         /// Over the route's body limit (413), or a 404/405 whose body is not read.
         case refused(HTTPResponse)
         case overBudget
+        /// A streamed body stopped (over its limit): read no more; the handler answers.
+        case bodyStopped
+    }
+
+    /// A response whose body is produced while it is sent.
+    private struct StreamedResponse {
+        var pending: PendingRequest
+        var route: String
+        var status: Int
+        var chunked: Bool
+        var keepAlive: Bool
+        var task: Task<Void, Never>?
     }
 
     /// Pipelined requests parsed ahead of the one in flight; past this, reading pauses.
     static let maxQueued = 16
+    /// A streamed request body waiting unread past this pauses reading; it resumes below the low mark.
+    static let bodyHighWater = 256 * 1024
+    static let bodyLowWater = 64 * 1024
 
     unowned let connection: Connection
     private let core: ServerCore
@@ -39,7 +54,7 @@ final class HTTP1ServerSession {
     private var headerTimer: LoopTimer?
     /// The current request's body limit and the answer past it, decided from its head.
     private var bodyLimit = 0
-    private var bodyRefusal = HTTPResponse.text(413, "request body too large\n")
+    private var bodyRefusal: @Sendable () -> HTTPResponse = { HTTPResponse.text(413, "request body too large\n") }
     /// Between the end of a request's head and the end of its body.
     private var inBody = false
     /// Between a request's first byte and its end.
@@ -51,11 +66,21 @@ final class HTTP1ServerSession {
     /// Strictness the parser lacks: the head's line ends, and the CRLF after each chunk's data.
     private var headScanner = HTTP1HeadScanner()
     /// Where the parser was paused to check a position: after a chunk's data, or a message's end.
-    private enum Boundary { case chunkEnd, messageEnd }
+    private enum Boundary { case chunkEnd, messageEnd, streamStart }
     private var boundary: Boundary?
     /// The last byte of the previous read (a chunk's CR may end one read and its LF start the next).
     private var previousByte: UInt8 = 0
     private var lastChunkSize: UInt64 = 0
+    /// The current message's body, when its route streams it, and how much of it arrived.
+    private var bodyStream: HTTPBodyStream?
+    private var streamedBytes = 0
+    /// A streaming request parsed up to its head, to start once the handler in flight is done.
+    private var awaitingTurn: PendingRequest?
+    /// The streaming request in flight whose body is still arriving (it cannot be kept alive if
+    /// answered before the body's end).
+    private var bodyOpen = false
+    private var streamed: StreamedResponse?
+    private var writeWaiters: [CheckedContinuation<Void, any Error>] = []
 
     init(connection: Connection) {
         self.connection = connection
@@ -102,6 +127,22 @@ final class HTTP1ServerSession {
                 switch boundary {
                 case .messageEnd:
                     headScanner.reset()
+                case .streamStart:
+                    guard let pending = awaitingTurn, !inFlight, queue.isEmpty else {
+                        // Its turn comes when the request in flight is answered: the rest of this
+                        // input stays unread until then.
+                        evbuffer_drain(input, offset)
+                        if offset > 0 { previousByte = octets[offset - 1] }
+                        connection.callbackDepth -= 1
+                        if !readPaused {
+                            readPaused = true
+                            connection.pauseReading()
+                        }
+                        startNext()
+                        return
+                    }
+                    awaitingTurn = nil
+                    startStreaming(pending)
                 case .chunkEnd:
                     // Paused at the byte after a chunk's data and the one after it: they must be CRLF.
                     let lf = octets[offset - 1]
@@ -117,6 +158,9 @@ final class HTTP1ServerSession {
                 case .headersTooLarge: fail(431, "request header fields too large\n")
                 case .refused(let response): fail(response)
                 case .overBudget: fail(503, "too many request bytes buffered on this connection\n")
+                case .bodyStopped:
+                    queue.removeAll()
+                    closeAfterFlush = true
                 }
             } else if errno != HPE_OK.rawValue {
                 let name = String(cString: http_errno_name(http_errno(rawValue: errno)))
@@ -132,7 +176,7 @@ final class HTTP1ServerSession {
         previousByte = octets[length - 1]
         evbuffer_drain(input, length)
         connection.callbackDepth -= 1
-        if queue.count >= Self.maxQueued && !readPaused {
+        if (queue.count >= Self.maxQueued || (bodyStream?.waiting ?? 0) > Self.bodyHighWater) && !readPaused {
             readPaused = true
             connection.pauseReading()
         }
@@ -146,6 +190,11 @@ final class HTTP1ServerSession {
     private func fail(_ response: HTTPResponse) {
         queue.removeAll()
         queuedBytes = 0
+        awaitingTurn = nil
+        if let bodyStream {
+            bodyStream.fail(response.status == 408 ? .timedOut : .aborted)
+            self.bodyStream = nil
+        }
         guard !closeAfterFlush else { return }
         closeAfterFlush = true
         if !inFlight {
@@ -157,6 +206,17 @@ final class HTTP1ServerSession {
     /// Starts the next queued request unless the peer is not reading its responses: past the
     /// output bound it waits for `outputDrained`, so unread responses cannot pile up.
     private func startNext() {
+        if !inFlight, queue.isEmpty, awaitingTurn != nil, !closeAfterFlush {
+            // The streaming request whose head waited: start it, then parse on (its body).
+            let pending = awaitingTurn!
+            awaitingTurn = nil
+            startStreaming(pending)
+            if readPaused {
+                readPaused = false
+                connection.resumeReading()
+            }
+            return
+        }
         guard !inFlight, !queue.isEmpty, !closeAfterFlush || failure == nil else { return }
         guard connection.pendingOutput <= Connection.outputHighWater else { return }
         let pending = queue.removeFirst()
@@ -174,13 +234,55 @@ final class HTTP1ServerSession {
         }
     }
 
+    /// Starts a streaming route's handler once its head arrived; the body follows through its
+    /// `bodyStream` as the parser reads it.
+    private func startStreaming(_ pending: PendingRequest) {
+        inFlight = true
+        bodyOpen = bodyStream != nil
+        let router = core.router
+        let loop = connection.loop
+        let connectionID = connection.id
+        let request = pending.request
+        Task {
+            let (response, route) = await router.respond(to: request)
+            loop.execute {
+                loop.http1Session(connectionID)?.complete(response, route: route, pending: pending)
+            }
+        }
+    }
+
+    /// The handler took a piece of the streamed body: read more once little waits.
+    func bodyConsumed() {
+        lastActivityAt = MonotonicClock.nanoseconds()
+        resumeReadingIfRoom()
+    }
+
     private func complete(_ response: HTTPResponse, route: String, pending: PendingRequest) {
-        inFlight = false
+        if bodyOpen {
+            // Answered before its body ended (a refusal): nothing more of it is read.
+            bodyOpen = false
+            bodyStream?.fail(.aborted)
+            bodyStream = nil
+            closeAfterFlush = true
+            if readPaused {
+                readPaused = false
+                connection.resumeReading()
+            }
+        }
         lastActivityAt = MonotonicClock.nanoseconds()
         let keepAlive = pending.keepAlive && !goingAway && !closeAfterFlush
+        if let produce = response.streamBody, pending.request.method != "HEAD" {
+            startStreamedResponse(response, produce, route: route, pending: pending, keepAlive: keepAlive)
+            return
+        }
+        inFlight = false
         writeResponse(response, keepAlive: keepAlive, method: pending.request.method)
+        finishExchange(status: response.status, route: route, pending: pending, keepAlive: keepAlive)
+    }
+
+    private func finishExchange(status: Int, route: String, pending: PendingRequest, keepAlive: Bool) {
         let seconds = Double(MonotonicClock.nanoseconds() - pending.receivedAt) / 1e9
-        core.metrics.record(shard: connection.loop.index, kind: .http, method: route, status: String(response.status), seconds: seconds)
+        core.metrics.record(shard: connection.loop.index, kind: .http, method: route, status: String(status), seconds: seconds)
         if !keepAlive {
             closeAfterFlush = true
             queue.removeAll()
@@ -191,7 +293,8 @@ final class HTTP1ServerSession {
     }
 
     private func resumeReadingIfRoom() {
-        guard readPaused, queue.count < Self.maxQueued, connection.pendingOutput <= Connection.outputHighWater, !closeAfterFlush else { return }
+        guard readPaused, queue.count < Self.maxQueued, connection.pendingOutput <= Connection.outputHighWater, !closeAfterFlush,
+              awaitingTurn == nil, (bodyStream?.waiting ?? 0) <= Self.bodyLowWater else { return }
         readPaused = false
         connection.resumeReading()
     }
@@ -199,15 +302,81 @@ final class HTTP1ServerSession {
     private func writeResponse(_ response: HTTPResponse, keepAlive: Bool, method: String) {
         var head = "HTTP/1.1 \(response.status) \(HTTPResponse.reason(response.status))\r\n"
         for (name, value) in response.headers { head += "\(name): \(value)\r\n" }
-        head += "content-length: \(response.body.count)\r\n"
+        // A streamed body's length is the producer's header, if it gave one (else it is chunked).
+        if response.streamBody == nil { head += "content-length: \(response.body.count)\r\n" }
         head += keepAlive ? "connection: keep-alive\r\n\r\n" : "connection: close\r\n\r\n"
         var bytes = Array(head.utf8)
-        if method != "HEAD" { bytes += response.body }
+        if method != "HEAD" && response.streamBody == nil { bytes += response.body }
         bytes.withUnsafeBytes { connection.write($0.baseAddress!, $0.count) }
         if !keepAlive { closeAfterFlush = true }
     }
 
+    // MARK: Streamed responses
+
+    private func startStreamedResponse(_ response: HTTPResponse, _ produce: @escaping @Sendable (HTTPBodyWriter) async throws -> Void,
+                                       route: String, pending: PendingRequest, keepAlive: Bool) {
+        var response = response
+        let chunked = !response.headers.contains { $0.name.lowercased() == "content-length" }
+        if chunked { response.headers.append(("transfer-encoding", "chunked")) }
+        writeResponse(response, keepAlive: keepAlive, method: pending.request.method)
+        let loop = connection.loop
+        let connectionID = connection.id
+        streamed = StreamedResponse(pending: pending, route: route, status: response.status, chunked: chunked, keepAlive: keepAlive)
+        streamed?.task = HTTPBodyWriter.run(on: loop, produce, write: { bytes, continuation in
+            guard let session = loop.http1Session(connectionID) else {
+                continuation.resume(throwing: CancellationError())
+                return
+            }
+            session.streamWrite(bytes, continuation)
+        }, ended: { failed in
+            loop.http1Session(connectionID)?.streamEnded(failed: failed)
+        })
+    }
+
+    private func streamWrite(_ bytes: [UInt8], _ continuation: CheckedContinuation<Void, any Error>) {
+        guard let streamed, !connection.closed else {
+            continuation.resume(throwing: CancellationError())
+            return
+        }
+        if streamed.chunked {
+            let size = Array((String(bytes.count, radix: 16) + "\r\n").utf8)
+            size.withUnsafeBytes { connection.write($0.baseAddress!, $0.count) }
+        }
+        bytes.withUnsafeBytes { connection.write($0.baseAddress!, $0.count) }
+        if streamed.chunked { connection.write("\r\n", 2) }
+        lastActivityAt = MonotonicClock.nanoseconds()
+        if connection.pendingOutput > Connection.outputHighWater {
+            writeWaiters.append(continuation)
+        } else {
+            continuation.resume()
+        }
+    }
+
+    private func streamEnded(failed: Bool) {
+        guard let streamed else { return }
+        self.streamed = nil
+        inFlight = false
+        var keepAlive = streamed.keepAlive
+        if failed {
+            // The body cannot be completed: closing tells the client it is cut short.
+            keepAlive = false
+            closeAfterFlush = true
+        } else if streamed.chunked {
+            connection.write("0\r\n\r\n", 5)
+        }
+        finishExchange(status: streamed.status, route: streamed.route, pending: streamed.pending, keepAlive: keepAlive)
+    }
+
+    private func releaseWriters(_ error: (any Error)?) {
+        let waiters = writeWaiters
+        writeWaiters.removeAll()
+        for waiter in waiters {
+            if let error { waiter.resume(throwing: error) } else { waiter.resume() }
+        }
+    }
+
     func outputDrained() {
+        if !writeWaiters.isEmpty && connection.pendingOutput <= Connection.outputHighWater { releaseWriters(nil) }
         if closeAfterFlush && !inFlight && connection.pendingOutput == 0 { connection.lingeringClose(); return }
         startNext()
         resumeReadingIfRoom()
@@ -234,6 +403,11 @@ final class HTTP1ServerSession {
     func teardown() {
         queue.removeAll()
         headerTimer = nil
+        awaitingTurn = nil
+        bodyStream?.fail(.aborted)
+        bodyStream = nil
+        streamed?.task?.cancel()
+        releaseWriters(CancellationError())
     }
 
     private func startHeaderTimer() {
@@ -308,18 +482,23 @@ final class HTTP1ServerSession {
             // The route decides, from the head alone, how much body it takes.
             let configuration = session.core.configuration
             let methodName = String(cString: http_method_str(http_method(rawValue: parser!.pointee.method)))
-            (session.bodyLimit, session.bodyRefusal) = session.core.router.bodyPolicy(
-                method: methodName, target: String(decoding: session.url, as: UTF8.self), serverLimit: configuration.maxBodyBytes)
+            let target = String(decoding: session.url, as: UTF8.self)
+            let policy = session.core.router.bodyPolicy(method: methodName, target: target, serverLimit: configuration.maxBodyBytes)
+            (session.bodyLimit, session.bodyRefusal) = (policy.limit, policy.refusal)
             session.inBody = true
             let declared = parser!.pointee.content_length
             let chunked = parser!.pointee.flags & UInt32(F_CHUNKED.rawValue) != 0
             if declared != UInt64.max && declared > UInt64(session.bodyLimit) {
-                session.failure = .refused(session.bodyRefusal)
+                session.failure = .refused(session.bodyRefusal())
                 http_parser_pause(parser, 1)
-            } else if declared != UInt64.max && Int(declared) + session.queuedBytes > configuration.maxConnectionBufferBytes {
+            } else if !policy.streams && declared != UInt64.max && Int(declared) + session.queuedBytes > configuration.maxConnectionBufferBytes {
                 session.failure = .overBudget
                 http_parser_pause(parser, 1)
-            } else if session.bodyLimit > 0 || chunked,
+            } else if policy.streams {
+                session.beginStreaming(method: methodName, target: target, keepAlive: http_should_keep_alive(parser) != 0)
+                http_parser_pause(parser, 1)
+            }
+            if session.failure == nil, session.bodyLimit > 0 || chunked,
                       session.headers.contains(where: { $0.name == "expect" && $0.value.lowercased() == "100-continue" }) {
                 // The client waits for this before sending a large body (curl does, past 1 MiB).
                 let interim = Array("HTTP/1.1 100 Continue\r\n\r\n".utf8)
@@ -329,8 +508,20 @@ final class HTTP1ServerSession {
         }
         settings.on_body = { parser, data, length in
             let session = from(parser)
+            if let stream = session.bodyStream {
+                session.streamedBytes += length
+                if session.streamedBytes > session.bodyLimit {
+                    stream.fail(.tooLarge(limit: session.bodyLimit))
+                    session.bodyStream = nil
+                    session.failure = .bodyStopped
+                    http_parser_pause(parser, 1)
+                    return 0
+                }
+                stream.deliver(Array(UnsafeRawBufferPointer(start: data, count: length)))
+                return 0
+            }
             if session.body.count + length > session.bodyLimit {
-                session.failure = .refused(session.bodyRefusal)
+                session.failure = .refused(session.bodyRefusal())
                 http_parser_pause(parser, 1)
                 return 0
             }
@@ -344,14 +535,22 @@ final class HTTP1ServerSession {
         }
         settings.on_message_complete = { parser in
             let session = from(parser)
+            if let stream = session.bodyStream {
+                // A streamed body's end: its request is already with its handler.
+                stream.finish()
+                session.bodyStream = nil
+                session.bodyOpen = false
+                session.inBody = false
+                session.inMessage = false
+                session.boundary = .messageEnd
+                http_parser_pause(parser, 1)
+                return 0
+            }
             let methodName = String(cString: http_method_str(http_method(rawValue: parser!.pointee.method)))
             let target = String(decoding: session.url, as: UTF8.self)
-            var request = HTTPRequest(method: methodName, path: target, headers: session.headers, body: session.body)
-            if let question = target.firstIndex(of: "?") {
-                request.path = String(target[..<question])
-                request.query = String(target[target.index(after: question)...])
-            }
+            var request = HTTPRequest(method: methodName, target: target, headers: session.headers, body: session.body)
             request.peer = session.connection.peer
+            request.isSecure = session.connection.core.tls != nil
             session.body = []
             session.inBody = false
             session.inMessage = false
@@ -378,4 +577,22 @@ final class HTTP1ServerSession {
     }()
 
     private var valueStarted = false
+
+    /// A streaming route's head arrived: its request (body to follow) is started at the pause
+    /// this sets up, now or once the request in flight is answered.
+    private func beginStreaming(method: String, target: String, keepAlive: Bool) {
+        var request = HTTPRequest(method: method, target: target, headers: headers)
+        request.peer = connection.peer
+        request.isSecure = connection.core.tls != nil
+        let loop = connection.loop
+        let connectionID = connection.id
+        let stream = HTTPBodyStream { _ in
+            loop.execute { loop.http1Session(connectionID)?.bodyConsumed() }
+        }
+        request.bodyStream = stream
+        bodyStream = stream
+        streamedBytes = 0
+        awaitingTurn = PendingRequest(request: request, keepAlive: keepAlive, receivedAt: messageStartedAt)
+        boundary = .streamStart
+    }
 }

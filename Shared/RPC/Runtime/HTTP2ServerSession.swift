@@ -205,14 +205,57 @@ final class HTTP2ServerSession {
             stream.bodyLimit = policy.limit
             stream.bodyRefusal = policy.refusal
             if let declared = stream.declaredLength, declared > policy.limit {
-                respondPlain(stream, policy.refusal)
+                respondPlain(stream, policy.refusal())
                 resetAfterResponse(stream)
+            } else if policy.streams {
+                // Its handler starts now (after this read) and reads the body as it arrives.
+                let loop = connection.loop, connectionID = connection.id, streamID = stream.id
+                stream.bodyStream = HTTPBodyStream { count in
+                    loop.execute { loop.http2Session(connectionID)?.consumed(streamID, count) }
+                }
+                stream.streamsBody = true
+                stream.bodyOpen = true
+                ready.append(stream)
             }
         }
     }
 
+    /// Every DATA byte is given back to flow control here (automatic window updates are off), at
+    /// once unless a streaming handler still has to take it.
     fileprivate func data(_ streamID: Int32, _ bytes: UnsafePointer<UInt8>, _ count: Int) {
-        guard let stream = streams[streamID], !stream.answered else { return }
+        guard let stream = streams[streamID], stream.bodyOpen, let body = stream.bodyStream else {
+            nghttp2_session_consume(session, streamID, count)
+            receivedBuffered(streamID, bytes, count)
+            return
+        }
+        stream.lastInputAt = MonotonicClock.nanoseconds()
+        stream.streamedBytes += count
+        if stream.streamedBytes > stream.bodyLimit {
+            nghttp2_session_consume(session, streamID, count)
+            stopBody(stream, .tooLarge(limit: stream.bodyLimit))
+            return
+        }
+        body.deliver(Array(UnsafeBufferPointer(start: bytes, count: count)))
+    }
+
+    /// A streaming handler took `count` bytes: the client may send that much more.
+    func consumed(_ streamID: Int32, _ count: Int) {
+        guard let session, count > 0 else { return }
+        nghttp2_session_consume(session, streamID, count)
+        connection.scheduleFlush()
+    }
+
+    /// A streamed body stops (its stream closed, or the handler answered first): what waited
+    /// unread goes back to the flow-control window.
+    private func stopBody(_ stream: HTTP2Stream, _ error: HTTPBodyError) {
+        guard stream.bodyOpen, let body = stream.bodyStream else { return }
+        stream.bodyOpen = false
+        let dropped = body.fail(error)
+        if dropped > 0 { nghttp2_session_consume(session, stream.id, dropped) }
+    }
+
+    private func receivedBuffered(_ streamID: Int32, _ bytes: UnsafePointer<UInt8>, _ count: Int) {
+        guard let stream = streams[streamID], !stream.answered, !stream.streamsBody else { return }
         stream.lastInputAt = MonotonicClock.nanoseconds()
         if stream.kind != .undecided && bufferedRequestBytes + count > core.configuration.maxConnectionBufferBytes {
             refuseOverBudget(stream)
@@ -235,7 +278,7 @@ final class HTTP2ServerSession {
             }
         case .rest:
             if stream.body.count + count > stream.bodyLimit {
-                respondPlain(stream, stream.bodyRefusal ?? HTTPResponse.text(413, "request body too large\n"))
+                respondPlain(stream, stream.bodyRefusal?() ?? HTTPResponse.text(413, "request body too large\n"))
                 stream.body = []
                 release(stream)
                 resetAfterResponse(stream)
@@ -285,6 +328,11 @@ final class HTTP2ServerSession {
         }
         for stream in streams.values where !stream.requestComplete && !stream.answered
             && now - stream.lastInputAt > configuration.bodyTimeoutNanoseconds {
+            if stream.streamsBody {
+                // Its handler hears it from the body stream and answers.
+                if stream.bodyOpen && stream.bodyStream?.waiting == 0 { stopBody(stream, .timedOut) }
+                continue
+            }
             abandonRequest(stream, RPCError(code: .deadlineExceeded, message: "the request stalled for longer than the body timeout"),
                            HTTPResponse.text(408, "request body timeout\n"))
         }
@@ -292,7 +340,14 @@ final class HTTP2ServerSession {
     }
 
     fileprivate func endOfRequest(_ streamID: Int32) {
-        guard let stream = streams[streamID], !stream.answered else { return }
+        guard let stream = streams[streamID] else { return }
+        if stream.streamsBody {
+            stream.requestComplete = true
+            if stream.bodyOpen { stream.bodyStream?.finish() }
+            stream.bodyOpen = false
+            return
+        }
+        guard !stream.answered else { return }
         stream.requestComplete = true
         ready.append(stream)
     }
@@ -301,6 +356,7 @@ final class HTTP2ServerSession {
         guard let stream = streams.removeValue(forKey: streamID) else { return }
         stream.closed = true
         release(stream)
+        stopBody(stream, .aborted)
         if streams.isEmpty { idleSince = MonotonicClock.nanoseconds() }
         stream.deadlineTimer = nil
         // A stream can close before its handler was dispatched (HEADERS and RST_STREAM in one
@@ -355,7 +411,7 @@ final class HTTP2ServerSession {
         let batch = ready
         ready.removeAll(keepingCapacity: true)
         for stream in batch where !stream.answered && !stream.closed {
-            release(stream)  // the handler owns the request now
+            release(stream)  // the handler owns the request now (a streaming one reads it as it comes)
             switch stream.kind {
             case .grpc: dispatchGRPC(stream)
             case .rest: dispatchREST(stream)
@@ -408,13 +464,11 @@ final class HTTP2ServerSession {
     }
 
     private func dispatchREST(_ stream: HTTP2Stream) {
-        var request = HTTPRequest(method: stream.method, path: stream.path, headers: stream.restHeaders, body: stream.body)
-        if let question = stream.path.firstIndex(of: "?") {
-            request.path = String(stream.path[..<question])
-            request.query = String(stream.path[stream.path.index(after: question)...])
-        }
+        var request = HTTPRequest(method: stream.method, target: stream.path, headers: stream.restHeaders, body: stream.body)
         if !stream.authority.isEmpty { request.headers.append(("host", stream.authority)) }
         request.peer = connection.peer
+        request.isSecure = connection.core.tls != nil
+        request.bodyStream = stream.bodyStream
         stream.body = []
         let router = core.router
         let loop = connection.loop
@@ -436,14 +490,7 @@ final class HTTP2ServerSession {
             return
         }
         startResponse(stream)
-        stream.enqueue(bytes)
-        if stream.bufferedBytes > HTTP2ServerSession.streamHighWater {
-            stream.writeWaiters.append(continuation)
-        } else {
-            continuation.resume()
-        }
-        resume(stream)
-        connection.scheduleFlush()
+        enqueue(stream, bytes, continuation)
     }
 
     func complete(_ streamID: Int32, _ result: Result<[UInt8]?, RPCError>) {
@@ -473,7 +520,75 @@ final class HTTP2ServerSession {
     func completeREST(_ streamID: Int32, _ response: HTTPResponse, route: String) {
         guard let stream = streams[streamID], !stream.answered else { return }
         stream.metricLabel = route
-        respondPlain(stream, response)
+        if stream.streamsBody && !stream.requestComplete {
+            // Answered before the body's end (a refusal): the client is asked to stop sending.
+            stopBody(stream, .aborted)
+            resetAfterResponse(stream)
+        }
+        if let produce = response.streamBody, stream.method != "HEAD" {
+            respondStreamed(stream, response, produce)
+        } else {
+            respondPlain(stream, response)
+        }
+        connection.scheduleFlush()
+    }
+
+    /// Sends the head now and the body as the producer writes it (a download, server-sent events).
+    private func respondStreamed(_ stream: HTTP2Stream, _ response: HTTPResponse,
+                                 _ produce: @escaping @Sendable (HTTPBodyWriter) async throws -> Void) {
+        stream.answered = true
+        stream.responseStarted = true
+        stream.streamingResponse = true
+        stream.deadlineTimer = nil
+        stream.trailers = nil
+        var headers: [(name: String, value: String)] = [(":status", String(response.status))]
+        headers += response.headers.map { ($0.name.lowercased(), $0.value) }
+        let block = HeaderBlock(headers)
+        var provider = nghttp2_data_provider(source: nghttp2_data_source(ptr: nil), read_callback: HTTP2ServerSession.readCallback)
+        block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, &provider) }
+        block.free()
+        recordHTTP(stream, status: response.status)
+        let loop = connection.loop, connectionID = connection.id, streamID = stream.id
+        stream.task = HTTPBodyWriter.run(on: loop, produce, write: { bytes, continuation in
+            guard let session = loop.http2Session(connectionID) else {
+                continuation.resume(throwing: CancellationError())
+                return
+            }
+            session.streamedWrite(streamID, bytes, continuation)
+        }, ended: { failed in
+            loop.http2Session(connectionID)?.streamedEnd(streamID, failed: failed)
+        })
+    }
+
+    private func streamedWrite(_ streamID: Int32, _ bytes: [UInt8], _ continuation: CheckedContinuation<Void, any Error>) {
+        guard let stream = streams[streamID], stream.streamingResponse, !stream.outboundFinished else {
+            continuation.resume(throwing: CancellationError())
+            return
+        }
+        enqueue(stream, bytes, continuation)
+    }
+
+    /// Queues response bytes; the writer waits while the stream holds more than its high water.
+    private func enqueue(_ stream: HTTP2Stream, _ bytes: [UInt8], _ continuation: CheckedContinuation<Void, any Error>) {
+        stream.enqueue(bytes)
+        if stream.bufferedBytes > HTTP2ServerSession.streamHighWater {
+            stream.writeWaiters.append(continuation)
+        } else {
+            continuation.resume()
+        }
+        resume(stream)
+        connection.scheduleFlush()
+    }
+
+    private func streamedEnd(_ streamID: Int32, failed: Bool) {
+        guard let stream = streams[streamID], !stream.outboundFinished else { return }
+        if failed {
+            // The body cannot be completed: the reset tells the client it is cut short.
+            nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), streamID, NGHTTP2_INTERNAL_ERROR.rawValue)
+        } else {
+            stream.outboundFinished = true
+            resume(stream)
+        }
         connection.scheduleFlush()
     }
 
@@ -555,9 +670,9 @@ final class HTTP2ServerSession {
         stream.deadlineTimer = nil
         var headers: [(name: String, value: String)] = [(":status", String(response.status))]
         headers += response.headers.map { ($0.name.lowercased(), $0.value) }
-        headers.append(("content-length", String(response.body.count)))
+        if response.streamBody == nil { headers.append(("content-length", String(response.body.count))) }
         let block = HeaderBlock(headers)
-        if response.body.isEmpty || stream.method == "HEAD" {
+        if response.body.isEmpty || stream.method == "HEAD" || response.streamBody != nil {
             block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, nil) }
         } else {
             stream.outbound = response.body
@@ -654,6 +769,8 @@ final class HTTP2ServerSession {
         // Clients may open many streams at once; nghttp2's default cap on the
         // concurrent-stream queue is generous but we also bound it by SETTINGS.
         nghttp2_option_set_max_outbound_ack(options, 10_000)
+        // Flow control follows the application: `data` gives bytes back as handlers take them.
+        nghttp2_option_set_no_auto_window_update(options, 1)
         return options!
     }()
 

@@ -33,9 +33,18 @@ final class HTTP2Stream {
     var encoding: String?
     /// The route's body limit and the answer past it (REST).
     var bodyLimit = 0
-    var bodyRefusal: HTTPResponse?
+    var bodyRefusal: (@Sendable () -> HTTPResponse)?
     /// Request bytes this stream holds toward the connection's buffer budget.
     var bufferedRequestBytes = 0
+    /// A streaming route's body; open (taking DATA) until its end or until it is stopped;
+    /// `streamedBytes` of it arrived so far.
+    var bodyStream: HTTPBodyStream?
+    var bodyOpen = false
+    var streamedBytes = 0
+    /// A streaming route's handler is running (it was started on the request's head).
+    var streamsBody = false
+    /// The response body is being produced while it is sent (REST).
+    var streamingResponse = false
 
     var task: Task<Void, Never>?
     var deadlineTimer: LoopTimer?

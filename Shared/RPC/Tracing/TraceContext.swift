@@ -65,7 +65,7 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// `bytes` random bytes as lower-case hex, never all zero (W3C forbids it).
-    static func randomHex(bytes: Int) -> String {
+    public static func randomHex(bytes: Int) -> String {
         var generator = IDGenerator()
         while true {
             var nonZero = false

@@ -94,10 +94,14 @@ struct  Talkmesh__V1__JobOptions
    * stop after the split and report the plan
    */
   protobuf_c_boolean dry_run;
+  /*
+   * the client wants a link to the video, not its bytes (the Infinitetalk API's push_to_s3)
+   */
+  protobuf_c_boolean push_to_s3;
 };
 #define TALKMESH__V1__JOB_OPTIONS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job_options__descriptor) \
-    , 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0 }
 
 
 struct  Talkmesh__V1__JobError
@@ -189,10 +193,14 @@ struct  Talkmesh__V1__Job
    * the CreateJob call's trace: every step of the job logs its id
    */
   char *traceparent;
+  /*
+   * the original audio as AAC, encoded while the chunks render
+   */
+  char *encoded_audio_key;
 };
 #define TALKMESH__V1__JOB__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job__descriptor) \
-    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
 struct  Talkmesh__V1__CreateJobRequest

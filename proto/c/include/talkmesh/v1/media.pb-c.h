@@ -22,6 +22,8 @@ typedef struct Talkmesh__V1__StitchVideosResponse Talkmesh__V1__StitchVideosResp
 typedef struct Talkmesh__V1__ProbeMediaRequest Talkmesh__V1__ProbeMediaRequest;
 typedef struct Talkmesh__V1__MediaStream Talkmesh__V1__MediaStream;
 typedef struct Talkmesh__V1__ProbeMediaResponse Talkmesh__V1__ProbeMediaResponse;
+typedef struct Talkmesh__V1__EncodeAudioRequest Talkmesh__V1__EncodeAudioRequest;
+typedef struct Talkmesh__V1__EncodeAudioResponse Talkmesh__V1__EncodeAudioResponse;
 
 
 /* --- enums --- */
@@ -157,6 +159,35 @@ struct  Talkmesh__V1__ProbeMediaResponse
     , (char *)protobuf_c_empty_string, 0, 0,NULL, 0 }
 
 
+struct  Talkmesh__V1__EncodeAudioRequest
+{
+  ProtobufCMessage base;
+  char *audio_key;
+  /*
+   * optional; generated when empty
+   */
+  char *output_key;
+};
+#define TALKMESH__V1__ENCODE_AUDIO_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__encode_audio_request__descriptor) \
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+
+
+struct  Talkmesh__V1__EncodeAudioResponse
+{
+  ProtobufCMessage base;
+  /*
+   * the M4A
+   */
+  char *audio_key;
+  double duration_sec;
+  int64_t size_bytes;
+};
+#define TALKMESH__V1__ENCODE_AUDIO_RESPONSE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__encode_audio_response__descriptor) \
+    , (char *)protobuf_c_empty_string, 0, 0 }
+
+
 /* Talkmesh__V1__ResizeImageRequest methods */
 void   talkmesh__v1__resize_image_request__init
                      (Talkmesh__V1__ResizeImageRequest         *message);
@@ -290,6 +321,44 @@ Talkmesh__V1__ProbeMediaResponse *
 void   talkmesh__v1__probe_media_response__free_unpacked
                      (Talkmesh__V1__ProbeMediaResponse *message,
                       ProtobufCAllocator *allocator);
+/* Talkmesh__V1__EncodeAudioRequest methods */
+void   talkmesh__v1__encode_audio_request__init
+                     (Talkmesh__V1__EncodeAudioRequest         *message);
+size_t talkmesh__v1__encode_audio_request__get_packed_size
+                     (const Talkmesh__V1__EncodeAudioRequest   *message);
+size_t talkmesh__v1__encode_audio_request__pack
+                     (const Talkmesh__V1__EncodeAudioRequest   *message,
+                      uint8_t             *out);
+size_t talkmesh__v1__encode_audio_request__pack_to_buffer
+                     (const Talkmesh__V1__EncodeAudioRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Talkmesh__V1__EncodeAudioRequest *
+       talkmesh__v1__encode_audio_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   talkmesh__v1__encode_audio_request__free_unpacked
+                     (Talkmesh__V1__EncodeAudioRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Talkmesh__V1__EncodeAudioResponse methods */
+void   talkmesh__v1__encode_audio_response__init
+                     (Talkmesh__V1__EncodeAudioResponse         *message);
+size_t talkmesh__v1__encode_audio_response__get_packed_size
+                     (const Talkmesh__V1__EncodeAudioResponse   *message);
+size_t talkmesh__v1__encode_audio_response__pack
+                     (const Talkmesh__V1__EncodeAudioResponse   *message,
+                      uint8_t             *out);
+size_t talkmesh__v1__encode_audio_response__pack_to_buffer
+                     (const Talkmesh__V1__EncodeAudioResponse   *message,
+                      ProtobufCBuffer     *buffer);
+Talkmesh__V1__EncodeAudioResponse *
+       talkmesh__v1__encode_audio_response__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   talkmesh__v1__encode_audio_response__free_unpacked
+                     (Talkmesh__V1__EncodeAudioResponse *message,
+                      ProtobufCAllocator *allocator);
 /* --- per-message closures --- */
 
 typedef void (*Talkmesh__V1__ResizeImageRequest_Closure)
@@ -313,6 +382,12 @@ typedef void (*Talkmesh__V1__MediaStream_Closure)
 typedef void (*Talkmesh__V1__ProbeMediaResponse_Closure)
                  (const Talkmesh__V1__ProbeMediaResponse *message,
                   void *closure_data);
+typedef void (*Talkmesh__V1__EncodeAudioRequest_Closure)
+                 (const Talkmesh__V1__EncodeAudioRequest *message,
+                  void *closure_data);
+typedef void (*Talkmesh__V1__EncodeAudioResponse_Closure)
+                 (const Talkmesh__V1__EncodeAudioResponse *message,
+                  void *closure_data);
 
 /* --- services --- */
 
@@ -332,6 +407,10 @@ struct Talkmesh__V1__MediaService_Service
                       const Talkmesh__V1__ProbeMediaRequest *input,
                       Talkmesh__V1__ProbeMediaResponse_Closure closure,
                       void *closure_data);
+  void (*encode_audio)(Talkmesh__V1__MediaService_Service *service,
+                       const Talkmesh__V1__EncodeAudioRequest *input,
+                       Talkmesh__V1__EncodeAudioResponse_Closure closure,
+                       void *closure_data);
 };
 typedef void (*Talkmesh__V1__MediaService_ServiceDestroy)(Talkmesh__V1__MediaService_Service *);
 void talkmesh__v1__media_service__init (Talkmesh__V1__MediaService_Service *service,
@@ -342,7 +421,8 @@ void talkmesh__v1__media_service__init (Talkmesh__V1__MediaService_Service *serv
     { TALKMESH__V1__MEDIA_SERVICE__BASE_INIT,\
       function_prefix__ ## resize_image,\
       function_prefix__ ## stitch_videos,\
-      function_prefix__ ## probe_media  }
+      function_prefix__ ## probe_media,\
+      function_prefix__ ## encode_audio  }
 void talkmesh__v1__media_service__resize_image(ProtobufCService *service,
                                                const Talkmesh__V1__ResizeImageRequest *input,
                                                Talkmesh__V1__ResizeImageResponse_Closure closure,
@@ -355,6 +435,10 @@ void talkmesh__v1__media_service__probe_media(ProtobufCService *service,
                                               const Talkmesh__V1__ProbeMediaRequest *input,
                                               Talkmesh__V1__ProbeMediaResponse_Closure closure,
                                               void *closure_data);
+void talkmesh__v1__media_service__encode_audio(ProtobufCService *service,
+                                               const Talkmesh__V1__EncodeAudioRequest *input,
+                                               Talkmesh__V1__EncodeAudioResponse_Closure closure,
+                                               void *closure_data);
 
 /* --- descriptors --- */
 
@@ -365,6 +449,8 @@ extern const ProtobufCMessageDescriptor talkmesh__v1__stitch_videos_response__de
 extern const ProtobufCMessageDescriptor talkmesh__v1__probe_media_request__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__media_stream__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__probe_media_response__descriptor;
+extern const ProtobufCMessageDescriptor talkmesh__v1__encode_audio_request__descriptor;
+extern const ProtobufCMessageDescriptor talkmesh__v1__encode_audio_response__descriptor;
 extern const ProtobufCServiceDescriptor talkmesh__v1__media_service__descriptor;
 
 PROTOBUF_C__END_DECLS

@@ -502,7 +502,7 @@ void   talkmesh__v1__watch_job_request__free_unpacked
   assert(message->base.descriptor == &talkmesh__v1__watch_job_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor talkmesh__v1__job_options__field_descriptors[4] =
+static const ProtobufCFieldDescriptor talkmesh__v1__job_options__field_descriptors[5] =
 {
   {
     "chunk_target_sec",
@@ -552,17 +552,30 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job_options__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "push_to_s3",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobOptions, push_to_s3),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job_options__field_indices_by_name[] = {
   0,   /* field[0] = chunk_target_sec */
   3,   /* field[3] = dry_run */
   2,   /* field[2] = force_offload */
   1,   /* field[1] = max_concurrent_chunks */
+  4,   /* field[4] = push_to_s3 */
 };
 static const ProtobufCIntRange talkmesh__v1__job_options__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job_options__descriptor =
 {
@@ -572,7 +585,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_options__descriptor =
   "Talkmesh__V1__JobOptions",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__JobOptions),
-  4,
+  5,
   talkmesh__v1__job_options__field_descriptors,
   talkmesh__v1__job_options__field_indices_by_name,
   1,  talkmesh__v1__job_options__number_ranges,
@@ -824,7 +837,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__job_chunk__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[25] =
+static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[26] =
 {
   {
     "id",
@@ -1126,6 +1139,18 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[25] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "encoded_audio_key",
+    26,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, encoded_audio_key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   21,   /* field[21] = audio_duration_sec */
@@ -1135,6 +1160,7 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   5,   /* field[5] = created_at_unix_ms */
   22,   /* field[22] = deadline_unix_ms */
   15,   /* field[15] = duration_sec */
+  25,   /* field[25] = encoded_audio_key */
   4,   /* field[4] = error */
   18,   /* field[18] = eta_seconds */
   13,   /* field[13] = height */
@@ -1157,7 +1183,7 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
 static const ProtobufCIntRange talkmesh__v1__job__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 25 }
+  { 0, 26 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
 {
@@ -1167,7 +1193,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
   "Talkmesh__V1__Job",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__Job),
-  25,
+  26,
   talkmesh__v1__job__field_descriptors,
   talkmesh__v1__job__field_indices_by_name,
   1,  talkmesh__v1__job__number_ranges,

@@ -322,6 +322,96 @@ void   talkmesh__v1__probe_media_response__free_unpacked
   assert(message->base.descriptor == &talkmesh__v1__probe_media_response__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   talkmesh__v1__encode_audio_request__init
+                     (Talkmesh__V1__EncodeAudioRequest         *message)
+{
+  static const Talkmesh__V1__EncodeAudioRequest init_value = TALKMESH__V1__ENCODE_AUDIO_REQUEST__INIT;
+  *message = init_value;
+}
+size_t talkmesh__v1__encode_audio_request__get_packed_size
+                     (const Talkmesh__V1__EncodeAudioRequest *message)
+{
+  assert(message->base.descriptor == &talkmesh__v1__encode_audio_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t talkmesh__v1__encode_audio_request__pack
+                     (const Talkmesh__V1__EncodeAudioRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &talkmesh__v1__encode_audio_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t talkmesh__v1__encode_audio_request__pack_to_buffer
+                     (const Talkmesh__V1__EncodeAudioRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &talkmesh__v1__encode_audio_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Talkmesh__V1__EncodeAudioRequest *
+       talkmesh__v1__encode_audio_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Talkmesh__V1__EncodeAudioRequest *)
+     protobuf_c_message_unpack (&talkmesh__v1__encode_audio_request__descriptor,
+                                allocator, len, data);
+}
+void   talkmesh__v1__encode_audio_request__free_unpacked
+                     (Talkmesh__V1__EncodeAudioRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &talkmesh__v1__encode_audio_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   talkmesh__v1__encode_audio_response__init
+                     (Talkmesh__V1__EncodeAudioResponse         *message)
+{
+  static const Talkmesh__V1__EncodeAudioResponse init_value = TALKMESH__V1__ENCODE_AUDIO_RESPONSE__INIT;
+  *message = init_value;
+}
+size_t talkmesh__v1__encode_audio_response__get_packed_size
+                     (const Talkmesh__V1__EncodeAudioResponse *message)
+{
+  assert(message->base.descriptor == &talkmesh__v1__encode_audio_response__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t talkmesh__v1__encode_audio_response__pack
+                     (const Talkmesh__V1__EncodeAudioResponse *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &talkmesh__v1__encode_audio_response__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t talkmesh__v1__encode_audio_response__pack_to_buffer
+                     (const Talkmesh__V1__EncodeAudioResponse *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &talkmesh__v1__encode_audio_response__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Talkmesh__V1__EncodeAudioResponse *
+       talkmesh__v1__encode_audio_response__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Talkmesh__V1__EncodeAudioResponse *)
+     protobuf_c_message_unpack (&talkmesh__v1__encode_audio_response__descriptor,
+                                allocator, len, data);
+}
+void   talkmesh__v1__encode_audio_response__free_unpacked
+                     (Talkmesh__V1__EncodeAudioResponse *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &talkmesh__v1__encode_audio_response__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 static const ProtobufCFieldDescriptor talkmesh__v1__resize_image_request__field_descriptors[8] =
 {
   {
@@ -965,13 +1055,130 @@ const ProtobufCMessageDescriptor talkmesh__v1__probe_media_response__descriptor 
   (ProtobufCMessageInit) talkmesh__v1__probe_media_response__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCMethodDescriptor talkmesh__v1__media_service__method_descriptors[3] =
+static const ProtobufCFieldDescriptor talkmesh__v1__encode_audio_request__field_descriptors[2] =
+{
+  {
+    "audio_key",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__EncodeAudioRequest, audio_key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "output_key",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__EncodeAudioRequest, output_key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned talkmesh__v1__encode_audio_request__field_indices_by_name[] = {
+  0,   /* field[0] = audio_key */
+  1,   /* field[1] = output_key */
+};
+static const ProtobufCIntRange talkmesh__v1__encode_audio_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor talkmesh__v1__encode_audio_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.EncodeAudioRequest",
+  "EncodeAudioRequest",
+  "Talkmesh__V1__EncodeAudioRequest",
+  "talkmesh.v1",
+  sizeof(Talkmesh__V1__EncodeAudioRequest),
+  2,
+  talkmesh__v1__encode_audio_request__field_descriptors,
+  talkmesh__v1__encode_audio_request__field_indices_by_name,
+  1,  talkmesh__v1__encode_audio_request__number_ranges,
+  (ProtobufCMessageInit) talkmesh__v1__encode_audio_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor talkmesh__v1__encode_audio_response__field_descriptors[3] =
+{
+  {
+    "audio_key",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__EncodeAudioResponse, audio_key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "duration_sec",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__EncodeAudioResponse, duration_sec),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "size_bytes",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__EncodeAudioResponse, size_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned talkmesh__v1__encode_audio_response__field_indices_by_name[] = {
+  0,   /* field[0] = audio_key */
+  1,   /* field[1] = duration_sec */
+  2,   /* field[2] = size_bytes */
+};
+static const ProtobufCIntRange talkmesh__v1__encode_audio_response__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor talkmesh__v1__encode_audio_response__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.EncodeAudioResponse",
+  "EncodeAudioResponse",
+  "Talkmesh__V1__EncodeAudioResponse",
+  "talkmesh.v1",
+  sizeof(Talkmesh__V1__EncodeAudioResponse),
+  3,
+  talkmesh__v1__encode_audio_response__field_descriptors,
+  talkmesh__v1__encode_audio_response__field_indices_by_name,
+  1,  talkmesh__v1__encode_audio_response__number_ranges,
+  (ProtobufCMessageInit) talkmesh__v1__encode_audio_response__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCMethodDescriptor talkmesh__v1__media_service__method_descriptors[4] =
 {
   { "ResizeImage", &talkmesh__v1__resize_image_request__descriptor, &talkmesh__v1__resize_image_response__descriptor },
   { "StitchVideos", &talkmesh__v1__stitch_videos_request__descriptor, &talkmesh__v1__stitch_videos_response__descriptor },
   { "ProbeMedia", &talkmesh__v1__probe_media_request__descriptor, &talkmesh__v1__probe_media_response__descriptor },
+  { "EncodeAudio", &talkmesh__v1__encode_audio_request__descriptor, &talkmesh__v1__encode_audio_response__descriptor },
 };
 const unsigned talkmesh__v1__media_service__method_indices_by_name[] = {
+  3,        /* EncodeAudio */
   2,        /* ProbeMedia */
   0,        /* ResizeImage */
   1         /* StitchVideos */
@@ -983,7 +1190,7 @@ const ProtobufCServiceDescriptor talkmesh__v1__media_service__descriptor =
   "MediaService",
   "Talkmesh__V1__MediaService",
   "talkmesh.v1",
-  3,
+  4,
   talkmesh__v1__media_service__method_descriptors,
   talkmesh__v1__media_service__method_indices_by_name
 };
@@ -1010,6 +1217,14 @@ void talkmesh__v1__media_service__probe_media(ProtobufCService *service,
 {
   assert(service->descriptor == &talkmesh__v1__media_service__descriptor);
   service->invoke(service, 2, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
+void talkmesh__v1__media_service__encode_audio(ProtobufCService *service,
+                                               const Talkmesh__V1__EncodeAudioRequest *input,
+                                               Talkmesh__V1__EncodeAudioResponse_Closure closure,
+                                               void *closure_data)
+{
+  assert(service->descriptor == &talkmesh__v1__media_service__descriptor);
+  service->invoke(service, 3, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void talkmesh__v1__media_service__init (Talkmesh__V1__MediaService_Service *service,
                                         Talkmesh__V1__MediaService_ServiceDestroy destroy)

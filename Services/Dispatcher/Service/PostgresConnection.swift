@@ -1,0 +1,182 @@
+import CTalkMesh
+import Synchronization
+import TalkMeshCore
+
+/// A parameter of a PostgreSQL statement: text (numbers are sent as their text), bytes (bytea,
+/// sent in binary) or NULL.
+enum PGValue {
+    case text(String)
+    case bytes([UInt8])
+    case null
+
+    static func int(_ value: some BinaryInteger) -> PGValue { .text(String(value)) }
+}
+
+/// One blocking libpq connection (the adapter: nothing else touches libpq). Not thread-safe: its
+/// owner confines it to one thread at a time (hence `@unchecked Sendable`: it moves between
+/// threads, it is never shared). A broken connection is re-established on the next
+/// statement; a statement that fails on a broken connection is STORE_UNAVAILABLE.
+final class PostgresConnection: @unchecked Sendable {
+    private var handle: OpaquePointer?
+    let url: String
+
+    init(url: String) throws(ServiceError) {
+        self.url = url
+        try connect()
+    }
+
+    deinit { PQfinish(handle) }
+
+    private func connect() throws(ServiceError) {
+        PQfinish(handle)
+        handle = PQconnectdb(url)
+        guard let handle, PQstatus(handle) == CONNECTION_OK else {
+            let message = handle.map { String(cString: PQerrorMessage($0)) } ?? "out of memory"
+            throw ServiceError(.storeUnavailable, "cannot connect to PostgreSQL", cause: Self.redact(url) + ": " + message)
+        }
+        // Lock waits are bounded: a stuck lock fails the statement instead of a job.
+        _ = try execute("SET lock_timeout = '10s'")
+    }
+
+    /// The socket to wait on (LISTEN).
+    var socket: Int32 { PQsocket(handle) }
+
+    /// Runs one statement with parameters; rows come back as text.
+    @discardableResult
+    func execute(_ sql: String, _ parameters: [PGValue] = []) throws(ServiceError) -> PGResult {
+        if PQstatus(handle) != CONNECTION_OK { try connect() }
+        let result = Self.run(handle, sql, parameters)
+        let status = PQresultStatus(result)
+        if status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK { return PGResult(result) }
+        let state = PQresultErrorField(result, Int32(UInt8(ascii: "C"))).map { String(cString: $0) } ?? ""
+        let message = String(cString: PQerrorMessage(handle)).trimmingTrailingNewlines
+        PQclear(result)
+        if PQstatus(handle) != CONNECTION_OK {
+            throw ServiceError(.storeUnavailable, "PostgreSQL connection lost", cause: message)
+        }
+        // 23505: unique violation; 55P03: lock timeout; 40001/40P01: serialization, deadlock.
+        switch state {
+        case "23505": throw ServiceError(.storeConflict, "a row with that key exists", cause: message)
+        case "55P03", "40001", "40P01": throw ServiceError(.storeUnavailable, "PostgreSQL is busy; try again", cause: message)
+        default: throw ServiceError(.storeUnavailable, "PostgreSQL refused a statement", cause: "\(state): \(message)")
+        }
+    }
+
+    private static func run(_ handle: OpaquePointer?, _ sql: String, _ parameters: [PGValue]) -> OpaquePointer? {
+        if parameters.isEmpty { return PQexec(handle, sql) }
+        // Every value lives in one buffer for the call: offsets first, pointers once it is final.
+        var buffer: [UInt8] = []
+        var offsets: [Int?] = []
+        var lengths: [Int32] = []
+        var formats: [Int32] = []
+        for parameter in parameters {
+            switch parameter {
+            case .text(let text):
+                offsets.append(buffer.count)
+                buffer.append(contentsOf: text.utf8)
+                buffer.append(0)
+                lengths.append(0)
+                formats.append(0)
+            case .bytes(let bytes):
+                offsets.append(buffer.count)
+                buffer.append(contentsOf: bytes)
+                lengths.append(Int32(bytes.count))
+                formats.append(1)
+            case .null:
+                offsets.append(nil)
+                lengths.append(0)
+                formats.append(0)
+            }
+        }
+        if buffer.isEmpty { buffer.append(0) }
+        return buffer.withUnsafeBufferPointer { raw in
+            let base = UnsafeRawPointer(raw.baseAddress!).assumingMemoryBound(to: CChar.self)
+            let values: [UnsafePointer<CChar>?] = offsets.map { $0.map { base + $0 } }
+            return PQexecParams(handle, sql, Int32(parameters.count), nil, values, lengths, formats, 0)
+        }
+    }
+
+    /// Reads what arrived on the socket and returns the notifications it held (LISTEN).
+    func notifications() throws(ServiceError) -> [(channel: String, payload: String)] {
+        guard PQconsumeInput(handle) == 1 else {
+            throw ServiceError(.storeUnavailable, "PostgreSQL connection lost", cause: String(cString: PQerrorMessage(handle)))
+        }
+        var received: [(String, String)] = []
+        while let notify = PQnotifies(handle) {
+            received.append((String(cString: notify.pointee.relname), String(cString: notify.pointee.extra)))
+            PQfreemem(notify)
+        }
+        return received
+    }
+
+    /// The URL without its password, for messages.
+    static func redact(_ url: String) -> String {
+        guard let at = url.lastIndex(of: "@"), let scheme = url.range(of: "://"), scheme.upperBound < at else { return url }
+        let credentials = url[scheme.upperBound..<at]
+        guard let colon = credentials.firstIndex(of: ":") else { return url }
+        return String(url[..<colon]) + ":***" + String(url[at...])
+    }
+}
+
+/// A statement's rows, as text; freed with the value.
+final class PGResult {
+    private let handle: OpaquePointer?
+
+    init(_ handle: OpaquePointer?) { self.handle = handle }
+    deinit { PQclear(handle) }
+
+    var rows: Int { Int(PQntuples(handle)) }
+    /// Rows an UPDATE, INSERT or DELETE changed.
+    var affected: Int { Int(String(cString: PQcmdTuples(handle))) ?? 0 }
+
+    func isNull(_ row: Int, _ column: Int) -> Bool { PQgetisnull(handle, Int32(row), Int32(column)) == 1 }
+
+    func text(_ row: Int, _ column: Int) -> String { String(cString: PQgetvalue(handle, Int32(row), Int32(column))) }
+
+    func int64(_ row: Int, _ column: Int) -> Int64 { Int64(text(row, column)) ?? 0 }
+
+    func double(_ row: Int, _ column: Int) -> Double { Double(text(row, column)) ?? 0 }
+
+    /// A bytea column (text format: `\x` and hex digits).
+    func bytes(_ row: Int, _ column: Int) -> [UInt8] {
+        guard let value = PQgetvalue(handle, Int32(row), Int32(column)) else { return [] }
+        var length = 0
+        guard let decoded = PQunescapeBytea(UnsafeRawPointer(value).assumingMemoryBound(to: UInt8.self), &length) else { return [] }
+        defer { PQfreemem(decoded) }
+        return Array(UnsafeBufferPointer(start: decoded, count: length))
+    }
+}
+
+/// A fixed number of connections, each used by one pool thread at a time: statements run off
+/// Swift's cooperative threads, at most `size` at once, the rest queued.
+final class PostgresPool: Sendable {
+    private let connections: Mutex<[PostgresConnection]>
+    private let threads: BlockingWorkPool
+    let url: String
+
+    init(url: String, size: Int) throws(ServiceError) {
+        self.url = url
+        var opened: [PostgresConnection] = []
+        for _ in 0..<size { opened.append(try PostgresConnection(url: url)) }
+        connections = Mutex(opened)
+        threads = BlockingWorkPool(threads: size)
+    }
+
+    /// Runs `body` with a connection of its own, on a pool thread.
+    func with<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) throws -> T) async throws -> T {
+        try await threads.run { _ in
+            // As many threads as connections: one is always free here.
+            let connection = self.connections.withLock { $0.removeLast() }
+            defer { self.connections.withLock { $0.append(connection) } }
+            return try body(connection)
+        }
+    }
+}
+
+extension String {
+    fileprivate var trimmingTrailingNewlines: String {
+        var text = self
+        while text.hasSuffix("\n") { text.removeLast() }
+        return text
+    }
+}

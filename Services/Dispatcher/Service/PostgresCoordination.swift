@@ -1,0 +1,197 @@
+import TalkMeshCore
+import TalkMeshRPC
+
+/// The deployment-wide cap on RunPod jobs in flight: `capacity` rows in `runpod_slots`, each free
+/// or held by one chunk (job id, chunk index). A slot is the chunk's, not the replica's: whoever
+/// drives the job next finds it held and keeps it. A slot whose job has ended is free even if
+/// nobody released it (a replica died between the two writes).
+///
+/// Waiters queue in the process; only the head of the queue asks the database, woken when any
+/// replica frees a slot (NOTIFY) or after a short pause, so a thousand waiting chunks cost one
+/// query at a time, not a thousand.
+final class PostgresInFlightSlots: InFlightSlots {
+    private let pool: PostgresPool
+    private let replica: String
+    let capacity: Int
+    private let queue = SlotQueue()
+
+    /// Makes sure the table has `capacity` slots (every replica must use the same number).
+    init(pool: PostgresPool, replica: String, capacity: Int) throws {
+        self.pool = pool
+        self.replica = replica
+        self.capacity = max(1, capacity)
+        let db = try PostgresConnection(url: pool.url)
+        try db.execute("INSERT INTO runpod_slots (slot) SELECT generate_series(1, $1::integer) ON CONFLICT DO NOTHING", [.int(self.capacity)])
+        try db.execute("DELETE FROM runpod_slots WHERE slot > $1 AND job_id IS NULL", [.int(self.capacity)])
+    }
+
+    func acquire(job: String, chunk: Int) async throws {
+        try Task.checkCancellation()
+        if try await claim(job: job, chunk: chunk) { return }
+        try await queue.wait(job: job, chunk: chunk) { job, chunk in try await self.claim(job: job, chunk: chunk) }
+    }
+
+    /// The chunk's slot (held already, or a free one taken now); false when none is free.
+    func claim(job: String, chunk: Int) async throws -> Bool {
+        let replica = self.replica, capacity = self.capacity
+        return try await pool.with { db in
+            try db.execute("""
+                WITH mine AS (SELECT slot FROM runpod_slots WHERE job_id = $1 AND chunk = $2),
+                taken AS (
+                    UPDATE runpod_slots SET job_id = $1, chunk = $2, holder = $3, taken_at = now()
+                    WHERE NOT EXISTS (SELECT 1 FROM mine) AND slot = (
+                        SELECT s.slot FROM runpod_slots s
+                        WHERE s.slot <= $4 AND (s.job_id IS NULL
+                            OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.job_id AND j.status IN (1, 2)))
+                        ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED)
+                    RETURNING slot)
+                SELECT slot FROM mine UNION ALL SELECT slot FROM taken
+                """, [.text(job), .int(chunk), .text(replica), .int(capacity)]).rows > 0
+        }
+    }
+
+    func release(job: String, chunk: Int) async {
+        await free("job_id = $1 AND chunk = $2", [.text(job), .int(chunk)])
+    }
+
+    func releaseAll(job: String) async {
+        await free("job_id = $1", [.text(job)])
+    }
+
+    private func free(_ condition: String, _ values: [PGValue]) async {
+        do {
+            try await pool.with { db in
+                _ = try db.execute("""
+                    WITH freed AS (UPDATE runpod_slots SET job_id = NULL, chunk = NULL, holder = NULL, taken_at = NULL WHERE \(condition) RETURNING slot)
+                    SELECT pg_notify('talkmesh_slots', '') FROM freed
+                    """, values)
+            }
+        } catch {
+            // Not lost: a slot whose job has ended is free for the next claim anyway.
+        }
+    }
+
+    /// A slot was freed somewhere: the head of the queue asks again now.
+    func wake() {
+        Task { await queue.wake() }
+    }
+
+    /// Slots held in the whole deployment (for tests and metrics).
+    func inUse() async throws -> Int {
+        try await pool.with { db in
+            Int(try db.execute("""
+                SELECT count(*) FROM runpod_slots s WHERE s.job_id IS NOT NULL
+                AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.job_id AND j.status IN (1, 2))
+                """).int64(0, 0))
+        }
+    }
+}
+
+/// Chunks waiting for a slot, first come first served; one pump asks the database for the head.
+private actor SlotQueue {
+    private struct Waiter {
+        let id: UInt64
+        let job: String
+        let chunk: Int
+        let continuation: CheckedContinuation<Void, any Error>
+    }
+
+    private var waiters: [Waiter] = []
+    private var next: UInt64 = 0
+    private var pumping = false
+    private var woken = false
+    private var sleeper: CheckedContinuation<Void, Never>?
+
+    func wait(job: String, chunk: Int, claim: @escaping @Sendable (String, Int) async throws -> Bool) async throws {
+        next += 1
+        let id = next
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { continuation in
+                waiters.append(Waiter(id: id, job: job, chunk: chunk, continuation: continuation))
+                if !pumping {
+                    pumping = true
+                    Task { await self.pump(claim) }
+                }
+            }
+        } onCancel: {
+            Task { await self.cancel(id) }
+        }
+    }
+
+    private func pump(_ claim: @Sendable (String, Int) async throws -> Bool) async {
+        while let head = waiters.first {
+            woken = false
+            let claimed = (try? await claim(head.job, head.chunk)) ?? false
+            if claimed {
+                // A waiter cancelled while its claim ran keeps the slot under its chunk; its job's
+                // end frees it.
+                if let index = waiters.firstIndex(where: { $0.id == head.id }) {
+                    waiters.remove(at: index).continuation.resume()
+                }
+                continue
+            }
+            if !woken { await pause(seconds: 0.25) }
+        }
+        pumping = false
+    }
+
+    private func pause(seconds: Double) async {
+        let timer = Task { [weak self] in
+            try? await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
+            await self?.wake()
+        }
+        await withCheckedContinuation { sleeper = $0 }
+        timer.cancel()
+    }
+
+    func wake() {
+        woken = true
+        sleeper?.resume()
+        sleeper = nil
+    }
+
+    private func cancel(_ id: UInt64) {
+        guard let index = waiters.firstIndex(where: { $0.id == id }) else { return }
+        waiters.remove(at: index).continuation.resume(throwing: CancellationError())
+    }
+}
+
+/// A deployment-wide request budget for one RunPod route: a token bucket in one row, taken from
+/// atomically by every replica. RunPod counts requests in a sliding window of `window` seconds;
+/// a bucket of `limit`/10 tokens refilled at 0.9 × `limit`/`window` per second can never let
+/// more than `limit` through in any such window (burst + refill = `limit`).
+final class PostgresRequestGate: RequestGate {
+    private let pool: PostgresPool
+    private let route: String
+    private let burst: Double
+    private let rate: Double
+
+    init(pool: PostgresPool, route: String, limit: Int, window: Double) throws {
+        self.pool = pool
+        self.route = route
+        burst = max(1, Double(limit) / 10)
+        rate = max(0.01, 0.9 * Double(limit) / window)
+        let db = try PostgresConnection(url: pool.url)
+        try db.execute("INSERT INTO runpod_budget (route, tokens, updated) VALUES ($1, $2, clock_timestamp()) ON CONFLICT DO NOTHING",
+                       [.text(route), .text("\(burst)")])
+    }
+
+    func acquire() async throws {
+        let route = self.route, burst = "\(self.burst)", perSecond = "\(rate)"
+        while true {
+            let available = try await pool.with { db -> Double in
+                let result = try db.execute("""
+                    WITH b AS (SELECT least($2::float8, tokens + $3::float8 * extract(epoch FROM clock_timestamp() - updated)) AS now_tokens
+                               FROM runpod_budget WHERE route = $1 FOR UPDATE),
+                    taken AS (UPDATE runpod_budget SET tokens = (SELECT now_tokens FROM b) - 1, updated = clock_timestamp()
+                              WHERE route = $1 AND (SELECT now_tokens FROM b) >= 1 RETURNING tokens)
+                    SELECT coalesce((SELECT 1.0 FROM taken), (SELECT now_tokens - 1 FROM b))
+                    """, [.text(route), .text(burst), .text(perSecond)])
+                return result.rows == 1 && !result.isNull(0, 0) ? result.double(0, 0) : -1
+            }
+            if available >= 1 { return }
+            // Short of tokens: wait until one has accrued.
+            try await Task.sleep(nanoseconds: UInt64(max(0.002, -available / rate) * 1e9))
+        }
+    }
+}

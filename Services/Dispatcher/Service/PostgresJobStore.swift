@@ -1,0 +1,295 @@
+import Foundation
+import Synchronization
+import TalkMeshCore
+import TalkMeshMessages
+
+/// The shared `JobStore`: any number of Dispatcher replicas on one PostgreSQL database.
+///
+/// A replica drives only the jobs it holds a lease on. Claiming takes unleased or expired jobs
+/// with `FOR UPDATE SKIP LOCKED` (two replicas never claim the same job) and bumps the job's
+/// `lease_epoch`; a heartbeat extends the leases every third of their length. Every write of a
+/// held job is fenced by the epoch: a replica that was paused past its lease, and whose job
+/// another replica claimed meanwhile, gets LEASE_LOST and stops — it cannot write over the new
+/// owner, so a chunk is never submitted by two replicas. Time is the database's (`now()`), so
+/// replicas' clocks do not matter.
+public final class PostgresJobStore: JobStore {
+    let pool: PostgresPool
+    /// This replica: host, process and a random part (a restarted process is a new replica).
+    public let replica: String
+    public let leaseSeconds: Double?
+    private let lease: Double
+    private let clock: any WallClock
+    /// The jobs this replica holds, with the epoch of its claim.
+    private let held = Mutex<[String: Int64]>([:])
+    private let listener: PostgresListener
+
+    /// The schema, one migration per version; all run under one advisory lock, so replicas that
+    /// start together do not race.
+    static let migrations = [
+        """
+        CREATE TABLE jobs (
+            id text PRIMARY KEY,
+            owner text NOT NULL,
+            idempotency_key text,
+            status integer NOT NULL,
+            created_ms bigint NOT NULL,
+            updated_ms bigint NOT NULL,
+            version bigint NOT NULL,
+            data bytea NOT NULL,
+            lease_owner text,
+            lease_until timestamptz,
+            lease_epoch bigint NOT NULL DEFAULT 0
+        );
+        CREATE UNIQUE INDEX jobs_idempotency ON jobs(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX jobs_owner_newest ON jobs(owner, created_ms DESC, id DESC);
+        CREATE INDEX jobs_unfinished ON jobs(created_ms) WHERE status IN (1, 2);
+        CREATE INDEX jobs_lease_owner ON jobs(lease_owner) WHERE lease_owner IS NOT NULL;
+        CREATE FUNCTION talkmesh_job_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('talkmesh_jobs', NEW.id || ' ' || NEW.version);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER jobs_changed AFTER INSERT OR UPDATE OF version ON jobs
+            FOR EACH ROW EXECUTE FUNCTION talkmesh_job_changed();
+        CREATE TABLE runpod_slots (
+            slot integer PRIMARY KEY,
+            job_id text,
+            chunk integer,
+            holder text,
+            taken_at timestamptz
+        );
+        CREATE UNIQUE INDEX runpod_slots_chunk ON runpod_slots(job_id, chunk) WHERE job_id IS NOT NULL;
+        CREATE TABLE runpod_budget (
+            route text PRIMARY KEY,
+            tokens double precision NOT NULL,
+            updated timestamptz NOT NULL
+        );
+        """,
+    ]
+
+    /// Connects (`connections` statements at once), migrates and starts listening for changes.
+    public init(url: String, leaseSeconds: Double = 30, connections: Int = 4, clock: any WallClock = SystemWallClock()) throws {
+        pool = try PostgresPool(url: url, size: connections)
+        var random = SystemRandomNumberGenerator()
+        replica = "\(ProcessInfo.processInfo.hostName)/\(getpid())/\(String(random.next() % 0xFFFFFF, radix: 16))"
+        lease = max(0.3, leaseSeconds)
+        self.leaseSeconds = lease
+        self.clock = clock
+        listener = try PostgresListener(url: url, channels: ["talkmesh_jobs", "talkmesh_slots", "talkmesh_claimable"])
+        let connection = try PostgresConnection(url: url)
+        try Self.migrate(connection)
+    }
+
+    deinit { listener.stop() }
+
+    static func migrate(_ connection: PostgresConnection) throws {
+        try connection.execute("BEGIN")
+        do {
+            try connection.execute("SELECT pg_advisory_xact_lock(7361426)")
+            try connection.execute("CREATE TABLE IF NOT EXISTS talkmesh_schema (version integer NOT NULL)")
+            let read = try connection.execute("SELECT coalesce(max(version), 0) FROM talkmesh_schema")
+            let current = Int(read.int64(0, 0))
+            guard current <= migrations.count else {
+                throw ServiceError(.storeUnavailable, "the job store's schema (version \(current)) is newer than this Dispatcher knows (\(migrations.count))")
+            }
+            for version in current..<migrations.count {
+                try connection.execute(migrations[version])
+                try connection.execute("INSERT INTO talkmesh_schema (version) VALUES ($1)", [.int(version + 1)])
+            }
+            try connection.execute("COMMIT")
+        } catch {
+            _ = try? connection.execute("ROLLBACK")
+            throw error
+        }
+    }
+
+    private var leaseInterval: PGValue { .text("\(lease) seconds") }
+
+    // MARK: Jobs
+
+    public func create(_ record: JobRecord) async throws -> (record: JobRecord, created: Bool) {
+        var record = record
+        record.stamp(version: 1, at: clock.nowUnixMs())
+        let stamped = record, replica = self.replica, lease = leaseInterval
+        let result = try await pool.with { db -> (JobRecord, Bool) in
+            let job = stamped.job
+            let key: PGValue = job.idempotencyKey.isEmpty ? .null : .text(job.idempotencyKey)
+            let inserted = try db.execute("""
+                INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data, lease_owner, lease_until, lease_epoch)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + $10::interval, 1)
+                ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id
+                """, [.text(job.id), .text(job.owner), key, .int(job.status.rawValue), .int(job.createdAtUnixMs),
+                      .int(job.updatedAtUnixMs), .int(job.version), .bytes(job.serializedBytes()), .text(replica), lease])
+            if inserted.rows == 1 { return (stamped, true) }
+            let existing = try db.execute("SELECT data FROM jobs WHERE owner = $1 AND idempotency_key = $2", [.text(job.owner), key])
+            guard existing.rows == 1 else { throw ServiceError(.storeConflict, "the idempotency key's job changed while it was read") }
+            return (JobRecord(stored: try Job(serializedBytes: existing.bytes(0, 0))), false)
+        }
+        if result.1 { held.withLock { $0[stamped.id] = 1 } }
+        return result
+    }
+
+    public func get(_ id: String) async throws -> JobRecord? {
+        try await pool.with { db in
+            let result = try db.execute("SELECT data FROM jobs WHERE id = $1", [.text(id)])
+            return result.rows == 1 ? JobRecord(stored: try Job(serializedBytes: result.bytes(0, 0))) : nil
+        }
+    }
+
+    /// A held job's write is fenced by the claim's epoch (and extends the lease); a write of a job
+    /// this replica does not hold (a cancel) is a compare-and-swap on the version alone.
+    public func update(_ record: JobRecord, asHolder: Bool) async throws -> JobRecord {
+        let expected = record.job.version
+        var record = record
+        record.stamp(version: expected + 1, at: clock.nowUnixMs())
+        let stamped = record, replica = self.replica, lease = leaseInterval
+        let epoch = held.withLock { $0[stamped.id] }
+        if asHolder && epoch == nil {
+            throw ServiceError(.leaseLost, "job \(record.id) is not held by this replica")
+        }
+        do {
+            try await pool.with { db in
+                let job = stamped.job
+                let values: [PGValue] = [.int(job.status.rawValue), .int(job.updatedAtUnixMs), .int(job.version),
+                                         .bytes(job.serializedBytes()), .text(job.id), .int(expected)]
+                let written: PGResult
+                if let epoch {
+                    written = try db.execute("""
+                        UPDATE jobs SET status = $1, updated_ms = $2, version = $3, data = $4, lease_until = now() + $9::interval
+                        WHERE id = $5 AND version = $6 AND lease_owner = $7 AND lease_epoch = $8
+                        """, values + [.text(replica), .int(epoch), lease])
+                } else {
+                    written = try db.execute("UPDATE jobs SET status = $1, updated_ms = $2, version = $3, data = $4 WHERE id = $5 AND version = $6", values)
+                }
+                guard written.affected == 1 else {
+                    let now = try db.execute("SELECT lease_owner, lease_epoch FROM jobs WHERE id = $1", [.text(job.id)])
+                    if let epoch, now.rows == 1, now.isNull(0, 0) || now.text(0, 0) != replica || now.int64(0, 1) != epoch {
+                        throw ServiceError(.leaseLost, "job \(job.id) was claimed by another replica")
+                    }
+                    throw ServiceError(.storeConflict, "job \(job.id) changed since version \(expected)")
+                }
+            }
+        } catch let error as ServiceError where error.code == .leaseLost {
+            held.withLock { $0[stamped.id] = nil }
+            throw error
+        }
+        return stamped
+    }
+
+    public func list(_ query: JobQuery) async throws -> (jobs: [Job], nextPageToken: String) {
+        try await pool.with { db in
+            var sql = "SELECT data FROM jobs WHERE owner = $1"
+            var values: [PGValue] = [.text(query.owner)]
+            if let status = query.status {
+                values.append(.int(status.rawValue))
+                sql += " AND status = $\(values.count)"
+            }
+            if let after = query.after {
+                values += [.int(after.createdAtUnixMs), .text(after.id)]
+                sql += " AND (created_ms, id) < ($\(values.count - 1), $\(values.count))"
+            }
+            values.append(.int(query.pageSize + 1))
+            sql += " ORDER BY created_ms DESC, id DESC LIMIT $\(values.count)"
+            let result = try db.execute(sql, values)
+            var jobs: [Job] = []
+            for row in 0..<result.rows { jobs.append(try Job(serializedBytes: result.bytes(row, 0))) }
+            guard jobs.count > query.pageSize else { return (jobs, "") }
+            jobs.removeLast()
+            let last = jobs[jobs.count - 1]
+            return (jobs, PageToken(createdAtUnixMs: last.createdAtUnixMs, id: last.id).text)
+        }
+    }
+
+    // MARK: Leases
+
+    /// Claims unfinished jobs nobody holds (never leased, released, or whose lease expired),
+    /// oldest first. `running` needs no filter here: the jobs this replica drives carry its own
+    /// lease, which the claim never takes.
+    public func claimUnfinished(limit: Int, running: Set<String>) async throws -> [String] {
+        guard limit > 0 else { return [] }
+        let replica = self.replica, lease = leaseInterval
+        let claimed = try await pool.with { db -> [(String, Int64)] in
+            let result = try db.execute("""
+                UPDATE jobs SET lease_owner = $1, lease_until = now() + $2::interval, lease_epoch = lease_epoch + 1
+                WHERE id IN (
+                    SELECT id FROM jobs
+                    WHERE status IN (1, 2) AND (lease_until IS NULL OR lease_until < now()) AND lease_owner IS DISTINCT FROM $1
+                    ORDER BY created_ms LIMIT $3 FOR UPDATE SKIP LOCKED)
+                RETURNING id, lease_epoch
+                """, [.text(replica), lease, .int(limit)])
+            return (0..<result.rows).map { (result.text($0, 0), result.int64($0, 1)) }
+        }
+        held.withLock { held in for (id, epoch) in claimed { held[id] = epoch } }
+        return claimed.map(\.0)
+    }
+
+    public func release(_ id: String) async throws {
+        guard let epoch = held.withLock({ $0.removeValue(forKey: id) }) else { return }
+        let replica = self.replica
+        try await pool.with { db in
+            // Terminal jobs are released too (else every heartbeat would renew them); only an
+            // unfinished one is worth telling the other replicas about.
+            _ = try db.execute("""
+                WITH released AS (UPDATE jobs SET lease_owner = NULL, lease_until = NULL
+                                  WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3 RETURNING status)
+                SELECT pg_notify('talkmesh_claimable', '') FROM released WHERE status IN (1, 2)
+                """, [.text(id), .text(replica), .int(epoch)])
+        }
+    }
+
+    public func heartbeat() async throws -> [String] {
+        let replica = self.replica, lease = leaseInterval
+        let renewed = try await pool.with { db -> [String: Int64] in
+            let result = try db.execute("UPDATE jobs SET lease_until = now() + $2::interval WHERE lease_owner = $1 RETURNING id, lease_epoch",
+                                        [.text(replica), lease])
+            var renewed: [String: Int64] = [:]
+            for row in 0..<result.rows { renewed[result.text(row, 0)] = result.int64(row, 1) }
+            return renewed
+        }
+        return held.withLock { held in
+            let lost = held.filter { renewed[$0.key] != $0.value }.map(\.key)
+            for id in lost { held[id] = nil }
+            return lost
+        }
+    }
+
+    /// Jobs this replica holds now.
+    public var holding: Set<String> { held.withLock { Set($0.keys) } }
+
+    public func releaseAll() async throws {
+        let replica = self.replica
+        held.withLock { $0.removeAll() }
+        try await pool.with { db in
+            _ = try db.execute("""
+                WITH released AS (UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1 RETURNING status)
+                SELECT pg_notify('talkmesh_claimable', '') FROM released WHERE status IN (1, 2)
+                """, [.text(replica)])
+        }
+    }
+
+    public func unfinishedCounts() async throws -> [JobStatus: Int] {
+        try await pool.with { db in
+            let result = try db.execute("SELECT status, count(*) FROM jobs WHERE status IN (1, 2) GROUP BY status")
+            var counts: [JobStatus: Int] = [:]
+            for row in 0..<result.rows { counts[JobStatus(rawValue: Int32(result.int64(row, 0)))] = Int(result.int64(row, 1)) }
+            return counts
+        }
+    }
+
+
+    // MARK: Sharing
+
+    public func inFlightSlots(capacity: Int) throws -> any InFlightSlots {
+        let slots = try PostgresInFlightSlots(pool: pool, replica: replica, capacity: capacity)
+        listener.add { change in if change == .slotsFreed || change == .resynchronize { slots.wake() } }
+        return slots
+    }
+
+    public func requestGate(route: String, limit: Int, window: Double) throws -> any RequestGate {
+        try PostgresRequestGate(pool: pool, route: route, limit: limit, window: window)
+    }
+
+    public func observe(_ handler: @escaping @Sendable (StoreChange) -> Void) {
+        listener.add(handler)
+    }
+}

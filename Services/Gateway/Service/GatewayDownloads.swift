@@ -1,0 +1,142 @@
+import Foundation
+import Glibc
+import TalkMeshCore
+import TalkMeshMessages
+import TalkMeshRPC
+
+extension Gateway {
+    func installDownloadRoutes(into router: inout HTTPRouter) {
+        router.add("GET", "/v1/jobs/{id}/video") { [self] request in
+            let job = try await ownJob(request.pathParameters["id"] ?? "")
+            guard job.status == .completed, !job.videoKey.isEmpty else {
+                throw ServiceError(.jobNotCompleted, "job \(job.id) is \(JobJSON.status(job.status)); the video exists once it is completed")
+            }
+            return try video(job, request)
+        }
+        router.add("GET", "/v1/jobs/{id}/events") { [self] request in
+            let job = try await ownJob(request.pathParameters["id"] ?? "")
+            return events(job, lastEventID: request.header("last-event-id").flatMap { Int64($0.trimmingCharacters(in: .whitespaces)) })
+        }
+    }
+
+    // MARK: Video
+
+    /// The MP4 streamed from the BlobStore with an ETag, `Range` (one range → 206) and
+    /// `If-None-Match` (→ 304).
+    private func video(_ job: Job, _ request: HTTPRequest) throws -> HTTPResponse {
+        let key = try BlobKey(job.videoKey)
+        // The file is opened now: the descriptor keeps it readable whatever happens to the path.
+        let (fd, size) = try blobs.withLocalFile(key) { path -> (Int32, Int) in
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            var info = stat()
+            guard fd >= 0, fstat(fd, &info) == 0 else {
+                if fd >= 0 { close(fd) }
+                throw ServiceError(.storageFailed, "cannot open the video", cause: String(cString: strerror(errno)))
+            }
+            return (fd, Int(info.st_size))
+        }
+        let descriptor = FileDescriptor(fd)
+        let etag = "\"\(sha256Hex(job.videoKey + ":\(size)").prefix(32))\""
+        var headers: [(name: String, value: String)] = [("content-type", "video/mp4"), ("etag", etag), ("accept-ranges", "bytes"),
+                                                        ("cache-control", "private, max-age=3600")]
+        if let match = request.header("if-none-match"), match.split(separator: ",").contains(where: {
+            let tag = $0.trimmingCharacters(in: .whitespaces)
+            return tag == etag || tag == "W/" + etag || tag == "*"
+        }) {
+            return HTTPResponse(status: 304, headers: headers.filter { $0.name != "content-type" })
+        }
+        var status = 200
+        var range = 0..<size
+        if let header = request.header("range") {
+            guard let requested = Self.byteRange(header, size: size) else {
+                var response = JobJSON.error(416, "RANGE_NOT_SATISFIABLE", "the video has \(size) bytes; Range \(header) asks for none of them")
+                response.headers.append(("content-range", "bytes */\(size)"))
+                return response
+            }
+            status = 206
+            range = requested
+            headers.append(("content-range", "bytes \(range.lowerBound)-\(range.upperBound - 1)/\(size)"))
+        }
+        headers.append(("content-length", String(range.count)))
+        var response = HTTPResponse(status: status, headers: headers)
+        let sent = range
+        response.streamBody = { writer in
+            let range = sent
+            var offset = range.lowerBound
+            var buffer = [UInt8](repeating: 0, count: 64 << 10)
+            while offset < range.upperBound {
+                let want = min(buffer.count, range.upperBound - offset)
+                let read = buffer.withUnsafeMutableBytes { pread(descriptor.fd, $0.baseAddress!, want, off_t(offset)) }
+                guard read > 0 else { throw ServiceError(.storageFailed, "the video ended early") }
+                try await writer.write(Array(buffer[0..<read]))
+                offset += read
+            }
+        }
+        return response
+    }
+
+    /// One `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `size`; nil when unsatisfiable.
+    /// (Several ranges are answered with the first.)
+    static func byteRange(_ header: String, size: Int) -> Range<Int>? {
+        let text = header.trimmingCharacters(in: .whitespaces)
+        guard text.lowercased().hasPrefix("bytes="), size > 0 else { return nil }
+        let first = text.dropFirst(6).split(separator: ",").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+        let parts = first.split(separator: "-", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 2 else { return nil }
+        if parts[0].isEmpty {
+            guard let suffix = Int(parts[1]), suffix > 0 else { return nil }
+            return max(0, size - suffix)..<size
+        }
+        guard let start = Int(parts[0]), start >= 0, start < size else { return nil }
+        if parts[1].isEmpty { return start..<size }
+        guard let end = Int(parts[1]), end >= start else { return nil }
+        return start..<min(end + 1, size)
+    }
+
+    // MARK: Events
+
+    /// Server-Sent Events from `WatchJob`: one `job` event per stored change (its id is the job's
+    /// version, so `Last-Event-ID` skips what the client saw), keep-alive comments between them,
+    /// and the end of the stream once the job is terminal.
+    private func events(_ job: Job, lastEventID: Int64?) -> HTTPResponse {
+        var response = HTTPResponse(status: 200, headers: [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                                                           ("x-accel-buffering", "no")])
+        let dispatcher = self.dispatcher, keepAlive = configuration.keepAliveNanoseconds, id = job.id
+        response.streamBody = { writer in
+            try await writer.write(Array("retry: 2000\n\n".utf8))
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    while true {
+                        try await Task.sleep(nanoseconds: UInt64(keepAlive))
+                        try await writer.write(Array(": keep-alive\n\n".utf8))
+                    }
+                }
+                group.addTask {
+                    var request = WatchJobRequest()
+                    request.id = id
+                    var seen = lastEventID ?? -1
+                    let stream = try await dispatcher.serverStreaming(DispatcherService.watchJob, request)
+                    for try await job in stream {
+                        if job.version > seen {
+                            seen = job.version
+                            let data = String(decoding: JobJSON.data(JobJSON.object(job)), as: UTF8.self)
+                            try await writer.write(Array("id: \(job.version)\nevent: job\ndata: \(data)\n\n".utf8))
+                        }
+                        if JobJSON.isTerminal(job.status) { return }
+                    }
+                }
+                // The watch ends the stream (terminal job, or an error); the keep-alive goes with it.
+                try await group.next()
+                group.cancelAll()
+            }
+        }
+        return response
+    }
+}
+
+/// A file descriptor closed when the last reference goes (a streamed download owns it).
+final class FileDescriptor: Sendable {
+    let fd: Int32
+    init(_ fd: Int32) { self.fd = fd }
+    deinit { close(fd) }
+}

@@ -1,0 +1,97 @@
+import Foundation
+import TalkMeshCore
+import TalkMeshMessages
+import TalkMeshRPC
+
+/// `talkmesh.v1.DispatcherService` for gRPC clients outside the mesh, forwarded to the
+/// Dispatcher on the same keys, limits and jobs as the REST API: the key comes from
+/// `authorization: Bearer KEY` (or `x-api-key`) metadata, the owner is always the key's id, and a
+/// key sees and changes only its own jobs. `CreateJob` may name only this key's uploads (the
+/// `image_key` and `audio_key` of its earlier jobs: a new size or prompt without uploading again).
+extension Gateway {
+    public func installGRPC(into registry: inout RPCServiceRegistry) {
+        registry.interceptors.append { [self] context, next in try await authenticatedCall(context, next) }
+        let timeout = CallOptions(timeoutNanoseconds: 30_000_000_000)
+        registry.register(DispatcherService.createJob) { [self] request, context in
+            let key = try Self.caller()
+            try await checkJobBudget(key)
+            var create = request
+            create.owner = key.id
+            let folder = Self.uploadFolder(of: key)
+            for (field, blob) in [("image_key", create.imageKey), ("audio_key", create.audioKey)] {
+                guard blob.hasPrefix(folder), !blob.contains(".."), (try? blobs.exists(try BlobKey(blob))) == true else {
+                    throw ServiceError(.invalidArgument, "\(field) must name one of this key's uploads (the \(field) of one of its jobs)")
+                }
+            }
+            return try await dispatcher.unary(DispatcherService.createJob, create, options: Self.forwarded(context, timeout))
+        }
+        registry.register(DispatcherService.getJob) { [self] request, _ in
+            try await ownJob(request.id)
+        }
+        registry.register(DispatcherService.listJobs) { [self] request, context in
+            var list = request
+            list.owner = try Self.caller().id
+            return try await dispatcher.unary(DispatcherService.listJobs, list, options: Self.forwarded(context, timeout))
+        }
+        registry.register(DispatcherService.cancelJob) { [self] request, context in
+            let job = try await ownJob(request.id)
+            return try await dispatcher.unary(DispatcherService.cancelJob, CancelJobRequest.with(id: job.id), options: Self.forwarded(context, timeout))
+        }
+        registry.register(DispatcherService.watchJob) { [self] request, context, writer in
+            _ = try await ownJob(request.id)
+            let stream = try await dispatcher.serverStreaming(DispatcherService.watchJob, request, options: Self.forwarded(context, nil))
+            for try await update in stream { try await writer.write(update) }
+        }
+    }
+
+    /// The key from the call's metadata, then its request budget; the handler runs with the key
+    /// in scope. Health checks need no key. One access-log line per call.
+    private func authenticatedCall(_ context: ServerContext, _ next: @Sendable (ServerContext) async throws -> Void) async throws {
+        if context.path.hasPrefix("/grpc.health.v1.Health/") { return try await next(context) }
+        let started = MonotonicClock.nanoseconds()
+        var keyID = "-"
+        var outcome = "OK"
+        defer {
+            logger.info("call", metadata: [
+                "key_id": "\(keyID)", "method": "\(context.path)", "status": "\(outcome)", "trace_id": "\(context.trace?.traceID ?? "-")",
+                "duration_ms": "\(Double((MonotonicClock.nanoseconds() - started) / 10_000) / 100)",
+            ])
+        }
+        do {
+            let secret = Self.secret(authorization: context.metadata.first("authorization"), apiKey: context.metadata.first("x-api-key"))
+            guard let secret, !secret.isEmpty else {
+                throw RPCError(code: .unauthenticated, message: "UNAUTHORIZED: an API key is required (authorization: Bearer KEY metadata)")
+            }
+            guard let key = keys.authenticate(secret) else { throw RPCError(code: .unauthenticated, message: "UNAUTHORIZED: the API key is not valid") }
+            keyID = key.id
+            let decision = await limiter.take("req:" + key.id, rate: key.rate, burst: key.burst)
+            guard decision.allowed else {
+                throw RPCError(code: .resourceExhausted, message: "RATE_LIMITED: request rate limit exceeded; retry after \(decision.retryAfterSeconds) s")
+            }
+            try await Self.$key.withValue(key) { try await next(context) }
+        } catch let refusal as RateLimitRefusal {
+            outcome = "RESOURCE_EXHAUSTED"
+            throw RPCError(code: .resourceExhausted, message: "RATE_LIMITED: \(refusal.message)")
+        } catch {
+            outcome = (error as? RPCError).map { "\($0.code)" } ?? (error as? ServiceError).map { $0.code.rawValue } ?? "INTERNAL"
+            throw error
+        }
+    }
+
+    /// The caller's deadline (bounded by `limit`) goes on to the Dispatcher.
+    static func forwarded(_ context: ServerContext, _ limit: CallOptions?) -> CallOptions {
+        var options = limit ?? CallOptions()
+        if let remaining = context.remainingNanoseconds {
+            options.timeoutNanoseconds = min(options.timeoutNanoseconds ?? remaining, max(remaining, 1))
+        }
+        return options
+    }
+}
+
+extension CancelJobRequest {
+    static func with(id: String) -> CancelJobRequest {
+        var request = CancelJobRequest()
+        request.id = id
+        return request
+    }
+}

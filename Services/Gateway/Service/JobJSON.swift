@@ -1,0 +1,119 @@
+import Foundation
+import TalkMeshCore
+import TalkMeshMessages
+import TalkMeshRPC
+
+/// The REST shapes of jobs and errors.
+enum JobJSON {
+    /// `in_queue`, `running`, `completed`, `failed`, `cancelled`, `timed_out`.
+    static func status(_ status: JobStatus) -> String {
+        switch status {
+        case .inQueue: return "in_queue"
+        case .running: return "running"
+        case .completed: return "completed"
+        case .failed: return "failed"
+        case .cancelled: return "cancelled"
+        case .timedOut: return "timed_out"
+        default: return "unknown"
+        }
+    }
+
+    /// The `status` query filter's value, or nil when it names none.
+    static func status(named name: String) -> JobStatus? {
+        [JobStatus.inQueue, .running, .completed, .failed, .cancelled, .timedOut].first { status($0) == name }
+    }
+
+    static func isTerminal(_ status: JobStatus) -> Bool {
+        [.completed, .failed, .cancelled, .timedOut].contains(status)
+    }
+
+
+    /// RFC 3339 UTC with milliseconds, e.g. `2026-11-26T13:57:14.123Z` (ISO8601DateFormatter
+    /// builds an ICU formatter per call).
+    static func time(_ unixMs: Int64) -> String {
+        var seconds = time_t(unixMs / 1000)
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        func pad(_ value: Int32, _ width: Int) -> String {
+            let digits = String(value)
+            return String(repeating: "0", count: max(0, width - digits.count)) + digits
+        }
+        return "\(pad(parts.tm_year + 1900, 4))-\(pad(parts.tm_mon + 1, 2))-\(pad(parts.tm_mday, 2))T"
+            + "\(pad(parts.tm_hour, 2)):\(pad(parts.tm_min, 2)):\(pad(parts.tm_sec, 2)).\(pad(Int32(unixMs % 1000), 3))Z"
+    }
+
+    /// Seconds until the job should be done: 0 once terminal, never negative.
+    static func etaSeconds(_ job: Job) -> Double {
+        isTerminal(job.status) ? 0 : max(0, job.etaSeconds.rounded())
+    }
+
+    static func links(_ id: String) -> [String: Any] {
+        ["self": "/v1/jobs/\(id)", "video": "/v1/jobs/\(id)/video", "events": "/v1/jobs/\(id)/events"]
+    }
+
+    /// `GET /v1/jobs/{id}`'s body (and each item of the list, and each SSE event).
+    static func object(_ job: Job) -> [String: Any] {
+        var chunks = ["total": job.chunks.count, "completed": 0, "running": 0, "failed": 0]
+        for chunk in job.chunks {
+            switch chunk.status {
+            case .chunkCompleted: chunks["completed"]! += 1
+            case .chunkSubmitting, .chunkSubmitted, .chunkRunning: chunks["running"]! += 1
+            case .chunkFailed: chunks["failed"]! += 1
+            default: break
+            }
+        }
+        var object: [String: Any] = [
+            "id": job.id, "status": status(job.status), "progress": (job.progress * 1000).rounded() / 10,
+            "eta_seconds": etaSeconds(job), "chunks": chunks,
+            "created_at": time(job.createdAtUnixMs), "updated_at": time(job.updatedAtUnixMs),
+            "width": Int(job.width), "height": Int(job.height), "links": links(job.id),
+        ]
+        if let error = job.error, !error.code.isEmpty { object["error"] = ["code": error.code, "message": error.message] }
+        if job.status == .completed && !job.videoKey.isEmpty {
+            object["video"] = ["url": "/v1/jobs/\(job.id)/video", "duration_sec": job.durationSec,
+                               "width": Int(job.width), "height": Int(job.height)]
+        }
+        return object
+    }
+
+    static func data(_ value: Any) -> [UInt8] {
+        JSONWriter.encode(value)
+    }
+
+    static func response(_ status: Int, _ value: Any, headers: [(name: String, value: String)] = []) -> HTTPResponse {
+        HTTPResponse(status: status, headers: [("content-type", "application/json")] + headers, body: data(value))
+    }
+
+    /// `{"error": {"code", "message", "details"}}`.
+    static func error(_ status: Int, _ code: String, _ message: String, details: [String: Any] = [:]) -> HTTPResponse {
+        response(status, ["error": ["code": code, "message": message, "details": details]])
+    }
+
+    /// A thrown error as the API reports it: a `ServiceError` (raised here or received from the
+    /// Dispatcher) with its code's status; a body that stopped early as 413/408/400.
+    static func error(for error: any Error) -> HTTPResponse {
+        if let error = error as? ServiceError {
+            return Self.error(error.code.httpStatus, error.code.rawValue, error.message)
+        }
+        if let error = error as? HTTPBodyError {
+            switch error {
+            case .tooLarge(let limit): return Self.error(413, "PAYLOAD_TOO_LARGE", "the request body is larger than \(limit) bytes")
+            case .timedOut: return Self.error(408, "REQUEST_TIMEOUT", "the request body stalled")
+            case .aborted: return Self.error(400, "INVALID_REQUEST", "the request body was cut short")
+            }
+        }
+        if let error = error as? RPCError {
+            if let received = ServiceError(received: error) {
+                return Self.error(received.code.httpStatus, received.code.rawValue, received.message)
+            }
+            switch error.code {
+            case .unavailable, .deadlineExceeded:
+                return Self.error(503, "SERVICE_UNAVAILABLE", "the Dispatcher is unavailable: \(error.message)")
+            case .notFound: return Self.error(404, "NOT_FOUND", error.message)
+            case .invalidArgument: return Self.error(400, "INVALID_REQUEST", error.message)
+            default: break
+            }
+        }
+        return Self.error(500, "INTERNAL", "internal error")
+    }
+}

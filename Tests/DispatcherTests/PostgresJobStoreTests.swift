@@ -1,0 +1,228 @@
+import Foundation
+import Testing
+import TalkMeshCore
+import TalkMeshMessages
+@testable import TalkMeshDispatcherService
+
+/// The lease rules, on a real PostgreSQL server: two stores on one database are two replicas.
+@Suite struct PostgresJobStoreTests {
+    func database() throws -> String { try PostgresTestServer.shared.get().newDatabase() }
+
+    func replica(_ url: String, lease: Double = 30) throws -> PostgresJobStore {
+        try PostgresJobStore(url: url, leaseSeconds: lease, connections: 2)
+    }
+
+    func newJob(owner: String = "o", key: String = "", created: Int64 = 1) -> JobRecord {
+        newJobRecord(owner: owner, key: key, created: created)
+    }
+
+    @Test func twoReplicasNeverClaimTheSameJob() async throws {
+        let url = try database()
+        let a = try replica(url), b = try replica(url)
+        let creator = try replica(url)
+        var ids: [String] = []
+        for created in 1...10 {
+            let id = try await creator.create(newJob(created: Int64(created))).record.id
+            try await creator.release(id)  // as a Dispatcher without room does
+            ids.append(id)
+        }
+        async let fromA = a.claimUnfinished(limit: 6, running: [])
+        async let fromB = b.claimUnfinished(limit: 6, running: [])
+        let (claimedA, claimedB) = try await (fromA, fromB)
+        #expect(Set(claimedA).isDisjoint(with: claimedB))
+        #expect(Set(claimedA + claimedB) == Set(ids))
+        // Held jobs are nobody else's while their lease runs.
+        #expect(try await creator.claimUnfinished(limit: 10, running: []).isEmpty)
+    }
+
+    @Test func anExpiredLeaseIsTakenOverAndTheOldOwnerIsFencedOut() async throws {
+        let url = try database()
+        let a = try replica(url, lease: 0.5), b = try replica(url, lease: 0.5)
+        var record = try await a.create(newJob()).record
+        try record.move(to: .running, at: 2)
+        record = try await a.update(record)  // A holds it: its write goes through
+        #expect(try await b.claimUnfinished(limit: 5, running: []).isEmpty)
+        try await Task.sleep(for: .milliseconds(700))  // A paused past its lease
+        #expect(try await b.claimUnfinished(limit: 5, running: []) == [record.id])
+        // A wakes up: its write (same version it last stored) is refused as LEASE_LOST, not a conflict.
+        var stale = record
+        stale.update { $0.resizedImageKey = "from-a" }
+        await #expect { try await a.update(stale) } throws: { ($0 as? ServiceError)?.code == .leaseLost }
+        // B, the new owner, writes from the stored state; A's heartbeat reports the job lost.
+        guard var current = try await b.get(record.id) else { Issue.record("job missing"); return }
+        current.update { $0.resizedImageKey = "from-b" }
+        _ = try await b.update(current)
+        #expect(try await b.get(record.id)?.job.resizedImageKey == "from-b")
+        #expect(try await a.heartbeat() == [])  // the failed write already dropped it
+        #expect(!a.holding.contains(record.id) && b.holding.contains(record.id))
+    }
+
+    @Test func aDriverThatLostItsLeaseNeverWritesAsABystander() async throws {
+        let url = try database()
+        let a = try replica(url, lease: 0.5), b = try replica(url, lease: 0.5)
+        var record = try await a.create(newJob()).record
+        try record.move(to: .running, at: 2)
+        record = try await a.update(record, asHolder: true)
+        try await Task.sleep(for: .milliseconds(700))
+        #expect(try await b.claimUnfinished(limit: 5, running: []) == [record.id])
+        #expect(try await a.heartbeat() == [record.id])  // A learns it lost the job and forgets it
+        // A's driver, reloading the stored state after a conflict, still cannot write: it is
+        // fenced though the version is current; a bystander's write (a cancel) is not.
+        guard var current = try await a.get(record.id) else { Issue.record("job missing"); return }
+        current.update { $0.resizedImageKey = "from-stale-driver" }
+        await #expect { try await a.update(current, asHolder: true) } throws: { ($0 as? ServiceError)?.code == .leaseLost }
+        #expect(try await a.get(record.id)?.job.resizedImageKey != "from-stale-driver")
+        try current.move(to: .cancelled, at: 3)
+        _ = try await a.update(current)
+        #expect(try await a.get(record.id)?.status == .cancelled)
+    }
+
+    @Test func aHeartbeatKeepsTheLeaseAndReportsWhatWasLost() async throws {
+        let url = try database()
+        let a = try replica(url, lease: 0.6), b = try replica(url, lease: 0.6)
+        let kept = try await a.create(newJob(created: 1)).record.id
+        let lost = try await a.create(newJob(created: 2)).record.id
+        for _ in 0..<4 {
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(try await a.heartbeat().isEmpty)
+        }
+        #expect(try await b.claimUnfinished(limit: 5, running: []).isEmpty, "renewed leases hold")
+        // Only `lost` goes stale (as if A stopped renewing it): B claims it, A's heartbeat says so.
+        try await b.pool.with { db in
+            _ = try db.execute("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE id = $1", [.text(lost)])
+        }
+        #expect(try await b.claimUnfinished(limit: 5, running: []) == [lost])
+        #expect(try await a.heartbeat() == [lost])
+        #expect(a.holding == [kept])
+    }
+
+    @Test func aReleasedJobIsClaimableAtOnceAndATerminalOneNever() async throws {
+        let url = try database()
+        let a = try replica(url), b = try replica(url)
+        var finished = try await a.create(newJob(created: 1)).record
+        let open = try await a.create(newJob(created: 2)).record
+        try finished.move(to: .running, at: 2)
+        finished = try await a.update(finished)
+        try finished.move(to: .completed, at: 3)
+        _ = try await a.update(finished)
+        try await a.release(finished.id)
+        try await a.release(open.id)
+        #expect(try await b.claimUnfinished(limit: 5, running: []) == [open.id])
+    }
+
+    @Test func aWriterThatHoldsNoLeaseWritesByVersionAndTheOwnerSeesAConflict() async throws {
+        let url = try database()
+        let owner = try replica(url), other = try replica(url)
+        var record = try await owner.create(newJob()).record
+        try record.move(to: .running, at: 2)
+        record = try await owner.update(record)
+        // A cancel on the other replica: compare-and-swap on the version.
+        guard var cancelled = try await other.get(record.id) else { Issue.record("job missing"); return }
+        try cancelled.move(to: .cancelled, at: 3)
+        _ = try await other.update(cancelled)
+        var next = record
+        next.update { $0.resizedImageKey = "late" }
+        await #expect { try await owner.update(next) } throws: { ($0 as? ServiceError)?.code == .storeConflict }
+    }
+
+    @Test func idempotencyAndPagingMatchTheSQLiteStore() async throws {
+        let store = try replica(try database())
+        let first = try await store.create(newJob(owner: "a", key: "k", created: 1))
+        let again = try await store.create(newJob(owner: "a", key: "k", created: 2))
+        #expect(first.created && !again.created && again.record.id == first.record.id)
+        var ids: [String] = []
+        for created in [5, 1, 3, 3, 9] as [Int64] { ids.append(try await store.create(newJob(owner: "p", created: created)).record.id) }
+        var seen: [String] = []
+        var token: PageToken?
+        repeat {
+            let page = try await store.list(JobQuery(owner: "p", pageSize: 2, after: token))
+            seen += page.jobs.map(\.id)
+            token = page.nextPageToken.isEmpty ? nil : try PageToken(parsing: page.nextPageToken)
+        } while token != nil
+        let threes = [ids[2], ids[3]].sorted(by: >)
+        #expect(seen == [ids[4], ids[0]] + threes + [ids[1]])
+        #expect(try await store.list(JobQuery(owner: "p", status: .completed)).jobs.isEmpty)
+    }
+
+    @Test func inFlightSlotsHoldAcrossReplicasAndBelongToChunks() async throws {
+        let url = try database()
+        let a = try replica(url), b = try replica(url)
+        let slotsA = try a.inFlightSlots(capacity: 2), slotsB = try b.inFlightSlots(capacity: 2)
+        let job1 = try await a.create(newJob(created: 1)).record.id
+        let job2 = try await b.create(newJob(created: 2)).record.id
+        try await slotsA.acquire(job: job1, chunk: 0)
+        try await slotsB.acquire(job: job2, chunk: 0)
+        // Full: B's next chunk waits until A gives one back.
+        let waiting = Task { try await slotsB.acquire(job: job2, chunk: 1) }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(try await (slotsA as! PostgresInFlightSlots).inUse() == 2)
+        await slotsA.release(job: job1, chunk: 0)
+        try await waiting.value
+        // A chunk that holds a slot gets it again at once — on any replica (a takeover).
+        try await slotsA.acquire(job: job2, chunk: 1)
+        #expect(try await (slotsA as! PostgresInFlightSlots).inUse() == 2)
+        // A job that ended frees its slots even if nobody released them.
+        guard var ended = try await b.get(job2) else { Issue.record("job missing"); return }
+        try ended.move(to: .cancelled, at: 5)
+        _ = try await b.update(ended)
+        try await slotsA.acquire(job: job1, chunk: 1)
+        try await slotsA.acquire(job: job1, chunk: 2)
+        #expect(try await (slotsA as! PostgresInFlightSlots).inUse() == 2)
+    }
+
+    @Test func theRequestBudgetHoldsAcrossReplicas() async throws {
+        let url = try database()
+        let limit = 20, window = 1.0
+        let gates = [try replica(url).requestGate(route: "status", limit: limit, window: window),
+                     try replica(url).requestGate(route: "status", limit: limit, window: window)]
+        let times = try await withThrowingTaskGroup(of: Double.self) { group in
+            for request in 0..<50 {
+                group.addTask {
+                    try await gates[request % 2].acquire()
+                    return Date().timeIntervalSinceReferenceDate
+                }
+            }
+            return try await group.reduce(into: [Double]()) { $0.append($1) }.sorted()
+        }
+        // No window of RunPod's length (less a little for scheduling) saw more than `limit`.
+        var busiest = 0, start = 0
+        for end in times.indices {
+            while times[end] - times[start] >= window * 0.95 { start += 1 }
+            busiest = max(busiest, end - start + 1)
+        }
+        #expect(busiest <= limit)
+    }
+
+    @Test func notificationsCarryEveryStoredVersion() async throws {
+        let url = try database()
+        let writer = try replica(url), reader = try replica(url)
+        let seen = ChangeLog()
+        reader.observe { seen.add($0) }
+        try await Task.sleep(for: .milliseconds(200))
+        var record = try await writer.create(newJob()).record
+        try record.move(to: .running, at: 2)
+        record = try await writer.update(record)
+        let deadline = Date().addingTimeInterval(5)
+        while seen.versions(of: record.id).count < 2 && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(seen.versions(of: record.id) == [1, 2])
+        _ = try await writer.heartbeat()  // lease renewals are not changes
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(seen.versions(of: record.id) == [1, 2])
+    }
+
+    @Test func anUnreachableServerIsStoreUnavailable() async throws {
+        #expect { try PostgresJobStore(url: "postgres://postgres:secret@127.0.0.1:9/none?connect_timeout=2") } throws: { error in
+            guard let error = error as? ServiceError else { return false }
+            return error.code == .storeUnavailable && !"\(error)".contains("secret")
+        }
+    }
+}
+
+final class ChangeLog: @unchecked Sendable {
+    private let lock = NSLock()
+    private var changes: [StoreChange] = []
+    func add(_ change: StoreChange) { lock.withLock { changes.append(change) } }
+    func versions(of id: String) -> [Int64] {
+        lock.withLock { changes.compactMap { if case .job(id, let version) = $0 { return version } else { return nil } } }
+    }
+}

@@ -1,0 +1,414 @@
+"""The Gateway against the real mesh (Media, Audio, the RunPod emulator, the Dispatcher), driven
+with curl over HTTP/1.1 and h2c: keys and their file, auth, limits, streamed uploads (JSON base64
+and multipart) with their refusals, job reads, the video with ETag and Range, SSE, OpenAPI."""
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import BIN, Service
+from test_dispatcher import Mesh, inputs  # noqa: F401  (inputs is a fixture)
+
+PROTOCOLS = [["--http1.1"], ["--http2-prior-knowledge"]]
+
+
+def talkmesh(*args, env=None):
+    return subprocess.run([os.path.join(BIN, "talkmesh"), *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def new_key(path, *extra):
+    result = talkmesh("keys", "create", "--name", "test", "--keys-file", path, *extra)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+class Gateway:
+    def __init__(self, mesh, keys_file, **env):
+        self.mesh = mesh
+        self.keys_file = keys_file
+        self.service = Service("talkmesh-gateway", env={"BLOB_STORE": "file://" + mesh.blobs, "API_KEYS_FILE": keys_file,
+                                                        "DISPATCHER_ADDR": mesh.dispatcher.address, **env})
+        self.url = f"{'https' if 'TLS_CERT_FILE' in env else 'http'}://{self.service.address}"
+
+    def curl(self, method, path, key=None, protocol=("--http1.1",), headers=(), data=None, form=None, output=None, extra=()):
+        """Runs curl; returns (status, headers dict, body bytes)."""
+        head = tempfile.NamedTemporaryFile(delete=False)
+        body = output or tempfile.NamedTemporaryFile(delete=False).name
+        command = ["curl", "-s", "-X", method, *protocol, "-D", head.name, "-o", body, "--max-time", "60", *extra]
+        if key:
+            command += ["-H", f"Authorization: Bearer {key}"]
+        for header in headers:
+            command += ["-H", header]
+        if data is not None:
+            command += ["-H", "Content-Type: application/json", "--data-binary", "@" + data if data.startswith("/") else data]
+        for name, value in (form or {}).items():
+            command += ["-F", f"{name}={value}"]
+        subprocess.run(command + [self.url + path], check=False)
+        lines = open(head.name, "rb").read().decode("latin-1").split("\r\n")
+        statuses = [line for line in lines if line.startswith("HTTP/")]
+        status = int(statuses[-1].split()[1]) if statuses else 0
+        parsed = {}
+        for line in lines[1:]:
+            if ":" in line:
+                name, value = line.split(":", 1)
+                parsed[name.strip().lower()] = value.strip()
+        content = open(body, "rb").read()
+        os.unlink(head.name)
+        if not output:
+            os.unlink(body)
+        return status, parsed, content
+
+    def json(self, *args, **kwargs):
+        status, headers, body = self.curl(*args, **kwargs)
+        return status, headers, json.loads(body) if body else None
+
+    def rss_kb(self):
+        for line in open(f"/proc/{self.service.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+    def stop(self):
+        if self.service.proc.poll() is None:
+            self.service.stop()
+
+
+@pytest.fixture(scope="module")
+def world(inputs):  # noqa: F811
+    directory = tempfile.mkdtemp(prefix="talkmesh-gateway-")
+    keys_file = os.path.join(directory, "keys.json")
+    key = new_key(keys_file, "--rate", "1000", "--burst", "1000", "--job-rate", "100", "--job-burst", "100", "--max-active-jobs", "50")
+    other = new_key(keys_file, "--rate", "1000", "--burst", "1000")
+    mesh = Mesh()
+    gateway = Gateway(mesh, keys_file)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=300:duration=6", "-ar", "16000",
+                    f"{directory}/tone.wav"], check=True)
+    files = {"face": f"{inputs['dir']}/face.png", "speech": f"{directory}/tone.wav", "dir": directory}
+    yield {"gateway": gateway, "key": key, "other": other, "files": files, "keys_file": keys_file, "mesh": mesh}
+    gateway.stop()
+    mesh.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def multipart(files, **fields):
+    form = {"image": "@" + files["face"], "audio": "@" + files["speech"], "width": "320", "height": "320"}
+    form.update({name: str(value) for name, value in fields.items()})
+    return form
+
+
+def wait_terminal(gateway, key, job_id, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        _, _, job = gateway.json("GET", f"/v1/jobs/{job_id}", key=key)
+        if job["status"] in ("completed", "failed", "cancelled", "timed_out"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def uploads(world):
+    """Every uploaded blob kept (files; a removed upload may leave its empty folder)."""
+    root = os.path.join(world["mesh"].blobs, "uploads")
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=["http1", "h2c"])
+def test_a_multipart_job_runs_to_a_video_and_every_read_route_answers(world, protocol):
+    gateway, key, files = world["gateway"], world["key"], world["files"]
+    status, headers, created = gateway.json("POST", "/v1/jobs", key=key, protocol=protocol, form=multipart(files, prompt="hello"))
+    assert status == 202, created
+    assert created["status"] == "in_queue" and headers["location"] == f"/v1/jobs/{created['id']}"
+    assert created["links"]["video"] == f"/v1/jobs/{created['id']}/video"
+    assert int(headers["ratelimit-limit"]) == 1000 and "x-request-id" in headers
+    job = wait_terminal(gateway, key, created["id"])
+    assert job["status"] == "completed", job
+    assert job["progress"] == 100 and job["chunks"]["total"] >= 1 and job["chunks"]["completed"] == job["chunks"]["total"]
+    assert job["video"]["url"].endswith("/video") and abs(job["video"]["duration_sec"] - 6) < 0.5
+    assert "video_base64" not in job
+    # The whole video, then a range of it, then a conditional GET.
+    target = os.path.join(files["dir"], "video.mp4")
+    status, headers, _ = gateway.curl("GET", f"/v1/jobs/{job['id']}/video", key=key, protocol=protocol, output=target)
+    assert status == 200 and headers["content-type"] == "video/mp4"
+    whole = open(target, "rb").read()
+    assert len(whole) == int(headers["content-length"]) and whole[4:8] == b"ftyp"
+    etag = headers["etag"]
+    status, headers, part = gateway.curl("GET", f"/v1/jobs/{job['id']}/video", key=key, protocol=protocol, headers=["Range: bytes=100-199"])
+    assert status == 206 and part == whole[100:200] and headers["content-range"] == f"bytes 100-199/{len(whole)}"
+    status, _, part = gateway.curl("GET", f"/v1/jobs/{job['id']}/video", key=key, protocol=protocol, headers=["Range: bytes=-10"])
+    assert status == 206 and part == whole[-10:]
+    status, _, _ = gateway.curl("GET", f"/v1/jobs/{job['id']}/video", key=key, protocol=protocol, headers=[f"If-None-Match: {etag}"])
+    assert status == 304
+    status, _, error = gateway.json("GET", f"/v1/jobs/{job['id']}/video", key=key, protocol=protocol, headers=[f"Range: bytes={len(whole) + 5}-"])
+    assert status == 416 and error["error"]["code"] == "RANGE_NOT_SATISFIABLE"
+    # Inline only when asked.
+    status, _, inline = gateway.json("GET", f"/v1/jobs/{job['id']}?include=video_base64", key=key, protocol=protocol)
+    assert status == 200 and base64.b64decode(inline["video_base64"]) == whole
+    # The list has it, newest first; a status filter; cancelling a finished job is a conflict.
+    status, _, page = gateway.json("GET", "/v1/jobs?status=completed&page_size=1", key=key, protocol=protocol)
+    assert status == 200 and len(page["jobs"]) == 1 and page["jobs"][0]["status"] == "completed"
+    status, _, error = gateway.json("DELETE", f"/v1/jobs/{job['id']}", key=key, protocol=protocol)
+    assert status == 409 and error["error"]["code"] == "JOB_TERMINAL"
+    # One access-log line per request, with the route pattern, the key id and the bytes sent (a
+    # streamed video's too).
+    lines = [json.loads(line) for line in gateway.service.read_log().splitlines() if line.startswith("{")]
+    served = [line for line in lines if line.get("msg") == "request" and line.get("route") == "/v1/jobs/{id}/video"
+              and line.get("status") == "200" and line.get("bytes") == str(len(whole))]
+    assert served and all(line["key_id"].startswith("key_") and line["request_id"] for line in served), lines[-5:]
+
+
+def test_a_json_base64_job_with_a_data_uri_and_unknown_fields(world):
+    gateway, key, files = world["gateway"], world["key"], world["files"]
+    body = os.path.join(files["dir"], "body.json")
+    image = base64.b64encode(open(files["face"], "rb").read()).decode()
+    audio = base64.b64encode(open(files["speech"], "rb").read()).decode()
+    # A JSON escape inside the base64 (`\/`), line breaks, and members nobody asked for.
+    audio = audio[:40] + "\n" + audio[40:]
+    with open(body, "w") as fh:
+        json.dump({"unknown": [1, {"a": "}"}], "image_base64": "data:image/png;base64," + image, "audio_base64": audio,
+                   "width": 320, "height": 320, "dry_run": False, "prompt": "a \"quoted\" prompt"}, fh)
+    status, _, created = gateway.json("POST", "/v1/jobs", key=key, data=body, headers=["Idempotency-Key: json-1"])
+    assert status == 202, created
+    # The same idempotency key names the same job; its second upload is not kept.
+    before = uploads(world)
+    status, _, again = gateway.json("POST", "/v1/jobs", key=key, data=body, headers=["Idempotency-Key: json-1"])
+    assert status == 202 and again["id"] == created["id"]
+    assert uploads(world) == before
+    assert wait_terminal(gateway, key, created["id"])["status"] == "completed"
+
+
+def test_server_sent_events_until_terminal_and_resumed_after_the_last_event(world):
+    gateway, key, files = world["gateway"], world["key"], world["files"]
+    _, _, created = gateway.json("POST", "/v1/jobs", key=key, form=multipart(files))
+    events = subprocess.run(["curl", "-sN", "--max-time", "60", "-H", f"X-API-Key: {key}", f"{gateway.url}/v1/jobs/{created['id']}/events"],
+                            capture_output=True, text=True).stdout
+    blocks = [block for block in events.split("\n\n") if "event: job" in block]
+    assert blocks, events
+    versions = [int(line[4:]) for block in blocks for line in block.splitlines() if line.startswith("id: ")]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    last = json.loads([line[6:] for line in blocks[-1].splitlines() if line.startswith("data: ")][0])
+    assert last["status"] == "completed"
+    # Resumed after an earlier event: only the later ones come again.
+    resumed = subprocess.run(["curl", "-sN", "--max-time", "30", "-H", f"X-API-Key: {key}", "-H", f"Last-Event-ID: {versions[0]}",
+                              f"{gateway.url}/v1/jobs/{created['id']}/events"], capture_output=True, text=True).stdout
+    again = [int(line[4:]) for line in resumed.splitlines() if line.startswith("id: ")]
+    assert again and min(again) > versions[0]
+
+
+def test_the_auth_matrix_and_a_revoked_key(world):
+    gateway, key, other, files = world["gateway"], world["key"], world["other"], world["files"]
+    _, _, created = gateway.json("POST", "/v1/jobs", key=key, form=multipart(files, dry_run="true"))
+    for path in ["/v1/jobs", f"/v1/jobs/{created['id']}", f"/v1/jobs/{created['id']}/video", "/v1/nothing"]:
+        status, headers, error = gateway.json("GET", path)
+        assert status == 401 and error["error"]["code"] == "UNAUTHORIZED" and headers["www-authenticate"] == "Bearer"
+        status, _, error = gateway.json("GET", path, key="tmk_wrong")
+        assert status == 401
+    # Another tenant's job does not exist for this key; X-API-Key works like Bearer.
+    status, _, error = gateway.json("GET", f"/v1/jobs/{created['id']}", key=other)
+    assert status == 404 and error["error"]["code"] == "JOB_NOT_FOUND"
+    status, _, _ = gateway.json("GET", f"/v1/jobs/{created['id']}", headers=[f"X-API-Key: {key}"])
+    assert status == 200
+    status, _, listed = gateway.json("GET", "/v1/jobs", key=other)
+    assert status == 200 and all(job["id"] != created["id"] for job in listed["jobs"])
+    # Health and the document need no key; no key ever reaches the log.
+    assert gateway.curl("GET", "/healthz")[0] == 200 and gateway.curl("GET", "/readyz")[0] == 200
+    assert gateway.json("GET", "/openapi.json")[2]["openapi"] == "3.1.0"
+    log = gateway.service.read_log()
+    assert key not in log and other not in log and "tmk_wrong" not in log
+    # A revoked key is refused once the file is reloaded (SIGHUP here; a change is seen within 1 s too).
+    revoked = new_key(world["keys_file"])
+    deadline = time.time() + 5
+    while time.time() < deadline and gateway.curl("GET", "/v1/jobs", key=revoked)[0] != 200:
+        time.sleep(0.2)
+    assert gateway.curl("GET", "/v1/jobs", key=revoked)[0] == 200
+    key_id = talkmesh("keys", "list", "--keys-file", world["keys_file"]).stdout.strip().splitlines()[-1].split("\t")[0]
+    assert talkmesh("keys", "revoke", key_id, "--keys-file", world["keys_file"]).returncode == 0
+    gateway.service.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 5
+    while time.time() < deadline and gateway.curl("GET", "/v1/jobs", key=revoked)[0] != 401:
+        time.sleep(0.2)
+    assert gateway.curl("GET", "/v1/jobs", key=revoked)[0] == 401
+    assert gateway.curl("GET", "/v1/jobs", key=key)[0] == 200
+
+
+def test_rate_limits_burst_refill_headers_and_the_job_budget(world, tmp_path):
+    keys_file = str(tmp_path / "keys.json")
+    key = new_key(keys_file, "--rate", "2", "--burst", "5", "--job-rate", "0.01", "--job-burst", "1", "--max-active-jobs", "1")
+    gateway = Gateway(world["mesh"], keys_file)
+    try:
+        statuses = [gateway.curl("GET", "/v1/jobs", key=key) for _ in range(8)]
+        accepted = [s for s, _, _ in statuses if s == 200]
+        refused = [(s, h) for s, h, _ in statuses if s == 429]
+        assert 5 <= len(accepted) <= 6 and refused
+        status, headers = refused[0]
+        assert int(headers["retry-after"]) >= 1 and headers["ratelimit-remaining"] == "0" and headers["ratelimit-limit"] == "5"
+        time.sleep(1.6)  # 2 per second refill
+        assert gateway.curl("GET", "/v1/jobs", key=key)[0] == 200
+        time.sleep(2.5)
+        # One job creation, then the job budget (not the request budget) refuses the next.
+        status, _, created = gateway.json("POST", "/v1/jobs", key=key, form=multipart(world["files"], dry_run="true"))
+        assert status == 202, created
+        status, headers, error = gateway.json("POST", "/v1/jobs", key=key, form=multipart(world["files"]))
+        assert status == 429 and error["error"]["code"] == "RATE_LIMITED" and "retry-after" in headers
+    finally:
+        gateway.stop()
+
+
+def test_the_active_jobs_cap(world, tmp_path):
+    keys_file = str(tmp_path / "keys.json")
+    key = new_key(keys_file, "--job-rate", "100", "--job-burst", "100", "--max-active-jobs", "1")
+    mesh = Mesh(emulator_args=["--speed", "2"])
+    gateway = Gateway(mesh, keys_file)
+    try:
+        status, _, created = gateway.json("POST", "/v1/jobs", key=key, form=multipart(world["files"]))
+        assert status == 202
+        status, _, error = gateway.json("POST", "/v1/jobs", key=key, form=multipart(world["files"]))
+        assert status == 429 and error["error"]["code"] == "TOO_MANY_ACTIVE_JOBS"
+        status, _, cancelled = gateway.json("DELETE", f"/v1/jobs/{created['id']}", key=key)
+        assert status == 202 and cancelled["status"] == "cancelled"
+        status, _, _ = gateway.json("POST", "/v1/jobs", key=key, form=multipart(world["files"], dry_run="true"))
+        assert status == 202
+    finally:
+        gateway.stop()
+        mesh.stop()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=["http1", "h2c"])
+def test_wrong_types_by_content_and_wrong_fields_are_refused_and_leave_nothing(world, protocol):
+    gateway, key, files = world["gateway"], world["key"], world["files"]
+    text = os.path.join(files["dir"], "note.png")
+    with open(text, "w") as fh:
+        fh.write("not an image, whatever the name says\n")
+    before = uploads(world)
+    cases = [
+        (multipart(files, image="@" + text), 400, "INVALID_IMAGE"),
+        (multipart(files, audio="@" + files["face"]), 400, "INVALID_AUDIO"),
+        (multipart(files, width="wide"), 400, "INVALID_REQUEST"),
+        (multipart(files, width="32"), 400, "INVALID_REQUEST"),
+        (multipart(files, dry_run="maybe"), 400, "INVALID_REQUEST"),
+        ({"image": "@" + files["face"], "width": "320", "height": "320"}, 400, "INVALID_REQUEST"),
+    ]
+    for form, status, code in cases:
+        got, _, error = gateway.json("POST", "/v1/jobs", key=key, protocol=protocol, form=form)
+        assert (got, error["error"]["code"]) == (status, code), (form, error)
+    for body, code, field in [('{"width": "abc", "height": 320}', "INVALID_REQUEST", "width"),
+                              ('{"image_base64": "!!!", "width": 320, "height": 320}', "INVALID_REQUEST", "image_base64"),
+                              ('{"image_base64": "aGVsbG8gd29ybGQ=", "audio_base64": "", "width": 320, "height": 320}', "INVALID_IMAGE", "image"),
+                              ('[1, 2]', "INVALID_REQUEST", "object"), ('{"width": 320', "INVALID_REQUEST", "ended")]:
+        got, _, error = gateway.json("POST", "/v1/jobs", key=key, protocol=protocol, data=body)
+        assert got == 400 and error["error"]["code"] == code and field in error["error"]["message"], (body, error)
+    got, _, error = gateway.json("POST", "/v1/jobs", key=key, protocol=protocol, headers=["Content-Type: text/plain"], extra=["--data", "x"])
+    assert got == 415 and error["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    assert uploads(world) == before
+
+
+def raw_multipart(boundary, parts):
+    out = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def post_raw(gateway, key, head_lines, body, piece=None):
+    """Sends a request over a raw socket, optionally in tiny pieces; returns (status, body)."""
+    import socket
+    host, port = gateway.service.address.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n"
+        sock.sendall((head + "".join(line + "\r\n" for line in head_lines) + "\r\n").encode())
+        if piece:
+            for offset in range(0, len(body), piece):
+                sock.sendall(body[offset:offset + piece])
+        else:
+            sock.sendall(body)
+        response = b""
+        while b"\r\n\r\n" not in response or len(response.split(b"\r\n\r\n", 1)[1]) < int(
+                [line for line in response.split(b"\r\n") if line.lower().startswith(b"content-length:")][0].split(b":")[1]):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+    head, _, content = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(content)
+
+
+def test_multipart_edge_cases(world):
+    gateway, key, files = world["gateway"], world["key"], world["files"]
+    image, audio = open(files["face"], "rb").read(), open(files["speech"], "rb").read()
+    good = [("image", "face.png", image), ("audio", "a.wav", audio), ("width", None, b"320"), ("height", None, b"320"),
+            ("dry_run", None, b"true")]
+    boundary = "XyZ-boundary-123"
+    content_type = f"Content-Type: multipart/form-data; boundary={boundary}"
+    # A body split across hundreds of tiny writes (a boundary cut anywhere) still parses.
+    status, created = post_raw(gateway, key, [content_type], raw_multipart(boundary, good), piece=7)
+    assert status == 202, created
+    status, error = post_raw(gateway, key, ["Content-Type: multipart/form-data"], raw_multipart(boundary, good))
+    assert status == 400 and "boundary" in error["error"]["message"]
+    status, error = post_raw(gateway, key, [content_type], raw_multipart(boundary, good[1:]))
+    assert status == 400 and "image is required" in error["error"]["message"]
+    status, error = post_raw(gateway, key, [content_type], raw_multipart(boundary, good + [("image", "b.png", image)]))
+    assert status == 400 and "more than once" in error["error"]["message"]
+    status, error = post_raw(gateway, key, [content_type], raw_multipart(boundary, good + [("width", None, b"330")]))
+    assert status == 400 and "more than once" in error["error"]["message"]
+    status, error = post_raw(gateway, key, [content_type], raw_multipart(boundary, good)[:-10])
+    assert status == 400 and "closing boundary" in error["error"]["message"]
+
+
+def test_oversized_uploads_are_refused_while_streaming_without_holding_memory(world):
+    gateway, key, files = world["gateway"], world["key"], world["files"]
+    big = os.path.join(files["dir"], "big.wav")
+    with open(big, "wb") as fh:
+        fh.write(b"RIFF\0\0\0\0WAVEfmt ")
+        fh.truncate(200 << 20)
+    start = gateway.rss_kb()
+    # Over the audio limit (50 MB) but under the request's: refused as the part goes past it.
+    half = os.path.join(files["dir"], "60.wav")
+    with open(half, "wb") as fh:
+        fh.write(b"RIFF\0\0\0\0WAVEfmt ")
+        fh.truncate(60 << 20)
+    status, _, error = gateway.json("POST", "/v1/jobs", key=key, form=multipart(files, audio="@" + half))
+    assert status == 413 and error["error"]["code"] == "PAYLOAD_TOO_LARGE" and "audio" in error["error"]["message"]
+    # 200 MB: refused from its declared length, and with chunked encoding (no length) as it streams.
+    status, _, error = gateway.json("POST", "/v1/jobs", key=key, form=multipart(files, audio="@" + big))
+    assert status == 413 and error["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    status, _, error = gateway.json("POST", "/v1/jobs", key=key, form=multipart(files, audio="@" + big), headers=["Transfer-Encoding: chunked"])
+    assert status == 413 and error["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    # Over HTTP/2 the 413 arrives before the request ends, then RST_STREAM(NO_ERROR): nghttp shows both.
+    body = os.path.join(files["dir"], "big.json")
+    with open(body, "w") as fh:
+        fh.write('{"width": 320, "height": 320, "audio_base64": "UklGRgAAAABXQVZF' + "A" * (70 << 20) + '"}')
+    result = subprocess.run(["nghttp", "-v", "-H", f"authorization: Bearer {key}", "-H", "content-type: application/json", "-d", body,
+                             f"{gateway.url}/v1/jobs"], capture_output=True, text=True, timeout=120)
+    assert ":status: 413" in result.stdout and "PAYLOAD_TOO_LARGE" in result.stdout, result.stdout[-2000:]
+    assert gateway.rss_kb() - start < 20 * 1024
+
+
+def test_eight_concurrent_40mb_uploads_stay_within_memory(world):
+    gateway, key, files = world["gateway"], world["key"], world["files"]
+    audio = os.path.join(files["dir"], "40.wav")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "anoisesrc=d=240:r=44100", "-ac", "2", audio], check=True)
+    assert os.path.getsize(audio) > 40 << 20
+    start = gateway.rss_kb()
+    peak = start
+    commands = [subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"X-API-Key: {key}",
+                                  "-F", f"image=@{files['face']}", "-F", f"audio=@{audio}", "-F", "width=320", "-F", "height=320",
+                                  "-F", "dry_run=true", f"{gateway.url}/v1/jobs"], stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    while any(command.poll() is None for command in commands):
+        peak = max(peak, gateway.rss_kb())
+        time.sleep(0.02)
+    assert [command.stdout.read() for command in commands] == ["202"] * 8
+    assert peak - start < 100 * 1024, f"RSS grew by {(peak - start) // 1024} MB"
+
+
+def test_the_openapi_document_is_valid(world):
+    _, _, document = world["gateway"].json("GET", "/openapi.json")
+    from openapi_spec_validator import validate
+    validate(document)
+    for path in ["/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/video", "/v1/jobs/{id}/events", "/healthz", "/readyz", "/metrics",
+                 "/health", "/jobs", "/jobs/{id}", "/generate", "/status/{job_id}", "/result/{job_id}"]:
+        assert path in document["paths"]
