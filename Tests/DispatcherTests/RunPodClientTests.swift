@@ -311,7 +311,10 @@ struct RunPodClientTests {
             #expect(times.count == 500)
             var maximum = 0
             for (index, time) in times.enumerated() {
-                maximum = max(maximum, times[index...].prefix { $0 - time < 0.45 }.count)  // a margin for arrival jitter
+                // Arrival times carry the scheduling jitter of a loaded 2-core CI machine (a 50 ms margin was
+                // once exceeded there), so the window checked is 0.4 s of the 0.5 s budgeted; without a budget
+                // the 500 requests arrive together and this still fails by hundreds.
+                maximum = max(maximum, times[index...].prefix { $0 - time < 0.4 }.count)
             }
             #expect(maximum <= limit, "\(route): \(maximum) in one window")
         }

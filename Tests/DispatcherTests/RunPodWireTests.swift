@@ -76,8 +76,7 @@ struct RunPodWireTests {
         let times = try await withThrowingTaskGroup(of: Double.self) { group in
             for _ in 0..<20 {
                 group.addTask {
-                    try await budget.acquire()
-                    return MonotonicClock.seconds()
+                    try await budget.take()  // the instant granted, not when this task next runs
                 }
             }
             return try await group.reduce(into: []) { $0.append($1) }.sorted()

@@ -16,13 +16,18 @@ public actor RequestBudget: RequestGate {
 
     /// Waits for room in the window, then takes it.
     public func acquire() async throws {
+        _ = try await take()
+    }
+
+    /// `acquire()`, returning the monotonic instant the slot was granted — the time the window counts.
+    public func take() async throws -> Double {
         while true {
             let now = MonotonicClock.seconds()
             while head < times.count && now - times[head] >= window { head += 1 }
             if head > 4096 { times.removeFirst(head); head = 0 }
             if times.count - head < limit {
                 times.append(now)
-                return
+                return now
             }
             let wait = times[head] + window - now + 0.001
             try await Task.sleep(nanoseconds: UInt64(max(wait, 0.001) * 1e9))
