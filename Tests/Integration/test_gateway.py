@@ -148,6 +148,14 @@ def test_a_multipart_job_runs_to_a_video_and_every_read_route_answers(world, pro
     # Inline only when asked.
     status, _, inline = gateway.json("GET", f"/v1/jobs/{job['id']}?include=video_base64", key=key, protocol=protocol)
     assert status == 200 and base64.b64decode(inline["video_base64"]) == whole
+    # The chunks' places in the audio and their RunPod timings, only when asked for.
+    assert "chunk_list" not in job and job["completed_at"] >= job["created_at"]
+    status, _, detailed = gateway.json("GET", f"/v1/jobs/{job['id']}?include=chunks", key=key, protocol=protocol)
+    chunks = detailed["chunk_list"]
+    assert status == 200 and len(chunks) == job["chunks"]["total"] and "video_base64" not in detailed
+    assert [c["index"] for c in chunks] == list(range(len(chunks))) and chunks[0]["start_sec"] == 0
+    assert abs(sum(c["duration_sec"] for c in chunks) - job["video"]["duration_sec"]) < 0.1
+    assert all(c["status"] == "completed" and c["attempts"] == 1 and c["finished_at"] >= c["submitted_at"] for c in chunks)
     # The list has it, newest first; a status filter; cancelling a finished job is a conflict.
     status, _, page = gateway.json("GET", "/v1/jobs?status=completed&page_size=1", key=key, protocol=protocol)
     assert status == 200 and len(page["jobs"]) == 1 and page["jobs"][0]["status"] == "completed"

@@ -14,7 +14,9 @@ extension Gateway {
         router.add("GET", "/v1/jobs/{id}") { [self] request in
             let job = try await ownJob(request.pathParameters["id"] ?? "")
             var object = JobJSON.object(job)
-            if Self.query(request.query)["include"]?.split(separator: ",").contains("video_base64") == true, job.status == .completed {
+            let include = Self.query(request.query)["include"]?.split(separator: ",") ?? []
+            if include.contains("chunks") { object["chunk_list"] = JobJSON.chunkList(job) }
+            if include.contains("video_base64"), job.status == .completed {
                 object["video_base64"] = try inlineVideo(job)
             }
             return JobJSON.response(200, object)

@@ -69,11 +69,38 @@ enum JobJSON {
             "width": Int(job.width), "height": Int(job.height), "links": links(job.id),
         ]
         if let error = job.error, !error.code.isEmpty { object["error"] = ["code": error.code, "message": error.message] }
+        if job.completedAtUnixMs > 0 { object["completed_at"] = time(job.completedAtUnixMs) }
         if job.status == .completed && !job.videoKey.isEmpty {
             object["video"] = ["url": "/v1/jobs/\(job.id)/video", "duration_sec": job.durationSec,
                                "width": Int(job.width), "height": Int(job.height)]
         }
         return object
+    }
+
+    /// `?include=chunks`: where each chunk sits in the audio and how its RunPod job went — the
+    /// seams of the stitched video and the job's timings.
+    static func chunkList(_ job: Job) -> [[String: Any]] {
+        job.chunks.map { chunk in
+            var item: [String: Any] = ["index": Int(chunk.index), "start_sec": chunk.startSec, "duration_sec": chunk.durationSec,
+                                       "status": chunkStatus(chunk.status), "attempts": Int(chunk.attempts),
+                                       "queue_delay_ms": Int(chunk.queueDelayMs), "execution_ms": Int(chunk.executionMs)]
+            if chunk.submittedAtUnixMs > 0 { item["submitted_at"] = time(chunk.submittedAtUnixMs) }
+            if chunk.finishedAtUnixMs > 0 { item["finished_at"] = time(chunk.finishedAtUnixMs) }
+            if let error = chunk.error, !error.code.isEmpty { item["error"] = ["code": error.code, "message": error.message] }
+            return item
+        }
+    }
+
+    /// `pending`, `submitted` (also while submitting), `running`, `completed`, `failed`, `cancelled`.
+    static func chunkStatus(_ status: ChunkStatus) -> String {
+        switch status {
+        case .chunkSubmitting, .chunkSubmitted: return "submitted"
+        case .chunkRunning: return "running"
+        case .chunkCompleted: return "completed"
+        case .chunkFailed: return "failed"
+        case .chunkCancelled: return "cancelled"
+        default: return "pending"
+        }
     }
 
     static func data(_ value: Any) -> [UInt8] {

@@ -47,8 +47,8 @@ enum OpenAPIDocument {
       "parameters": [{"$ref": "#/components/parameters/JobId"}],
       "get": {
         "tags": ["jobs"], "operationId": "getJob", "summary": "A job's state and progress",
-        "parameters": [{"name": "include", "in": "query", "description": "video_base64 adds the video inline (completed jobs)",
-                        "schema": {"type": "string", "enum": ["video_base64"]}}],
+        "parameters": [{"name": "include", "in": "query", "description": "A comma list: video_base64 adds the video inline (completed jobs); chunks adds chunk_list",
+                        "schema": {"type": "string", "pattern": "^(video_base64|chunks)(,(video_base64|chunks))*$"}}],
         "responses": {
           "200": {"description": "The job", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
           "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"},
@@ -226,7 +226,16 @@ enum OpenAPIDocument {
           "video": {"type": "object", "required": ["url", "duration_sec", "width", "height"],
             "properties": {"url": {"type": "string"}, "duration_sec": {"type": "number"}, "width": {"type": "integer"}, "height": {"type": "integer"}}},
           "video_base64": {"type": "string", "contentEncoding": "base64"},
+          "completed_at": {"type": "string", "format": "date-time"},
+          "chunk_list": {"type": "array", "items": {"$ref": "#/components/schemas/Chunk"}},
           "links": {"$ref": "#/components/schemas/Links"}}},
+      "Chunk": {"type": "object", "required": ["index", "start_sec", "duration_sec", "status", "attempts", "queue_delay_ms", "execution_ms"],
+        "properties": {
+          "index": {"type": "integer"}, "start_sec": {"type": "number"}, "duration_sec": {"type": "number"},
+          "status": {"type": "string", "enum": ["pending", "submitted", "running", "completed", "failed", "cancelled"]},
+          "attempts": {"type": "integer"}, "queue_delay_ms": {"type": "integer"}, "execution_ms": {"type": "integer"},
+          "submitted_at": {"type": "string", "format": "date-time"}, "finished_at": {"type": "string", "format": "date-time"},
+          "error": {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
       "JobList": {"type": "object", "required": ["jobs", "next_page_token"],
         "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}, "next_page_token": {"type": ["string", "null"]}}},
       "CreateJobJSON": {"type": "object", "required": ["image_base64", "audio_base64", "width", "height"],
