@@ -1,8 +1,9 @@
-# TalkMesh. `make test` is what CI runs; `make up` runs the mesh on loopback.
+# TalkMesh. `make demo` makes a real video through the whole mesh; `make test` is what CI runs;
+# `make up` runs the mesh on loopback until Ctrl-C.
 SWIFT ?= swift
 PYTEST ?= python3 -m pytest
 
-.PHONY: bootstrap build release test unit-test integration-test bench up generate check-generated clean
+.PHONY: bootstrap build release test unit-test integration-test bench up demo generate check-generated clean
 
 bootstrap:
 	scripts/bootstrap
@@ -29,7 +30,10 @@ bench: release
 	bench/gateway
 
 up: build
-	scripts/up
+	.build/debug/talkmesh up
+
+demo: build
+	scripts/demo
 
 generate:
 	proto/generate

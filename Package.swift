@@ -94,7 +94,8 @@ let package = Package(
             linkerSettings: serverLinkerSettings),
         .executableTarget(
             name: "TalkMeshCLI",
-            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", "TalkMeshGatewayService", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", "TalkMeshGatewayService", "TalkMeshCore", "CTalkMesh",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Tools/CLI"),
         .testTarget(
             name: "TalkMeshRPCTests",

@@ -57,6 +57,8 @@
 #include <postgresql/libpq-fe.h>
 #include <hiredis/hiredis.h>
 #include <poll.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 
 /* Macros Swift cannot import, as inline functions. */
 static inline int tm_averror(int e) { return AVERROR(e); }
@@ -73,8 +75,37 @@ static inline CURLcode tm_curl_easy_setopt_str(CURL *c, CURLoption o, const char
 static inline CURLcode tm_curl_easy_setopt_off(CURL *c, CURLoption o, curl_off_t v) { return curl_easy_setopt(c, o, v); }
 typedef size_t (*tm_curl_write_callback)(char *, size_t, size_t, void *);
 static inline CURLcode tm_curl_easy_setopt_write(CURL *c, CURLoption o, tm_curl_write_callback f) { return curl_easy_setopt(c, o, f); }
+typedef int (*tm_curl_xferinfo_callback)(void *, curl_off_t, curl_off_t, curl_off_t, curl_off_t);
+static inline CURLcode tm_curl_easy_setopt_xferinfo(CURL *c, tm_curl_xferinfo_callback f) { return curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, f); }
 static inline CURLcode tm_curl_easy_getinfo_long(CURL *c, CURLINFO i, long *v) { return curl_easy_getinfo(c, i, v); }
 static inline CURLcode tm_curl_easy_getinfo_ptr(CURL *c, CURLINFO i, void **v) { return curl_easy_getinfo(c, i, v); }
 static inline CURLMcode tm_curl_multi_setopt_long(CURLM *m, CURLMoption o, long v) { return curl_multi_setopt(m, o, v); }
+
+/* fork + exec of a supervised child (`talkmesh up`): its own process group, so a terminal's
+   Ctrl-C reaches only the supervisor, which stops the children in order; SIGTERM when the
+   supervisor dies, so no child outlives it; stdout and stderr into `out`; signal dispositions
+   and mask reset. Only async-signal-safe calls run between fork and exec. */
+static inline pid_t tm_spawn_supervised(const char *path, char *const argv[], char *const envp[], int out) {
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(127);
+    for (int signo = 1; signo < 32; signo++) {
+        if (signo != SIGKILL && signo != SIGSTOP) signal(signo, SIG_DFL);
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    dup2(out, 1);
+    dup2(out, 2);
+    execve(path, argv, envp);
+    _exit(127);
+}
+static inline int tm_wifexited(int status) { return WIFEXITED(status); }
+static inline int tm_wexitstatus(int status) { return WEXITSTATUS(status); }
+static inline int tm_wifsignaled(int status) { return WIFSIGNALED(status); }
+static inline int tm_wtermsig(int status) { return WTERMSIG(status); }
 
 #endif

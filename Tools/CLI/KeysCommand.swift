@@ -31,6 +31,7 @@ struct KeysCommand: AsyncParsableCommand {
         @Option(help: "Job creations per second.") var jobRate = 1.0
         @Option(help: "Job creations at once.") var jobBurst = 5.0
         @Option(help: "Unfinished jobs at once.") var maxActiveJobs = 5
+        @Flag(help: "Print {\"id\", \"name\", \"key\"} for scripts.") var json = false
 
         func validate() throws {
             guard rate > 0, burst >= 1, jobRate > 0, jobBurst >= 1, maxActiveJobs >= 1 else {
@@ -45,6 +46,10 @@ struct KeysCommand: AsyncParsableCommand {
                                                          maxActiveJobs: maxActiveJobs)
             keys.append(record)
             try APIKeyFile.save(keys, to: path)
+            if json {
+                JSONOutput.print(["id": record.id, "name": name, "key": secret])
+                return
+            }
             print("created \(record.id) (\(name)) in \(path); the key is shown once:")
             print(secret)
         }
@@ -53,9 +58,18 @@ struct KeysCommand: AsyncParsableCommand {
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Lists the keys (ids, names, limits; never the keys).")
         @OptionGroup var file: FileOption
+        @Flag(help: "Print {\"keys\": [...]} for scripts.") var json = false
 
         func run() async throws {
-            for key in try APIKeyFile.load(try file.path()) {
+            let keys = try APIKeyFile.load(try file.path())
+            if json {
+                JSONOutput.print(["keys": keys.map {
+                    ["id": $0.id, "name": $0.name, "rate": $0.rate, "burst": $0.burst, "job_rate": $0.jobRate, "job_burst": $0.jobBurst,
+                     "max_active_jobs": $0.maxActiveJobs, "revoked": $0.revoked, "created_at": $0.createdAt] as [String: Any]
+                }])
+                return
+            }
+            for key in keys {
                 print("\(key.id)\t\(key.name)\trate=\(key.rate)/s burst=\(key.burst) job_rate=\(key.jobRate)/s job_burst=\(key.jobBurst) "
                       + "max_active_jobs=\(key.maxActiveJobs)\t\(key.revoked ? "revoked" : "active")\t\(key.createdAt)")
             }

@@ -10,7 +10,8 @@ struct TalkMeshCLI: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "talkmesh",
         abstract: "TalkMesh's command-line tool.",
-        subcommands: [HealthCommand.self, KeysCommand.self])
+        subcommands: [UpCommand.self, SubmitCommand.self, StatusCommand.self, JobsCommand.self, CancelCommand.self, WatchCommand.self,
+                      HealthCommand.self, KeysCommand.self])
 }
 
 /// Client TLS flags shared by the commands that call a service.
@@ -54,6 +55,7 @@ struct HealthCommand: AsyncParsableCommand {
     @Option(help: "How long to wait (e.g. 1s, 500ms).")
     var timeout = "1s"
     @OptionGroup var tlsOptions: ClientTLSOptions
+    @Flag(help: "Print {\"status\": \"SERVING\"} (or {\"error\": {\"code\", \"message\"}}) for scripts.") var json = false
 
     func run() async throws {
         guard let timeoutNanoseconds = Duration.parseNanoseconds(timeout), timeoutNanoseconds > 0 else {
@@ -76,10 +78,11 @@ struct HealthCommand: AsyncParsableCommand {
         request.service = service
         do {
             let response = try await client.unary(Health.check, request, options: CallOptions(timeoutNanoseconds: timeoutNanoseconds))
-            print(response.status.description)
+            if json { JSONOutput.print(["status": response.status.description]) } else { print(response.status.description) }
             if response.status != .serving { throw ExitCode(4) }
         } catch let error as RPCError {
             StandardStream.write(2, "talkmesh health: \(target): \(error.code): \(error.message)\n")
+            if json { JSONOutput.print(["error": ["code": "\(error.code)", "message": error.message]]) }
             throw ExitCode(error.code == .unavailable ? 2 : error.code == .notFound ? 4 : 3)
         }
     }
