@@ -9,6 +9,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -420,3 +421,44 @@ def test_the_openapi_document_is_valid(world):
     for path in ["/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/video", "/v1/jobs/{id}/events", "/healthz", "/readyz", "/metrics",
                  "/health", "/jobs", "/jobs/{id}", "/generate", "/status/{job_id}", "/result/{job_id}"]:
         assert path in document["paths"]
+
+
+def dispatcher_get_jobs(mesh):
+    metrics = urllib.request.urlopen(f"http://{mesh.dispatcher.address}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("talkmesh_grpc_server_requests_total") and "DispatcherService/GetJob\"" in line)
+
+
+@pytest.mark.parametrize("ttl", ["0", "2s"])
+def test_polls_reuse_the_answer_for_job_cache_ttl_and_own_changes_show_at_once(world, ttl):
+    """JOB_CACHE_TTL: polls of one job within it cost the Dispatcher nothing; 0 asks every time.
+    What this Gateway changes itself (a cancel) is never answered stale."""
+    gateway = Gateway(world["mesh"], world["keys_file"], JOB_CACHE_TTL=ttl)
+    try:
+        key, files = world["key"], world["files"]
+        status, _, created = gateway.json("POST", "/v1/jobs", key=key, form=multipart(files, chunk_target_sec="5"))
+        assert status == 202, created
+        before = dispatcher_get_jobs(world["mesh"])
+        start = time.time()
+        answers = [gateway.json("GET", f"/v1/jobs/{created['id']}", key=key)[2] for _ in range(20)]
+        elapsed = time.time() - start
+        calls = dispatcher_get_jobs(world["mesh"]) - before
+        assert all(answer["id"] == created["id"] for answer in answers)
+        if ttl == "0":
+            assert calls >= 20
+        else:
+            assert elapsed < 2 and calls == 0, (calls, elapsed)  # the creation stored the first answer
+            # Another key never sees it, cached or not.
+            assert gateway.json("GET", f"/v1/jobs/{created['id']}", key=world["other"])[0] == 404
+        status, _, cancelled = gateway.json("DELETE", f"/v1/jobs/{created['id']}", key=key)
+        if status == 202:  # not finished yet: the cancel is what the next poll shows
+            assert gateway.json("GET", f"/v1/jobs/{created['id']}", key=key)[2]["status"] == cancelled["status"] == "cancelled"
+        wait_terminal(gateway, key, created["id"])
+    finally:
+        gateway.stop()
+
+
+def test_a_job_cache_ttl_out_of_range_stops_the_gateway_at_start(world):
+    result = subprocess.run([os.path.join(BIN, "talkmesh-gateway"), "--port", "0", "--job-cache-ttl", "2m"], capture_output=True, text=True,
+                            env={**os.environ, "API_KEYS_FILE": world["keys_file"]}, timeout=20)
+    assert result.returncode == 2 and "JOB_CACHE_TTL" in result.stderr

@@ -25,6 +25,7 @@ struct GatewayCommand: ParsableCommand {
               CORS_ORIGINS               --cors-origins               origins allowed by CORS, comma-separated (default none)
               REDIS_URL                  --redis-url                  redis://[:password@]host[:port][/db]: rate limits shared by every replica (default none: per process)
               REDIS_TIMEOUT_MS           --redis-timeout-ms           time box of each Redis call; past it this replica's own limits apply (default 50)
+              JOB_CACHE_TTL              --job-cache-ttl              how long a GET /v1/jobs/{id} answer is reused; 0 = never (default 500ms)
             """)
 
     @OptionGroup var options: ServiceOptions
@@ -38,6 +39,7 @@ struct GatewayCommand: ParsableCommand {
     @Option(help: "Origins allowed by CORS, comma-separated (env CORS_ORIGINS).") var corsOrigins: String?
     @Option(help: "Redis for rate limits shared by every replica (env REDIS_URL).") var redisUrl: String?
     @Option(help: "Time box of each Redis call, ms (env REDIS_TIMEOUT_MS, default 50).") var redisTimeoutMs: String?
+    @Option(help: "How long a job answer is reused (env JOB_CACHE_TTL, default 500ms; 0 = never).") var jobCacheTtl: String?
 
     static func main() { mainExitingTwoOnError() }
 
@@ -48,6 +50,10 @@ struct GatewayCommand: ParsableCommand {
             configuration.uploads.imageBytes = try settings.integer(imageMaxBytes, "IMAGE_MAX_BYTES", 10 << 20, 1...(1 << 30))
             configuration.uploads.audioBytes = try settings.integer(audioMaxBytes, "AUDIO_MAX_BYTES", 50 << 20, 1...(1 << 31))
             configuration.uploads.requestBytes = try settings.integer(maxUploadBytes, "MAX_UPLOAD_BYTES", 80 << 20, 1024...(1 << 32))
+            configuration.jobCacheTTLNanoseconds = try settings.duration(jobCacheTtl, "JOB_CACHE_TTL", 500_000_000)
+            guard configuration.jobCacheTTLNanoseconds <= 60_000_000_000 else {
+                throw ServiceOptions.InvalidSetting(description: "JOB_CACHE_TTL: at most 60s")
+            }
             configuration.maxAudioSeconds = Double(try settings.integer(maxAudioSec, "MAX_AUDIO_SEC", 1800, 1...86_400))
             configuration.corsOrigins = Set((settings.string(corsOrigins, "CORS_ORIGINS") ?? "").split(separator: ",")
                 .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })

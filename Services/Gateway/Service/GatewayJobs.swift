@@ -8,13 +8,18 @@ extension Gateway {
     func installJobRoutes(into router: inout HTTPRouter) {
         router.addStreaming("POST", "/v1/jobs", maxBodyBytes: configuration.uploads.requestBytes) { [self] request in
             let job = try await createJob(request)
+            jobCache.store(job)
             return JobJSON.response(202, ["id": job.id, "status": JobJSON.status(job.status), "links": JobJSON.links(job.id)],
                                     headers: [("location", "/v1/jobs/\(job.id)")])
         }
         router.add("GET", "/v1/jobs/{id}") { [self] request in
+            let include = request.query.isEmpty ? [] : Self.query(request.query)["include"]?.split(separator: ",") ?? []
+            if include.isEmpty {  // what a poll asks: the answer kept for JOB_CACHE_TTL
+                let answer = try await ownJobAnswer(request.pathParameters["id"] ?? "")
+                return HTTPResponse(status: 200, headers: [("content-type", "application/json")], body: answer.body)
+            }
             let job = try await ownJob(request.pathParameters["id"] ?? "")
             var object = JobJSON.object(job)
-            let include = Self.query(request.query)["include"]?.split(separator: ",") ?? []
             if include.contains("chunks") { object["chunk_list"] = JobJSON.chunkList(job) }
             if include.contains("video_base64"), job.status == .completed {
                 object["video_base64"] = try inlineVideo(job)
@@ -30,7 +35,7 @@ extension Gateway {
                 throw ServiceError(.jobTerminal, "job \(job.id) is already \(JobJSON.status(job.status))")
             }
             let cancelled = try await dispatcher.unary(DispatcherService.cancelJob, CancelJobRequest.with(id: job.id), options: CallOptions(timeoutNanoseconds: 10_000_000_000))
-            return JobJSON.response(202, JobJSON.object(cancelled))
+            return HTTPResponse(status: 202, headers: [("content-type", "application/json")], body: jobCache.store(cancelled).body)
         }
     }
 

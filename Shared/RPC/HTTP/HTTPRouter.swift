@@ -7,7 +7,9 @@ public struct HTTPRouter: Sendable {
     struct Route: Sendable {
         let method: String
         let pattern: String
-        let segments: [Substring]
+        /// Each segment's bytes, or nil where a `{name}` captures (names in `parameterNames`).
+        let segments: [[UInt8]?]
+        let parameterNames: [String?]
         /// nil: the server's MAX_BODY_BYTES for methods that carry a body, none for the others.
         let maxBodyBytes: Int?
         /// The handler starts once the head arrived and reads the body as it comes (`bodyStream`).
@@ -39,9 +41,15 @@ public struct HTTPRouter: Sendable {
     /// MAX_BODY_BYTES and every other method takes none. A body past the limit is refused (413)
     /// from the request's head or its first byte over, before anything is buffered or dispatched.
     public mutating func add(_ method: String, _ pattern: String, maxBodyBytes: Int? = nil, _ handler: @escaping Handler) {
-        routes.append(Route(method: method.uppercased(), pattern: pattern,
-                            segments: pattern.split(separator: "/", omittingEmptySubsequences: true),
-                            maxBodyBytes: maxBodyBytes, streamsBody: false, handler: handler))
+        routes.append(Self.route(method, pattern, maxBodyBytes: maxBodyBytes, streamsBody: false, handler: handler))
+    }
+
+    private static func route(_ method: String, _ pattern: String, maxBodyBytes: Int?, streamsBody: Bool, handler: @escaping Handler) -> Route {
+        let parts = pattern.split(separator: "/", omittingEmptySubsequences: true)
+        let names = parts.map { $0.first == "{" && $0.last == "}" ? String($0.dropFirst().dropLast()) : nil }
+        return Route(method: method.uppercased(), pattern: pattern,
+                     segments: zip(parts, names).map { $1 == nil ? Array($0.utf8) : nil }, parameterNames: names,
+                     maxBodyBytes: maxBodyBytes, streamsBody: streamsBody, handler: handler)
     }
 
     /// Adds a route whose handler starts as soon as the request's head arrived and reads the body
@@ -50,9 +58,7 @@ public struct HTTPRouter: Sendable {
     /// a response sent before the body's end closes the HTTP/1.1 connection (or resets the
     /// HTTP/2 stream) once it is out.
     public mutating func addStreaming(_ method: String, _ pattern: String, maxBodyBytes: Int, _ handler: @escaping Handler) {
-        routes.append(Route(method: method.uppercased(), pattern: pattern,
-                            segments: pattern.split(separator: "/", omittingEmptySubsequences: true),
-                            maxBodyBytes: maxBodyBytes, streamsBody: true, handler: handler))
+        routes.append(Self.route(method, pattern, maxBodyBytes: maxBodyBytes, streamsBody: true, handler: handler))
     }
 
     /// What a request may carry, decided from its head alone: the body limit, and the answer when
@@ -90,30 +96,38 @@ public struct HTTPRouter: Sendable {
         return response
     }
 
+    /// Matches on the path's bytes (every request is matched, some twice: no String slicing).
     func match(method: String, path: String) -> Match {
-        let parts = path.split(separator: "/", omittingEmptySubsequences: true)
-        var allowed: [String] = []
-        for route in routes {
-            guard let parameters = Self.capture(route.segments, parts) else { continue }
-            if route.method == method || (method == "HEAD" && route.method == "GET") {
-                return .found(route, parameters: parameters)
+        var path = path
+        return path.withUTF8 { bytes in
+            var parts: [Range<Int>] = []
+            parts.reserveCapacity(8)
+            var start = 0
+            for index in 0...bytes.count where index == bytes.count || bytes[index] == UInt8(ascii: "/") {
+                if index > start { parts.append(start..<index) }
+                start = index + 1
             }
-            allowed.append(route.method)
+            var allowed: [String] = []
+            for route in routes where Self.fits(route, bytes, parts) {
+                if route.method == method || (method == "HEAD" && route.method == "GET") {
+                    var parameters: [String: String] = [:]
+                    for (name, part) in zip(route.parameterNames, parts) {
+                        if let name { parameters[name] = String(decoding: UnsafeBufferPointer(rebasing: bytes[part]), as: UTF8.self) }
+                    }
+                    return .found(route, parameters: parameters)
+                }
+                allowed.append(route.method)
+            }
+            return allowed.isEmpty ? .notFound : .methodNotAllowed(allowed: allowed)
         }
-        return allowed.isEmpty ? .notFound : .methodNotAllowed(allowed: allowed)
     }
 
-    private static func capture(_ pattern: [Substring], _ parts: [Substring]) -> [String: String]? {
-        guard pattern.count == parts.count else { return nil }
-        var parameters: [String: String] = [:]
-        for (segment, part) in zip(pattern, parts) {
-            if segment.first == "{", segment.last == "}" {
-                parameters[String(segment.dropFirst().dropLast())] = String(part)
-            } else if segment != part {
-                return nil
-            }
+    private static func fits(_ route: Route, _ bytes: UnsafeBufferPointer<UInt8>, _ parts: [Range<Int>]) -> Bool {
+        guard route.segments.count == parts.count else { return false }
+        for (segment, part) in zip(route.segments, parts) {
+            if let segment, !segment.elementsEqual(bytes[part]) { return false }
         }
-        return parameters
+        return true
     }
 
     /// Runs the matching handler, answering 404/405 itself; a thrown error becomes
