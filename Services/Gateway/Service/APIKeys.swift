@@ -115,6 +115,8 @@ public func sha256Hex(_ text: String) -> String {
 public final class KeyRing: @unchecked Sendable {
     private let lock = PThreadMutex()
     private var keys: [APIKey] = []
+    /// Each key's SHA-256 as 32 bytes (the file's hex decoded once per load); empty if unreadable.
+    private var digests: [[UInt8]] = []
     private var stamp: (Int, Int, UInt64) = (0, 0, 0)
     public let path: String
 
@@ -132,8 +134,10 @@ public final class KeyRing: @unchecked Sendable {
             ? (Int(info.st_mtim.tv_sec) * 1_000_000_000 + Int(info.st_mtim.tv_nsec), Int(info.st_size), UInt64(info.st_ino)) : (0, 0, 0)
         if !force, lock.withLock({ stamp == current }) { return false }
         let loaded = try APIKeyFile.load(path)
+        let decoded = loaded.map { Self.bytes(hex: $0.sha256) }
         lock.withLock {
             keys = loaded
+            digests = decoded
             stamp = current
         }
         return true
@@ -144,17 +148,40 @@ public final class KeyRing: @unchecked Sendable {
     /// The key a presented secret belongs to, or nil. Every stored hash is compared, each in
     /// constant time, so the time taken says nothing about which or how much matched.
     public func authenticate(_ secret: String) -> APIKey? {
-        let presented = Array(sha256Hex(secret).utf8)
-        let candidates = lock.withLock { keys }
+        var presented = [UInt8](repeating: 0, count: Int(SHA256_DIGEST_LENGTH))
+        var text = secret
+        _ = text.withUTF8 { SHA256($0.baseAddress, $0.count, &presented) }
+        let (candidates, stored) = lock.withLock { (keys, digests) }
         var found: APIKey?
-        for key in candidates {
-            let stored = Array(key.sha256.utf8)
-            guard stored.count == presented.count else { continue }
-            let same = stored.withUnsafeBufferPointer { a in
+        for (key, digest) in zip(candidates, stored) where digest.count == presented.count {
+            let same = digest.withUnsafeBufferPointer { a in
                 presented.withUnsafeBufferPointer { b in CRYPTO_memcmp(a.baseAddress, b.baseAddress, a.count) == 0 }
             }
             if same && !key.revoked { found = key }
         }
         return found
+    }
+
+    /// Lower-case or upper-case hex as bytes; empty when it is not hex.
+    static func bytes(hex: String) -> [UInt8] {
+        let digits = Array(hex.utf8)
+        guard digits.count % 2 == 0 else { return [] }
+        func value(_ digit: UInt8) -> UInt8? {
+            switch digit {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): return digit - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): return digit - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): return digit - UInt8(ascii: "A") + 10
+            default: return nil
+            }
+        }
+        var out: [UInt8] = []
+        out.reserveCapacity(digits.count / 2)
+        var index = 0
+        while index < digits.count {
+            guard let high = value(digits[index]), let low = value(digits[index + 1]) else { return [] }
+            out.append(high << 4 | low)
+            index += 2
+        }
+        return out
     }
 }

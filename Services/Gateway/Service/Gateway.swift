@@ -158,7 +158,12 @@ public final class Gateway: Sendable {
             return response
         }
         Self.info?.keyID = key.id
-        let decision = await limiter.take("req:" + key.id, rate: key.rate, burst: key.burst)
+        // In-process buckets answer at once; only Redis needs to suspend.
+        let decision = if let local = limiter as? LocalRateLimiter {
+            local.takeNow("req:" + key.id, rate: key.rate, burst: key.burst)
+        } else {
+            await limiter.take("req:" + key.id, rate: key.rate, burst: key.burst)
+        }
         guard decision.allowed else {
             var response = JobJSON.error(429, "RATE_LIMITED", "request rate limit exceeded; retry after \(decision.retryAfterSeconds) s")
             response.headers += decision.headers

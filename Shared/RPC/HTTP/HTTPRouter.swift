@@ -65,8 +65,7 @@ public struct HTTPRouter: Sendable {
     /// the body goes past it (413 for a route; the 404 or 405 itself when nothing matches, as such
     /// a request is answered without reading its body). The refusal is built only when needed.
     func bodyPolicy(method: String, target: String, serverLimit: Int) -> (limit: Int, refusal: @Sendable () -> HTTPResponse, streams: Bool) {
-        let path = target.firstIndex(of: "?").map { String(target[..<$0]) } ?? target
-        let match = match(method: method, path: path)
+        let match = match(method: method, path: target)  // stops at a `?`
         guard case .found(let route, _) = match else {
             let response = unmatchedResponse(match)
             return (0, { response }, false)
@@ -103,7 +102,8 @@ public struct HTTPRouter: Sendable {
             var parts: [Range<Int>] = []
             parts.reserveCapacity(8)
             var start = 0
-            for index in 0...bytes.count where index == bytes.count || bytes[index] == UInt8(ascii: "/") {
+            let end = bytes.firstIndex(of: UInt8(ascii: "?")) ?? bytes.count  // a target's query is not the path
+            for index in 0...end where index == end || bytes[index] == UInt8(ascii: "/") {
                 if index > start { parts.append(start..<index) }
                 start = index + 1
             }
