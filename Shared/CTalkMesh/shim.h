@@ -75,8 +75,6 @@ static inline CURLcode tm_curl_easy_setopt_str(CURL *c, CURLoption o, const char
 static inline CURLcode tm_curl_easy_setopt_off(CURL *c, CURLoption o, curl_off_t v) { return curl_easy_setopt(c, o, v); }
 typedef size_t (*tm_curl_write_callback)(char *, size_t, size_t, void *);
 static inline CURLcode tm_curl_easy_setopt_write(CURL *c, CURLoption o, tm_curl_write_callback f) { return curl_easy_setopt(c, o, f); }
-typedef int (*tm_curl_xferinfo_callback)(void *, curl_off_t, curl_off_t, curl_off_t, curl_off_t);
-static inline CURLcode tm_curl_easy_setopt_xferinfo(CURL *c, tm_curl_xferinfo_callback f) { return curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, f); }
 static inline CURLcode tm_curl_easy_getinfo_long(CURL *c, CURLINFO i, long *v) { return curl_easy_getinfo(c, i, v); }
 static inline CURLcode tm_curl_easy_getinfo_ptr(CURL *c, CURLINFO i, void **v) { return curl_easy_getinfo(c, i, v); }
 static inline CURLMcode tm_curl_multi_setopt_long(CURLM *m, CURLMoption o, long v) { return curl_multi_setopt(m, o, v); }
@@ -105,7 +103,6 @@ static inline pid_t tm_spawn_supervised(const char *path, char *const argv[], ch
 }
 static inline int tm_wifexited(int status) { return WIFEXITED(status); }
 static inline int tm_wexitstatus(int status) { return WEXITSTATUS(status); }
-static inline int tm_wifsignaled(int status) { return WIFSIGNALED(status); }
 static inline int tm_wtermsig(int status) { return WTERMSIG(status); }
 
 #endif

@@ -82,26 +82,19 @@ struct GatewayClient {
 
     /// A GET whose 200 body goes to `file` (written beside it, then renamed, so a failed download
     /// never leaves a truncated file under the name); any other answer is returned in memory.
-    func download(_ path: String, to file: String, progress: ((Int64, Int64) -> Void)? = nil) throws -> Response {
+    func download(_ path: String, to file: String) throws -> Response {
         let partial = file + ".part"
         guard let handle = fopen(partial, "wb") else {
             throw Failure(code: "FILE_UNWRITABLE", message: "cannot write \(partial): \(String(cString: strerror(errno)))", exitCode: 1)
         }
-        var written: Int64 = 0
         var writeFailed = false
         let response: Response
         do {
             response = try perform("GET", path, sink: { status, bytes in
                 guard status == 200 else { return nil }  // an error body: kept in memory
                 if fwrite(bytes.baseAddress, 1, bytes.count, handle) != bytes.count { writeFailed = true; return false }
-                written += Int64(bytes.count)
                 return true
-            }) { easy, transfer in
-                if let progress {
-                    transfer.progress = progress
-                    _ = tm_curl_easy_setopt_long(easy, CURLOPT_NOPROGRESS, 0)
-                }
-            }
+            }) { _, _ in }
         } catch {
             fclose(handle)
             unlink(partial)
@@ -165,14 +158,6 @@ struct GatewayClient {
             return size * count
         }
         _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, context)
-        if transfer.progress != nil {
-            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_XFERINFODATA, context)
-            _ = tm_curl_easy_setopt_xferinfo(easy) { context, total, now, _, _ in
-                let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
-                transfer.progress?(Int64(now), Int64(total))
-                return 0
-            }
-        }
         let result = curl_easy_perform(easy)
         guard result == CURLE_OK else {
             let detail = transfer.errorBuffer.withUnsafeBytes { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
@@ -198,7 +183,6 @@ private final class Transfer {
     var responseHeaders: [String: String] = [:]
     var body: [UInt8] = []
     var status = 0
-    var progress: ((Int64, Int64) -> Void)?
     /// An in-memory answer (JSON, an error) is small; a larger one is not the Gateway's.
     static let memoryLimit = 16 << 20
 

@@ -92,11 +92,6 @@ final class Supervisor: @unchecked Sendable {
         }
     }
 
-    /// Whether `name` has ended (and with what status).
-    func exitStatus(of name: String) -> Int32? {
-        lock.withLock { running.first { $0.child.name == name }?.exitStatus }
-    }
-
     /// The last lines `name` wrote.
     func lastLines(of name: String) -> [String] {
         lock.withLock { running.first { $0.child.name == name }?.lastLines ?? [] }

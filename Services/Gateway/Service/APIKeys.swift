@@ -134,7 +134,7 @@ public final class KeyRing: @unchecked Sendable {
             ? (Int(info.st_mtim.tv_sec) * 1_000_000_000 + Int(info.st_mtim.tv_nsec), Int(info.st_size), UInt64(info.st_ino)) : (0, 0, 0)
         if !force, lock.withLock({ stamp == current }) { return false }
         let loaded = try APIKeyFile.load(path)
-        let decoded = loaded.map { Self.bytes(hex: $0.sha256) }
+        let decoded = loaded.map { Hex.bytes($0.sha256) ?? [] }
         lock.withLock {
             keys = loaded
             digests = decoded
@@ -160,28 +160,5 @@ public final class KeyRing: @unchecked Sendable {
             if same && !key.revoked { found = key }
         }
         return found
-    }
-
-    /// Lower-case or upper-case hex as bytes; empty when it is not hex.
-    static func bytes(hex: String) -> [UInt8] {
-        let digits = Array(hex.utf8)
-        guard digits.count % 2 == 0 else { return [] }
-        func value(_ digit: UInt8) -> UInt8? {
-            switch digit {
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): return digit - UInt8(ascii: "0")
-            case UInt8(ascii: "a")...UInt8(ascii: "f"): return digit - UInt8(ascii: "a") + 10
-            case UInt8(ascii: "A")...UInt8(ascii: "F"): return digit - UInt8(ascii: "A") + 10
-            default: return nil
-            }
-        }
-        var out: [UInt8] = []
-        out.reserveCapacity(digits.count / 2)
-        var index = 0
-        while index < digits.count {
-            guard let high = value(digits[index]), let low = value(digits[index + 1]) else { return [] }
-            out.append(high << 4 | low)
-            index += 2
-        }
-        return out
     }
 }

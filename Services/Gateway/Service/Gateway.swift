@@ -227,9 +227,8 @@ public final class Gateway: Sendable {
     /// The caller's job `id` as `GET /v1/jobs/{id}` answers it, from the cache while fresh.
     func ownJobAnswer(_ id: String) async throws -> JobCache.Answer {
         let key = try Self.caller()
-        var answer = jobCache.answer(id)
-        if answer == nil { answer = jobCache.store(try await fetchJob(id)) }
-        guard let answer else { throw ServiceError(.internalError, "no answer for \(id)") }
+        let answer: JobCache.Answer
+        if let cached = jobCache.answer(id) { answer = cached } else { answer = jobCache.store(try await fetchJob(id)) }
         guard answer.job.owner == key.id else { throw ServiceError(.jobNotFound, "no job \(id)") }
         return answer
     }

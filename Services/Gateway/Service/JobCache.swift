@@ -55,6 +55,4 @@ final class JobCache: Sendable {
         }
         return answer
     }
-
-    var count: Int { entries.withLock { $0.count } }
 }
