@@ -458,6 +458,23 @@ def test_polls_reuse_the_answer_for_job_cache_ttl_and_own_changes_show_at_once(w
         gateway.stop()
 
 
+def test_a_poll_after_an_event_never_answers_an_older_state(world):
+    """The events stream refreshes the cache: with a minute-long JOB_CACHE_TTL the creation's
+    answer ("in_queue") would otherwise be served long after the stream said "completed"."""
+    gateway = Gateway(world["mesh"], world["keys_file"], JOB_CACHE_TTL="60s")
+    try:
+        key, files = world["key"], world["files"]
+        status, _, created = gateway.json("POST", "/v1/jobs", key=key, form=multipart(files))
+        assert status == 202, created
+        assert gateway.json("GET", f"/v1/jobs/{created['id']}", key=key)[2]["status"] == created["status"]
+        events = subprocess.run(["curl", "-sN", "--max-time", "60", "-H", f"X-API-Key: {key}", f"{gateway.url}/v1/jobs/{created['id']}/events"],
+                                capture_output=True, text=True).stdout
+        assert '"status":"completed"' in events, events[-500:]
+        assert gateway.json("GET", f"/v1/jobs/{created['id']}", key=key)[2]["status"] == "completed"
+    finally:
+        gateway.stop()
+
+
 def test_a_job_cache_ttl_out_of_range_stops_the_gateway_at_start(world):
     result = subprocess.run([os.path.join(BIN, "talkmesh-gateway"), "--port", "0", "--job-cache-ttl", "2m"], capture_output=True, text=True,
                             env={**os.environ, "API_KEYS_FILE": world["keys_file"]}, timeout=20)

@@ -97,11 +97,12 @@ extension Gateway {
 
     /// Server-Sent Events from `WatchJob`: one `job` event per stored change (its id is the job's
     /// version, so `Last-Event-ID` skips what the client saw), keep-alive comments between them,
-    /// and the end of the stream once the job is terminal.
+    /// and the end of the stream once the job is terminal. Each change also refreshes the job
+    /// cache, so a poll after an event never answers an older state than the event showed.
     private func events(_ job: Job, lastEventID: Int64?) -> HTTPResponse {
         var response = HTTPResponse(status: 200, headers: [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
                                                            ("x-accel-buffering", "no")])
-        let dispatcher = self.dispatcher, keepAlive = configuration.keepAliveNanoseconds, id = job.id
+        let dispatcher = self.dispatcher, cache = jobCache, keepAlive = configuration.keepAliveNanoseconds, id = job.id
         response.streamBody = { writer in
             try await writer.write(Array("retry: 2000\n\n".utf8))
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -119,7 +120,7 @@ extension Gateway {
                     for try await job in stream {
                         if job.version > seen {
                             seen = job.version
-                            let data = String(decoding: JobJSON.data(JobJSON.object(job)), as: UTF8.self)
+                            let data = String(decoding: cache.store(job).body, as: UTF8.self)
                             try await writer.write(Array("id: \(job.version)\nevent: job\ndata: \(data)\n\n".utf8))
                         }
                         if JobJSON.isTerminal(job.status) { return }

@@ -40,7 +40,10 @@ extension Gateway {
         registry.register(DispatcherService.watchJob) { [self] request, context, writer in
             _ = try await ownJob(request.id)
             let stream = try await dispatcher.serverStreaming(DispatcherService.watchJob, request, options: Self.forwarded(context, nil))
-            for try await update in stream { try await writer.write(update) }
+            for try await update in stream {
+                jobCache.store(update)
+                try await writer.write(update)
+            }
         }
     }
 

@@ -5,7 +5,8 @@ import TalkMeshRPC
 /// The Gateway's memory of recent `GET /v1/jobs/{id}` answers: a client polling a job costs the
 /// Dispatcher one `GetJob` per `ttl` (JOB_CACHE_TTL), and the answer's JSON is encoded once per
 /// version instead of per poll. What this replica changes itself (a job it created or cancelled)
-/// is stored at once; a change made elsewhere shows within `ttl`. Bounded: at most `capacity`
+/// and every change a watch through this replica sees (SSE, `WatchJob`) is stored at once, newer
+/// versions only; any other change shows within `ttl`. Bounded: at most `capacity`
 /// answers, expired ones dropped first.
 final class JobCache: Sendable {
     struct Answer: Sendable {
