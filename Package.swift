@@ -5,7 +5,9 @@ import PackageDescription
 let runtimeSwiftSettings: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
 // Servers link tcmalloc (Debian's libtcmalloc-minimal4): the runtime's many small, short-lived
 // allocations cost ~20 % less throughput than with glibc malloc (bench/rpc).
-let serverLinkerSettings: [LinkerSetting] = [.unsafeFlags(["-Xlinker", "-l:libtcmalloc_minimal.so.4"])]
+// Sanitizer builds (scripts/sanitize sets TALKMESH_SANITIZE) keep the sanitizer's own allocator.
+let serverLinkerSettings: [LinkerSetting] = Context.environment["TALKMESH_SANITIZE"] == nil
+    ? [.unsafeFlags(["-Xlinker", "-l:libtcmalloc_minimal.so.4"])] : []
 
 let package = Package(
     name: "TalkMesh",
@@ -19,6 +21,7 @@ let package = Package(
         .executable(name: "talkmesh-testclient", targets: ["TalkMeshTestClient"]),
         .executable(name: "talkmesh", targets: ["TalkMeshCLI"]),
         .executable(name: "talkmesh-runpod-emulator", targets: ["TalkMeshRunPodEmulator"]),
+        .executable(name: "talkmesh-fuzz", targets: ["TalkMeshFuzz"]),
         .library(name: "TalkMeshRPC", targets: ["TalkMeshRPC"]),
     ],
     dependencies: [
@@ -97,6 +100,12 @@ let package = Package(
             dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", "TalkMeshGatewayService", "TalkMeshCore", "CTalkMesh",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Tools/CLI"),
+        // Fuzz targets: libFuzzer + AddressSanitizer under scripts/fuzz; a corpus replayer otherwise.
+        .executableTarget(
+            name: "TalkMeshFuzz",
+            dependencies: ["TalkMeshRPC", "TalkMeshMessages", "TalkMeshCore", "TalkMeshMediaService", "TalkMeshAudioService",
+                           "TalkMeshDispatcherService", "TalkMeshGatewayService", "CTalkMesh", .product(name: "Logging", package: "swift-log")],
+            path: "Tests/Fuzz/Targets"),
         .testTarget(
             name: "TalkMeshRPCTests",
             dependencies: ["TalkMeshRPC", "TalkMeshMessages", "TalkMeshService"],

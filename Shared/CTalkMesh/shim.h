@@ -105,4 +105,9 @@ static inline int tm_wifexited(int status) { return WIFEXITED(status); }
 static inline int tm_wexitstatus(int status) { return WEXITSTATUS(status); }
 static inline int tm_wtermsig(int status) { return WTERMSIG(status); }
 
+/* libFuzzer's driver, for a program with its own main (`talkmesh-fuzz`). Declared only: it is
+   linked, and called, in the fuzzing build alone (scripts/fuzz). */
+#include <stdint.h>
+int LLVMFuzzerRunDriver(int *argc, char ***argv, int (*callback)(const uint8_t *data, size_t size));
+
 #endif

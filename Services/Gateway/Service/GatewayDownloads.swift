@@ -90,7 +90,7 @@ extension Gateway {
         guard let start = Int(parts[0]), start >= 0, start < size else { return nil }
         if parts[1].isEmpty { return start..<size }
         guard let end = Int(parts[1]), end >= start else { return nil }
-        return start..<min(end + 1, size)
+        return start..<min(end, size - 1) + 1  // `end` may be Int.max: no `end + 1`
     }
 
     // MARK: Events

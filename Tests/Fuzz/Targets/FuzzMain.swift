@@ -1,0 +1,93 @@
+import CTalkMesh
+import Glibc
+
+/// `talkmesh-fuzz <target> …`: one binary for every fuzz target.
+///
+/// Built with `scripts/fuzz` (libFuzzer and AddressSanitizer, `-D FUZZING`), the arguments after
+/// the target are libFuzzer's (corpus directories, `-max_total_time=…`). Built normally, it replays
+/// the files and directories given through the target: the committed corpora and every crash ever
+/// found run in `make test` as regression inputs.
+@main
+struct FuzzMain {
+    static func main() {
+        let arguments = CommandLine.arguments
+        guard arguments.count >= 2, let target = FuzzTargets.all[arguments[1]] else {
+            let names = FuzzTargets.all.keys.sorted().joined(separator: ", ")
+            standardError("usage: talkmesh-fuzz <target> [inputs or libFuzzer flags]\ntargets: \(names)\n")
+            exit(64)
+        }
+        FuzzTargets.selected = target
+        target.setUp?()
+        #if FUZZING
+        // libFuzzer sees the target's name as its program name and parses the rest.
+        var argc = CommandLine.argc - 1
+        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv + 1
+        exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
+            FuzzTargets.selected!.run(UnsafeBufferPointer(start: data, count: size))
+            return 0
+        })
+        #else
+        var count = 0
+        for path in arguments.dropFirst(2) {
+            for file in files(at: path) {
+                let bytes = read(file)
+                bytes.withUnsafeBufferPointer { target.run($0) }
+                count += 1
+            }
+        }
+        print("\(arguments[1]): \(count) inputs replayed, no crash")
+        exit(0)
+        #endif
+    }
+
+    /// The regular files at `path` (itself, or those directly inside it), sorted.
+    static func files(at path: String) -> [String] {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            standardError("talkmesh-fuzz: cannot read \(path)\n")
+            exit(66)
+        }
+        guard info.st_mode & S_IFMT == S_IFDIR else { return [path] }
+        guard let directory = opendir(path) else { return [] }
+        defer { closedir(directory) }
+        var names: [String] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if !name.hasPrefix(".") { names.append("\(path)/\(name)") }
+        }
+        return names.sorted()
+    }
+
+    static func read(_ path: String) -> [UInt8] {
+        guard let file = fopen(path, "rb") else { return [] }
+        defer { fclose(file) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = fread(&buffer, 1, buffer.count, file)
+            if count <= 0 { break }
+            bytes += buffer[0..<count]
+        }
+        return bytes
+    }
+}
+
+/// One fuzz target: what runs once before the inputs, and what runs for each.
+struct FuzzTarget: Sendable {
+    var setUp: (@Sendable () -> Void)?
+    var run: @Sendable (UnsafeBufferPointer<UInt8>) -> Void
+}
+
+/// A property the code under test broke: reported like a crash, so libFuzzer keeps the input.
+func require(_ condition: @autoclosure () -> Bool, _ message: @autoclosure () -> String, file: StaticString = #fileID, line: UInt = #line) {
+    if !condition() {
+        standardError("talkmesh-fuzz: property violated at \(file):\(line): \(message())\n")
+        abort()
+    }
+}
+
+/// Writes `text` to standard error.
+func standardError(_ text: String) {
+    var bytes = Array(text.utf8)
+    _ = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress, $0.count) }
+}
