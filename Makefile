@@ -1,9 +1,10 @@
-# TalkMesh. `make demo` makes a real video through the whole mesh; `make test` is what CI runs;
-# `make up` runs the mesh on loopback until Ctrl-C.
+# TalkMesh. `make demo` makes a real video through the whole mesh; `make test` is what CI runs
+# (`make check` is its quick part: unit and integration tests); `make up` runs the mesh on
+# loopback until Ctrl-C.
 SWIFT ?= swift
 PYTEST ?= python3 -m pytest
 
-.PHONY: bootstrap build release test unit-test integration-test bench up demo generate check-generated clean
+.PHONY: bootstrap build release test check unit-test integration-test fuzz sanitize bench up demo generate check-generated clean
 
 bootstrap:
 	scripts/bootstrap
@@ -20,7 +21,17 @@ unit-test: build
 integration-test: build
 	$(PYTEST) -q -p no:cacheprovider Tests/Integration
 
-test: unit-test integration-test
+check: unit-test integration-test
+
+# Every fuzz target for FUZZ_SECONDS (30) under libFuzzer + ASan; no crash allowed.
+fuzz: bootstrap
+	scripts/fuzz
+
+# Unit tests and the services' integration tests on ASan and TSan builds; no finding allowed.
+sanitize: bootstrap
+	scripts/sanitize
+
+test: check fuzz sanitize
 
 bench: release
 	bench/rpc
@@ -42,4 +53,4 @@ check-generated:
 	proto/generate --check
 
 clean:
-	rm -rf .build
+	rm -rf .build .build-fuzz .build-address .build-thread

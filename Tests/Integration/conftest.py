@@ -16,6 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.environ.get("TALKMESH_BIN", os.path.join(ROOT, ".build", "debug"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "memory_bound: asserts a process's RSS stays under a bound; deselected in sanitizer runs "
+                            "(scripts/sanitize), whose shadow memory and quarantine of freed blocks are not the service's")
+
+
 def _generate_stubs():
     """Python gRPC stubs for the test and health protos, made with grpcio-tools (not committed)."""
     from grpc_tools import protoc

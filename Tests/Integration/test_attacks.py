@@ -375,6 +375,7 @@ def test_a_connection_over_its_buffer_budget_is_refused_per_stream(start_service
 
 # 5. Pipelined requests whose responses are never read stop being read.
 
+@pytest.mark.memory_bound
 def test_unread_pipelined_responses_do_not_grow_the_service(start_service):
     service = start_service()
     before = rss_bytes(service)

@@ -372,6 +372,7 @@ def test_multipart_edge_cases(world):
     assert status == 400 and "closing boundary" in error["error"]["message"]
 
 
+@pytest.mark.memory_bound
 def test_oversized_uploads_are_refused_while_streaming_without_holding_memory(world):
     gateway, key, files = world["gateway"], world["key"], world["files"]
     big = os.path.join(files["dir"], "big.wav")
@@ -401,6 +402,7 @@ def test_oversized_uploads_are_refused_while_streaming_without_holding_memory(wo
     assert gateway.rss_kb() - start < 20 * 1024
 
 
+@pytest.mark.memory_bound
 def test_eight_concurrent_40mb_uploads_stay_within_memory(world):
     gateway, key, files = world["gateway"], world["key"], world["files"]
     audio = os.path.join(files["dir"], "40.wav")

@@ -231,6 +231,7 @@ def rss_kib(pid):
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.memory_bound
 def test_a_reader_that_stops_reading_does_not_make_the_server_buffer(testserver):
     # 4 streams each asking for 120 × 64 KiB (30 MiB in all); the client reads nothing for a while.
     client = Client(testserver)

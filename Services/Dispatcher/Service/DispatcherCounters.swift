@@ -1,4 +1,4 @@
-import Synchronization
+import TalkMeshRPC
 import TalkMeshMessages
 
 /// The Dispatcher's Prometheus metrics: job state changes, chunk outcomes, RunPod submissions (and
@@ -28,7 +28,7 @@ public final class DispatcherCounters: Sendable {
         var histograms: [String: Histogram] = [:]
     }
 
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     public init() {}
 

@@ -1,4 +1,4 @@
-import Synchronization
+import TalkMeshRPC
 import TalkMeshMessages
 
 /// Tells watchers of a job about each stored change (`WatchJob`). A watcher's buffer is bounded:
@@ -10,7 +10,7 @@ public final class JobEvents: Sendable {
         var next: UInt64 = 0
     }
 
-    private let state = Mutex(State())
+    private let state = Locked(State())
     /// Changes buffered per watcher.
     public let bufferSize: Int
 

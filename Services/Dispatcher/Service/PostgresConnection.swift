@@ -1,5 +1,5 @@
+import TalkMeshRPC
 import CTalkMesh
-import Synchronization
 import TalkMeshCore
 
 /// A parameter of a PostgreSQL statement: text (numbers are sent as their text), bytes (bytea,
@@ -150,7 +150,7 @@ final class PGResult {
 /// A fixed number of connections, each used by one pool thread at a time: statements run off
 /// Swift's cooperative threads, at most `size` at once, the rest queued.
 final class PostgresPool: Sendable {
-    private let connections: Mutex<[PostgresConnection]>
+    private let connections: Locked<[PostgresConnection]>
     private let threads: BlockingWorkPool
     let url: String
 
@@ -158,7 +158,7 @@ final class PostgresPool: Sendable {
         self.url = url
         var opened: [PostgresConnection] = []
         for _ in 0..<size { opened.append(try PostgresConnection(url: url)) }
-        connections = Mutex(opened)
+        connections = Locked(opened)
         threads = BlockingWorkPool(threads: size)
     }
 

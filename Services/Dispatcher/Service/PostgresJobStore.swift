@@ -1,5 +1,5 @@
+import TalkMeshRPC
 import Foundation
-import Synchronization
 import TalkMeshCore
 import TalkMeshMessages
 
@@ -20,7 +20,7 @@ public final class PostgresJobStore: JobStore {
     private let lease: Double
     private let clock: any WallClock
     /// The jobs this replica holds, with the epoch of its claim.
-    private let held = Mutex<[String: Int64]>([:])
+    private let held = Locked<[String: Int64]>([:])
     private let listener: PostgresListener
 
     /// The schema, one migration per version; all run under one advisory lock, so replicas that

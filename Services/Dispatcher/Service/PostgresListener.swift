@@ -1,5 +1,5 @@
+import TalkMeshRPC
 import CTalkMesh
-import Synchronization
 import TalkMeshCore
 
 /// A dedicated connection that LISTENs and hands every notification to its handlers, on a thread
@@ -7,7 +7,7 @@ import TalkMeshCore
 /// them): after reconnecting it says `.resynchronize`, and handlers re-read what they care about.
 final class PostgresListener: Sendable {
     private final class Handlers: Sendable {
-        let list = Mutex<[@Sendable (StoreChange) -> Void]>([])
+        let list = Locked<[@Sendable (StoreChange) -> Void]>([])
     }
 
     private let handlers = Handlers()

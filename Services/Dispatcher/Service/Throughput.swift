@@ -1,6 +1,6 @@
+import TalkMeshRPC
 import TalkMeshMessages
 
-import Synchronization
 
 /// What RunPod's own timings say about this endpoint: seconds of execution per second of audio
 /// and seconds spent queued, as moving averages over finished chunks. Polls are timed by it and
@@ -13,7 +13,7 @@ public final class Throughput: Sendable {
         public var queueDelaySeconds: Double?
     }
 
-    private let state = Mutex(Estimate())
+    private let state = Locked(Estimate())
     /// Weight of the newest sample.
     let smoothing: Double
 

@@ -1,4 +1,3 @@
-import Synchronization
 import TalkMeshMessages
 import TalkMeshRPC
 
@@ -15,7 +14,7 @@ final class JobCache: Sendable {
         let expires: Int64
     }
 
-    private let entries = Mutex<[String: Answer]>([:])
+    private let entries = Locked<[String: Answer]>([:])
     let ttlNanoseconds: Int64
     let capacity: Int
 

@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import TalkMeshRPC
 
 /// Set when a call is cancelled or its deadline passes; long loops (libav's interrupt callback
 /// among them) check it and stop promptly.
@@ -94,7 +95,7 @@ public final class BlockingWorkPool: @unchecked Sendable {
 
 /// Resumes a continuation exactly once (the job or its cancellation, whichever comes first).
 private final class ResultBox<T: Sendable>: @unchecked Sendable {
-    private let lock = Mutex<Bool>(false)
+    private let lock = Locked<Bool>(false)
     var continuation: CheckedContinuation<T, any Error>?
 
     func finish(_ result: Result<T, any Error>) {

@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import Synchronization
 
 /// One libevent loop on one thread. Everything a connection owns (its bufferevent, its nghttp2
 /// session, its streams) is touched only on its loop's thread; other threads hand work over with
@@ -11,7 +12,9 @@ public final class EventLoop: @unchecked Sendable {
     private let lock = PThreadMutex()
     private var queue: [() -> Void] = []
     private var localQueue: [() -> Void] = []
-    private var thread: pthread_t?
+    /// The thread running the loop (0 before `run()`): written by that thread, read by any
+    /// (`execute` asks whether it is on the loop), so atomic.
+    private let thread = Atomic<UInt>(0)
 
     /// Connections owned by this loop, by id (the table keeps them alive).
     var connections: [UInt64: Connection] = [:]
@@ -62,8 +65,8 @@ public final class EventLoop: @unchecked Sendable {
 
     /// True on this loop's own thread.
     var inLoop: Bool {
-        guard let thread else { return false }
-        return pthread_equal(thread, pthread_self()) != 0
+        let running = thread.load(ordering: .acquiring)
+        return running != 0 && pthread_equal(running, pthread_self()) != 0
     }
 
     /// Runs `work` on the loop's thread. From the loop's own thread it is queued without a lock
@@ -103,7 +106,7 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Runs the loop on the calling thread until `stop()`.
     func run() {
-        thread = pthread_self()
+        thread.store(pthread_self(), ordering: .releasing)
         _ = event_base_loop(base, EVLOOP_NO_EXIT_ON_EMPTY)
         runQueued()
     }
@@ -145,30 +148,5 @@ final class LoopTimer {
     deinit {
         event_del(event)
         event_free(event)
-    }
-}
-
-/// A pthread mutex (cheaper than a Foundation lock, no Foundation dependency), at a stable
-/// heap address as pthreads require.
-public final class PThreadMutex: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-
-    public init() {
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    @inline(__always) public func lock() { pthread_mutex_lock(mutex) }
-    @inline(__always) public func unlock() { pthread_mutex_unlock(mutex) }
-
-    @inline(__always) public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        lock()
-        defer { unlock() }
-        return try body()
     }
 }
