@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from test_http2_edges import Client, grpc_frame, grpc_headers, HOLD, STATS
+from test_http2_edges import Client, grpc_frame, grpc_headers, ECHO, HOLD, STATS
 from tmecho import echo_pb2
 from tmhealth import health_pb2, health_pb2_grpc
 
@@ -470,6 +470,35 @@ def test_an_http2_connection_with_a_stream_in_flight_is_not_idle(start_service):
 
 
 # 7. Smaller findings.
+
+def vm_size_bytes(service):
+    with open(f"/proc/{service.proc.pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+@pytest.mark.memory_bound
+def test_a_declared_large_message_reserves_memory_as_it_arrives(testserver):
+    """A 5-byte prefix announcing 3 MiB (under the test server's 4 MiB limit) reserves nothing up
+    front: 400 streams that send only the prefix and three bytes leave the address space within
+    256 MiB (1.2 GiB if each reserved its announced length)."""
+    client = Client(testserver)
+    client.pump(lambda: False, timeout=0.05)
+    before = vm_size_bytes(testserver)
+    for _ in range(400):
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(sid, grpc_headers(ECHO))
+        client.conn.send_data(sid, b"\x00" + struct.pack(">I", 3 << 20) + b"abc")
+    client.flush()
+    client.pump(lambda: False, timeout=0.5)
+    assert not client.headers and not client.resets  # every call is waiting for the rest of its message
+    grown = vm_size_bytes(testserver) - before
+    assert grown < 256 << 20, f"address space grew by {grown >> 20} MiB"
+    client.close()
+    assert_serving(testserver)
+
 
 def wav_with_rate(rate, channels=1, bits=16, frames=16000):
     data = b"\0" * (frames * channels * bits // 8)
