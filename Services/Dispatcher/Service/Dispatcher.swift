@@ -180,9 +180,12 @@ public actor Dispatcher {
         guard !record.isTerminal else { throw ServiceError(.jobTerminal, "job \(id) already ended \(record.status)") }
         if let runner = runners[id] {
             let ended = await runner.stop(.cancelled)
-            if ended.isTerminal { return ended.job }
-            guard let stored = try await context.store.get(id) else { throw ServiceError(.jobNotFound, "no job \(id)") }
-            record = stored
+            if ended.isTerminal {
+                record = ended
+            } else {
+                guard let stored = try await context.store.get(id) else { throw ServiceError(.jobNotFound, "no job \(id)") }
+                record = stored
+            }
         }
         // Not driven here (another replica's, or waiting for room): the stored state changes and
         // the owner's next write sees it and stops.
@@ -197,6 +200,9 @@ public actor Dispatcher {
                 record = stored
             }
         }
+        // The job may have ended on its own while the cancel was on its way (it completed, failed
+        // or timed out first): that is JOB_TERMINAL, as if the cancel had come a moment later.
+        guard record.status == .cancelled else { throw ServiceError(.jobTerminal, "job \(id) already ended \(record.status)") }
         return record.job
     }
 
