@@ -77,7 +77,7 @@ extension Gateway {
 
     /// One `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `size`; nil when unsatisfiable.
     /// (Several ranges are answered with the first.)
-    static func byteRange(_ header: String, size: Int) -> Range<Int>? {
+    package static func byteRange(_ header: String, size: Int) -> Range<Int>? {
         let text = header.trimmingCharacters(in: .whitespaces)
         guard text.lowercased().hasPrefix("bytes="), size > 0 else { return nil }
         let first = text.dropFirst(6).split(separator: ",").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""

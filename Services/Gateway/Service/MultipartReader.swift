@@ -4,7 +4,7 @@ import TalkMeshCore
 /// Reads a `multipart/form-data` body (RFC 7578) as it streams: file parts go straight into
 /// their sinks, other parts are kept as text (each up to `fieldBytes`). The delimiter is found
 /// across piece boundaries however the body was split.
-struct MultipartReader {
+package struct MultipartReader {
     private enum State { case preamble, afterDelimiter, headers, body, epilogue }
 
     private let delimiter: [UInt8]
@@ -28,7 +28,7 @@ struct MultipartReader {
         return nil
     }
 
-    init(boundary: String, form: UploadForm) {
+    package init(boundary: String, form: UploadForm) {
         delimiter = Array("\r\n--\(boundary)".utf8)
         carry = Array("\r\n".utf8)  // so a delimiter at the very start is found like the others
         self.form = form
@@ -36,7 +36,7 @@ struct MultipartReader {
 
     private func invalid(_ message: String) -> ServiceError { ServiceError(.invalidRequest, message) }
 
-    mutating func feed(_ piece: [UInt8]) throws {
+    package mutating func feed(_ piece: [UInt8]) throws {
         carry += piece
         var start = 0
         defer { carry.removeFirst(start) }
@@ -148,7 +148,7 @@ struct MultipartReader {
         text = []
     }
 
-    func finish() throws {
+    package func finish() throws {
         guard state == .epilogue else { throw invalid("the multipart body ended before its closing boundary") }
     }
 }

@@ -4,7 +4,7 @@ import TalkMeshCore
 
 /// A job-creation request's body as read: the two files (in scratch files, sniffed) and the
 /// small fields, whatever the encoding.
-final class UploadForm {
+package final class UploadForm {
     var image: UploadSink?
     var audio: UploadSink?
     /// Small fields: JSON values (JSON bodies) or text (multipart).
@@ -12,7 +12,7 @@ final class UploadForm {
     let store: any BlobStore
     let limits: UploadLimits
 
-    init(store: any BlobStore, limits: UploadLimits) {
+    package init(store: any BlobStore, limits: UploadLimits) {
         self.store = store
         self.limits = limits
     }
@@ -29,7 +29,7 @@ final class UploadForm {
     }
 
     /// Removes whatever was uploaded (the request failed).
-    func discard() {
+    package func discard() {
         image?.discard()
         audio?.discard()
     }
@@ -48,7 +48,7 @@ public struct UploadLimits: Sendable {
 /// Reads a JSON object body as it streams: the base64 file fields are decoded straight into
 /// their sinks, any other member is kept (up to `fieldBytes` of JSON) and parsed at the end.
 /// Unknown members are ignored; anything not a JSON object is INVALID_REQUEST.
-struct JSONUploadReader {
+package struct JSONUploadReader {
     private enum State {
         case start, keyOrEnd, key, inKey, colon, value, afterValue, done
         case fileString(escape: Bool)
@@ -67,13 +67,13 @@ struct JSONUploadReader {
     private var decoded: [UInt8] = []
     private let form: UploadForm
 
-    init(form: UploadForm) {
+    package init(form: UploadForm) {
         self.form = form
     }
 
     private func invalid(_ message: String) -> ServiceError { ServiceError(.invalidRequest, message) }
 
-    mutating func feed(_ piece: [UInt8]) throws {
+    package mutating func feed(_ piece: [UInt8]) throws {
         try piece.withUnsafeBufferPointer { bytes in
             var index = 0
             while index < bytes.count {
@@ -238,7 +238,7 @@ struct JSONUploadReader {
         sink = nil
     }
 
-    func finish() throws {
+    package func finish() throws {
         guard case .done = state else { throw invalid("the JSON body ended before the object did") }
     }
 }

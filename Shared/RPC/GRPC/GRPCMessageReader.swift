@@ -3,8 +3,8 @@ import TalkMeshMessages
 /// Reassembles length-prefixed gRPC messages (1-byte compressed flag, 4-byte big-endian length)
 /// from DATA frames of any size, refusing a message over the limit as soon as its prefix arrives,
 /// so the excess is never buffered.
-struct GRPCMessageReader {
-    enum Failure: Error, Equatable {
+package struct GRPCMessageReader {
+    package enum Failure: Error, Equatable {
         /// The prefix announced more than the limit.
         case tooLarge(announced: Int, limit: Int)
         /// The compressed flag was set, and this server negotiates no compression.
@@ -20,7 +20,7 @@ struct GRPCMessageReader {
     /// Complete messages after the first.
     private var later: [[UInt8]] = []
 
-    init(maxMessageBytes: Int) {
+    package init(maxMessageBytes: Int) {
         self.maxMessageBytes = maxMessageBytes
     }
 
@@ -31,7 +31,7 @@ struct GRPCMessageReader {
     var hasPartialMessage: Bool { !header.isEmpty || expected >= 0 }
 
     /// Takes the messages completed so far.
-    mutating func takeMessages() -> [[UInt8]] {
+    package mutating func takeMessages() -> [[UInt8]] {
         defer { firstMessage = nil; later.removeAll() }
         return firstMessage.map { [$0] + later } ?? []
     }
@@ -41,7 +41,7 @@ struct GRPCMessageReader {
     }
 
     /// Feeds received bytes.
-    mutating func append(_ bytes: UnsafeBufferPointer<UInt8>) throws(Failure) {
+    package mutating func append(_ bytes: UnsafeBufferPointer<UInt8>) throws(Failure) {
         var index = 0
         // Fast path: whole messages inside this chunk, no partial state to join.
         while expected < 0 && header.isEmpty && bytes.count - index >= 5 {

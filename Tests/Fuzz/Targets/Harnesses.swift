@@ -1,10 +1,10 @@
 import Glibc
 import Logging
-@testable import TalkMeshAudioService
+import TalkMeshAudioService
 import TalkMeshCore
-@testable import TalkMeshGatewayService
+import TalkMeshGatewayService
 import TalkMeshMessages
-@testable import TalkMeshRPC
+import TalkMeshRPC
 
 /// A scratch directory for the process, removed at exit.
 enum Scratch {

@@ -1,11 +1,11 @@
 import Glibc
-@testable import TalkMeshAudioService
+import TalkMeshAudioService
 import TalkMeshCore
-@testable import TalkMeshDispatcherService
-@testable import TalkMeshGatewayService
-@testable import TalkMeshMediaService
+import TalkMeshDispatcherService
+import TalkMeshGatewayService
+import TalkMeshMediaService
 import TalkMeshMessages
-@testable import TalkMeshRPC
+import TalkMeshRPC
 
 enum FuzzTargets {
     /// The target this process runs (libFuzzer's callback is a C function pointer: no context).
