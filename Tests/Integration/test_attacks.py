@@ -24,12 +24,17 @@ def assert_serving(service):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def rss_bytes(service):
+def status_bytes(service, field):
+    """A size from /proc/<pid>/status (`VmRSS`, `VmSize`), in bytes."""
     with open(f"/proc/{service.proc.pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
+
+
+def rss_bytes(service):
+    return status_bytes(service, "VmRSS")
 
 
 def send_body(client, sid, data, end_stream=False, timeout=10):
@@ -471,14 +476,6 @@ def test_an_http2_connection_with_a_stream_in_flight_is_not_idle(start_service):
 
 # 7. Smaller findings.
 
-def vm_size_bytes(service):
-    with open(f"/proc/{service.proc.pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmSize")
-
-
 @pytest.mark.memory_bound
 def test_a_declared_large_message_reserves_memory_as_it_arrives(testserver):
     """A 5-byte prefix announcing 3 MiB (under the test server's 4 MiB limit) reserves nothing up
@@ -486,7 +483,7 @@ def test_a_declared_large_message_reserves_memory_as_it_arrives(testserver):
     256 MiB (1.2 GiB if each reserved its announced length)."""
     client = Client(testserver)
     client.pump(lambda: False, timeout=0.05)
-    before = vm_size_bytes(testserver)
+    before = status_bytes(testserver, "VmSize")
     for _ in range(400):
         sid = client.conn.get_next_available_stream_id()
         client.conn.send_headers(sid, grpc_headers(ECHO))
@@ -494,7 +491,7 @@ def test_a_declared_large_message_reserves_memory_as_it_arrives(testserver):
     client.flush()
     client.pump(lambda: False, timeout=0.5)
     assert not client.headers and not client.resets  # every call is waiting for the rest of its message
-    grown = vm_size_bytes(testserver) - before
+    grown = status_bytes(testserver, "VmSize") - before
     assert grown < 256 << 20, f"address space grew by {grown >> 20} MiB"
     client.close()
     assert_serving(testserver)
