@@ -11,7 +11,15 @@ import Glibc
 struct FuzzMain {
     static func main() {
         let arguments = CommandLine.arguments
-        guard arguments.count >= 2, let target = FuzzTargets.all[arguments[1]] else {
+        #if FUZZING
+        // libFuzzer re-executes argv[0] with its own arguments (-merge, -fork): the target travels in
+        // the environment, and libFuzzer is given the real program name and the arguments after the target.
+        let inherited = getenv("TALKMESH_FUZZ_TARGET").map { String(cString: $0) }
+        let name = inherited ?? (arguments.count >= 2 ? arguments[1] : "")
+        #else
+        let name = arguments.count >= 2 ? arguments[1] : ""
+        #endif
+        guard let target = FuzzTargets.all[name] else {
             let names = FuzzTargets.all.keys.sorted().joined(separator: ", ")
             standardError("usage: talkmesh-fuzz <target> [inputs or libFuzzer flags]\ntargets: \(names)\n")
             exit(64)
@@ -19,9 +27,17 @@ struct FuzzMain {
         FuzzTargets.selected = target
         target.setUp?()
         #if FUZZING
-        // libFuzzer sees the target's name as its program name and parses the rest.
-        var argc = CommandLine.argc - 1
-        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv + 1
+        var argc = CommandLine.argc
+        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
+        if inherited == nil {
+            setenv("TALKMESH_FUZZ_TARGET", name, 1)
+            let rewritten = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: Int(argc))  // lives as long as the process
+            rewritten[0] = CommandLine.unsafeArgv[0]
+            for index in 2..<Int(argc) { rewritten[index - 1] = CommandLine.unsafeArgv[index] }
+            rewritten[Int(argc) - 1] = nil
+            argc -= 1
+            argv = rewritten
+        }
         exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
             FuzzTargets.selected!.run(UnsafeBufferPointer(start: data, count: size))
             return 0
