@@ -1,7 +1,7 @@
-import TalkMeshRPC
 import Foundation
 import TalkMeshCore
 import TalkMeshMessages
+import TalkMeshRPC
 
 /// The shared `JobStore`: any number of Dispatcher replicas on one PostgreSQL database.
 ///

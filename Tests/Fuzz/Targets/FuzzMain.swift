@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshCore
 
 /// `talkmesh-fuzz <target> …`: one binary for every fuzz target.
 ///
@@ -46,7 +47,13 @@ struct FuzzMain {
         var count = 0
         for path in arguments.dropFirst(2) {
             for file in files(at: path) {
-                let bytes = read(file)
+                let bytes: [UInt8]
+                do {
+                    bytes = try FileBlobStore.readAll(file)
+                } catch {
+                    standardError("talkmesh-fuzz: cannot read \(file): \(error)\n")
+                    exit(66)
+                }
                 bytes.withUnsafeBufferPointer { target.run($0) }
                 count += 1
             }
@@ -72,19 +79,6 @@ struct FuzzMain {
             if !name.hasPrefix(".") { names.append("\(path)/\(name)") }
         }
         return names.sorted()
-    }
-
-    static func read(_ path: String) -> [UInt8] {
-        guard let file = fopen(path, "rb") else { return [] }
-        defer { fclose(file) }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = fread(&buffer, 1, buffer.count, file)
-            if count <= 0 { break }
-            bytes += buffer[0..<count]
-        }
-        return bytes
     }
 }
 
