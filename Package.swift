@@ -45,7 +45,7 @@ let package = Package(
             dependencies: ["CTalkMesh", "TalkMeshMessages", .product(name: "Logging", package: "swift-log")],
             path: "Shared/RPC",
             swiftSettings: runtimeSwiftSettings),
-        .target(name: "TalkMeshCore", dependencies: ["TalkMeshRPC"], path: "Shared/Core"),
+        .target(name: "TalkMeshCore", dependencies: ["CTalkMesh", "TalkMeshRPC"], path: "Shared/Core"),
         .target(name: "TalkMeshLibAV", dependencies: ["CTalkMesh", "TalkMeshCore", "TalkMeshRPC"], path: "Shared/LibAV"),
         .target(
             name: "TalkMeshService",

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CTalkMesh
 import Foundation
+import TalkMeshCore
 import TalkMeshGatewayService
 import TalkMeshService
 
@@ -208,7 +209,7 @@ struct MeshPlan {
         let keyPath = dataDir + "/dev-api-key", keysPath = dataDir + "/api-keys.json"
         var keys = FileManager.default.fileExists(atPath: keysPath) ? try APIKeyFile.load(keysPath) : []
         if let stored = try? String(contentsOfFile: keyPath, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
-           keys.contains(where: { $0.name == "development" && !$0.revoked && $0.sha256 == sha256Hex(stored) }) {
+           keys.contains(where: { $0.name == "development" && !$0.revoked && $0.sha256 == Digest.sha256Hex(stored) }) {
             return stored
         }
         let (secret, record) = try APIKeyFile.newKey(name: "development", rate: 100, burst: 200, jobRate: 5, jobBurst: 20, maxActiveJobs: 20)

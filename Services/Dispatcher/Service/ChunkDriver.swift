@@ -103,7 +103,8 @@ struct ChunkDriver {
     /// The resized image and the chunk's audio, as RunPod's worker takes them.
     private func readInput(_ chunk: JobChunk, job: Job) async throws -> InfiniteTalkInput {
         let image = try await runner.imageBase64()
-        let wav = try context.blobs.get(try BlobKey(chunk.audioKey))
+        let key = try BlobKey(chunk.audioKey)
+        let wav = try await context.blobIO.run { [blobs = context.blobs] _ in try blobs.get(key) }
         return InfiniteTalkInput(prompt: job.prompt, imageBase64: image, wav: wav, width: Int(job.width), height: Int(job.height))
     }
 
@@ -121,7 +122,7 @@ struct ChunkDriver {
                                         audioSeconds: chunk.durationSec, estimate: context.throughput.estimate, previous: previousWait)
         case .completed where status.failure == nil:
             let key = "jobs/\((await runner.record).id)/parts/\(String(format: "%04d", index)).mp4"
-            try await context.runpod.storeVideo(of: status, in: context.blobs, as: try BlobKey(key))
+            try await context.runpod.storeVideo(of: status, in: context.blobs, as: try BlobKey(key), io: context.blobIO)
             let delay = Int64(status.delayTimeMs ?? 0), execution = Int64(status.executionTimeMs ?? 0)
             context.throughput.record(audioSeconds: chunk.durationSec, queueDelayMs: delay, executionMs: execution)
             context.counters.count(event: "chunks_completed")

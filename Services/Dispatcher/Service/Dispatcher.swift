@@ -133,7 +133,8 @@ public actor Dispatcher {
     public func create(_ request: CreateJobRequest, traceparent: String) async throws -> Job {
         try Self.validate(request)
         for key in [request.imageKey, request.audioKey] {
-            guard try context.blobs.exists(try BlobKey(key)) else {
+            let blob = try BlobKey(key)
+            guard try await context.blobIO.run({ [blobs = context.blobs] _ in try blobs.exists(blob) }) else {
                 throw ServiceError(.notFound, "no blob \(key)")
             }
         }

@@ -29,6 +29,8 @@ public struct DispatcherContext: Sendable {
     public var configuration: DispatcherConfiguration
     public var store: any JobStore
     public var blobs: any BlobStore
+    /// Blob calls block (S3 is a network call): they run on these threads, off Swift's pool.
+    public var blobIO = BlockingWorkPool(threads: 4)
     public var media: RPCClient
     public var audio: RPCClient
     public var runpod: RunPodClient

@@ -197,7 +197,10 @@ public actor JobRunner {
     /// the stitch then encodes the original itself.
     private func encodeAudioTrack() async -> String? {
         let job = record.job
-        if !job.encodedAudioKey.isEmpty, (try? context.blobs.exists(try BlobKey(job.encodedAudioKey))) == true { return job.encodedAudioKey }
+        if !job.encodedAudioKey.isEmpty, let key = try? BlobKey(job.encodedAudioKey),
+           (try? await context.blobIO.run({ [blobs = context.blobs] _ in try blobs.exists(key) })) == true {
+            return job.encodedAudioKey
+        }
         var request = EncodeAudioRequest()
         request.audioKey = job.audioKey
         request.outputKey = "jobs/\(job.id)/audio.m4a"
@@ -309,17 +312,21 @@ public actor JobRunner {
         var keys = record.chunks.flatMap { [$0.audioKey, $0.videoKey] }
         keys += [record.job.resizedImageKey, record.job.encodedAudioKey]
         for key in keys where !key.isEmpty {
-            do { try context.blobs.delete(try BlobKey(key)) } catch {
+            do {
+                let blob = try BlobKey(key)
+                try await context.blobIO.run { [blobs = context.blobs] _ in try blobs.delete(blob) }
+            } catch {
                 logger.warning("could not delete an intermediate blob", metadata: ["key": "\(key)", "error": "\(error)"])
             }
         }
     }
 
     /// The resized image as every chunk's `/run` sends it.
-    func imageBase64() throws -> String {
+    func imageBase64() async throws -> String {
         let key = record.job.resizedImageKey
         if let encodedImage, encodedImage.key == key { return encodedImage.base64 }
-        let base64 = Data(try context.blobs.get(try BlobKey(key))).base64EncodedString()
+        let blob = try BlobKey(key)
+        let base64 = try await context.blobIO.run { [blobs = context.blobs] _ in Data(try blobs.get(blob)).base64EncodedString() }
         encodedImage = (key, base64)
         return base64
     }

@@ -91,7 +91,7 @@ public struct RunPodClient: Sendable {
 
     /// Stores a COMPLETED job's video under `key`: base64 decoded in slices into a scratch file (the
     /// decoded video is never whole in memory), a URL downloaded, a volume path read.
-    public func storeVideo(of job: RunPodJob, in store: any BlobStore, as key: BlobKey) async throws {
+    public func storeVideo(of job: RunPodJob, in store: any BlobStore, as key: BlobKey, io: BlockingWorkPool? = nil) async throws {
         if let failure = job.failure { throw failure }
         guard let video = job.video else { throw ServiceError(.runpodResultMissing, "job \(job.id) has no video") }
         let scratch = try store.scratchPath(suffix: ".mp4")
@@ -123,7 +123,11 @@ public struct RunPodClient: Sendable {
             let local = volume + "/" + path.split(separator: "/").dropFirst(path.hasPrefix("/runpod-volume") ? 1 : 0).joined(separator: "/")
             try FileBlobStore.writeAll(scratch, try FileBlobStore.readAll(local))
         }
-        try store.store(key, fromFile: scratch)
+        if let io {
+            try await io.run { _ in try store.store(key, fromFile: scratch) }
+        } else {
+            try store.store(key, fromFile: scratch)
+        }
     }
 
     // MARK: Transport

@@ -26,6 +26,7 @@ struct GatewayCommand: ParsableCommand {
               REDIS_URL                  --redis-url                  redis://[:password@]host[:port][/db]: rate limits shared by every replica (default none: per process)
               REDIS_TIMEOUT_MS           --redis-timeout-ms           time box of each Redis call; past it this replica's own limits apply (default 50)
               JOB_CACHE_TTL              --job-cache-ttl              how long a GET /v1/jobs/{id} answer is reused; 0 = never (default 500ms)
+              VIDEO_URL_TTL              --video-url-ttl              how long a presigned video URL works, S3 stores only (default 6h)
             """)
 
     @OptionGroup var options: ServiceOptions
@@ -40,6 +41,7 @@ struct GatewayCommand: ParsableCommand {
     @Option(help: "Redis for rate limits shared by every replica (env REDIS_URL).") var redisUrl: String?
     @Option(help: "Time box of each Redis call, ms (env REDIS_TIMEOUT_MS, default 50).") var redisTimeoutMs: String?
     @Option(help: "How long a job answer is reused (env JOB_CACHE_TTL, default 500ms; 0 = never).") var jobCacheTtl: String?
+    @Option(help: "How long a presigned video URL works (env VIDEO_URL_TTL, default 6h; S3 stores only).") var videoUrlTtl: String?
 
     static func main() { mainExitingTwoOnError() }
 
@@ -54,6 +56,11 @@ struct GatewayCommand: ParsableCommand {
             guard configuration.jobCacheTTLNanoseconds <= 60_000_000_000 else {
                 throw ServiceOptions.InvalidSetting(description: "JOB_CACHE_TTL: at most 60s")
             }
+            let urlTTL = try settings.duration(videoUrlTtl, "VIDEO_URL_TTL", 6 * 3_600_000_000_000)
+            guard urlTTL >= 1_000_000_000 && urlTTL <= 7 * 86_400_000_000_000 else {
+                throw ServiceOptions.InvalidSetting(description: "VIDEO_URL_TTL: from 1s to 7 days (S3's longest presigned URL)")
+            }
+            configuration.videoURLSeconds = Int(urlTTL / 1_000_000_000)
             configuration.maxAudioSeconds = Double(try settings.integer(maxAudioSec, "MAX_AUDIO_SEC", 1800, 1...86_400))
             configuration.corsOrigins = Set((settings.string(corsOrigins, "CORS_ORIGINS") ?? "").split(separator: ",")
                 .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })

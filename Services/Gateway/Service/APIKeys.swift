@@ -80,10 +80,10 @@ public enum APIKeyFile {
     /// A new key: the secret to hand out once, and its record (which holds only the hash).
     public static func newKey(name: String, rate: Double, burst: Double, jobRate: Double, jobBurst: Double,
                               maxActiveJobs: Int) throws -> (secret: String, record: APIKey) {
-        let id = "key_" + hex(try randomBytes(6))
-        let secret = "tmk_" + hex(try randomBytes(24))
+        let id = "key_" + Hex.encode(try randomBytes(6))
+        let secret = "tmk_" + Hex.encode(try randomBytes(24))
         let formatter = ISO8601DateFormatter()
-        return (secret, APIKey(id: id, name: name, sha256: sha256Hex(secret), rate: rate, burst: burst, jobRate: jobRate,
+        return (secret, APIKey(id: id, name: name, sha256: Digest.sha256Hex(secret), rate: rate, burst: burst, jobRate: jobRate,
                                jobBurst: jobBurst, maxActiveJobs: maxActiveJobs, createdAt: formatter.string(from: Date())))
     }
 
@@ -92,21 +92,6 @@ public enum APIKeyFile {
         guard RAND_bytes(&bytes, Int32(count)) == 1 else { throw ServiceError(.internalError, "RAND_bytes failed") }
         return bytes
     }
-}
-
-func hex(_ bytes: some Sequence<UInt8>) -> String {
-    let digits = Array("0123456789abcdef".utf8)
-    var out: [UInt8] = []
-    for byte in bytes { out += [digits[Int(byte >> 4)], digits[Int(byte & 0xF)]] }
-    return String(decoding: out, as: UTF8.self)
-}
-
-/// Lower-case hex SHA-256 of a string's UTF-8.
-public func sha256Hex(_ text: String) -> String {
-    var digest = [UInt8](repeating: 0, count: Int(SHA256_DIGEST_LENGTH))
-    let bytes = Array(text.utf8)
-    _ = bytes.withUnsafeBufferPointer { SHA256($0.baseAddress, $0.count, &digest) }
-    return hex(digest)
 }
 
 /// The keys the Gateway accepts, reloaded when the file changes (checked each second) or on
@@ -148,16 +133,11 @@ public final class KeyRing: @unchecked Sendable {
     /// The key a presented secret belongs to, or nil. Every stored hash is compared, each in
     /// constant time, so the time taken says nothing about which or how much matched.
     public func authenticate(_ secret: String) -> APIKey? {
-        var presented = [UInt8](repeating: 0, count: Int(SHA256_DIGEST_LENGTH))
-        var text = secret
-        _ = text.withUTF8 { SHA256($0.baseAddress, $0.count, &presented) }
+        let presented = Digest.sha256(Array(secret.utf8))
         let (candidates, stored) = lock.withLock { (keys, digests) }
         var found: APIKey?
-        for (key, digest) in zip(candidates, stored) where digest.count == presented.count {
-            let same = digest.withUnsafeBufferPointer { a in
-                presented.withUnsafeBufferPointer { b in CRYPTO_memcmp(a.baseAddress, b.baseAddress, a.count) == 0 }
-            }
-            if same && !key.revoked { found = key }
+        for (key, digest) in zip(candidates, stored) where Digest.constantTimeEqual(digest, presented) && !key.revoked {
+            found = key
         }
         return found
     }

@@ -17,6 +17,10 @@ public struct GatewayConfiguration: Sendable {
     public var maxInlineVideoBytes = 64 << 20
     /// How long a `GET /v1/jobs/{id}` answer is reused (JOB_CACHE_TTL; 0: never).
     public var jobCacheTTLNanoseconds: Int64 = 500_000_000
+    /// How long a presigned video URL stays valid (VIDEO_URL_TTL; S3 stores only).
+    public var videoURLSeconds = 6 * 3600
+    /// Threads for blob calls (uploads moved in, downloads, inline videos).
+    public var blobThreads = 4
     public init() {}
 }
 
@@ -38,9 +42,13 @@ public final class Gateway: Sendable {
     let keys: KeyRing
     let limiter: any RateLimiter
     let blobs: any BlobStore
+    /// Blob calls block (S3 is a network call): they run here, never on an event loop.
+    let blobIO: BlockingWorkPool
     let dispatcher: RPCClient
     let logger: Logger
     let jobCache: JobCache
+    /// A completed job's presigned video URL when the store has them (S3).
+    let videoURL: JobJSON.VideoURL
 
     /// Paths served without a key.
     static let openPaths: Set<String> = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/health"]
@@ -51,9 +59,15 @@ public final class Gateway: Sendable {
         self.keys = keys
         self.limiter = limiter
         self.blobs = blobs
+        blobIO = BlockingWorkPool(threads: configuration.blobThreads)
         self.dispatcher = dispatcher
         self.logger = logger
-        jobCache = JobCache(ttlNanoseconds: configuration.jobCacheTTLNanoseconds)
+        let seconds = configuration.videoURLSeconds
+        videoURL = { job in
+            guard let key = try? BlobKey(job.videoKey), let url = blobs.presignedURL(key, expiresSeconds: seconds) else { return nil }
+            return (url, (Int64(time(nil)) + Int64(seconds)) * 1000)
+        }
+        jobCache = JobCache(ttlNanoseconds: configuration.jobCacheTTLNanoseconds, videoURL: videoURL)
     }
 
     /// Adds the routes and the interceptor chain.

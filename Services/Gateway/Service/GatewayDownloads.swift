@@ -11,7 +11,7 @@ extension Gateway {
             guard job.status == .completed, !job.videoKey.isEmpty else {
                 throw ServiceError(.jobNotCompleted, "job \(job.id) is \(JobJSON.status(job.status)); the video exists once it is completed")
             }
-            return try video(job, request)
+            return try await video(job, request)
         }
         router.add("GET", "/v1/jobs/{id}/events") { [self] request in
             let job = try await ownJob(request.pathParameters["id"] ?? "")
@@ -22,21 +22,16 @@ extension Gateway {
     // MARK: Video
 
     /// The MP4 streamed from the BlobStore with an ETag, `Range` (one range → 206) and
-    /// `If-None-Match` (→ 304).
-    private func video(_ job: Job, _ request: HTTPRequest) throws -> HTTPResponse {
+    /// `If-None-Match` (→ 304): read slice by slice on the blob threads, so a download holds
+    /// one slice of memory whatever the video's size, on either store.
+    private func video(_ job: Job, _ request: HTTPRequest) async throws -> HTTPResponse {
         let key = try BlobKey(job.videoKey)
-        // The file is opened now: the descriptor keeps it readable whatever happens to the path.
-        let (fd, size) = try blobs.withLocalFile(key) { path -> (Int32, Int) in
-            let fd = open(path, O_RDONLY | O_CLOEXEC)
-            var info = stat()
-            guard fd >= 0, fstat(fd, &info) == 0 else {
-                if fd >= 0 { close(fd) }
-                throw ServiceError(.storageFailed, "cannot open the video", cause: String(cString: strerror(errno)))
-            }
-            return (fd, Int(info.st_size))
+        let blobs = self.blobs, blobIO = self.blobIO
+        guard let info = try await blobIO.run({ _ in try blobs.info(key) }) else {
+            throw ServiceError(.notFound, "the video of job \(job.id) is gone")
         }
-        let descriptor = FileDescriptor(fd)
-        let etag = "\"\(sha256Hex(job.videoKey + ":\(size)").prefix(32))\""
+        let size = info.size
+        let etag = "\"\(Digest.sha256Hex(job.videoKey + ":\(size):" + info.etag).prefix(32))\""
         var headers: [(name: String, value: String)] = [("content-type", "video/mp4"), ("etag", etag), ("accept-ranges", "bytes"),
                                                         ("cache-control", "private, max-age=3600")]
         if let match = request.header("if-none-match"), match.split(separator: ",").contains(where: {
@@ -61,19 +56,20 @@ extension Gateway {
         var response = HTTPResponse(status: status, headers: headers)
         let sent = range
         response.streamBody = { writer in
-            let range = sent
-            var offset = range.lowerBound
-            var buffer = [UInt8](repeating: 0, count: 64 << 10)
-            while offset < range.upperBound {
-                let want = min(buffer.count, range.upperBound - offset)
-                let read = buffer.withUnsafeMutableBytes { pread(descriptor.fd, $0.baseAddress!, want, off_t(offset)) }
-                guard read > 0 else { throw ServiceError(.storageFailed, "the video ended early") }
-                try await writer.write(Array(buffer[0..<read]))
-                offset += read
+            var offset = sent.lowerBound
+            while offset < sent.upperBound {
+                let slice = offset..<min(sent.upperBound, offset + Self.videoSlice)
+                let bytes = try await blobIO.run { _ in try blobs.read(key, range: slice) }
+                guard !bytes.isEmpty else { throw ServiceError(.storageFailed, "the video ended early") }
+                try await writer.write(bytes)
+                offset += bytes.count
             }
         }
         return response
     }
+
+    /// Bytes read from the store per step of a download.
+    static let videoSlice = 1 << 20
 
     /// One `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `size`; nil when unsatisfiable.
     /// (Several ranges are answered with the first.)
@@ -133,11 +129,4 @@ extension Gateway {
         }
         return response
     }
-}
-
-/// A file descriptor closed when the last reference goes (a streamed download owns it).
-final class FileDescriptor: Sendable {
-    let fd: Int32
-    init(_ fd: Int32) { self.fd = fd }
-    deinit { close(fd) }
 }

@@ -19,7 +19,8 @@ extension Gateway {
             create.owner = key.id
             let folder = Self.uploadFolder(of: key)
             for (field, blob) in [("image_key", create.imageKey), ("audio_key", create.audioKey)] {
-                guard blob.hasPrefix(folder), !blob.contains(".."), (try? blobs.exists(try BlobKey(blob))) == true else {
+                let exists = try? await blobIO.run { [blobs] _ in try blobs.exists(try BlobKey(blob)) }
+                guard blob.hasPrefix(folder), !blob.contains(".."), exists == true else {
                     throw ServiceError(.invalidArgument, "\(field) must name one of this key's uploads (the \(field) of one of its jobs)")
                 }
             }

@@ -19,10 +19,10 @@ extension Gateway {
                 return HTTPResponse(status: 200, headers: [("content-type", "application/json")], body: answer.body)
             }
             let job = try await ownJob(request.pathParameters["id"] ?? "")
-            var object = JobJSON.object(job)
+            var object = JobJSON.object(job, videoURL: videoURL)
             if include.contains("chunks") { object["chunk_list"] = JobJSON.chunkList(job) }
             if include.contains("video_base64"), job.status == .completed {
-                object["video_base64"] = try inlineVideo(job)
+                object["video_base64"] = try await inlineVideo(job)
             }
             return JobJSON.response(200, object)
         }
@@ -62,12 +62,15 @@ extension Gateway {
         do {
             try await read(request, into: form)
             let create = try validated(form, request: request, key: key, defaultSize: defaultSize)
+            try await storeUploads(form, image: try BlobKey(create.imageKey), audio: try BlobKey(create.audioKey))
             var response = try await dispatcher.unary(DispatcherService.createJob, create, options: CallOptions(timeoutNanoseconds: 30_000_000_000))
             guard let job = response.job.take() else { throw ServiceError(.internalError, "CreateJob answered without a job") }
             if job.imageKey != create.imageKey {
                 // The idempotency key named an existing job: it keeps its own inputs.
-                try? blobs.delete(try BlobKey(create.imageKey))
-                try? blobs.delete(try BlobKey(create.audioKey))
+                _ = try? await blobIO.run { [blobs] _ in
+                    try blobs.delete(try BlobKey(create.imageKey))
+                    try blobs.delete(try BlobKey(create.audioKey))
+                }
             }
             return job
         } catch {
@@ -94,7 +97,7 @@ extension Gateway {
         let plain = !key.id.isEmpty && key.id.utf8.count <= 64 && key.id.utf8.allSatisfy {
             ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x5F || $0 == 0x2D
         }
-        return "uploads/" + (plain ? key.id : String(sha256Hex(key.id).prefix(32))) + "/"
+        return "uploads/" + (plain ? key.id : String(Digest.sha256Hex(key.id).prefix(32))) + "/"
     }
 
     /// Unfinished jobs of `owner`, counted up to `limit`.
@@ -129,7 +132,23 @@ extension Gateway {
         }
     }
 
-    /// The CreateJob request from a complete form; the files are moved into the BlobStore last.
+    /// Moves both uploads into the BlobStore (on the blob threads); if the audio fails, the image
+    /// goes too, and no scratch file outlives the call.
+    private func storeUploads(_ form: UploadForm, image imageKey: BlobKey, audio audioKey: BlobKey) async throws {
+        guard let imagePath = form.image?.handOver(), let audioPath = form.audio?.handOver() else {
+            throw ServiceError(.internalError, "the uploads were handed over twice")
+        }
+        try await blobIO.run { [blobs] _ in
+            defer { unlink(imagePath); unlink(audioPath) }  // already gone once stored
+            try blobs.store(imageKey, fromFile: imagePath)
+            do { try blobs.store(audioKey, fromFile: audioPath) } catch {
+                try? blobs.delete(imageKey)
+                throw error
+            }
+        }
+    }
+
+    /// The CreateJob request from a complete form (the files are moved into the BlobStore after).
     private func validated(_ form: UploadForm, request: HTTPRequest, key: APIKey, defaultSize: (width: Int, height: Int)?) throws -> CreateJobRequest {
         let fields = FormFields(form.fields)
         var create = CreateJobRequest()
@@ -165,11 +184,6 @@ extension Gateway {
         let folder = Self.uploadFolder(of: key) + Self.newRequestID()
         let imageKey = try BlobKey("\(folder)/image.\(image.format ?? "bin")")
         let audioKey = try BlobKey("\(folder)/audio.\(audio.format ?? "bin")")
-        try image.store(under: imageKey)
-        do { try audio.store(under: audioKey) } catch {
-            try? blobs.delete(imageKey)
-            throw error
-        }
         create.imageKey = imageKey.rawValue
         create.audioKey = audioKey.rawValue
         return create
@@ -196,19 +210,20 @@ extension Gateway {
             list.status = status
         }
         let page = try await dispatcher.unary(DispatcherService.listJobs, list, options: CallOptions(timeoutNanoseconds: 10_000_000_000))
-        var body: [String: Any] = ["jobs": page.jobs.map(JobJSON.object)]
+        var body: [String: Any] = ["jobs": page.jobs.map { JobJSON.object($0, videoURL: videoURL) }]
         body["next_page_token"] = page.nextPageToken.isEmpty ? NSNull() : page.nextPageToken
         return JobJSON.response(200, body)
     }
 
-    func inlineVideo(_ job: Job) throws -> String {
+    func inlineVideo(_ job: Job) async throws -> String {
         let key = try BlobKey(job.videoKey)
-        return try blobs.withLocalFile(key) { path in
-            var info = stat()
-            guard stat(path, &info) == 0, Int(info.st_size) <= configuration.maxInlineVideoBytes else {
+        let limit = configuration.maxInlineVideoBytes
+        return try await blobIO.run { [blobs] _ in
+            guard let info = try blobs.info(key) else { throw ServiceError(.notFound, "the video of job \(job.id) is gone") }
+            guard info.size <= limit else {
                 throw ServiceError(.payloadTooLarge, "the video is too large to inline; download it from /v1/jobs/\(job.id)/video")
             }
-            return Data(try FileBlobStore.readAll(path)).base64EncodedString()
+            return Data(try blobs.get(key)).base64EncodedString()
         }
     }
 }

@@ -17,10 +17,12 @@ final class JobCache: Sendable {
     private let entries = Locked<[String: Answer]>([:])
     let ttlNanoseconds: Int64
     let capacity: Int
+    let videoURL: JobJSON.VideoURL?
 
-    init(ttlNanoseconds: Int64, capacity: Int = 10_000) {
+    init(ttlNanoseconds: Int64, capacity: Int = 10_000, videoURL: JobJSON.VideoURL? = nil) {
         self.ttlNanoseconds = ttlNanoseconds
         self.capacity = capacity
+        self.videoURL = videoURL
     }
 
     var enabled: Bool { ttlNanoseconds > 0 }
@@ -42,7 +44,7 @@ final class JobCache: Sendable {
     /// Stores `job` (and its encoded answer), unless a newer version is already there.
     @discardableResult
     func store(_ job: Job) -> Answer {
-        let answer = Answer(job: job, body: JobJSON.data(JobJSON.object(job)), expires: MonotonicClock.nanoseconds() + ttlNanoseconds)
+        let answer = Answer(job: job, body: JobJSON.data(JobJSON.object(job, videoURL: videoURL)), expires: MonotonicClock.nanoseconds() + ttlNanoseconds)
         guard enabled else { return answer }
         entries.withLock { entries in
             if let held = entries[job.id], held.job.version > job.version { return }

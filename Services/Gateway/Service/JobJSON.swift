@@ -52,7 +52,10 @@ enum JobJSON {
     }
 
     /// `GET /v1/jobs/{id}`'s body (and each item of the list, and each SSE event).
-    static func object(_ job: Job) -> [String: Any] {
+    /// A presigned video URL and when it expires (S3 stores).
+    typealias VideoURL = @Sendable (Job) -> (url: String, expiresUnixMs: Int64)?
+
+    static func object(_ job: Job, videoURL: VideoURL? = nil) -> [String: Any] {
         var chunks = ["total": job.chunks.count, "completed": 0, "running": 0, "failed": 0]
         for chunk in job.chunks {
             switch chunk.status {
@@ -71,8 +74,13 @@ enum JobJSON {
         if let error = job.error, !error.code.isEmpty { object["error"] = ["code": error.code, "message": error.message] }
         if job.completedAtUnixMs > 0 { object["completed_at"] = time(job.completedAtUnixMs) }
         if job.status == .completed && !job.videoKey.isEmpty {
-            object["video"] = ["url": "/v1/jobs/\(job.id)/video", "duration_sec": job.durationSec,
-                               "width": Int(job.width), "height": Int(job.height)]
+            var video: [String: Any] = ["url": "/v1/jobs/\(job.id)/video", "duration_sec": job.durationSec,
+                                        "width": Int(job.width), "height": Int(job.height)]
+            if let presigned = videoURL?(job) {
+                video["url"] = presigned.url
+                video["url_expires_at"] = time(presigned.expiresUnixMs)
+            }
+            object["video"] = video
         }
         return object
     }

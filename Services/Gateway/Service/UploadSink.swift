@@ -99,12 +99,13 @@ final class UploadSink {
         return path
     }
 
-    /// Moves the complete file into the BlobStore.
-    func store(under key: BlobKey) throws {
-        close(fd)
+    /// Hands the complete file's path over to the caller, who stores or removes it; the sink
+    /// forgets it (nil when already handed over).
+    func handOver() -> String? {
+        if fd >= 0 { close(fd) }
         fd = -1
-        try store.store(key, fromFile: path)
-        path = ""
+        defer { path = "" }
+        return path.isEmpty ? nil : path
     }
 
     /// Removes what was written (a failed request keeps nothing).

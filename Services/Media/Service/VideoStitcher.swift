@@ -23,34 +23,34 @@ public struct VideoStitcher: Sendable {
         let outputText = request.outputKey.isEmpty ? keys[0].replacingExtension(with: "stitched.mp4") : request.outputKey
         let outputKey = try BlobKey(outputText)
 
-        // Every part as a local file (the file store lends its own paths).
-        var paths: [String] = []
-        for key in keys { paths.append(try store.withLocalFile(key) { $0 }) }
-        let audioPath = try audioKey.map { key in try store.withLocalFile(key) { $0 } }
-        let parts = try paths.map { try MediaInput(path: $0, flag: flag, invalid: .invalidVideo) }
-        for (index, part) in parts.enumerated() {
-            guard part.streams.contains(where: { $0.pointee.codecpar.pointee.codec_type == AVMEDIA_TYPE_VIDEO }) else {
-                throw ServiceError(.invalidVideo, "part \(index) (\(keys[index])) has no video stream")
+        // Every part (and the audio) as a local file for as long as the stitching runs: the
+        // file store lends its own paths, S3 downloads copies removed afterwards.
+        let (duration, copy, size) = try store.withLocalFiles(keys + (audioKey.map { [$0] } ?? [])) { local in
+            let paths = Array(local.prefix(keys.count))
+            let audioPath = audioKey == nil ? nil : local.last
+            let parts = try paths.map { try MediaInput(path: $0, flag: flag, invalid: .invalidVideo) }
+            for (index, part) in parts.enumerated() {
+                guard part.streams.contains(where: { $0.pointee.codecpar.pointee.codec_type == AVMEDIA_TYPE_VIDEO }) else {
+                    throw ServiceError(.invalidVideo, "part \(index) (\(keys[index])) has no video stream")
+                }
             }
+            let copy = !request.forceReencode && Self.partsMatch(parts, includeAudio: audioPath == nil)
+            let scratch = try store.scratchPath(suffix: ".mp4")
+            defer { unlink(scratch) }  // gone after a store; a failure leaves nothing behind
+            let output = try MediaOutput(path: scratch, format: "mp4", flag: flag)
+            let duration = copy ? try copyParts(parts, audioPath: audioPath, output: output, flag: flag)
+                                : try reencodeParts(parts, audioPath: audioPath, output: output, flag: flag)
+            try output.finish()
+            var info = stat()
+            stat(scratch, &info)
+            try store.store(outputKey, fromFile: scratch)
+            return (duration, copy, Int64(info.st_size))
         }
-        let copy = !request.forceReencode && Self.partsMatch(parts, includeAudio: audioPath == nil)
-        let scratch = try store.scratchPath(suffix: ".mp4")
-        let output = try MediaOutput(path: scratch, format: "mp4", flag: flag)
-        let duration: Double
-        if copy {
-            duration = try copyParts(parts, audioPath: audioPath, output: output, flag: flag)
-        } else {
-            duration = try reencodeParts(parts, audioPath: audioPath, output: output, flag: flag)
-        }
-        try output.finish()
-        var info = stat()
-        stat(scratch, &info)
-        try store.store(outputKey, fromFile: scratch)
         var response = StitchVideosResponse()
         response.videoKey = outputKey.rawValue
         response.durationSec = duration
         response.mode = copy ? "copy" : "reencode"
-        response.sizeBytes = Int64(info.st_size)
+        response.sizeBytes = size
         return response
     }
 
@@ -314,22 +314,25 @@ public struct AudioEncoder: Sendable {
         guard !request.audioKey.isEmpty else { throw ServiceError(.invalidArgument, "audio_key: required") }
         let key = try BlobKey(request.audioKey)
         let outputKey = try BlobKey(request.outputKey.isEmpty ? key.replacingExtension(with: "m4a") : request.outputKey)
-        let path = try store.withLocalFile(key) { $0 }
-        let input = try MediaInput(path: path, flag: flag, invalid: .invalidAudio)
-        let scratch = try store.scratchPath(suffix: ".m4a")
-        let output = try MediaOutput(path: scratch, format: "ipod", flag: flag)
-        let encoding = try AudioEncoding(input: input, output: output)
-        try output.start()
-        try encoding.encodeAll(from: input, flag: flag)
-        try output.finish()
-        guard encoding.samples > 0 else { throw ServiceError(.invalidAudio, "the audio has no samples") }
-        var info = stat()
-        stat(scratch, &info)
-        try store.store(outputKey, fromFile: scratch)
+        let (samples, rate, size) = try store.withLocalFile(key) { path in
+            let input = try MediaInput(path: path, flag: flag, invalid: .invalidAudio)
+            let scratch = try store.scratchPath(suffix: ".m4a")
+            defer { unlink(scratch) }
+            let output = try MediaOutput(path: scratch, format: "ipod", flag: flag)
+            let encoding = try AudioEncoding(input: input, output: output)
+            try output.start()
+            try encoding.encodeAll(from: input, flag: flag)
+            try output.finish()
+            guard encoding.samples > 0 else { throw ServiceError(.invalidAudio, "the audio has no samples") }
+            var info = stat()
+            stat(scratch, &info)
+            try store.store(outputKey, fromFile: scratch)
+            return (encoding.samples, encoding.rate, Int64(info.st_size))
+        }
         var response = EncodeAudioResponse()
         response.audioKey = outputKey.rawValue
-        response.durationSec = Double(encoding.samples) / Double(encoding.rate)
-        response.sizeBytes = Int64(info.st_size)
+        response.durationSec = Double(samples) / Double(rate)
+        response.sizeBytes = size
         return response
     }
 }

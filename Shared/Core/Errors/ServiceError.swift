@@ -12,6 +12,7 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
     public static let invalidKey = ErrorCode(rawValue: "INVALID_KEY")
     public static let storageFull = ErrorCode(rawValue: "STORAGE_FULL")
     public static let storageFailed = ErrorCode(rawValue: "STORAGE_FAILED")
+    public static let storageUnavailable = ErrorCode(rawValue: "STORAGE_UNAVAILABLE")
     public static let emptyAudio = ErrorCode(rawValue: "EMPTY_AUDIO")
     public static let invalidAudio = ErrorCode(rawValue: "INVALID_AUDIO")
     public static let audioTooLong = ErrorCode(rawValue: "AUDIO_TOO_LONG")
@@ -55,6 +56,7 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
         .invalidKey: (.invalidArgument, 400),
         .storageFull: (.resourceExhausted, 507),
         .storageFailed: (.internal, 500),
+        .storageUnavailable: (.unavailable, 503),
         .emptyAudio: (.invalidArgument, 422),
         .invalidAudio: (.invalidArgument, 400),
         .audioTooLong: (.invalidArgument, 400),

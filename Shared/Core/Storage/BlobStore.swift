@@ -1,11 +1,34 @@
+import Glibc
+
+/// A stored blob's size and entity tag (changes when the bytes do).
+public struct BlobInfo: Sendable, Equatable {
+    public var size: Int
+    public var etag: String
+
+    public init(size: Int, etag: String) {
+        self.size = size
+        self.etag = etag
+    }
+}
+
+/// One blob found by `list(prefix:)`.
+public struct BlobListing: Sendable, Equatable {
+    public var key: BlobKey
+    public var size: Int
+}
+
 /// Where large bytes live (images, audio, chunks, videos). RPC messages carry keys, not bytes.
 ///
-/// Media libraries want files: `withLocalFile` lends a readable local path for a key, and
-/// `store(_:fromFile:)` moves a finished local file in as a whole (no partial blob is ever seen).
+/// The contract holds for a local directory and for S3 alike. Media libraries want files:
+/// `withLocalFile` lends a readable local path for a key, valid only inside its closure (with S3
+/// it is a downloaded copy, removed when the closure returns), and outputs are written to a
+/// `scratchPath` and moved in whole by `store(_:fromFile:)` — no reader ever sees a partial blob.
+/// Every call blocks: run them on a work pool, never on an event loop.
 public protocol BlobStore: Sendable {
     /// Calls `body` with a local path holding the blob's bytes; NOT_FOUND when it does not exist.
+    /// The path must not be used after `body` returns.
     func withLocalFile<T>(_ key: BlobKey, _ body: (String) throws -> T) throws -> T
-    /// Moves (or copies) a complete local file in under `key`, atomically.
+    /// Moves a complete local file in under `key` (the file is gone afterwards); atomic.
     func store(_ key: BlobKey, fromFile path: String) throws
     /// Writes bytes under `key`, atomically.
     func put(_ key: BlobKey, _ bytes: [UInt8]) throws
@@ -15,14 +38,43 @@ public protocol BlobStore: Sendable {
     func exists(_ key: BlobKey) throws -> Bool
     /// Removes a blob (no error when absent).
     func delete(_ key: BlobKey) throws
-    /// A path for a scratch file that `store(_:fromFile:)` can move in cheaply (same filesystem).
+    /// A path for a local scratch file that `store(_:fromFile:)` can take in cheaply.
     func scratchPath(suffix: String) throws -> String
+    /// Size and entity tag, or nil when the blob does not exist.
+    func info(_ key: BlobKey) throws -> BlobInfo?
+    /// Hands the blob's bytes (or those in `range`) to `consumer` as they are read, in slices.
+    func stream(_ key: BlobKey, range: Range<Int>?, _ consumer: ([UInt8]) throws -> Void) throws
+    /// Every blob whose key starts with `prefix`.
+    func list(prefix: String) throws -> [BlobListing]
+    /// A URL anyone may GET the blob from until it expires, or nil when the store has none
+    /// (a local directory).
+    func presignedURL(_ key: BlobKey, expiresSeconds: Int) -> String?
+}
+
+extension BlobStore {
+    /// Local paths for several blobs at once, all valid inside `body` only.
+    public func withLocalFiles<T>(_ keys: [BlobKey], _ body: ([String]) throws -> T) throws -> T {
+        func nest(_ index: Int, _ paths: [String]) throws -> T {
+            guard index < keys.count else { return try body(paths) }
+            return try withLocalFile(keys[index]) { try nest(index + 1, paths + [$0]) }
+        }
+        return try nest(0, [])
+    }
+
+    /// The bytes in `range` (fewer at the blob's end).
+    public func read(_ key: BlobKey, range: Range<Int>) throws -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(range.count)
+        try stream(key, range: range) { out += $0 }
+        return out
+    }
 }
 
 /// Opens the store a `BLOB_STORE` URL names.
 public enum BlobStores {
-    /// `file:///absolute/dir` (created when missing).
-    public static func open(_ url: String) throws -> any BlobStore {
+    /// `file:///absolute/dir` (created when missing) or `s3://bucket[/prefix]` with the S3
+    /// settings read through `setting` (see `S3Settings`).
+    public static func open(_ url: String, setting: (String) -> String? = { getenv($0).map { String(cString: $0) } }) throws -> any BlobStore {
         if url.hasPrefix("file://") {
             let path = String(url.dropFirst("file://".count))
             guard path.hasPrefix("/") else {
@@ -30,6 +82,9 @@ public enum BlobStores {
             }
             return try FileBlobStore(root: path)
         }
-        throw ServiceError(.invalidArgument, "BLOB_STORE=\(url): only file:///path is supported so far")
+        if url.hasPrefix("s3://") {
+            return try S3Settings(url: url, setting: setting).open()
+        }
+        throw ServiceError(.invalidArgument, "BLOB_STORE=\(url): expected file:///absolute/path or s3://bucket/prefix")
     }
 }

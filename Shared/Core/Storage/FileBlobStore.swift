@@ -75,6 +75,70 @@ public struct FileBlobStore: BlobStore {
         return "\(scratch)/\(name)\(suffix)"
     }
 
+    public func info(_ key: BlobKey) throws -> BlobInfo? {
+        var info = stat()
+        guard stat(path(key), &info) == 0 else {
+            if errno == ENOENT { return nil }
+            throw Self.failure("stat", path(key))
+        }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { return nil }
+        // Size, modification time and inode: a blob written again gets a new tag.
+        let stamp = "\(info.st_size)-\(info.st_mtim.tv_sec)\(info.st_mtim.tv_nsec)-\(info.st_ino)"
+        return BlobInfo(size: Int(info.st_size), etag: "\"" + String(Digest.sha256Hex(stamp).prefix(32)) + "\"")
+    }
+
+    public func stream(_ key: BlobKey, range: Range<Int>?, _ consumer: ([UInt8]) throws -> Void) throws {
+        try withLocalFile(key) { path in
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw Self.failure("open", path) }
+            defer { close(fd) }
+            var offset = range?.lowerBound ?? 0
+            let end = range?.upperBound ?? Int.max
+            var buffer = [UInt8](repeating: 0, count: 256 << 10)
+            while offset < end {
+                let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, min($0.count, end - offset), off_t(offset)) }
+                if got < 0 { if errno == EINTR { continue }; throw Self.failure("read", path) }
+                if got == 0 { break }
+                try consumer(Array(buffer[0..<got]))
+                offset += got
+            }
+        }
+    }
+
+    public func list(prefix: String) throws -> [BlobListing] {
+        var out: [BlobListing] = []
+        // The deepest directory the prefix names completely; names below it are filtered.
+        let directory = prefix.lastIndex(of: "/").map { String(prefix[..<$0]) } ?? ""
+        try walk(directory.isEmpty ? root : root + "/" + directory, relative: directory) { relative, size in
+            if relative.hasPrefix(prefix), let key = try? BlobKey(relative) { out.append(BlobListing(key: key, size: size)) }
+        }
+        return out.sorted { $0.key.rawValue < $1.key.rawValue }
+    }
+
+    private func walk(_ directory: String, relative: String, _ visit: (String, Int) -> Void) throws {
+        guard let handle = opendir(directory) else {
+            if errno == ENOENT || errno == ENOTDIR { return }
+            throw Self.failure("opendir", directory)
+        }
+        defer { closedir(handle) }
+        while let entry = readdir(handle) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.baseAddress!.assumingMemoryBound(to: CChar.self)) }
+            if name == "." || name == ".." || (relative.isEmpty && name == ".tmp") { continue }
+            let path = directory + "/" + name
+            let child = relative.isEmpty ? name : relative + "/" + name
+            var info = stat()
+            guard lstat(path, &info) == 0 else { continue }
+            switch info.st_mode & S_IFMT {
+            case S_IFDIR: try walk(path, relative: child, visit)
+            case S_IFREG: visit(child, Int(info.st_size))
+            default: break
+            }
+        }
+    }
+
+    /// A directory has no URL of its own: the Gateway streams the blob instead.
+    public func presignedURL(_ key: BlobKey, expiresSeconds: Int) -> String? { nil }
+
     // MARK: Files
 
     static func failure(_ what: String, _ path: String, _ error: Int32 = errno) -> ServiceError {
@@ -128,7 +192,7 @@ public struct FileBlobStore: BlobStore {
         var out: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
         while true {
-            let count = read(fd, &buffer, buffer.count)
+            let count = Glibc.read(fd, &buffer, buffer.count)
             if count < 0 { if errno == EINTR { continue }; throw failure("read", path) }
             if count == 0 { break }
             out.append(contentsOf: buffer[0..<count])

@@ -1,5 +1,15 @@
-/// Hexadecimal digits, read byte by byte (percent escapes, stored digests).
+/// Hexadecimal digits, read byte by byte (percent escapes, stored digests) and written (digests).
 public enum Hex {
+    private static let digits = Array("0123456789abcdef".utf8)
+
+    /// Lower-case hex of bytes.
+    public static func encode(_ bytes: some Sequence<UInt8>) -> String {
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.underestimatedCount * 2)
+        for byte in bytes { out += [digits[Int(byte >> 4)], digits[Int(byte & 0xF)]] }
+        return String(decoding: out, as: UTF8.self)
+    }
+
     /// The value of one hex digit (either case), or nil.
     public static func digitValue(_ byte: UInt8) -> UInt8? {
         switch byte {
