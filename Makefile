@@ -4,7 +4,7 @@
 SWIFT ?= swift
 PYTEST ?= python3 -m pytest
 
-.PHONY: bootstrap build release test check unit-test integration-test fuzz sanitize bench up demo generate check-generated clean
+.PHONY: bootstrap build release test check unit-test integration-test integration-test-s3 fuzz sanitize bench up demo generate check-generated clean
 
 bootstrap:
 	scripts/bootstrap
@@ -21,7 +21,13 @@ unit-test: build
 integration-test: build
 	$(PYTEST) -q -p no:cacheprovider Tests/Integration
 
-check: unit-test integration-test
+# The service tests again with every service on S3 (moto on loopback, signatures checked).
+S3_SERVICE_TESTS = test_dispatcher.py test_dispatcher_scaleout.py test_gateway.py test_gateway_grpc.py test_gateway_seeds.py \
+	test_gateway_tls.py test_gateway_redis.py test_readme_examples.py
+integration-test-s3: build
+	TALKMESH_TEST_BLOB_STORE=s3 $(PYTEST) -q -p no:cacheprovider $(addprefix Tests/Integration/,$(S3_SERVICE_TESTS))
+
+check: unit-test integration-test integration-test-s3
 
 # Every fuzz target for FUZZ_SECONDS (30) under libFuzzer + ASan; no crash allowed.
 fuzz: bootstrap

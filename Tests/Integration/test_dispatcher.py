@@ -39,14 +39,27 @@ def speech(path, seconds):
     return float(ffprobe(path)["format"]["duration"])
 
 
+# The blob store the service tests run on: a directory, or S3 (moto behind a signature-checking
+# front) when TALKMESH_TEST_BLOB_STORE=s3 — `make check` runs the service tests on both.
+BLOB_BACKEND = os.environ.get("TALKMESH_TEST_BLOB_STORE", "file")
+
+
 class Mesh:
     """Media, Audio, the emulator and one or more Dispatchers on one blob store."""
 
-    def __init__(self, emulator_args=(), dispatcher_env=None):
+    def __init__(self, emulator_args=(), dispatcher_env=None, store=None):
         self.dir = tempfile.mkdtemp(prefix="talkmesh-dispatch-")
         self.blobs = os.path.join(self.dir, "blobs")
         os.makedirs(self.blobs)
-        shared = {"BLOB_STORE": "file://" + self.blobs}
+        self.s3 = None
+        if (store or BLOB_BACKEND) == "s3":
+            from s3front import S3Front
+            self.s3 = S3Front().__enter__()
+            self.bucket = self.s3.bucket("mesh")
+            shared = self.s3.env(self.bucket, "blobs", S3_SCRATCH_DIR=os.path.join(self.dir, "scratch"))
+        else:
+            shared = {"BLOB_STORE": "file://" + self.blobs}
+        self.blob_env = shared
         workers = [] if "--workers" in emulator_args else ["--workers", "8"]
         self.emulator = Service("talkmesh-runpod-emulator", env=shared, args=[*workers, *emulator_args])
         self.media = Service("talkmesh-media", env=shared)
@@ -71,10 +84,29 @@ class Mesh:
         self.dispatcher.proc.wait()
 
     def put(self, key, path):
+        if self.s3:
+            self.s3.client().upload_file(path, self.bucket, "blobs/" + key)
+            return key
         target = os.path.join(self.blobs, key)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy(path, target)
         return key
+
+    def local(self, key):
+        """A local path holding the blob's bytes."""
+        if not self.s3:
+            return os.path.join(self.blobs, key)
+        target = os.path.join(self.dir, "fetched", key)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        self.s3.client().download_file(self.bucket, "blobs/" + key, target)
+        return target
+
+    def blob_keys(self, prefix=""):
+        """Every stored blob's key under `prefix`, sorted."""
+        if self.s3:
+            return sorted(key[len("blobs/"):] for key in self.s3.keys(self.bucket, "blobs/" + prefix))
+        root = self.blobs
+        return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(os.path.join(root, prefix)) for f in files)
 
     def create(self, image="in/face.png", audio="in/speech.wav", **fields):
         options = fields.pop("options", {})
@@ -102,6 +134,8 @@ class Mesh:
         for service in (self.dispatcher, self.media, self.audio, self.emulator):
             if service and service.proc.poll() is None:
                 service.stop()
+        if self.s3:
+            self.s3.__exit__(None, None, None)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -150,7 +184,7 @@ def test_three_minute_speech_job_completes(mesh_factory, inputs):
     assert job.progress == 1.0 and job.eta_seconds == 0
     assert len(job.chunks) >= int(inputs["long"] // 60) + 1 and all(c.status == pb.CHUNK_COMPLETED for c in job.chunks)
     assert all(c.attempts == 1 and c.runpod_job_id for c in job.chunks)
-    info = ffprobe(os.path.join(mesh.blobs, job.video_key))
+    info = ffprobe(mesh.local(job.video_key))
     video = next(s for s in info["streams"] if s["codec_type"] == "video")
     assert (video["width"], video["height"]) == (320, 480)
     assert abs(float(info["format"]["duration"]) - inputs["long"]) <= 0.04, (info["format"]["duration"], inputs["long"])
@@ -168,7 +202,7 @@ def test_three_minute_speech_job_completes(mesh_factory, inputs):
     # first): wait for them, bounded.
     deadline = time.time() + 20
     while True:
-        left = [os.path.relpath(os.path.join(d, f), mesh.blobs) for d, _, files in os.walk(os.path.join(mesh.blobs, "jobs")) for f in files]
+        left = mesh.blob_keys("jobs/")
         if left == [job.video_key] or time.time() > deadline:
             break
         time.sleep(0.1)
@@ -343,6 +377,6 @@ def test_media_restarted_mid_job_still_completes(mesh_factory):
     mesh.media.proc.send_signal(signal.SIGKILL)
     mesh.media.proc.wait()
     time.sleep(3)
-    mesh.media = Service("talkmesh-media", env={"BLOB_STORE": "file://" + mesh.blobs, "PORT": str(port)}, port=port)
+    mesh.media = Service("talkmesh-media", env={**mesh.blob_env, "PORT": str(port)}, port=port)
     done = mesh.wait(job.id, timeout=120)
     assert done.status == pb.COMPLETED, done.error
