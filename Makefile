@@ -45,6 +45,7 @@ bench: release
 	bench/media
 	bench/dispatcher
 	bench/gateway
+	bench/blobstore
 
 up: build
 	.build/debug/talkmesh up

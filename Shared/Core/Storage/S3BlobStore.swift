@@ -1,4 +1,6 @@
+import Dispatch
 import Glibc
+import TalkMeshRPC
 
 /// `s3://bucket/prefix`: each key is an object `prefix/key` in an S3 bucket (AWS, R2, MinIO, any
 /// S3 API). Local files exist only inside the calls that need them: `withLocalFile` downloads to
@@ -130,8 +132,11 @@ public final class S3BlobStore: BlobStore {
 
     // MARK: Multipart
 
-    /// Create → one PUT per part, read from the file as sent → complete; any failure aborts the
-    /// upload so S3 keeps no orphaned parts.
+    /// Parts sent at once (each read from the file as curl sends it: no part is held in memory).
+    static let partConcurrency = 4
+
+    /// Create → one PUT per part (up to `partConcurrency` at once), read from the file as sent →
+    /// complete; any failure aborts the upload so S3 keeps no orphaned parts.
     private func uploadInParts(_ key: BlobKey, fd: Int32, size: Int) throws {
         let name = object(key)
         let created = try client.request("POST", key: name, query: [("uploads", "")], headers: [("content-type", Self.contentType(key))])
@@ -140,17 +145,35 @@ public final class S3BlobStore: BlobStore {
             throw ServiceError(.storageFailed, "S3 did not start a multipart upload for \(key)")
         }
         do {
-            var etags: [String] = []
-            var offset = 0
-            while offset < size {
-                let length = min(partSize, size - offset)
-                let part = try client.request("PUT", key: name, query: [("partNumber", String(etags.count + 1)), ("uploadId", uploadID)],
-                                              body: .file(fd: fd, offset: offset, length: length))
-                try check(part, key)
-                guard let etag = part.headers["etag"] else { throw ServiceError(.storageFailed, "S3 accepted a part of \(key) without an ETag") }
-                etags.append(etag)
-                offset += length
+            let count = (size + partSize - 1) / partSize
+            // Workers take the next part number until none is left or one failed.
+            let state = Locked<(next: Int, etags: [String?], failure: (any Error)?)>((0, Array(repeating: nil, count: count), nil))
+            DispatchQueue.concurrentPerform(iterations: min(Self.partConcurrency, count)) { _ in
+                while true {
+                    let index: Int? = state.withLock { state in
+                        guard state.failure == nil, state.next < count else { return nil }
+                        defer { state.next += 1 }
+                        return state.next
+                    }
+                    guard let index else { return }
+                    let offset = index * partSize
+                    do {
+                        let part = try client.request("PUT", key: name, query: [("partNumber", String(index + 1)), ("uploadId", uploadID)],
+                                                      body: .file(fd: fd, offset: offset, length: min(partSize, size - offset)))
+                        try check(part, key)
+                        guard let etag = part.headers["etag"] else {
+                            throw ServiceError(.storageFailed, "S3 accepted a part of \(key) without an ETag")
+                        }
+                        state.withLock { $0.etags[index] = etag }
+                    } catch {
+                        state.withLock { if $0.failure == nil { $0.failure = error } }
+                        return
+                    }
+                }
             }
+            let (etagsOrNil, failure) = state.withLock { ($0.etags, $0.failure) }
+            if let failure { throw failure }
+            let etags = etagsOrNil.compactMap { $0 }
             var document = "<CompleteMultipartUpload>"
             for (index, etag) in etags.enumerated() {
                 document += "<Part><PartNumber>\(index + 1)</PartNumber><ETag>\(XMLText.escape(etag))</ETag></Part>"
