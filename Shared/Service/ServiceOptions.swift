@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import TalkMeshCore
 import TalkMeshRPC
 
 /// The settings every TalkMesh service takes: environment variables, with flags overriding them.
@@ -193,14 +194,5 @@ public enum ProcessEnvironment {
             pointer += 1
         }
         return result
-    }
-}
-
-extension String {
-    var trimmingWhitespace: String {
-        var slice = Substring(self)
-        while let first = slice.first, first.isWhitespace { slice.removeFirst() }
-        while let last = slice.last, last.isWhitespace { slice.removeLast() }
-        return String(slice)
     }
 }

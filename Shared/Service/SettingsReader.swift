@@ -1,4 +1,5 @@
 import Glibc
+import TalkMeshCore
 
 /// Reads one setting: a flag's value over the environment variable over a default, validated.
 public struct SettingsReader: Sendable {

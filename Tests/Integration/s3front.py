@@ -10,7 +10,6 @@ faults on demand (throttling, 500s, dropped connections) so retries can be teste
 import hashlib
 import http.client
 import http.server
-import os
 import socket
 import subprocess
 import threading

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import BIN, Service
+from conftest import BIN
 from s3front import S3Front
 from test_dispatcher import Mesh, ffprobe, inputs  # noqa: F401  (inputs is a fixture)
 from test_gateway import Gateway, multipart, new_key, wait_terminal

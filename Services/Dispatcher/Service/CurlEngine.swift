@@ -86,7 +86,7 @@ public final class CurlEngine: @unchecked Sendable {
                 let line = data!.withMemoryRebound(to: UInt8.self, capacity: length) { String(decoding: UnsafeBufferPointer(start: $0, count: length), as: UTF8.self) }
                 if let colon = line.firstIndex(of: ":") {
                     let name = line[..<colon].lowercased()
-                    let value = line[line.index(after: colon)...].trimmingCharacters()
+                    let value = line[line.index(after: colon)...].trimmingWhitespace
                     transfer.responseHeaders[name] = value
                 }
                 return length
@@ -141,13 +141,4 @@ public struct CurlError: Error, Sendable, CustomStringConvertible {
 private func curlEngineThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     let engine = Unmanaged<CurlEngine>.fromOpaque(context!).takeRetainedValue()
     engine.loop()
-}
-
-extension Substring {
-    func trimmingCharacters() -> String {
-        var slice = self
-        while let first = slice.first, first.isWhitespace { slice.removeFirst() }
-        while let last = slice.last, last.isWhitespace { slice.removeLast() }
-        return String(slice)
-    }
 }

@@ -133,7 +133,7 @@ public final class KeyRing: @unchecked Sendable {
     /// The key a presented secret belongs to, or nil. Every stored hash is compared, each in
     /// constant time, so the time taken says nothing about which or how much matched.
     public func authenticate(_ secret: String) -> APIKey? {
-        let presented = Digest.sha256(Array(secret.utf8))
+        let presented = Digest.sha256(secret.utf8)
         let (candidates, stored) = lock.withLock { (keys, digests) }
         var found: APIKey?
         for (key, digest) in zip(candidates, stored) where Digest.constantTimeEqual(digest, presented) && !key.revoked {

@@ -51,10 +51,10 @@ enum JobJSON {
         ["self": "/v1/jobs/\(id)", "video": "/v1/jobs/\(id)/video", "events": "/v1/jobs/\(id)/events"]
     }
 
-    /// `GET /v1/jobs/{id}`'s body (and each item of the list, and each SSE event).
     /// A presigned video URL and when it expires (S3 stores).
     typealias VideoURL = @Sendable (Job) -> (url: String, expiresUnixMs: Int64)?
 
+    /// `GET /v1/jobs/{id}`'s body (and each item of the list, and each SSE event).
     static func object(_ job: Job, videoURL: VideoURL? = nil) -> [String: Any] {
         var chunks = ["total": job.chunks.count, "completed": 0, "running": 0, "failed": 0]
         for chunk in job.chunks {

@@ -15,7 +15,7 @@ public enum Digest {
     }
 
     /// Lower-case hex SHA-256 of a string's UTF-8.
-    public static func sha256Hex(_ text: String) -> String { Hex.encode(sha256(Array(text.utf8))) }
+    public static func sha256Hex(_ text: String) -> String { Hex.encode(sha256(text.utf8)) }
 
     /// HMAC-SHA256 of `data` under `key`.
     public static func hmacSHA256(key: [UInt8], _ data: some Collection<UInt8>) -> [UInt8] {

@@ -104,26 +104,17 @@ public final class S3Client: @unchecked Sendable {
         while true {
             attempt += 1
             if case .file(let fd) = sink { _ = ftruncate(fd, 0); _ = lseek(fd, 0, SEEK_SET) }
-            let outcome: Result<S3Response, any Error>
             var delivered = false
-            do {
-                outcome = .success(try perform(method, key: key, query: query, headers: headers, body: body, sink: sink, delivered: &delivered))
-            } catch {
-                outcome = .failure(error)
-            }
-            let retryable: Bool
             let reason: String
-            switch outcome {
-            case .success(let response):
+            do {
+                let response = try perform(method, key: key, query: query, headers: headers, body: body, sink: sink, delivered: &delivered)
                 let code = response.status >= 300 ? S3Client.errorCode(response.body) : ""
-                retryable = response.status == 429 || response.status >= 500 || code == "SlowDown" || code == "RequestTimeout"
-                    || code == "InternalError"
-                guard retryable else { return response }
+                guard response.status == 429 || response.status >= 500 || ["SlowDown", "RequestTimeout", "InternalError"].contains(code) else {
+                    return response
+                }
                 reason = "HTTP \(response.status) \(code)"
-            case .failure(let error):
-                guard let curl = error as? S3TransportError else { throw error }
-                retryable = true
-                reason = curl.description
+            } catch let failure as S3TransportError {
+                reason = failure.description  // refused, reset, timed out: always worth another try
             }
             // A consumer already handed bytes cannot be handed them again.
             guard attempt < maxAttempts, !delivered else {
@@ -191,8 +182,7 @@ public final class S3Client: @unchecked Sendable {
         } else {
             _ = tm_curl_easy_setopt_str(easy, CURLOPT_CUSTOMREQUEST, method)
         }
-        if case .none = body, method != "PUT" && method != "POST" {
-        } else {
+        if method == "PUT" || method == "POST" || body.length > 0 {
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_UPLOAD, 1)
             _ = tm_curl_easy_setopt_off(easy, CURLOPT_INFILESIZE_LARGE, curl_off_t(body.length))
             _ = tm_curl_easy_setopt_write(easy, CURLOPT_READFUNCTION, s3ReadCallback)
@@ -338,11 +328,7 @@ final class S3Transfer {
             headers = [:]
             memory = []
         } else if let colon = line.firstIndex(of: ":") {
-            let name = line[..<colon].lowercased()
-            var value = line[line.index(after: colon)...]
-            while let first = value.first, first.isWhitespace { value.removeFirst() }
-            while let last = value.last, last.isWhitespace { value.removeLast() }
-            headers[name] = String(value)
+            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingWhitespace
         }
     }
 }

@@ -84,14 +84,14 @@ public struct S3Settings: Sendable {
         var section = ""
         var values: [String: String] = [:]
         for raw in String(decoding: bytes, as: UTF8.self).split(whereSeparator: \.isNewline) {
-            let line = raw.trimmingSpaces
+            let line = raw.trimmingWhitespace
             if line.hasPrefix("#") || line.hasPrefix(";") || line.isEmpty { continue }
             if line.hasPrefix("[") && line.hasSuffix("]") {
-                section = String(line.dropFirst().dropLast()).trimmingSpaces
+                section = String(line.dropFirst().dropLast()).trimmingWhitespace
                 continue
             }
             guard section == profile, let equals = line.firstIndex(of: "=") else { continue }
-            values[String(line[..<equals]).trimmingSpaces.lowercased()] = String(line[line.index(after: equals)...]).trimmingSpaces
+            values[String(line[..<equals]).trimmingWhitespace.lowercased()] = String(line[line.index(after: equals)...]).trimmingWhitespace
         }
         guard let id = values["aws_access_key_id"], let secret = values["aws_secret_access_key"] else {
             throw ServiceError(.invalidArgument, "\(path) has no aws_access_key_id and aws_secret_access_key under [\(profile)]")
@@ -101,7 +101,7 @@ public struct S3Settings: Sendable {
 
     /// `8388608`, `8MiB`, `8MB` (taken as MiB), `1GiB`.
     static func byteCount(_ text: String) -> Int? {
-        let lowered = text.lowercased().trimmingSpaces
+        let lowered = text.lowercased().trimmingWhitespace
         let digits = lowered.prefix { $0.isNumber }
         guard let number = Int(digits) else { return nil }
         switch lowered.dropFirst(digits.count) {
@@ -111,14 +111,5 @@ public struct S3Settings: Sendable {
         case "g", "gb", "gib": return number << 30
         default: return nil
         }
-    }
-}
-
-extension StringProtocol {
-    var trimmingSpaces: String {
-        var slice = self[...]
-        while let first = slice.first, first.isWhitespace { slice.removeFirst() }
-        while let last = slice.last, last.isWhitespace { slice.removeLast() }
-        return String(slice)
     }
 }
