@@ -112,11 +112,11 @@ let package = Package(
             path: "Tests/RPCTests"),
         .testTarget(
             name: "TalkMeshAudioTests",
-            dependencies: ["TalkMeshAudioService", "TalkMeshCore", "TalkMeshMessages"],
+            dependencies: ["TalkMeshAudioService", "TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "CTalkMesh"],
             path: "Tests/AudioTests"),
         .testTarget(
             name: "TalkMeshMediaTests",
-            dependencies: ["TalkMeshMediaService", "TalkMeshCore", "TalkMeshMessages"],
+            dependencies: ["TalkMeshMediaService", "TalkMeshCore", "TalkMeshMessages", "CTalkMesh"],
             path: "Tests/MediaTests"),
         .testTarget(
             name: "TalkMeshDispatcherTests",

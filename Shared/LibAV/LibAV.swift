@@ -24,8 +24,10 @@ public final class MediaInput {
     /// carry libav's message in their errors.
     private static let quietLogging: Void = { av_log_set_level(AV_LOG_ERROR) }()
 
-    /// Opens and probes `path`; `invalid` is the error code used for undecodable input.
-    public init(path: String, flag: CancellationFlag, invalid: ErrorCode) throws {
+    /// Opens and probes `path`; `invalid` is the error code used for undecodable input. `probe:
+    /// false` skips `avformat_find_stream_info`, which decodes a still image once only to learn
+    /// its size: a caller that decodes the picture anyway learns it from the frame.
+    public init(path: String, flag: CancellationFlag, invalid: ErrorCode, probe: Bool = true) throws {
         Self.quietLogging
         self.flag = flag
         var context = avformat_alloc_context()
@@ -40,6 +42,7 @@ public final class MediaInput {
             throw ServiceError(invalid, "cannot open the input", cause: avErrorText(opened))
         }
         self.context = context
+        guard probe else { return }
         let probed = avformat_find_stream_info(context, nil)
         guard probed >= 0 else {
             try flag.check()
@@ -93,7 +96,9 @@ public final class StreamDecoder {
     public private(set) var context: UnsafeMutablePointer<AVCodecContext>?
     public let streamIndex: Int32
 
-    public init(input: MediaInput, mediaType: AVMediaType, invalid: ErrorCode, what: String) throws {
+    /// `lowres` (0–3) asks a decoder that supports it (MJPEG) for the picture at 1/2^lowres of
+    /// its size, reduced in the DCT domain.
+    public init(input: MediaInput, mediaType: AVMediaType, invalid: ErrorCode, what: String, lowres: Int32 = 0) throws {
         var codec: UnsafePointer<AVCodec>?
         let index = av_find_best_stream(input.context, mediaType, -1, -1, &codec, 0)
         guard index >= 0, let codec else {
@@ -104,6 +109,7 @@ public final class StreamDecoder {
         guard let context else { throw ServiceError(.internalError, "cannot allocate a decoder") }
         let parameters = input.context!.pointee.streams[Int(index)]!.pointee.codecpar
         var rv = avcodec_parameters_to_context(context, parameters)
+        context.pointee.lowres = min(lowres, Int32(codec.pointee.max_lowres))
         if rv >= 0 { rv = avcodec_open2(context, codec, nil) }
         guard rv >= 0 else { throw ServiceError(invalid, "cannot open the \(what) decoder", cause: avErrorText(rv)) }
     }
@@ -156,6 +162,29 @@ public final class Resampler {
     }
 
     deinit { swr_free(&context) }
+
+    /// Forgets the audio converted so far, to start on an unrelated stretch (swr keeps its
+    /// filter bank when the parameters are unchanged, so this is cheap).
+    public func reset() {
+        swr_init(context)
+    }
+
+    /// Converts interleaved 16-bit samples (when the input format is S16) and appends the output.
+    public func convert(_ samples: [Int16], into output: inout [Int16], inputChannels: Int) {
+        let inputCount = samples.count / max(inputChannels, 1)
+        let capacity = Int(swr_get_out_samples(context, Int32(inputCount))) + 32
+        guard capacity > 0 else { return }
+        let start = output.count
+        output.append(contentsOf: repeatElement(0, count: capacity * Int(outputChannels)))
+        let produced: Int32 = samples.withUnsafeBufferPointer { input in
+            output.withUnsafeMutableBufferPointer { buffer in
+                var destination: UnsafeMutablePointer<UInt8>? = UnsafeMutableRawPointer(buffer.baseAddress! + start).assumingMemoryBound(to: UInt8.self)
+                var source: UnsafePointer<UInt8>? = UnsafeRawPointer(input.baseAddress).map { $0.assumingMemoryBound(to: UInt8.self) }
+                return swr_convert(context, &destination, Int32(capacity), &source, Int32(inputCount))
+            }
+        }
+        output.removeLast(output.count - start - Int(max(produced, 0)) * Int(outputChannels))
+    }
 
     /// Converts a decoded frame (or flushes with nil) and appends the interleaved samples.
     public func convert(_ frame: UnsafeMutablePointer<AVFrame>?, into output: inout [Int16]) {

@@ -93,6 +93,44 @@ def test_resize_pads_centred_content(media, name, size, target):
     assert np.abs(centre.astype(int) - [0xC0, 0x80, 0x40]).max() <= 3
 
 
+def psnr(a, b):
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+@pytest.mark.parametrize("source,fmt", [("testsrc2", "png"), ("photo", "jpeg"), ("photo", "png")])
+def test_resize_matches_the_ffmpeg_cli_lanczos(media, source, fmt):
+    """The fast paths (one decode, DCT-domain JPEG reduction, 2×2 halving before Lanczos) stay
+    close to ffmpeg's own one-pass Lanczos scale of the full picture."""
+    stub, blobs = media
+    generator = {"testsrc2": "testsrc2=s=1080x1920",
+                 "photo": "mandelbrot=s=1080x1920,noise=alls=14:allf=t+u,gblur=sigma=0.8"}[source]
+    key = f"in/quality-{source}.{fmt}"
+    quality = ["-pix_fmt", "yuvj420p", "-q:v", "3"] if fmt == "jpeg" else []
+    ffmpeg("-f", "lavfi", "-i", generator, "-frames:v", "1", *quality, os.path.join(blobs, key))
+    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key=key, width=384, height=576, output_key=f"out/quality-{source}-{fmt}.png"),
+                                timeout=30)
+    assert (response.source_width, response.source_height) == (1080, 1920)  # the full size, though a JPEG decodes at half
+    reference = os.path.join(blobs, f"out/reference-{source}-{fmt}.png")
+    ffmpeg("-i", os.path.join(blobs, key), "-vf", "scale=384:576:force_original_aspect_ratio=decrease:flags=lanczos+accurate_rnd+full_chroma_int,"
+           "pad=384:576:(ow-iw)/2:(oh-ih)/2", "-pix_fmt", "rgb24", reference)
+    ours = pixels(os.path.join(blobs, response.image_key))
+    assert psnr(ours[:, 30:354], pixels(reference)[:, 30:354]) >= 36  # the picture, without the padding
+
+
+def test_png_output_stays_within_ten_percent_of_libavcodecs_default(media):
+    """The fast encoder settings (up filter, zlib level 2) cost at most 10 % in size against
+    libavcodec's PNG defaults on the same pixels."""
+    stub, blobs = media
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=1080x1920", "-frames:v", "1", os.path.join(blobs, "in/size.png"))
+    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/size.png", width=384, height=576, output_key="out/size.png"), timeout=30)
+    ours = os.path.join(blobs, response.image_key)
+    default = os.path.join(blobs, "out/size-default.png")
+    ffmpeg("-i", ours, default)  # the same pixels, libavcodec's default PNG encoder settings
+    assert np.array_equal(pixels(ours), pixels(default))
+    assert os.path.getsize(ours) <= 1.10 * os.path.getsize(default)
+
+
 def test_resize_crop_fills_the_frame(media):
     stub, blobs = media
     ffmpeg("-f", "lavfi", "-i", "testsrc2=s=1080x1920", "-frames:v", "1", f"{blobs}/in/crop.png")

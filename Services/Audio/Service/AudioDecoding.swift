@@ -70,12 +70,13 @@ public enum AudioDecoding {
         }
         let analysis = try Resampler(inputLayout: codec.pointee.ch_layout, inputFormat: codec.pointee.sample_fmt, inputRate: Int32(rate),
                                      outputRate: Int32(rate), outputChannels: Int32(channels))
-        let conversion = try Resampler(inputLayout: codec.pointee.ch_layout, inputFormat: codec.pointee.sample_fmt, inputRate: Int32(rate),
-                                       outputRate: Int32(outputRate), outputChannels: Int32(outputChannels))
         var builder = EnergyProfileBuilder(rate: rate, channels: channels)
         let nativeS16 = codec.pointee.sample_fmt == AV_SAMPLE_FMT_S16
-        var converted: [Int16] = []
-        if let declared = input.declaredDuration { converted.reserveCapacity(Int(declared * Double(outputRate * outputChannels)) + 4096) }
+        let expectedSeconds: Double = min(input.declaredDuration ?? 0, maxSeconds + 1)
+        let reserve = Int(expectedSeconds * Double(outputRate * outputChannels)) + 4096
+        let resampling = try ParallelResampler(inputLayout: codec.pointee.ch_layout, inputFormat: codec.pointee.sample_fmt, inputRate: rate,
+                                               outputRate: outputRate, outputChannels: outputChannels, reserve: reserve)
+        defer { resampling.abandon() }
         var scratch: [Int16] = []
         let frame = Frame()
         var decodeErrors = 0
@@ -102,7 +103,7 @@ public enum AudioDecoding {
                     analysis.convert(frame.pointer, into: &scratch)
                     scratch.withUnsafeBufferPointer { builder.add($0) }
                 }
-                conversion.convert(frame.pointer, into: &converted)
+                resampling.push(frame.pointer!)
                 av_frame_unref(frame.pointer)
                 if Double(builder.frameCount) / Double(rate) > maxSeconds {
                     throw ServiceError(.audioTooLong, "the audio is longer than the limit of \(Int(maxSeconds)) s")
@@ -127,7 +128,7 @@ public enum AudioDecoding {
         scratch.removeAll(keepingCapacity: true)
         analysis.convert(nil, into: &scratch)
         scratch.withUnsafeBufferPointer { builder.add($0) }
-        conversion.convert(nil, into: &converted)
+        let converted = resampling.finish()
 
         let profile = builder.finish()
         guard profile.frames > 0 else {
