@@ -116,7 +116,7 @@ let package = Package(
             path: "Tests/AudioTests"),
         .testTarget(
             name: "TalkMeshMediaTests",
-            dependencies: ["TalkMeshMediaService", "TalkMeshCore", "TalkMeshMessages", "CTalkMesh"],
+            dependencies: ["TalkMeshMediaService", "TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "CTalkMesh"],
             path: "Tests/MediaTests"),
         .testTarget(
             name: "TalkMeshDispatcherTests",

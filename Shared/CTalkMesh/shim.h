@@ -37,6 +37,7 @@
 #include <nghttp2/nghttp2.h>
 #include <http_parser.h>
 
+#include <libdeflate.h>
 #include <libavformat/avformat.h>
 #include <libavformat/avio.h>
 #include <libavcodec/avcodec.h>

@@ -1,6 +1,8 @@
 import CTalkMesh
+import Dispatch
 import Glibc
 import TalkMeshCore
+import TalkMeshRPC
 
 /// An encoder (`AVCodecContext` opened for encoding), freed on deinit.
 public final class StreamEncoder {
@@ -130,6 +132,56 @@ public final class Scaler {
 
     deinit { sws_freeContext(context) }
 
+    /// Runs `body` with a scaler for these parameters, reusing an idle one when there is: making
+    /// one computes its filter bank (for Lanczos, thousands of taps through `sin`), 1–2 ms each
+    /// time, and a service resizes to the same few sizes again and again. At most
+    /// `ScalerKey.idleLimit` idle scalers are kept; a scaler is used by one call at a time.
+    public static func reusing<T>(from source: (Int32, Int32, AVPixelFormat), to destination: (Int32, Int32, AVPixelFormat),
+                                  flags: Int32 = SWS_LANCZOS | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT, _ body: (Scaler) throws -> T) throws -> T {
+        let key = ScalerKey(source: [source.0, source.1, source.2.rawValue], destination: [destination.0, destination.1, destination.2.rawValue], flags: flags)
+        let scaler = try ScalerKey.idle.withLock { $0.take(key) } ?? Scaler(from: source, to: destination, flags: flags)
+        defer { ScalerKey.idle.withLock { $0.give(scaler, key) } }
+        return try body(scaler)
+    }
+
+    /// Scales a whole frame into another (both with refcounted buffers; `destination` already
+    /// allocated at the output size and format), the output cut into `bands` horizontal bands
+    /// computed at once, each on its own thread with its own scaler. swscale computes an output
+    /// row the same way whichever rows are asked for, so the bands are exactly one pass.
+    public static func scale(_ source: UnsafeMutablePointer<AVFrame>, into destination: UnsafeMutablePointer<AVFrame>,
+                             flags: Int32 = SWS_LANCZOS | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT, bands: Int) throws {
+        let from = (source.pointee.width, source.pointee.height, AVPixelFormat(rawValue: source.pointee.format))
+        let to = (destination.pointee.width, destination.pointee.height, AVPixelFormat(rawValue: destination.pointee.format))
+        let height = Int(to.1)
+        let failure = Locked<Int32>(0)
+        let sourceAddress = UInt(bitPattern: source)
+        let destinationAddress = UInt(bitPattern: destination)
+        let count = max(1, min(bands, height / 16))
+        DispatchQueue.concurrentPerform(iterations: count) { band in
+            do {
+                try reusing(from: from, to: to, flags: flags) { scaler in
+                    let context = scaler.context
+                    let alignment = Int(max(1, sws_receive_slice_alignment(context)))
+                    let step = (height / count + alignment - 1) / alignment * alignment
+                    let start = min(height, band * step)
+                    let end = band == count - 1 ? height : min(height, start + step)
+                    guard end > start else { return }
+                    let source = UnsafeMutablePointer<AVFrame>(bitPattern: sourceAddress)!
+                    let destination = UnsafeMutablePointer<AVFrame>(bitPattern: destinationAddress)!
+                    var rv = sws_frame_start(context, destination, source)
+                    if rv >= 0 { rv = sws_send_slice(context, 0, UInt32(source.pointee.height)) }
+                    if rv >= 0 { rv = sws_receive_slice(context, UInt32(start), UInt32(end - start)) }
+                    sws_frame_end(context)
+                    if rv < 0 { failure.withLock { $0 = rv } }
+                }
+            } catch {
+                failure.withLock { $0 = -1 }
+            }
+        }
+        let rv = failure.withLock { $0 }
+        guard rv == 0 else { throw ServiceError(.internalError, "cannot scale the picture", cause: avErrorText(rv)) }
+    }
+
     /// Scales `sourceHeight` rows of planes to planes.
     public func scale(_ source: [UnsafePointer<UInt8>?], _ sourceStrides: [Int32], height: Int32,
                       _ destination: [UnsafeMutablePointer<UInt8>?], _ destinationStrides: [Int32]) {
@@ -138,6 +190,39 @@ public final class Scaler {
         var destination = destination + Array(repeating: nil, count: 4 - destination.count)
         var destinationStrides = destinationStrides + Array(repeating: 0, count: 4 - destinationStrides.count)
         _ = sws_scale(context, &source, &sourceStrides, 0, height, &destination, &destinationStrides)
+    }
+}
+
+/// What a scaler was made for; the pool of idle scalers is keyed by it.
+struct ScalerKey: Hashable {
+    var source: [Int32]
+    var destination: [Int32]
+    var flags: Int32
+
+    static let idleLimit = 16
+    static let idle = Locked(IdleScalers())
+}
+
+/// Idle scalers, a few per key, at most `ScalerKey.idleLimit` in all (the oldest key goes first).
+struct IdleScalers {
+    private var scalers: [ScalerKey: [Scaler]] = [:]
+    private var order: [ScalerKey] = []
+    private var count = 0
+
+    mutating func take(_ key: ScalerKey) -> Scaler? {
+        guard let scaler = scalers[key]?.popLast() else { return nil }
+        count -= 1
+        return scaler
+    }
+
+    mutating func give(_ scaler: Scaler, _ key: ScalerKey) {
+        if scalers[key] == nil { order.append(key) }
+        scalers[key, default: []].append(scaler)
+        count += 1
+        while count > ScalerKey.idleLimit, let oldest = order.first {
+            count -= scalers.removeValue(forKey: oldest)?.count ?? 0
+            order.removeFirst()
+        }
     }
 }
 

@@ -19,7 +19,7 @@ struct HalvedPictureTests {
         let row1: [UInt8] = [12, 22, 32, 13, 23, 34, 0, 255, 0, 101, 51, 2] + [9, 9, 9, 9]
         let half = try #require(halve(row0 + row1, stride: 16, width: 4, height: 2, format: AV_PIX_FMT_RGB24))
         #expect((half.width, half.height) == (2, 1))
-        #expect(half.strides == [6])
+        #expect(half.strides[0] >= 6)
         // (10+11+12+13+2)/4 = 12, (20+21+22+23+2)/4 = 22, (30+31+32+34+2)/4 = 32; (200+100+0+101+2)/4 = 100 …
         #expect(plane(half, 0, count: 6) == [12, 22, 32, 100, 89, 65])
     }

@@ -1,15 +1,16 @@
 import CTalkMesh
+import TalkMeshLibAV
 
 /// A picture at half the width and height of another in the same pixel format: each sample is
 /// the rounded mean of a 2×2 block (an odd last row or column averages with itself). Only for
 /// formats whose samples are whole bytes (8-bit, no palette, no bit packing); `nil` otherwise.
-/// Owns its planes and frees them on deinit.
+/// Its planes are a refcounted `AVFrame`'s, freed with it.
 final class HalvedPicture {
     let width: Int
     let height: Int
-    let planes: [UnsafePointer<UInt8>?]
-    let strides: [Int32]
-    private let buffers: [UnsafeMutableBufferPointer<UInt8>]
+    let frame: Frame
+    var planes: [UnsafePointer<UInt8>?] { frame.pointer!.planes.data.map { UnsafePointer($0) } }
+    var strides: [Int32] { frame.pointer!.planes.strides }
 
     init?(_ sourcePlanes: [UnsafePointer<UInt8>?], _ sourceStrides: [Int32], width: Int, height: Int, format: AVPixelFormat) {
         guard width >= 2, height >= 2, let descriptor = av_pix_fmt_desc_get(format)?.pointee else { return nil }
@@ -26,9 +27,8 @@ final class HalvedPicture {
         }
         let halfWidth = width / 2
         let halfHeight = height / 2
-        var planes: [UnsafePointer<UInt8>?] = []
-        var strides: [Int32] = []
-        var buffers: [UnsafeMutableBufferPointer<UInt8>] = []
+        guard let frame = try? makeVideoFrame(width: Int32(halfWidth), height: Int32(halfHeight), format: format) else { return nil }
+        let targets = frame.pointer!.planes
         for plane in 0..<4 where steps[plane] > 0 {
             guard plane < sourcePlanes.count, let source = sourcePlanes[plane] else { return nil }
             // Planes 1 and 2 carry chroma at the format's subsampling, as libav lays them out.
@@ -37,27 +37,17 @@ final class HalvedPicture {
             let shiftY = chroma ? Int(descriptor.log2_chroma_h) : 0
             let sourceSize = (width: Self.ceilShift(width, shiftX), height: Self.ceilShift(height, shiftY))
             let size = (width: Self.ceilShift(halfWidth, shiftX), height: Self.ceilShift(halfHeight, shiftY))
-            let step = steps[plane]
-            let stride = size.width * step
-            let buffer = UnsafeMutableBufferPointer<UInt8>.allocate(capacity: stride * size.height)
+            guard let target = targets.data[plane] else { return nil }
+            let stride = Int(targets.strides[plane])
             for y in 0..<size.height {
                 let row0 = source + 2 * y * Int(sourceStrides[plane])
                 let row1 = source + min(2 * y + 1, sourceSize.height - 1) * Int(sourceStrides[plane])
-                Self.halveRow(row0, row1, into: buffer.baseAddress! + y * stride, width: size.width, sourceWidth: sourceSize.width, step: step)
+                Self.halveRow(row0, row1, into: target + y * stride, width: size.width, sourceWidth: sourceSize.width, step: steps[plane])
             }
-            planes.append(UnsafePointer(buffer.baseAddress))
-            strides.append(Int32(stride))
-            buffers.append(buffer)
         }
         self.width = halfWidth
         self.height = halfHeight
-        self.planes = planes
-        self.strides = strides
-        self.buffers = buffers
-    }
-
-    deinit {
-        for buffer in buffers { buffer.deallocate() }
+        self.frame = frame
     }
 
     private static func ceilShift(_ value: Int, _ shift: Int) -> Int { (value + (1 << shift) - 1) >> shift }

@@ -80,7 +80,14 @@ public struct ImageResizer: Sendable {
 
     /// Decodes the first frame and fits it to the target canvas (RGB24); returns the canvas and
     /// the source's size (after orientation).
-    func decodeAndFit(path: String, flag: CancellationFlag, options: Options) throws -> ([UInt8], Int, Int) {
+    /// A fitted picture: RGB24 bytes, or (for JPEG output from a picture that needs no
+    /// orientation or alpha work) a full-range 4:2:0 frame the JPEG encoder takes as it is.
+    enum Canvas {
+        case rgb([UInt8])
+        case yuv(Frame)
+    }
+
+    func decodeAndFit(path: String, flag: CancellationFlag, options: Options) throws -> (Canvas, Int, Int) {
         // One open for both: the declared size, and the first 256 KiB where a JPEG keeps its EXIF.
         let (header, head) = try FileBlobStore.withReader(path) { read in
             (ImageHeader.read { (try? read($0, $1)) ?? [] }, (try? read(0, 256 * 1024)) ?? [])
@@ -118,7 +125,7 @@ public struct ImageResizer: Sendable {
         }
     }
 
-    func decodeAndFit(path: String, flag: CancellationFlag, options: Options, orientation: Int, lowres: Int32) throws -> ([UInt8], Int, Int) {
+    func decodeAndFit(path: String, flag: CancellationFlag, options: Options, orientation: Int, lowres: Int32) throws -> (Canvas, Int, Int) {
         let background = options.background
         // No stream probe: it would decode the whole picture once more only to learn its size.
         let input = try MediaInput(path: path, flag: flag, invalid: .invalidImage, probe: false)
@@ -126,7 +133,7 @@ public struct ImageResizer: Sendable {
         var rgba: [UInt8] = []
         var width = 0
         var height = 0
-        var direct: [UInt8]?
+        var direct: Canvas?
         try decoder.decodeAll(from: input, flag: flag, invalid: .invalidImage) { frame in
             width = Int(frame.pointee.width)
             height = Int(frame.pointee.height)
@@ -142,11 +149,12 @@ public struct ImageResizer: Sendable {
                 return false
             }
             rgba = [UInt8](repeating: 0, count: width * height * 4)
-            let scaler = try Scaler(from: (Int32(width), Int32(height), AVPixelFormat(rawValue: frame.pointee.format)),
-                                    to: (Int32(width), Int32(height), AV_PIX_FMT_RGBA), flags: SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT)
             let planes = frame.planes
-            rgba.withUnsafeMutableBufferPointer { buffer in
-                scaler.scale(planes.data.map { UnsafePointer($0) }, planes.strides, height: Int32(height), [buffer.baseAddress], [Int32(width * 4)])
+            try Scaler.reusing(from: (Int32(width), Int32(height), AVPixelFormat(rawValue: frame.pointee.format)),
+                               to: (Int32(width), Int32(height), AV_PIX_FMT_RGBA), flags: SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT) { scaler in
+                rgba.withUnsafeMutableBufferPointer { buffer in
+                    scaler.scale(planes.data.map { UnsafePointer($0) }, planes.strides, height: Int32(height), [buffer.baseAddress], [Int32(width * 4)])
+                }
             }
             return false  // the first frame is the image
         }
@@ -175,7 +183,7 @@ public struct ImageResizer: Sendable {
                 }
             }
         }
-        return (try fit(rgb, width: outWidth, height: outHeight, options: options), outWidth, outHeight)
+        return (.rgb(try fit(rgb, width: outWidth, height: outHeight, options: options)), outWidth, outHeight)
     }
 
     /// The size the source scales to: inside the target (pad) or covering it (crop).
@@ -191,35 +199,76 @@ public struct ImageResizer: Sendable {
     /// Scales a decoded frame (any pixel format) straight to the fitted size, then places it. A
     /// frame at least twice the fitted size in 8-bit planes is first halved by 2×2 averaging
     /// (as Pillow's `reducing_gap` does): Lanczos then reads a quarter of the pixels.
-    func fitFrame(_ frame: UnsafeMutablePointer<AVFrame>, width: Int, height: Int, options: Options, flag: CancellationFlag) throws -> [UInt8] {
+    func fitFrame(_ frame: UnsafeMutablePointer<AVFrame>, width: Int, height: Int, options: Options, flag: CancellationFlag) throws -> Canvas {
         let (scaledWidth, scaledHeight) = scaledSize(width: width, height: height, options: options)
         let format = AVPixelFormat(rawValue: frame.pointee.format)
-        var scaled = [UInt8](repeating: 0, count: scaledWidth * scaledHeight * 3)
-        let planes = frame.planes
-        var source = (planes: planes.data.map { UnsafePointer($0) }, strides: planes.strides, width: width, height: height)
+        var source = frame
         var reduced: [HalvedPicture] = []
-        while source.width / 2 >= scaledWidth, source.height / 2 >= scaledHeight,
-              let half = HalvedPicture(source.planes, source.strides, width: source.width, height: source.height, format: format) {
+        while Int(source.pointee.width) / 2 >= scaledWidth, Int(source.pointee.height) / 2 >= scaledHeight,
+              let half = HalvedPicture(source.planes.data.map { UnsafePointer($0) }, source.planes.strides,
+                                       width: Int(source.pointee.width), height: Int(source.pointee.height), format: format) {
             try flag.check()
             reduced.append(half)
-            source = (half.planes, half.strides, half.width, half.height)
+            source = half.frame.pointer!
         }
-        let scaler = try Scaler(from: (Int32(source.width), Int32(source.height), format), to: (Int32(scaledWidth), Int32(scaledHeight), AV_PIX_FMT_RGB24))
-        scaled.withUnsafeMutableBufferPointer { target in
-            scaler.scale(source.planes, source.strides, height: Int32(source.height), [target.baseAddress], [Int32(scaledWidth * 3)])
-        }
+        // JPEG out, and the picture's corner on even pixels: scale and pad in 4:2:0 directly.
+        let offset = ((options.width - scaledWidth) / 2, (options.height - scaledHeight) / 2)
+        let yuv = options.jpeg && offset.0 % 2 == 0 && offset.1 % 2 == 0
+        let scaled = try makeVideoFrame(width: Int32(scaledWidth), height: Int32(scaledHeight), format: yuv ? AV_PIX_FMT_YUVJ420P : AV_PIX_FMT_RGB24)
+        // Two bands on two threads once the work is worth a thread (a quarter-megapixel source);
+        // swscale's row ranges are exact for RGB output, not for 4:2:0 (checked in the tests).
+        let bands = !yuv && Int(source.pointee.width) * Int(source.pointee.height) >= 1 << 18 ? 2 : 1
+        try Scaler.scale(source, into: scaled.pointer!, bands: bands)
         withExtendedLifetime(reduced) {}
-        return place(scaled, scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options)
+        if yuv { return .yuv(try placeYUV(scaled, offset: offset, options: options)) }
+        var rows = [UInt8](repeating: 0, count: scaledWidth * scaledHeight * 3)
+        let plane = scaled.pointer!.planes
+        rows.withUnsafeMutableBufferPointer { target in
+            for y in 0..<scaledHeight {
+                (target.baseAddress! + y * scaledWidth * 3).update(from: plane.data[0]! + y * Int(plane.strides[0]), count: scaledWidth * 3)
+            }
+        }
+        return .rgb(place(rows, scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options))
+    }
+
+    /// Puts a scaled 4:2:0 picture on a full-range 4:2:0 canvas at an even `offset` (negative
+    /// when cropping): the background around it, in Y'CbCr (BT.601, full range, as JPEG has it).
+    func placeYUV(_ scaled: Frame, offset: (Int, Int), options: Options) throws -> Frame {
+        let canvas = try makeVideoFrame(width: Int32(options.width), height: Int32(options.height), format: AV_PIX_FMT_YUVJ420P)
+        let (r, g, b) = (Double(options.background.0), Double(options.background.1), Double(options.background.2))
+        let fill = [0.299 * r + 0.587 * g + 0.114 * b, 128 - 0.168736 * r - 0.331264 * g + 0.5 * b, 128 + 0.5 * r - 0.418688 * g - 0.081312 * b]
+            .map { UInt8(max(0, min(255, $0.rounded()))) }
+        let source = scaled.pointer!.planes
+        let target = canvas.pointer!.planes
+        for plane in 0..<3 {
+            let shift = plane == 0 ? 0 : 1
+            let size = ((options.width + shift) >> shift, (options.height + shift) >> shift)
+            let picture = ((Int(scaled.pointer!.pointee.width) + shift) >> shift, (Int(scaled.pointer!.pointee.height) + shift) >> shift)
+            let at = (offset.0 >> shift, offset.1 >> shift)
+            let stride = Int(target.strides[plane])
+            for y in 0..<size.1 {
+                let row = target.data[plane]! + y * stride
+                row.update(repeating: fill[plane], count: size.0)
+                let sy = y - at.1
+                guard sy >= 0, sy < picture.1 else { continue }
+                let from = max(0, at.0)
+                let to = min(size.0, at.0 + picture.0)
+                guard to > from else { continue }
+                (row + from).update(from: source.data[plane]! + sy * Int(source.strides[plane]) + (from - at.0), count: to - from)
+            }
+        }
+        return canvas
     }
 
     /// Scales preserving the aspect ratio (Lanczos), then pads centred or crops centred.
     func fit(_ rgb: [UInt8], width: Int, height: Int, options: Options) throws -> [UInt8] {
         let (scaledWidth, scaledHeight) = scaledSize(width: width, height: height, options: options)
         var scaled = [UInt8](repeating: 0, count: scaledWidth * scaledHeight * 3)
-        let scaler = try Scaler(from: (Int32(width), Int32(height), AV_PIX_FMT_RGB24), to: (Int32(scaledWidth), Int32(scaledHeight), AV_PIX_FMT_RGB24))
-        rgb.withUnsafeBufferPointer { source in
-            scaled.withUnsafeMutableBufferPointer { target in
-                scaler.scale([source.baseAddress], [Int32(width * 3)], height: Int32(height), [target.baseAddress], [Int32(scaledWidth * 3)])
+        try Scaler.reusing(from: (Int32(width), Int32(height), AV_PIX_FMT_RGB24), to: (Int32(scaledWidth), Int32(scaledHeight), AV_PIX_FMT_RGB24)) { scaler in
+            rgb.withUnsafeBufferPointer { source in
+                scaled.withUnsafeMutableBufferPointer { target in
+                    scaler.scale([source.baseAddress], [Int32(width * 3)], height: Int32(height), [target.baseAddress], [Int32(scaledWidth * 3)])
+                }
             }
         }
         return place(scaled, scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options)
@@ -251,44 +300,37 @@ public struct ImageResizer: Sendable {
         return canvas
     }
 
-    /// Encodes RGB24 as PNG, or as JPEG at the requested quality.
-    func encode(_ rgb: [UInt8], width: Int, height: Int, options: Options) throws -> [UInt8] {
-        let codecID = options.jpeg ? AV_CODEC_ID_MJPEG : AV_CODEC_ID_PNG
-        guard let codec = avcodec_find_encoder(codecID) else { throw ServiceError(.internalError, "no \(options.jpeg ? "JPEG" : "PNG") encoder") }
-        let pixelFormat = options.jpeg ? AV_PIX_FMT_YUVJ420P : AV_PIX_FMT_RGB24
-        // JPEG quality 1–100 onto the MJPEG quantiser scale 31–2 (ffmpeg's -q:v).
-        let qscale = options.jpeg ? max(2, min(31, Int((31 - Double(options.quality - 1) * 29 / 99).rounded()))) : 0
-        let lambda = Int32(qscale) * 118  // FF_QP2LAMBDA
-        // PNG: the "up" filter at zlib level 2 encodes in less than half the time of libavcodec's
-        // default (no filter, level 6) for output within 10 % of its size (smaller on photos).
-        let encoder = try StreamEncoder(codec: codec, options: options.jpeg ? [:] : ["pred": "up"]) { context in
-            context.pointee.width = Int32(width)
-            context.pointee.height = Int32(height)
-            context.pointee.pix_fmt = pixelFormat
-            context.pointee.time_base = AVRational(num: 1, den: 25)
-            if !options.jpeg { context.pointee.compression_level = 2 }
-            if options.jpeg {
-                context.pointee.flags |= AV_CODEC_FLAG_QSCALE
-                context.pointee.global_quality = lambda
-                context.pointee.color_range = AVCOL_RANGE_JPEG
-            }
-        }
-        let frame = try makeVideoFrame(width: Int32(width), height: Int32(height), format: pixelFormat)
-        let planes = frame.pointer!.planes
-        if options.jpeg {
-            let scaler = try Scaler(from: (Int32(width), Int32(height), AV_PIX_FMT_RGB24), to: (Int32(width), Int32(height), pixelFormat),
-                                    flags: SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT)
-            rgb.withUnsafeBufferPointer { source in
-                scaler.scale([source.baseAddress], [Int32(width * 3)], height: Int32(height), planes.data, planes.strides)
-            }
-            frame.pointer!.pointee.quality = lambda
-        } else {
-            rgb.withUnsafeBufferPointer { source in
-                for y in 0..<height {
-                    (planes.data[0]! + y * Int(planes.strides[0])).update(from: source.baseAddress! + y * width * 3, count: width * 3)
+    /// Encodes the canvas as PNG (PNGWriter), or as JPEG at the requested quality (libavcodec's MJPEG).
+    func encode(_ canvas: Canvas, width: Int, height: Int, options: Options) throws -> [UInt8] {
+        let frame: Frame
+        switch canvas {
+        case .rgb(let rgb):
+            guard options.jpeg else { return try PNGWriter.encode(rgb: rgb, width: width, height: height) }
+            frame = try makeVideoFrame(width: Int32(width), height: Int32(height), format: AV_PIX_FMT_YUVJ420P)
+            let planes = frame.pointer!.planes
+            try Scaler.reusing(from: (Int32(width), Int32(height), AV_PIX_FMT_RGB24), to: (Int32(width), Int32(height), AV_PIX_FMT_YUVJ420P),
+                               flags: SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT) { scaler in
+                rgb.withUnsafeBufferPointer { source in
+                    scaler.scale([source.baseAddress], [Int32(width * 3)], height: Int32(height), planes.data, planes.strides)
                 }
             }
+        case .yuv(let yuv):
+            frame = yuv
         }
+        guard let codec = avcodec_find_encoder(AV_CODEC_ID_MJPEG) else { throw ServiceError(.internalError, "no JPEG encoder") }
+        // JPEG quality 1–100 onto the MJPEG quantiser scale 31–2 (ffmpeg's -q:v).
+        let qscale = max(2, min(31, Int((31 - Double(options.quality - 1) * 29 / 99).rounded())))
+        let lambda = Int32(qscale) * 118  // FF_QP2LAMBDA
+        let encoder = try StreamEncoder(codec: codec) { context in
+            context.pointee.width = Int32(width)
+            context.pointee.height = Int32(height)
+            context.pointee.pix_fmt = AV_PIX_FMT_YUVJ420P
+            context.pointee.time_base = AVRational(num: 1, den: 25)
+            context.pointee.flags |= AV_CODEC_FLAG_QSCALE
+            context.pointee.global_quality = lambda
+            context.pointee.color_range = AVCOL_RANGE_JPEG
+        }
+        frame.pointer!.pointee.quality = lambda
         frame.pointer!.pointee.pts = 0
         var bytes: [UInt8] = []
         try encoder.encode(frame.pointer) { packet in
