@@ -14,9 +14,8 @@ enum PNGWriter {
         precondition(rgb.count == width * height * 3)
         let rowBytes = width * 3
         // Filtered scanlines: a filter-type byte, then each byte minus the one above it.
-        var filtered = [UInt8](repeating: 0, count: height * (rowBytes + 1))
-        rgb.withUnsafeBufferPointer { source in
-            filtered.withUnsafeMutableBufferPointer { target in
+        let filtered = [UInt8](unsafeUninitializedCapacity: height * (rowBytes + 1)) { target, initialized in
+            rgb.withUnsafeBufferPointer { source in
                 for y in 0..<height {
                     let row = target.baseAddress! + y * (rowBytes + 1)
                     row[0] = 2  // up
@@ -29,21 +28,20 @@ enum PNGWriter {
                     }
                 }
             }
+            initialized = height * (rowBytes + 1)
         }
         guard let compressor = libdeflate_alloc_compressor(level) else { throw ServiceError(.internalError, "cannot allocate a PNG compressor") }
         defer { libdeflate_free_compressor(compressor) }
         let bound = libdeflate_zlib_compress_bound(compressor, filtered.count)
-        var compressed = [UInt8](repeating: 0, count: bound)
-        let size = filtered.withUnsafeBytes { input in
-            compressed.withUnsafeMutableBytes { output in
+        let compressed = [UInt8](unsafeUninitializedCapacity: bound) { output, initialized in
+            initialized = filtered.withUnsafeBytes { input in
                 libdeflate_zlib_compress(compressor, input.baseAddress, input.count, output.baseAddress, output.count)
             }
         }
-        guard size > 0 else { throw ServiceError(.internalError, "the PNG compressor produced nothing") }
-        compressed.removeLast(compressed.count - size)
+        guard !compressed.isEmpty else { throw ServiceError(.internalError, "the PNG compressor produced nothing") }
 
         var png: [UInt8] = [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]
-        png.reserveCapacity(size + 64)
+        png.reserveCapacity(compressed.count + 64)
         // IHDR: width, height, bit depth 8, colour type 2 (RGB), deflate, adaptive filtering, no interlace.
         appendChunk("IHDR", bigEndian(width) + bigEndian(height) + [8, 2, 0, 0, 0], to: &png)
         appendChunk("IDAT", compressed, to: &png)
