@@ -146,14 +146,15 @@ public final class Scaler {
 
     /// Scales a whole frame into another (both with refcounted buffers; `destination` already
     /// allocated at the output size and format), the output cut into `bands` horizontal bands
-    /// computed at once, each on its own thread with its own scaler. swscale computes an output
-    /// row the same way whichever rows are asked for, so the bands are exactly one pass.
+    /// computed at once, each on its own thread with its own scaler. For RGB output swscale
+    /// computes a row the same way whichever rows are asked for, so the bands are exactly one
+    /// pass (tested); for 4:2:0 output 5.1 wrote wrong rows, so ask for one band there.
     public static func scale(_ source: UnsafeMutablePointer<AVFrame>, into destination: UnsafeMutablePointer<AVFrame>,
                              flags: Int32 = SWS_LANCZOS | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT, bands: Int) throws {
         let from = (source.pointee.width, source.pointee.height, AVPixelFormat(rawValue: source.pointee.format))
         let to = (destination.pointee.width, destination.pointee.height, AVPixelFormat(rawValue: destination.pointee.format))
         let height = Int(to.1)
-        let failure = Locked<Int32>(0)
+        let failure = Locked<ServiceError?>(nil)
         let sourceAddress = UInt(bitPattern: source)
         let destinationAddress = UInt(bitPattern: destination)
         let count = max(1, min(bands, height / 16))
@@ -172,14 +173,13 @@ public final class Scaler {
                     if rv >= 0 { rv = sws_send_slice(context, 0, UInt32(source.pointee.height)) }
                     if rv >= 0 { rv = sws_receive_slice(context, UInt32(start), UInt32(end - start)) }
                     sws_frame_end(context)
-                    if rv < 0 { failure.withLock { $0 = rv } }
+                    if rv < 0 { failure.withLock { $0 = ServiceError(.internalError, "cannot scale the picture", cause: avErrorText(rv)) } }
                 }
             } catch {
-                failure.withLock { $0 = -1 }
+                failure.withLock { $0 = error as? ServiceError ?? ServiceError(.internalError, "cannot scale the picture") }
             }
         }
-        let rv = failure.withLock { $0 }
-        guard rv == 0 else { throw ServiceError(.internalError, "cannot scale the picture", cause: avErrorText(rv)) }
+        if let error = failure.withLock({ $0 }) { throw error }
     }
 
     /// Scales `sourceHeight` rows of planes to planes.

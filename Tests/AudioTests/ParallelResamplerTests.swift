@@ -8,15 +8,16 @@ import TalkMeshLibAV
 struct ParallelResamplerTests {
     /// Speech-like test audio: tones that come and go, with noise, interleaved.
     func signal(rate: Int, channels: Int, seconds: Double) -> [Int16] {
-        var generator = SplitMix(seed: 7)
+        var noise: UInt64 = 7  // a linear congruential generator: the same signal every run
         let frames = Int(Double(rate) * seconds)
         var samples = [Int16](repeating: 0, count: frames * channels)
         for frame in 0..<frames {
             let t = Double(frame) / Double(rate)
             let envelope = 0.5 + 0.5 * sin(2 * .pi * 0.7 * t)
             for channel in 0..<channels {
+                noise = noise &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
                 let tone = 9000 * envelope * sin(2 * .pi * (180 + 40 * Double(channel)) * t) + 3000 * sin(2 * .pi * 3100 * t)
-                samples[frame * channels + channel] = Int16(tone + Double(generator.next() % 400) - 200)
+                samples[frame * channels + channel] = Int16(tone + Double((noise >> 33) % 400) - 200)
             }
         }
         return samples
@@ -113,18 +114,5 @@ struct ParallelResamplerTests {
         for _ in 0..<12 { resampler.push(pointer) }
         resampler.abandon()
         resampler.abandon()  // twice is harmless
-    }
-}
-
-/// A small deterministic generator for test signals.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

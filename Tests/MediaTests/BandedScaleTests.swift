@@ -18,6 +18,10 @@ struct BandedScaleTests {
                 }
             }
         }
+        if format == AV_PIX_FMT_PAL8 {
+            // The palette: 256 entries of 4 bytes.
+            for index in 0..<1024 { planes.data[1]![index] = UInt8(truncatingIfNeeded: index * 37) }
+        }
         return frame
     }
 
@@ -30,7 +34,8 @@ struct BandedScaleTests {
     }
 
     @Test("Two bands on two threads give exactly the rows of one pass (RGB output)",
-          arguments: [AV_PIX_FMT_RGB24, AV_PIX_FMT_YUVJ420P, AV_PIX_FMT_YUV444P])
+          arguments: [AV_PIX_FMT_RGB24, AV_PIX_FMT_BGR24, AV_PIX_FMT_GRAY8, AV_PIX_FMT_YUVJ420P, AV_PIX_FMT_YUV420P, AV_PIX_FMT_YUV422P,
+                      AV_PIX_FMT_YUV444P, AV_PIX_FMT_PAL8, AV_PIX_FMT_RGB48BE, AV_PIX_FMT_GRAY16BE])
     func bandsEqualOnePass(format: AVPixelFormat) throws {
         let source = try pattern(width: 540, height: 960, format: format)
         let one = try makeVideoFrame(width: 324, height: 577, format: AV_PIX_FMT_RGB24)

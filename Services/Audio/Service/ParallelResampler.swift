@@ -71,9 +71,12 @@ final class ParallelResampler: @unchecked Sendable {
         guard inputRate != outputRate else { return }
         var layout = AVChannelLayout()
         av_channel_layout_default(&layout, Int32(outputChannels))
-        for _ in 0..<workers {
-            let resampler = try Resampler(inputLayout: layout, inputFormat: AV_SAMPLE_FMT_S16, inputRate: Int32(inputRate),
-                                          outputRate: Int32(outputRate), outputChannels: Int32(outputChannels))
+        // Every resampler first: a throw after a thread started would leave it waiting forever.
+        let resamplers = try (0..<workers).map { _ in
+            try Resampler(inputLayout: layout, inputFormat: AV_SAMPLE_FMT_S16, inputRate: Int32(inputRate),
+                          outputRate: Int32(outputRate), outputChannels: Int32(outputChannels))
+        }
+        for resampler in resamplers {
             let context = Unmanaged.passRetained(Worker(owner: self, resampler: resampler)).toOpaque()
             var thread = pthread_t()
             if pthread_create(&thread, nil, { context in

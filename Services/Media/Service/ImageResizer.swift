@@ -78,8 +78,6 @@ public struct ImageResizer: Sendable {
         return response
     }
 
-    /// Decodes the first frame and fits it to the target canvas (RGB24); returns the canvas and
-    /// the source's size (after orientation).
     /// A fitted picture: RGB24 bytes, or (for JPEG output from a picture that needs no
     /// orientation or alpha work) a full-range 4:2:0 frame the JPEG encoder takes as it is.
     enum Canvas {
@@ -87,6 +85,8 @@ public struct ImageResizer: Sendable {
         case yuv(Frame)
     }
 
+    /// Decodes the first frame and fits it to the target canvas; returns the canvas and the
+    /// source's size (after orientation).
     func decodeAndFit(path: String, flag: CancellationFlag, options: Options) throws -> (Canvas, Int, Int) {
         // One open for both: the declared size, and the first 256 KiB where a JPEG keeps its EXIF.
         let (header, head) = try FileBlobStore.withReader(path) { read in
@@ -215,8 +215,8 @@ public struct ImageResizer: Sendable {
         let offset = ((options.width - scaledWidth) / 2, (options.height - scaledHeight) / 2)
         let yuv = options.jpeg && offset.0 % 2 == 0 && offset.1 % 2 == 0
         let scaled = try makeVideoFrame(width: Int32(scaledWidth), height: Int32(scaledHeight), format: yuv ? AV_PIX_FMT_YUVJ420P : AV_PIX_FMT_RGB24)
-        // Two bands on two threads once the work is worth a thread (a quarter-megapixel source);
-        // swscale's row ranges are exact for RGB output, not for 4:2:0 (checked in the tests).
+        // Two bands on two threads once the work is worth a thread (a quarter-megapixel source).
+        // RGB output only: asked for a row range of 4:2:0 output, swscale 5.1 wrote wrong rows.
         let bands = !yuv && Int(source.pointee.width) * Int(source.pointee.height) >= 1 << 18 ? 2 : 1
         try Scaler.scale(source, into: scaled.pointer!, bands: bands)
         withExtendedLifetime(reduced) {}
