@@ -34,8 +34,15 @@ def port_pair(step=10):
 
 
 def up_flags():
-    return ["--gateway-port", str(free_port()), "--media-port", str(port_pair()), "--audio-port", str(port_pair()),
-            "--dispatcher-port", str(free_port()), "--emulator-port", str(free_port())]
+    """Ports for every service, none of them (nor Media's and Audio's replica ports, +10) the same:
+    free ports picked one after another can repeat, which `talkmesh up` rightly refuses."""
+    for _ in range(50):
+        gateway, media, audio, dispatcher, emulator = free_port(), port_pair(), port_pair(), free_port(), free_port()
+        taken = [gateway, media, media + 10, audio, audio + 10, dispatcher, emulator]
+        if len(set(taken)) == len(taken):
+            return ["--gateway-port", str(gateway), "--media-port", str(media), "--audio-port", str(audio),
+                    "--dispatcher-port", str(dispatcher), "--emulator-port", str(emulator)]
+    raise AssertionError("no distinct free ports")
 
 
 class Up:
