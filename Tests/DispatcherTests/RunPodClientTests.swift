@@ -311,10 +311,13 @@ struct RunPodClientTests {
             #expect(times.count == 500)
             var maximum = 0
             for (index, time) in times.enumerated() {
-                // Arrival times carry the scheduling jitter of a loaded 2-core CI machine (a 50 ms margin was
-                // once exceeded there), so the window checked is 0.4 s of the 0.5 s budgeted; without a budget
-                // the 500 requests arrive together and this still fails by hundreds.
-                maximum = max(maximum, times[index...].prefix { $0 - time < 0.4 }.count)
+                // Arrival times carry the scheduling jitter of a loaded 2-core CI machine: a request granted
+                // at t arrives at t + d, so arrivals within L seconds were granted within L + max(d). A 50 ms
+                // and then a 100 ms margin were exceeded there (the latter under ASan: 115 in 0.4 s), so the
+                // span checked is 0.2 s of the 0.5 s budgeted, allowing 0.3 s of delay. Without a budget the
+                // 500 requests arrive together and this still fails by hundreds; RunPodWireTests checks
+                // the granted instants themselves, exactly.
+                maximum = max(maximum, times[index...].prefix { $0 - time < 0.2 }.count)
             }
             #expect(maximum <= limit, "\(route): \(maximum) in one window")
         }
