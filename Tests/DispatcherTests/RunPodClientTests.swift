@@ -221,23 +221,28 @@ struct RunPodClientTests {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let video = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 * 7) }
         try Data(video).write(to: URL(fileURLWithPath: directory + "/result.mp4"))
-        let emulator = try Emulator()  // only for a free port number
-        let port = emulator.port + 1
-        let server = try spawn("/usr/bin/env", ["python3", "-m", "http.server", String(port), "--bind", "127.0.0.1", "--directory", directory],
-                               environment: ProcessInfo.processInfo.environment)
+        // The HTTP server binds port 0 itself and writes the port it got: a port picked beforehand can be taken meanwhile.
+        let portFile = directory + "/port"
+        try? FileManager.default.removeItem(atPath: portFile)
+        let serve = "import functools, http.server, sys\n"
+            + "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n"
+            + "server = http.server.HTTPServer(('127.0.0.1', 0), handler)\n"
+            + "open(sys.argv[2] + '.tmp', 'w').write(str(server.server_port))\n"
+            + "import os; os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n"
+            + "server.serve_forever()\n"
+        let server = try spawn("/usr/bin/env", ["python3", "-c", serve, directory, portFile], environment: ProcessInfo.processInfo.environment)
         defer { kill(server, SIGTERM); var status: Int32 = 0; waitpid(server, &status, 0) }
+        var port = 0
+        for _ in 0..<100 where port == 0 {
+            if let text = try? String(contentsOfFile: portFile, encoding: .utf8), let number = Int(text) { port = number }
+            else { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        #expect(port > 0)
+        let emulator = try Emulator()
         let job = try RunPodJob.parse(Array(#"{"id":"a","status":"COMPLETED","output":{"video_url":"http://127.0.0.1:\#(port)/result.mp4"}}"#.utf8))
         let store = try FileBlobStore(root: directory + "/store")
         let client = emulator.client()
-        var stored = false
-        for _ in 0..<50 where !stored {  // the HTTP server needs a moment to listen
-            do {
-                try await client.storeVideo(of: job, in: store, as: try BlobKey("jobs/a/result.mp4"))
-                stored = true
-            } catch {
-                try await Task.sleep(for: .milliseconds(100))
-            }
-        }
+        try await client.storeVideo(of: job, in: store, as: try BlobKey("jobs/a/result.mp4"))  // listening once the port is written
         #expect(try store.get(try BlobKey("jobs/a/result.mp4")) == video)
     }
 
