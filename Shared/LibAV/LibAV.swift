@@ -171,38 +171,35 @@ public final class Resampler {
 
     /// Converts interleaved 16-bit samples (when the input format is S16) and appends the output.
     public func convert(_ samples: [Int16], into output: inout [Int16], inputChannels: Int) {
-        let inputCount = samples.count / max(inputChannels, 1)
-        let capacity = Int(swr_get_out_samples(context, Int32(inputCount))) + 32
-        guard capacity > 0 else { return }
-        let start = output.count
-        output.append(contentsOf: repeatElement(0, count: capacity * Int(outputChannels)))
-        let produced: Int32 = samples.withUnsafeBufferPointer { input in
-            output.withUnsafeMutableBufferPointer { buffer in
-                var destination: UnsafeMutablePointer<UInt8>? = UnsafeMutableRawPointer(buffer.baseAddress! + start).assumingMemoryBound(to: UInt8.self)
-                var source: UnsafePointer<UInt8>? = UnsafeRawPointer(input.baseAddress).map { $0.assumingMemoryBound(to: UInt8.self) }
-                return swr_convert(context, &destination, Int32(capacity), &source, Int32(inputCount))
+        samples.withUnsafeBytes { input in
+            var source: UnsafePointer<UInt8>? = input.baseAddress?.assumingMemoryBound(to: UInt8.self)
+            append(inputCount: Int32(samples.count / max(inputChannels, 1)), into: &output) { destination, capacity, count in
+                swr_convert(context, destination, capacity, &source, count)
             }
         }
-        output.removeLast(output.count - start - Int(max(produced, 0)) * Int(outputChannels))
     }
 
     /// Converts a decoded frame (or flushes with nil) and appends the interleaved samples.
     public func convert(_ frame: UnsafeMutablePointer<AVFrame>?, into output: inout [Int16]) {
-        let inputCount = frame?.pointee.nb_samples ?? 0
+        append(inputCount: frame?.pointee.nb_samples ?? 0, into: &output) { destination, capacity, count in
+            guard let frame else { return swr_convert(context, destination, capacity, nil, 0) }
+            return frame.pointee.extended_data.withMemoryRebound(to: UnsafePointer<UInt8>?.self, capacity: 8) { source in
+                swr_convert(context, destination, capacity, source, count)
+            }
+        }
+    }
+
+    /// Makes room for what `inputCount` frames can produce, lets `convert` write there (given the
+    /// destination, its capacity in frames and `inputCount`), and keeps what it produced.
+    private func append(inputCount: Int32, into output: inout [Int16],
+                        _ convert: (UnsafeMutablePointer<UnsafeMutablePointer<UInt8>?>, Int32, Int32) -> Int32) {
         let capacity = Int(swr_get_out_samples(context, inputCount)) + 32
         guard capacity > 0 else { return }
         let start = output.count
         output.append(contentsOf: repeatElement(0, count: capacity * Int(outputChannels)))
         let produced: Int32 = output.withUnsafeMutableBufferPointer { buffer in
             var destination: UnsafeMutablePointer<UInt8>? = UnsafeMutableRawPointer(buffer.baseAddress! + start).assumingMemoryBound(to: UInt8.self)
-            return withUnsafeMutablePointer(to: &destination) { destinationPointer in
-                if let frame {
-                    return frame.pointee.extended_data.withMemoryRebound(to: UnsafePointer<UInt8>?.self, capacity: 8) { source in
-                        swr_convert(context, destinationPointer, Int32(capacity), source, inputCount)
-                    }
-                }
-                return swr_convert(context, destinationPointer, Int32(capacity), nil, 0)
-            }
+            return convert(&destination, Int32(capacity), inputCount)
         }
         output.removeLast(output.count - start - Int(max(produced, 0)) * Int(outputChannels))
     }

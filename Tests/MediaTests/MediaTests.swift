@@ -79,7 +79,7 @@ struct ResizeGeometryTests {
         var pad = try options(64, 64)
         pad.background = (9, 9, 9)
         let picture = [UInt8](repeating: 200, count: 32 * 64 * 3)
-        let canvas = resizer.place(picture, scaledWidth: 32, scaledHeight: 64, options: pad)
+        let canvas = picture.withUnsafeBufferPointer { resizer.place($0.baseAddress!, stride: 32 * 3, scaledWidth: 32, scaledHeight: 64, options: pad) }
         #expect(canvas[0] == 9 && canvas[(16 * 3) - 1] == 9)      // left band
         #expect(canvas[16 * 3] == 200 && canvas[(48 * 3) - 1] == 200)  // the picture
         #expect(canvas[48 * 3] == 9)                                 // right band

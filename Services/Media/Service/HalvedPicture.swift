@@ -6,9 +6,9 @@ import TalkMeshLibAV
 /// formats whose samples are whole bytes (8-bit, no palette, no bit packing); `nil` otherwise.
 /// Its planes are a refcounted `AVFrame`'s, freed with it.
 final class HalvedPicture {
-    let width: Int
-    let height: Int
     let frame: Frame
+    var width: Int { Int(frame.pointer!.pointee.width) }
+    var height: Int { Int(frame.pointer!.pointee.height) }
     var planes: [UnsafePointer<UInt8>?] { frame.pointer!.planes.data.map { UnsafePointer($0) } }
     var strides: [Int32] { frame.pointer!.planes.strides }
 
@@ -45,8 +45,6 @@ final class HalvedPicture {
                 Self.halveRow(row0, row1, into: target + y * stride, width: size.width, sourceWidth: sourceSize.width, step: steps[plane])
             }
         }
-        self.width = halfWidth
-        self.height = halfHeight
         self.frame = frame
     }
 

@@ -221,14 +221,8 @@ public struct ImageResizer: Sendable {
         try Scaler.scale(source, into: scaled.pointer!, bands: bands)
         withExtendedLifetime(reduced) {}
         if yuv { return .yuv(try placeYUV(scaled, offset: offset, options: options)) }
-        var rows = [UInt8](repeating: 0, count: scaledWidth * scaledHeight * 3)
         let plane = scaled.pointer!.planes
-        rows.withUnsafeMutableBufferPointer { target in
-            for y in 0..<scaledHeight {
-                (target.baseAddress! + y * scaledWidth * 3).update(from: plane.data[0]! + y * Int(plane.strides[0]), count: scaledWidth * 3)
-            }
-        }
-        return .rgb(place(rows, scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options))
+        return .rgb(place(UnsafePointer(plane.data[0]!), stride: Int(plane.strides[0]), scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options))
     }
 
     /// Puts a scaled 4:2:0 picture on a full-range 4:2:0 canvas at an even `offset` (negative
@@ -242,22 +236,39 @@ public struct ImageResizer: Sendable {
         let target = canvas.pointer!.planes
         for plane in 0..<3 {
             let shift = plane == 0 ? 0 : 1
-            let size = ((options.width + shift) >> shift, (options.height + shift) >> shift)
-            let picture = ((Int(scaled.pointer!.pointee.width) + shift) >> shift, (Int(scaled.pointer!.pointee.height) + shift) >> shift)
-            let at = (offset.0 >> shift, offset.1 >> shift)
-            let stride = Int(target.strides[plane])
-            for y in 0..<size.1 {
-                let row = target.data[plane]! + y * stride
-                row.update(repeating: fill[plane], count: size.0)
-                let sy = y - at.1
-                guard sy >= 0, sy < picture.1 else { continue }
-                let from = max(0, at.0)
-                let to = min(size.0, at.0 + picture.0)
-                guard to > from else { continue }
-                (row + from).update(from: source.data[plane]! + sy * Int(source.strides[plane]) + (from - at.0), count: to - from)
-            }
+            Self.placePlane(UnsafePointer(source.data[plane]!), stride: Int(source.strides[plane]),
+                            size: ((Int(scaled.pointer!.pointee.width) + shift) >> shift, (Int(scaled.pointer!.pointee.height) + shift) >> shift),
+                            into: target.data[plane]!, stride: Int(target.strides[plane]),
+                            size: ((options.width + shift) >> shift, (options.height + shift) >> shift),
+                            at: (offset.0 >> shift, offset.1 >> shift), fill: [fill[plane]])
         }
         return canvas
+    }
+
+    /// Copies a `picture`-sized plane onto a `canvas`-sized one at `offset` (negative when
+    /// cropping) and fills what the picture does not cover with `fill`, one pixel's bytes.
+    static func placePlane(_ source: UnsafePointer<UInt8>, stride sourceStride: Int, size picture: (Int, Int),
+                           into target: UnsafeMutablePointer<UInt8>, stride: Int, size canvas: (Int, Int),
+                           at offset: (Int, Int), fill: [UInt8]) {
+        let pixel = fill.count
+        func background(_ row: UnsafeMutablePointer<UInt8>, _ from: Int, _ to: Int) {
+            guard to > from else { return }
+            if pixel == 1 { (row + from).update(repeating: fill[0], count: to - from); return }
+            for x in from..<to { for byte in 0..<pixel { row[x * pixel + byte] = fill[byte] } }
+        }
+        let from = min(canvas.0, max(0, offset.0))
+        let to = max(from, min(canvas.0, offset.0 + picture.0))
+        for y in 0..<canvas.1 {
+            let row = target + y * stride
+            let sy = y - offset.1
+            guard sy >= 0, sy < picture.1, to > from else {
+                background(row, 0, canvas.0)
+                continue
+            }
+            background(row, 0, from)
+            (row + from * pixel).update(from: source + sy * sourceStride + (from - offset.0) * pixel, count: (to - from) * pixel)
+            background(row, to, canvas.0)
+        }
     }
 
     /// Scales preserving the aspect ratio (Lanczos), then pads centred or crops centred.
@@ -271,33 +282,18 @@ public struct ImageResizer: Sendable {
                 }
             }
         }
-        return place(scaled, scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options)
+        return scaled.withUnsafeBufferPointer { place($0.baseAddress!, stride: scaledWidth * 3, scaledWidth: scaledWidth, scaledHeight: scaledHeight, options: options) }
     }
 
-    /// Puts the scaled picture on the canvas: centred with background around it, or centre-cropped.
-    func place(_ scaled: [UInt8], scaledWidth: Int, scaledHeight: Int, options: Options) -> [UInt8] {
-        var canvas = [UInt8](repeating: 0, count: options.width * options.height * 3)
-        if !options.crop {
-            for index in 0..<(options.width * options.height) {
-                canvas[index * 3] = options.background.0
-                canvas[index * 3 + 1] = options.background.1
-                canvas[index * 3 + 2] = options.background.2
-            }
+    /// Puts the scaled RGB24 picture on the canvas: centred with background around it, or centre-cropped.
+    func place(_ scaled: UnsafePointer<UInt8>, stride: Int, scaledWidth: Int, scaledHeight: Int, options: Options) -> [UInt8] {
+        let offset = ((options.width - scaledWidth) / 2, (options.height - scaledHeight) / 2)
+        return [UInt8](unsafeUninitializedCapacity: options.width * options.height * 3) { canvas, initialized in
+            Self.placePlane(scaled, stride: stride, size: (scaledWidth, scaledHeight), into: canvas.baseAddress!, stride: options.width * 3,
+                            size: (options.width, options.height), at: offset,
+                            fill: [options.background.0, options.background.1, options.background.2])
+            initialized = options.width * options.height * 3
         }
-        // The overlap of the scaled image and the canvas, both centred.
-        let offsetX = (options.width - scaledWidth) / 2
-        let offsetY = (options.height - scaledHeight) / 2
-        for y in 0..<options.height {
-            let sy = y - offsetY
-            guard sy >= 0, sy < scaledHeight else { continue }
-            let fromX = max(0, offsetX)
-            let toX = min(options.width, offsetX + scaledWidth)
-            guard toX > fromX else { continue }
-            let sourceStart = (sy * scaledWidth + (fromX - offsetX)) * 3
-            let targetStart = (y * options.width + fromX) * 3
-            canvas.replaceSubrange(targetStart..<(targetStart + (toX - fromX) * 3), with: scaled[sourceStart..<(sourceStart + (toX - fromX) * 3)])
-        }
-        return canvas
     }
 
     /// Encodes the canvas as PNG (PNGWriter), or as JPEG at the requested quality (libavcodec's MJPEG).
