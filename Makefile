@@ -29,7 +29,7 @@ integration-test-s3: build
 
 check: unit-test integration-test integration-test-s3
 
-# Every fuzz target for FUZZ_SECONDS (30) under libFuzzer + ASan; no crash allowed.
+# Every fuzz target for FUZZ_SECONDS (20) under libFuzzer + ASan; no crash allowed.
 fuzz: bootstrap
 	scripts/fuzz
 

@@ -1,6 +1,7 @@
 import Testing
-import TalkMeshCore
+@testable import TalkMeshCore
 import TalkMeshRPC
+import Glibc
 @testable import TalkMeshDispatcherService
 
 @Suite struct ErrorTableTests {
@@ -27,5 +28,21 @@ import TalkMeshRPC
             #expect(ErrorCode.all.contains(code), "\(code)")
         }
         #expect(ErrorCode.jobTerminal.httpStatus == 409 && ErrorCode.jobTerminal.grpcCode == .failedPrecondition)
+    }
+
+    @Test("a cause reaches the caller only for the codes that send it; the server keeps it for its log")
+    func causesStayInside() throws {
+        let stored = FileBlobStore.failure("rename", "/var/lib/talkmesh/blobs/jobs/a", EACCES)
+        #expect(stored.code == .storageFailed && !stored.code.sendsCause)
+        let sent = stored.rpcError
+        #expect(!sent.message.contains("/var/lib") && !sent.message.contains("denied"), "\(sent.message)")
+        #expect(!stored.httpError.message.contains("/var/lib"))
+        let kept = try #require(sent.cause as? ServiceError)
+        #expect(kept.cause?.contains("/var/lib/talkmesh/blobs/jobs/a") == true)
+        let image = ServiceError(.invalidImage, "cannot open the input", cause: "Invalid data found when processing input")
+        #expect(image.rpcError.message == "INVALID_IMAGE: cannot open the input: Invalid data found when processing input")
+        #expect(image.httpError == (400, "INVALID_IMAGE", "cannot open the input: Invalid data found when processing input"))
+        let sending = Set(ErrorCode.allCases.filter(\.sendsCause))
+        #expect(sending == [.invalidImage, .invalidAudio, .emptyAudio, .invalidVideo])
     }
 }

@@ -400,3 +400,37 @@ def test_a_deadline_stops_a_stitch_and_the_service_keeps_serving(media, parts):
     assert not os.path.exists(f"{blobs}/out/late.mp4")
     assert [n for n in os.listdir(f"{blobs}/.tmp") if n.endswith(".mp4")] == []
     assert stub.ProbeMedia(media_pb2.ProbeMediaRequest(key=parts[0]), timeout=30).streams
+
+
+def test_a_failed_call_is_logged_once_with_its_cause_and_the_caller_gets_no_path():
+    blobs = tempfile.mkdtemp(prefix="talkmesh-media-log-")
+    service = Service("talkmesh-media", env={"BLOB_STORE": f"file://{blobs}"})
+    try:
+        os.makedirs(f"{blobs}/in")
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=s=640x480", "-frames:v", "1", f"{blobs}/in/a.png")
+        with open(f"{blobs}/in/taken", "w") as fh:
+            fh.write("a file where the output key needs a directory")
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        with grpc.insecure_channel(service.address) as channel:
+            stub = media_pb2_grpc.MediaServiceStub(channel)
+            code, details = error_of(lambda: stub.ResizeImage(
+                media_pb2.ResizeImageRequest(image_key="in/a.png", width=384, height=576, output_key="in/taken/out.png"),
+                timeout=30, metadata=[("traceparent", f"00-{trace}-00f067aa0ba902b7-01")]))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("INVALID_KEY:"), details
+            assert blobs not in details and "Not a directory" not in details
+            # A cause that is about the caller's own input is theirs to see.
+            with open(f"{blobs}/in/fake.png", "w") as fh:
+                fh.write("not a picture at all\n" * 100)
+            code, details = error_of(lambda: stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/fake.png", width=384, height=576), timeout=30))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("INVALID_IMAGE:")
+        lines = [json.loads(line) for line in service.read_log().splitlines() if line.startswith("{")]
+        failed = [line for line in lines if line.get("msg") == "call failed"]
+        assert len(failed) == 2, failed
+        first = failed[0]
+        assert first["method"] == "/talkmesh.v1.MediaService/ResizeImage" and first["grpc_status"] == "INVALID_ARGUMENT"
+        assert first["trace_id"] == trace and first["level"] == "info"
+        assert f"{blobs}/in/taken" in first["error"] and "Not a directory" in first["error"]
+        assert "trace_id" not in failed[1] or failed[1]["trace_id"] != trace
+    finally:
+        assert service.stop() == 0
+        shutil.rmtree(blobs, ignore_errors=True)

@@ -1,5 +1,29 @@
+import Logging
+import Synchronization
 import Testing
 @testable import TalkMeshRPC
+
+/// Keeps every line logged through it.
+final class CapturingLogHandler: LogHandler, Sendable {
+    struct Line: Sendable { var level: Logger.Level; var message: String; var metadata: [String: String] }
+    let lines = Mutex<[Line]>([])
+    var metadata: Logger.Metadata { get { [:] } set {} }
+    var logLevel: Logger.Level { get { .trace } set {} }
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? { get { nil } set {} }
+    func log(event: LogEvent) {
+        let line = Line(level: event.level, message: "\(event.message)", metadata: (event.metadata ?? [:]).mapValues { "\($0)" })
+        lines.withLock { $0.append(line) }
+    }
+    var captured: [Line] { lines.withLock { $0 } }
+}
+
+struct Refusal: HTTPErrorConvertible {
+    var httpError: (status: Int, code: String, message: String) { (422, "TOO_ODD", "the request is too odd") }
+}
+
+struct Secret: Error, CustomStringConvertible {
+    var description: String { "open /var/lib/talkmesh/secret: Permission denied" }
+}
 
 @Suite("HTTP router")
 struct HTTPRouterTests {
@@ -35,5 +59,35 @@ struct HTTPRouterTests {
     @Test("a throwing handler becomes 500")
     func throwing() async {
         #expect(await router().respond(to: HTTPRequest(method: "GET", path: "/fail")).0.status == 500)
+    }
+
+    @Test("a thrown error answers with its own status and code; its detail is logged once, never sent")
+    func thrownErrorsMap() async throws {
+        let handler = CapturingLogHandler()
+        var router = HTTPRouter()
+        router.logger = Logger(label: "test") { _ in handler }
+        router.add("GET", "/odd") { _ in throw Refusal() }
+        router.add("GET", "/down") { _ in throw RPCError(code: .unavailable, message: "the store is down") }
+        router.add("GET", "/secret") { _ in throw Secret() }
+        router.add("GET", "/body") { _ in throw HTTPBodyError.tooLarge(limit: 10) }
+        let odd = await router.respond(to: HTTPRequest(method: "GET", path: "/odd")).0
+        #expect(odd.status == 422 && String(decoding: odd.body, as: UTF8.self) == "the request is too odd\n")
+        #expect(await router.respond(to: HTTPRequest(method: "GET", path: "/down")).0.status == 503)
+        #expect(await router.respond(to: HTTPRequest(method: "GET", path: "/body")).0.status == 413)
+        let secret = await router.respond(to: HTTPRequest(method: "GET", path: "/secret")).0
+        #expect(secret.status == 500 && String(decoding: secret.body, as: UTF8.self) == "internal error\n")
+        let lines = handler.captured
+        #expect(lines.count == 4)
+        let logged = try #require(lines.last)
+        #expect(logged.level == .error && logged.metadata["error"] == Secret().description && logged.metadata["status"] == "500")
+        #expect(lines[0].level == .info && lines[0].metadata["code"] == "TOO_ODD")
+    }
+
+    @Test("gRPC statuses map to HTTP as gRPC's HTTP mapping gives them")
+    func grpcToHTTP() {
+        let expected: [(RPCError.Code, Int)] = [(.invalidArgument, 400), (.notFound, 404), (.unauthenticated, 401), (.permissionDenied, 403),
+                                                (.resourceExhausted, 429), (.unavailable, 503), (.deadlineExceeded, 504), (.internal, 500),
+                                                (.unimplemented, 501), (.aborted, 409), (.cancelled, 499)]
+        for (code, status) in expected { #expect(code.httpStatus == status, "\(code)") }
     }
 }

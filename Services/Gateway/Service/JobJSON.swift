@@ -127,15 +127,9 @@ enum JobJSON {
     /// A thrown error as the API reports it: a `ServiceError` (raised here or received from the
     /// Dispatcher) with its code's status; a body that stopped early as 413/408/400.
     static func error(for error: any Error) -> HTTPResponse {
-        if let error = error as? ServiceError {
-            return Self.error(error.code.httpStatus, error.code.rawValue, error.message)
-        }
-        if let error = error as? HTTPBodyError {
-            switch error {
-            case .tooLarge(let limit): return Self.error(413, "PAYLOAD_TOO_LARGE", "the request body is larger than \(limit) bytes")
-            case .timedOut: return Self.error(408, "REQUEST_TIMEOUT", "the request body stalled")
-            case .aborted: return Self.error(400, "INVALID_REQUEST", "the request body was cut short")
-            }
+        if error is ServiceError || error is HTTPBodyError {
+            let (status, code, message) = HTTPRouter.describe(error)
+            return Self.error(status, code, message)
         }
         if let error = error as? RPCError {
             if let received = ServiceError(received: error) {

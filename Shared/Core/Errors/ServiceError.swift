@@ -1,110 +1,120 @@
 import TalkMeshRPC
 
 /// A stable error code: what clients and logs match on. Each maps to one gRPC status and one
-/// HTTP status, here and nowhere else.
-public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
-    public let rawValue: String
-    public init(rawValue: String) { self.rawValue = rawValue }
+/// HTTP status, here and nowhere else: the switches below are the table, and a code without a row
+/// does not compile.
+public enum ErrorCode: String, CaseIterable, Sendable, CustomStringConvertible {
+    case invalidArgument = "INVALID_ARGUMENT"
+    case notFound = "NOT_FOUND"
+    case invalidKey = "INVALID_KEY"
+    case storageFull = "STORAGE_FULL"
+    case storageFailed = "STORAGE_FAILED"
+    case storageUnavailable = "STORAGE_UNAVAILABLE"
+    case emptyAudio = "EMPTY_AUDIO"
+    case invalidAudio = "INVALID_AUDIO"
+    case audioTooLong = "AUDIO_TOO_LONG"
+    case chunkTooLarge = "CHUNK_TOO_LARGE"
+    case invalidImage = "INVALID_IMAGE"
+    case imageTooLarge = "IMAGE_TOO_LARGE"
+    case invalidVideo = "INVALID_VIDEO"
+    case cancelled = "CANCELLED"
+    case deadlineExceeded = "DEADLINE_EXCEEDED"
+    case overloaded = "OVERLOADED"
+    case internalError = "INTERNAL"
+    case runpodUnauthorized = "RUNPOD_UNAUTHORIZED"
+    case runpodUnavailable = "RUNPOD_UNAVAILABLE"
+    case runpodPayloadTooLarge = "RUNPOD_PAYLOAD_TOO_LARGE"
+    case runpodJobExpired = "RUNPOD_JOB_EXPIRED"
+    case runpodResultMissing = "RUNPOD_RESULT_MISSING"
+    case runpodJobFailed = "RUNPOD_JOB_FAILED"
+    case runpodBadResponse = "RUNPOD_BAD_RESPONSE"
+    case jobNotFound = "JOB_NOT_FOUND"
+    case jobTerminal = "JOB_TERMINAL"
+    case jobTimedOut = "JOB_TIMED_OUT"
+    case illegalTransition = "ILLEGAL_TRANSITION"
+    case storeUnavailable = "STORE_UNAVAILABLE"
+    case storeConflict = "STORE_CONFLICT"
+    case leaseLost = "LEASE_LOST"
+    case serviceUnavailable = "SERVICE_UNAVAILABLE"
+    // The Gateway's own.
+    case invalidRequest = "INVALID_REQUEST"
+    case unauthorized = "UNAUTHORIZED"
+    case rateLimited = "RATE_LIMITED"
+    case tooManyActiveJobs = "TOO_MANY_ACTIVE_JOBS"
+    case payloadTooLarge = "PAYLOAD_TOO_LARGE"
+    case unsupportedMediaType = "UNSUPPORTED_MEDIA_TYPE"
+    case jobNotCompleted = "JOB_NOT_COMPLETED"
+    case rangeNotSatisfiable = "RANGE_NOT_SATISFIABLE"
+
     public var description: String { rawValue }
 
-    public static let invalidArgument = ErrorCode(rawValue: "INVALID_ARGUMENT")
-    public static let notFound = ErrorCode(rawValue: "NOT_FOUND")
-    public static let invalidKey = ErrorCode(rawValue: "INVALID_KEY")
-    public static let storageFull = ErrorCode(rawValue: "STORAGE_FULL")
-    public static let storageFailed = ErrorCode(rawValue: "STORAGE_FAILED")
-    public static let storageUnavailable = ErrorCode(rawValue: "STORAGE_UNAVAILABLE")
-    public static let emptyAudio = ErrorCode(rawValue: "EMPTY_AUDIO")
-    public static let invalidAudio = ErrorCode(rawValue: "INVALID_AUDIO")
-    public static let audioTooLong = ErrorCode(rawValue: "AUDIO_TOO_LONG")
-    public static let chunkTooLarge = ErrorCode(rawValue: "CHUNK_TOO_LARGE")
-    public static let invalidImage = ErrorCode(rawValue: "INVALID_IMAGE")
-    public static let imageTooLarge = ErrorCode(rawValue: "IMAGE_TOO_LARGE")
-    public static let invalidVideo = ErrorCode(rawValue: "INVALID_VIDEO")
-    public static let cancelled = ErrorCode(rawValue: "CANCELLED")
-    public static let deadlineExceeded = ErrorCode(rawValue: "DEADLINE_EXCEEDED")
-    public static let overloaded = ErrorCode(rawValue: "OVERLOADED")
-    public static let internalError = ErrorCode(rawValue: "INTERNAL")
-    public static let runpodUnauthorized = ErrorCode(rawValue: "RUNPOD_UNAUTHORIZED")
-    public static let runpodUnavailable = ErrorCode(rawValue: "RUNPOD_UNAVAILABLE")
-    public static let runpodPayloadTooLarge = ErrorCode(rawValue: "RUNPOD_PAYLOAD_TOO_LARGE")
-    public static let runpodJobExpired = ErrorCode(rawValue: "RUNPOD_JOB_EXPIRED")
-    public static let runpodResultMissing = ErrorCode(rawValue: "RUNPOD_RESULT_MISSING")
-    public static let runpodJobFailed = ErrorCode(rawValue: "RUNPOD_JOB_FAILED")
-    public static let runpodBadResponse = ErrorCode(rawValue: "RUNPOD_BAD_RESPONSE")
-    public static let jobNotFound = ErrorCode(rawValue: "JOB_NOT_FOUND")
-    public static let jobTerminal = ErrorCode(rawValue: "JOB_TERMINAL")
-    public static let jobTimedOut = ErrorCode(rawValue: "JOB_TIMED_OUT")
-    public static let illegalTransition = ErrorCode(rawValue: "ILLEGAL_TRANSITION")
-    public static let storeUnavailable = ErrorCode(rawValue: "STORE_UNAVAILABLE")
-    public static let storeConflict = ErrorCode(rawValue: "STORE_CONFLICT")
-    public static let leaseLost = ErrorCode(rawValue: "LEASE_LOST")
-    public static let serviceUnavailable = ErrorCode(rawValue: "SERVICE_UNAVAILABLE")
-    // The Gateway's own.
-    public static let invalidRequest = ErrorCode(rawValue: "INVALID_REQUEST")
-    public static let unauthorized = ErrorCode(rawValue: "UNAUTHORIZED")
-    public static let rateLimited = ErrorCode(rawValue: "RATE_LIMITED")
-    public static let tooManyActiveJobs = ErrorCode(rawValue: "TOO_MANY_ACTIVE_JOBS")
-    public static let payloadTooLarge = ErrorCode(rawValue: "PAYLOAD_TOO_LARGE")
-    public static let unsupportedMediaType = ErrorCode(rawValue: "UNSUPPORTED_MEDIA_TYPE")
-    public static let jobNotCompleted = ErrorCode(rawValue: "JOB_NOT_COMPLETED")
-    public static let rangeNotSatisfiable = ErrorCode(rawValue: "RANGE_NOT_SATISFIABLE")
+    /// Every code (tests check that each maps).
+    public static var all: [ErrorCode] { allCases }
 
-    /// The one table: code → (gRPC status, HTTP status).
-    static let table: [ErrorCode: (RPCError.Code, Int)] = [
-        .invalidArgument: (.invalidArgument, 400),
-        .notFound: (.notFound, 404),
-        .invalidKey: (.invalidArgument, 400),
-        .storageFull: (.resourceExhausted, 507),
-        .storageFailed: (.internal, 500),
-        .storageUnavailable: (.unavailable, 503),
-        .emptyAudio: (.invalidArgument, 422),
-        .invalidAudio: (.invalidArgument, 400),
-        .audioTooLong: (.invalidArgument, 400),
-        .chunkTooLarge: (.invalidArgument, 422),
-        .invalidImage: (.invalidArgument, 400),
-        .imageTooLarge: (.invalidArgument, 422),
-        .invalidVideo: (.invalidArgument, 422),
-        .cancelled: (.cancelled, 499),
-        .deadlineExceeded: (.deadlineExceeded, 504),
-        .overloaded: (.resourceExhausted, 429),
-        .internalError: (.internal, 500),
-        .runpodUnauthorized: (.unavailable, 502),
-        .runpodUnavailable: (.unavailable, 503),
-        .runpodPayloadTooLarge: (.invalidArgument, 413),
-        .runpodJobExpired: (.notFound, 502),
-        .runpodResultMissing: (.unavailable, 502),
-        .runpodJobFailed: (.unavailable, 502),
-        .runpodBadResponse: (.unavailable, 502),
-        .jobNotFound: (.notFound, 404),
-        .jobTerminal: (.failedPrecondition, 409),
-        .jobTimedOut: (.deadlineExceeded, 504),
-        .illegalTransition: (.failedPrecondition, 409),
-        .storeUnavailable: (.unavailable, 503),
-        .storeConflict: (.aborted, 409),
-        .leaseLost: (.aborted, 409),
-        .serviceUnavailable: (.unavailable, 503),
-        .invalidRequest: (.invalidArgument, 400),
-        .unauthorized: (.unauthenticated, 401),
-        .rateLimited: (.resourceExhausted, 429),
-        .tooManyActiveJobs: (.resourceExhausted, 429),
-        .payloadTooLarge: (.resourceExhausted, 413),
-        .unsupportedMediaType: (.invalidArgument, 415),
-        .jobNotCompleted: (.failedPrecondition, 409),
-        .rangeNotSatisfiable: (.outOfRange, 416),
-    ]
-
-    /// Every code in the table (tests check that each maps).
-    public static var all: [ErrorCode] { Array(table.keys) }
+    /// The table: code → (gRPC status, HTTP status, whether the cause goes to the caller).
+    ///
+    /// The cause of an error (libav's text, a path, an errno, a store's or RunPod's answer) is
+    /// always logged by the server with the call's trace id. It reaches the caller only where it
+    /// tells them about their own input and nothing about the server: libav's reason a picture,
+    /// a recording or a video does not decode (a failed RunPod job carries the worker's own error
+    /// in its message).
+    /// Paths, errnos, SQL, S3 and RunPod HTTP bodies never leave the process.
+    private var row: (grpc: RPCError.Code, http: Int, sendsCause: Bool) {
+        switch self {
+        case .invalidArgument: (.invalidArgument, 400, false)
+        case .notFound: (.notFound, 404, false)
+        case .invalidKey: (.invalidArgument, 400, false)
+        case .storageFull: (.resourceExhausted, 507, false)
+        case .storageFailed: (.internal, 500, false)
+        case .storageUnavailable: (.unavailable, 503, false)
+        case .emptyAudio: (.invalidArgument, 422, true)
+        case .invalidAudio: (.invalidArgument, 400, true)
+        case .audioTooLong: (.invalidArgument, 400, false)
+        case .chunkTooLarge: (.invalidArgument, 422, false)
+        case .invalidImage: (.invalidArgument, 400, true)
+        case .imageTooLarge: (.invalidArgument, 422, false)
+        case .invalidVideo: (.invalidArgument, 422, true)
+        case .cancelled: (.cancelled, 499, false)
+        case .deadlineExceeded: (.deadlineExceeded, 504, false)
+        case .overloaded: (.resourceExhausted, 429, false)
+        case .internalError: (.internal, 500, false)
+        case .runpodUnauthorized: (.unavailable, 502, false)
+        case .runpodUnavailable: (.unavailable, 503, false)
+        case .runpodPayloadTooLarge: (.invalidArgument, 413, false)
+        case .runpodJobExpired: (.notFound, 502, false)
+        case .runpodResultMissing: (.unavailable, 502, false)
+        case .runpodJobFailed: (.unavailable, 502, false)
+        case .runpodBadResponse: (.unavailable, 502, false)
+        case .jobNotFound: (.notFound, 404, false)
+        case .jobTerminal: (.failedPrecondition, 409, false)
+        case .jobTimedOut: (.deadlineExceeded, 504, false)
+        case .illegalTransition: (.failedPrecondition, 409, false)
+        case .storeUnavailable: (.unavailable, 503, false)
+        case .storeConflict: (.aborted, 409, false)
+        case .leaseLost: (.aborted, 409, false)
+        case .serviceUnavailable: (.unavailable, 503, false)
+        case .invalidRequest: (.invalidArgument, 400, false)
+        case .unauthorized: (.unauthenticated, 401, false)
+        case .rateLimited: (.resourceExhausted, 429, false)
+        case .tooManyActiveJobs: (.resourceExhausted, 429, false)
+        case .payloadTooLarge: (.resourceExhausted, 413, false)
+        case .unsupportedMediaType: (.invalidArgument, 415, false)
+        case .jobNotCompleted: (.failedPrecondition, 409, false)
+        case .rangeNotSatisfiable: (.outOfRange, 416, false)
+        }
+    }
 
     /// The gRPC status this code is sent with.
-    public var grpcCode: RPCError.Code { Self.table[self]?.0 ?? .unknown }
+    public var grpcCode: RPCError.Code { row.grpc }
     /// The HTTP status the Gateway answers with.
-    public var httpStatus: Int { Self.table[self]?.1 ?? 500 }
+    public var httpStatus: Int { row.http }
+    /// Whether the error's cause is sent to the caller with the message (see the table).
+    public var sendsCause: Bool { row.sendsCause }
 }
 
 /// A domain error: a stable code, a message for a person, and the underlying cause (libav's
 /// `av_strerror` text, an errno, an HTTP status). Sent as `grpc-message` "CODE: message".
-public struct ServiceError: Error, Sendable, CustomStringConvertible, RPCErrorConvertible {
+public struct ServiceError: Error, Sendable, CustomStringConvertible, RPCErrorConvertible, HTTPErrorConvertible {
     public var code: ErrorCode
     public var message: String
     public var cause: String?
@@ -119,15 +129,23 @@ public struct ServiceError: Error, Sendable, CustomStringConvertible, RPCErrorCo
         cause.map { "\(code): \(message) (\($0))" } ?? "\(code): \(message)"
     }
 
+    /// What the caller sees: "CODE: message", with the cause only where the table sends it. The
+    /// error itself rides along as the status's cause, for the server's log.
     public var rpcError: RPCError {
-        RPCError(code: code.grpcCode, message: cause.map { "\(code): \(message): \($0)" } ?? "\(code): \(message)")
+        let text = code.sendsCause ? cause.map { "\(code): \(message): \($0)" } : nil
+        return RPCError(code: code.grpcCode, message: text ?? "\(code): \(message)", cause: self)
+    }
+
+    /// What a REST caller sees: the code's HTTP status, the code, and the message (with the cause
+    /// only where the table sends it).
+    public var httpError: (status: Int, code: String, message: String) {
+        (code.httpStatus, code.rawValue, code.sendsCause ? cause.map { "\(message): \($0)" } ?? message : message)
     }
 
     /// Reads the stable code back from a received status message ("CODE: message").
     public static func code(in error: RPCError) -> ErrorCode? {
         guard let colon = error.message.firstIndex(of: ":") else { return nil }
-        let candidate = ErrorCode(rawValue: String(error.message[..<colon]))
-        return ErrorCode.table[candidate] != nil ? candidate : nil
+        return ErrorCode(rawValue: String(error.message[..<colon]))
     }
 
     /// The error a peer sent, read back from its status message ("CODE: message"); nil when the

@@ -141,16 +141,17 @@ public struct FileBlobStore: BlobStore {
 
     // MARK: Files
 
+    /// A failed call on the store's files; the path and errno go in the cause (logged, not sent).
     static func failure(_ what: String, _ path: String, _ error: Int32 = errno) -> ServiceError {
-        let text = String(cString: strerror(error))
+        let cause = "\(what) \(path): \(String(cString: strerror(error)))"
         if error == ENOSPC || error == EDQUOT {
-            return ServiceError(.storageFull, "no space left for \(path)", cause: text)
+            return ServiceError(.storageFull, "no space left in the blob store", cause: cause)
         }
         // The key itself is at fault: it names a directory, or a file where a directory is needed.
         if error == EISDIR || error == ENOTDIR || error == ENAMETOOLONG {
-            return ServiceError(.invalidKey, "the blob key conflicts with the store's layout (\(text))", cause: path)
+            return ServiceError(.invalidKey, "the blob key conflicts with the store's layout", cause: cause)
         }
-        return ServiceError(.storageFailed, "\(what) \(path) failed", cause: text)
+        return ServiceError(.storageFailed, "the blob store failed (\(what))", cause: cause)
     }
 
     static func makeDirectories(_ path: String) throws {

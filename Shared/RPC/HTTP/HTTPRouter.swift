@@ -1,3 +1,5 @@
+import Logging
+
 /// Routes plain HTTP requests (over HTTP/1.1 or HTTP/2) to async handlers by method and path
 /// pattern; `{name}` segments capture path parameters.
 public struct HTTPRouter: Sendable {
@@ -25,8 +27,12 @@ public struct HTTPRouter: Sendable {
         HTTPResponse.text(status, message + "\n")
     }
 
-    /// What a handler's thrown error becomes; by default 500 with the error's description.
+    /// What a handler's thrown error becomes; by default `describe(_:)` through `errorResponse`,
+    /// logged once on `logger` (at error level for a 5xx, info otherwise) with its full detail.
     public var thrownResponse: (@Sendable (any Error) -> HTTPResponse)?
+
+    /// Where the default `thrownResponse` logs a failed request; set by the server.
+    public var logger: Logger?
 
     /// Runs around every request, matched or not (`route` is the pattern, or "other"): auth,
     /// limits, request ids, access logs. The first added is the outermost; each calls `next`
@@ -157,9 +163,12 @@ public struct HTTPRouter: Sendable {
         }
     }
 
-    /// The answer to a thrown error (`thrownResponse`, by default 500).
+    /// The answer to a thrown error (`thrownResponse`, by default `describe(_:)`).
     public func response(for error: any Error) -> HTTPResponse {
         if let thrownResponse { return thrownResponse(error) }
-        return errorResponse(500, "INTERNAL", "internal error: \(error)")
+        let (status, code, message) = Self.describe(error)
+        logger?.log(level: status >= 500 ? .error : .info, "request failed",
+                    metadata: ["status": "\(status)", "code": "\(code)", "error": "\(error)"])
+        return errorResponse(status, code, message)
     }
 }

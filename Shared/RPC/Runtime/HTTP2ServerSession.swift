@@ -365,7 +365,7 @@ final class HTTP2ServerSession {
             stream.task?.cancel()
             if !stream.answered {
                 stream.answered = true
-                if stream.task != nil { record(stream, code: .cancelled) }
+                if stream.task != nil { recordFailure(stream, RPCError(code: .cancelled, message: "the client reset the stream")) }
             }
         }
         stream.releaseWriters(CancellationError())
@@ -509,7 +509,7 @@ final class HTTP2ServerSession {
         case .failure(let error):
             if stream.responseStarted {
                 finishResponse(stream, trailers: statusHeaders(error))
-                record(stream, code: error.code)
+                recordFailure(stream, error)
             } else {
                 respondStatus(stream, error)
             }
@@ -645,7 +645,7 @@ final class HTTP2ServerSession {
         guard !stream.answered else { return }
         if stream.responseStarted {
             finishResponse(stream, trailers: error.map(statusHeaders))
-            if let error { record(stream, code: error.code) }
+            if let error { recordFailure(stream, error) }
             return
         }
         stream.answered = true
@@ -658,8 +658,12 @@ final class HTTP2ServerSession {
         let block = HeaderBlock(headers)
         block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, nil) }
         block.free()
-        record(stream, code: error?.code ?? .ok)
-        if error != nil { stream.task?.cancel() }
+        if let error {
+            recordFailure(stream, error)
+            stream.task?.cancel()
+        } else {
+            record(stream, code: .ok)
+        }
         connection.scheduleFlush()
     }
 
@@ -715,6 +719,12 @@ final class HTTP2ServerSession {
     private func record(_ stream: HTTP2Stream, code: RPCError.Code) {
         let seconds = Double(MonotonicClock.nanoseconds() - stream.startedAt) / 1e9
         core.metrics.recordGRPC(shard: connection.loop.index, method: stream.methodIndex, code: code.rawValue, seconds: seconds)
+    }
+
+    /// A failed call: counted, and logged once.
+    private func recordFailure(_ stream: HTTP2Stream, _ error: RPCError) {
+        record(stream, code: error.code)
+        core.logFailedCall(path: stream.path, error: error, traceparent: stream.traceparent, peer: connection.peer)
     }
 
     private func recordHTTP(_ stream: HTTP2Stream, status: Int) {

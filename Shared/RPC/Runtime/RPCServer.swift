@@ -84,6 +84,7 @@ public final class RPCServer: @unchecked Sendable {
         let metrics = RequestMetrics(shards: configuration.eventLoops, service: configuration.serviceName,
                                      grpcMethods: services.metricNames)
         var router = router
+        if router.logger == nil { router.logger = logger }
         router.add("GET", "/healthz") { _ in .text(200, "ok\n") }
         router.add("GET", "/readyz") { _ in
             health.status(of: "") == .serving ? .text(200, "ready\n") : .text(503, "not ready\n")
