@@ -11,7 +11,8 @@ let serverLinkerSettings: [LinkerSetting] = Context.environment["TALKMESH_SANITI
 
 let package = Package(
     name: "TalkMesh",
-    platforms: [.macOS(.v15)],
+    // Linux only (Debian 12 and its packages: epoll through libevent, glibc, the C libraries of
+    // scripts/bootstrap); SwiftPM has no Linux platform entry, so no `platforms` list is given.
     products: [
         .executable(name: "talkmesh-gateway", targets: ["TalkMeshGateway"]),
         .executable(name: "talkmesh-media", targets: ["TalkMeshMedia"]),

@@ -31,7 +31,7 @@ public final class AudioEncoderPipeline {
             if globalHeader { context.pointee.flags |= AV_CODEC_FLAG_GLOBAL_HEADER }
         }
         stream = try output.addStream()
-        avcodec_parameters_from_context(stream.pointee.codecpar, encoder.context)
+        try avCheck(avcodec_parameters_from_context(stream.pointee.codecpar, encoder.context), "cannot describe the audio stream")
         stream.pointee.time_base = AVRational(num: 1, den: rate)
         fifo = av_audio_fifo_alloc(AV_SAMPLE_FMT_FLTP, self.channels, 4096)
     }

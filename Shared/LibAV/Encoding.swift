@@ -75,7 +75,7 @@ public final class MediaOutput {
     /// parameters and time base, without the source container's codec tag.
     public func addStream(copying source: UnsafeMutablePointer<AVStream>) throws -> UnsafeMutablePointer<AVStream> {
         let stream = try addStream()
-        avcodec_parameters_copy(stream.pointee.codecpar, source.pointee.codecpar)
+        try avCheck(avcodec_parameters_copy(stream.pointee.codecpar, source.pointee.codecpar), "cannot copy the stream parameters")
         stream.pointee.codecpar.pointee.codec_tag = 0
         stream.pointee.time_base = source.pointee.time_base
         return stream

@@ -10,6 +10,14 @@ public func avErrorText(_ code: Int32) -> String {
     return cString(buffer)
 }
 
+/// Checks a libav return: a negative one (other than those in `allowing`) throws INTERNAL with
+/// what failed and libav's text.
+@discardableResult
+public func avCheck(_ code: Int32, _ what: @autoclosure () -> String, allowing: [Int32] = []) throws -> Int32 {
+    if code < 0 && !allowing.contains(code) { throw ServiceError(.internalError, what(), cause: avErrorText(code)) }
+    return code
+}
+
 /// `AVERROR(EAGAIN)` and `AVERROR_EOF`, which Swift cannot import as macros.
 public let avErrorAgain = tm_averror(EAGAIN)
 public let avErrorEOF = tm_averror_eof()

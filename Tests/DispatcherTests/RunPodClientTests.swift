@@ -246,6 +246,21 @@ struct RunPodClientTests {
         #expect(try store.get(try BlobKey("jobs/a/result.mp4")) == video)
     }
 
+    @Test("cancelling the calling task ends a request in flight at once")
+    func cancelledRequest() async throws {
+        let emulator = try Emulator(["--slow-status", "5s"])
+        let client = emulator.client { $0.requestTimeoutMs = 20_000 }
+        let job = try await client.submit(try fixtureInput())
+        let asking = Task { try await client.status(job.id) }
+        for _ in 0..<100 where try await emulator.requests().filter({ $0[0] as? String == "status" }).isEmpty {
+            try await Task.sleep(for: .milliseconds(20))  // until the request reached the emulator
+        }
+        asking.cancel()
+        let result = await asking.result
+        #expect(throws: CancellationError.self) { try result.get() }
+        #expect(try await client.submit(try fixtureInput()).id != job.id)  // the engine carries on
+    }
+
     @Test("slow status answers time out, are retried, then RUNPOD_UNAVAILABLE")
     func slowStatus() async throws {
         let emulator = try Emulator(["--slow-status", "400ms"])

@@ -1,12 +1,11 @@
 import Logging
-import Synchronization
 import Testing
 @testable import TalkMeshRPC
 
 /// Keeps every line logged through it.
 final class CapturingLogHandler: LogHandler, Sendable {
     struct Line: Sendable { var level: Logger.Level; var message: String; var metadata: [String: String] }
-    let lines = Mutex<[Line]>([])
+    let lines = Locked<[Line]>([])
     var metadata: Logger.Metadata { get { [:] } set {} }
     var logLevel: Logger.Level { get { .trace } set {} }
     subscript(metadataKey key: String) -> Logger.Metadata.Value? { get { nil } set {} }

@@ -9,8 +9,18 @@ import TalkMeshRPC
 /// once per (image, size) — every frame is the same picture, so a clip of N frames is the first N
 /// packets of one encoding (no B-frames) — and only the audio is encoded per job.
 final class StillVideoRenderer: @unchecked Sendable {
+    /// Codec parameters with one owner: freed when the last cached encoding holding them goes.
+    private final class CodecParameters: @unchecked Sendable {  // never changed after encodeStill
+        let pointer: UnsafeMutablePointer<AVCodecParameters>
+        init() throws {
+            guard let pointer = avcodec_parameters_alloc() else { throw ServiceError(.internalError, "cannot allocate codec parameters") }
+            self.pointer = pointer
+        }
+        deinit { var owned: UnsafeMutablePointer<AVCodecParameters>? = pointer; avcodec_parameters_free(&owned) }
+    }
+
     private struct EncodedStill {
-        var parameters: UnsafeMutablePointer<AVCodecParameters>
+        var parameters: CodecParameters
         var packets: [[UInt8]]
         var keyframes: [Bool]
     }
@@ -42,23 +52,24 @@ final class StillVideoRenderer: @unchecked Sendable {
         let pipeline = try AudioEncoderPipeline(rate: rate, channels: min(2, audioDecoder.context!.pointee.ch_layout.nb_channels), output: output,
                                                 options: ["aac_coder": "fast"])
         var samples = 0
-        var frames: [UnsafeMutablePointer<AVFrame>] = []
-        defer { for frame in frames { var owned: UnsafeMutablePointer<AVFrame>? = frame; av_frame_free(&owned) } }
+        var frames: [Frame] = []  // each owns its reference to the decoded samples
         try audioDecoder.decodeAll(from: audioInput, flag: flag, invalid: .invalidAudio) { frame in
             samples += Int(frame.pointee.nb_samples)
-            if let copy = av_frame_clone(frame) { frames.append(copy) }
+            let copy = Frame()
+            try avCheck(av_frame_ref(copy.pointer, frame), "cannot keep a decoded audio frame")
+            frames.append(copy)
             return true
         }
         guard samples > 0 else { throw ServiceError(.emptyAudio, "wav_base64 holds no audio") }
         let videoFrames = max(1, Int((Double(samples) / Double(rate) * Double(Self.fps)).rounded()))
         let still = try encodedStill(image: image, path: imagePath, width: width, height: height, frames: videoFrames, flag: flag)
-        avcodec_parameters_copy(videoStream.pointee.codecpar, still.parameters)
+        try avCheck(avcodec_parameters_copy(videoStream.pointee.codecpar, still.parameters.pointer), "cannot copy the still's parameters")
         videoStream.pointee.time_base = AVRational(num: 1, den: Self.fps)
         try output.start()
         let packet = Packet()
         for index in 0..<videoFrames {
             let bytes = still.packets[index]
-            av_new_packet(packet.pointer, Int32(bytes.count))
+            try avCheck(av_new_packet(packet.pointer, Int32(bytes.count)), "cannot allocate a packet")
             bytes.withUnsafeBufferPointer { packet.pointer!.pointee.data.update(from: $0.baseAddress!, count: bytes.count) }
             packet.pointer!.pointee.pts = Int64(index)
             packet.pointer!.pointee.dts = Int64(index)
@@ -68,7 +79,7 @@ final class StillVideoRenderer: @unchecked Sendable {
             av_packet_rescale_ts(packet.pointer, AVRational(num: 1, den: Self.fps), videoStream.pointee.time_base)
             try output.write(packet.pointer!)
         }
-        for frame in frames { try pipeline.add(frame) }
+        for frame in frames { try pipeline.add(frame.pointer!) }
         try pipeline.finish()
         try output.finish()
         return try FileBlobStore.readAll(outputPath)
@@ -117,13 +128,13 @@ final class StillVideoRenderer: @unchecked Sendable {
         }
         for index in 0..<frames {
             try flag.check()
-            av_frame_make_writable(picture.pointer)
+            try avCheck(av_frame_make_writable(picture.pointer), "cannot write the still frame")
             picture.pointer!.pointee.pts = Int64(index)
             try encoder.encode(picture.pointer, collect)
         }
         try encoder.encode(nil, collect)
-        let parameters = avcodec_parameters_alloc()!
-        avcodec_parameters_from_context(parameters, encoder.context)
+        let parameters = try CodecParameters()
+        try avCheck(avcodec_parameters_from_context(parameters.pointer, encoder.context), "cannot describe the still's stream")
         return EncodedStill(parameters: parameters, packets: packets, keyframes: keyframes)
     }
 }

@@ -13,28 +13,52 @@ public struct HTTPExchange: Sendable {
 /// libcurl's multi interface driven by one dedicated thread (never a thread per request): many
 /// transfers at once, connections reused, HTTP/2 where the server offers it, TLS verified.
 public final class CurlEngine: @unchecked Sendable {
+    /// One request in flight. It owns its easy handle, header list, request body and error buffer
+    /// (libcurl keeps pointers to the last two until the transfer ends) and frees them in deinit.
     final class Transfer {
+        let id: UInt64
         let easy: UnsafeMutableRawPointer
         var headers: UnsafeMutablePointer<curl_slist>?
         var body: [UInt8] = []
         var responseHeaders: [String: String] = [:]
-        var requestBody: [UInt8]
-        var errorBuffer = [CChar](repeating: 0, count: Int(CURL_ERROR_SIZE))
+        let requestBody: UnsafeMutableRawBufferPointer?
+        let errorBuffer: UnsafeMutablePointer<CChar>
         let continuation: CheckedContinuation<HTTPExchange, any Error>
         var bodyLimit: Int
 
-        init(easy: UnsafeMutableRawPointer, requestBody: [UInt8], bodyLimit: Int, continuation: CheckedContinuation<HTTPExchange, any Error>) {
+        init(id: UInt64, easy: UnsafeMutableRawPointer, requestBody: [UInt8]?, bodyLimit: Int, continuation: CheckedContinuation<HTTPExchange, any Error>) {
+            self.id = id
             self.easy = easy
-            self.requestBody = requestBody
+            if let requestBody {
+                let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: max(requestBody.count, 1), alignment: 1)
+                copy.copyBytes(from: requestBody)
+                self.requestBody = UnsafeMutableRawBufferPointer(rebasing: copy[..<requestBody.count])
+            } else {
+                self.requestBody = nil
+            }
+            errorBuffer = .allocate(capacity: Int(CURL_ERROR_SIZE))
+            errorBuffer.initialize(repeating: 0, count: Int(CURL_ERROR_SIZE))
             self.bodyLimit = bodyLimit
             self.continuation = continuation
         }
+
+        deinit {
+            curl_easy_cleanup(easy)
+            curl_slist_free_all(headers)
+            requestBody?.deallocate()
+            errorBuffer.deallocate()
+        }
+
+        var errorText: String { String(cString: errorBuffer) }
     }
 
     private let multi: UnsafeMutableRawPointer
     private let mutex = PThreadMutex()
     private var incoming: [Transfer] = []
     private var running: [UnsafeMutableRawPointer: Transfer] = [:]
+    /// Transfers whose task was cancelled, by id; the curl thread ends them.
+    private var cancelled: [UInt64] = []
+    private var lastID: UInt64 = 0
     private static let globalInit: Void = { curl_global_init(Int(CURL_GLOBAL_DEFAULT)) }()
 
     public init() {
@@ -46,15 +70,29 @@ public final class CurlEngine: @unchecked Sendable {
         pthread_detach(thread)
     }
 
-    /// Performs one request. `timeoutMilliseconds` bounds the whole transfer.
+    /// Performs one request. `timeoutMilliseconds` bounds the whole transfer; cancelling the
+    /// calling task ends it at once (the connection is dropped) with `CancellationError`.
     public func perform(method: String, url: String, headers: [String] = [], body: [UInt8]? = nil,
                         timeoutMilliseconds: Int = 30_000, bodyLimit: Int = 64 << 20) async throws -> HTTPExchange {
+        try Task.checkCancellation()
+        let id: UInt64 = mutex.withLock { lastID += 1; return lastID }
+        return try await withTaskCancellationHandler {
+            try await start(id: id, method: method, url: url, headers: headers, body: body,
+                            timeoutMilliseconds: timeoutMilliseconds, bodyLimit: bodyLimit)
+        } onCancel: {
+            mutex.withLock { cancelled.append(id) }
+            curl_multi_wakeup(multi)
+        }
+    }
+
+    private func start(id: UInt64, method: String, url: String, headers: [String], body: [UInt8]?,
+                       timeoutMilliseconds: Int, bodyLimit: Int) async throws -> HTTPExchange {
         try await withCheckedThrowingContinuation { continuation in
             guard let easy = curl_easy_init() else {
                 continuation.resume(throwing: ServiceError(.internalError, "curl_easy_init failed"))
                 return
             }
-            let transfer = Transfer(easy: easy, requestBody: body ?? [], bodyLimit: bodyLimit, continuation: continuation)
+            let transfer = Transfer(id: id, easy: easy, requestBody: body, bodyLimit: bodyLimit, continuation: continuation)
             _ = tm_curl_easy_setopt_str(easy, CURLOPT_URL, url)
             _ = tm_curl_easy_setopt_str(easy, CURLOPT_CUSTOMREQUEST, method)
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
@@ -64,13 +102,13 @@ public final class CurlEngine: @unchecked Sendable {
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYPEER, 1)
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYHOST, 2)
             for header in headers { transfer.headers = curl_slist_append(transfer.headers, header) }
-            if body != nil {
+            if let requestBody = transfer.requestBody {
                 transfer.headers = curl_slist_append(transfer.headers, "Expect:")
-                _ = tm_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(transfer.requestBody.count))
-                _ = transfer.requestBody.withUnsafeMutableBytes { tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, $0.baseAddress) }
+                _ = tm_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(requestBody.count))
+                _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, requestBody.baseAddress)
             }
             _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, UnsafeMutableRawPointer(transfer.headers))
-            _ = transfer.errorBuffer.withUnsafeMutableBytes { tm_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, $0.baseAddress) }
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, UnsafeMutableRawPointer(transfer.errorBuffer))
             let context = Unmanaged.passUnretained(transfer).toOpaque()
             _ = tm_curl_easy_setopt_write(easy, CURLOPT_WRITEFUNCTION) { data, size, count, context in
                 let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
@@ -92,7 +130,11 @@ public final class CurlEngine: @unchecked Sendable {
                 return length
             }
             _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, context)
-            mutex.withLock { incoming.append(transfer) }
+            // A cancel that came before this point finds no transfer yet: it is seen here instead.
+            mutex.withLock {
+                incoming.append(transfer)
+                if Task.isCancelled { cancelled.append(id) }
+            }
             curl_multi_wakeup(multi)
         }
     }
@@ -100,13 +142,19 @@ public final class CurlEngine: @unchecked Sendable {
     fileprivate func loop() -> Never {
         var stillRunning: Int32 = 0
         while true {
-            let added: [Transfer] = mutex.withLock {
-                defer { incoming.removeAll() }
-                return incoming
+            let (added, stopped): ([Transfer], [UInt64]) = mutex.withLock {
+                defer { incoming.removeAll(); cancelled.removeAll() }
+                return (incoming, cancelled)
             }
             for transfer in added {
                 running[transfer.easy] = transfer
                 curl_multi_add_handle(multi, transfer.easy)
+            }
+            for id in stopped {
+                guard let transfer = running.values.first(where: { $0.id == id }) else { continue }  // already done
+                running.removeValue(forKey: transfer.easy)
+                curl_multi_remove_handle(multi, transfer.easy)
+                transfer.continuation.resume(throwing: CancellationError())
             }
             curl_multi_perform(multi, &stillRunning)
             var remaining: Int32 = 0
@@ -119,12 +167,10 @@ public final class CurlEngine: @unchecked Sendable {
                 if result == CURLE_OK {
                     transfer.continuation.resume(returning: HTTPExchange(status: status, headers: transfer.responseHeaders, body: transfer.body))
                 } else {
-                    let detail = cString(transfer.errorBuffer)
+                    let detail = transfer.errorText
                     let text = detail.isEmpty ? String(cString: curl_easy_strerror(result)) : detail
                     transfer.continuation.resume(throwing: CurlError(code: Int(result.rawValue), message: text))
                 }
-                curl_slist_free_all(transfer.headers)
-                curl_easy_cleanup(easy)
             }
             curl_multi_poll(multi, nil, 0, 1000, nil)
         }

@@ -98,20 +98,18 @@ public struct RunPodClient: Sendable {
         defer { unlink(scratch) }
         switch video {
         case .base64(let text):
-            guard let handle = FileHandleWriter(path: scratch) else { throw ServiceError(.storageFailed, "cannot write \(scratch)") }
+            let handle = try FileHandleWriter(path: scratch)
             // Sliced on the UTF-8 view: offsetting it is O(1), a Character walk over megabytes is not.
             let utf8 = text.utf8
             var index = utf8.startIndex
             while index < utf8.endIndex {
                 let end = utf8.index(index, offsetBy: 4 * 1024 * 1024, limitedBy: utf8.endIndex) ?? utf8.endIndex
                 guard let bytes = Data(base64Encoded: Data(utf8[index..<end])) else {
-                    handle.close()
                     throw ServiceError(.runpodBadResponse, "output.video is not valid base64")
                 }
                 try handle.write(bytes)
                 index = end
             }
-            handle.close()
         case .url(let url):
             let exchange = try await engine.perform(method: "GET", url: url, timeoutMilliseconds: configuration.requestTimeoutMs, bodyLimit: 2 << 30)
             guard exchange.status == 200 else { throw ServiceError(.runpodResultMissing, "downloading \(url) answered \(exchange.status)") }
@@ -182,32 +180,4 @@ public struct RunPodClient: Sendable {
         let cap = min(configuration.backoffMax, configuration.backoffInitial * pow(2, Double(attempt - 1)))
         return Double.random(in: (cap / 2)...cap)
     }
-}
-
-/// Appends to a new file (for streaming decoded bytes).
-final class FileHandleWriter {
-    private let fd: Int32
-    let path: String
-
-    init?(path: String) {
-        self.path = path
-        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        if fd < 0 { return nil }
-    }
-
-    func write(_ data: Data) throws {
-        try data.withUnsafeBytes { raw in
-            var offset = 0
-            while offset < raw.count {
-                let written = Glibc.write(fd, raw.baseAddress! + offset, raw.count - offset)
-                if written < 0 {
-                    if errno == EINTR { continue }
-                    throw errno == ENOSPC ? ServiceError(.storageFull, "no space left for \(path)") : ServiceError(.storageFailed, "write \(path) failed")
-                }
-                offset += written
-            }
-        }
-    }
-
-    func close() { Glibc.close(fd) }
 }

@@ -154,7 +154,7 @@ public struct VideoStitcher: Sendable {
             if globalHeader { context.pointee.flags |= AV_CODEC_FLAG_GLOBAL_HEADER }
         }
         let videoStream = try output.addStream()
-        avcodec_parameters_from_context(videoStream.pointee.codecpar, video.context)
+        try avCheck(avcodec_parameters_from_context(videoStream.pointee.codecpar, video.context), "cannot describe the video stream")
         videoStream.pointee.time_base = video.context!.pointee.time_base
 
         // The parts' own audio, unless the original audio replaces it.
@@ -191,7 +191,7 @@ public struct VideoStitcher: Sendable {
                                             flags: SWS_BICUBIC)
                         scalerKey = (d.width, d.height, d.format)
                     }
-                    av_frame_make_writable(frame.pointer)
+                    try avCheck(av_frame_make_writable(frame.pointer), "cannot write the video frame")
                     let source = decoded.pointer!.planes
                     let target = frame.pointer!.planes
                     scaler!.scale(source.data.map { UnsafePointer($0) }, source.strides, height: d.height, target.data, target.strides)
@@ -216,10 +216,10 @@ public struct VideoStitcher: Sendable {
                 }
                 return true
             }
-            avcodec_send_packet(decoder.context, nil)
+            try avCheck(avcodec_send_packet(decoder.context, nil), "cannot flush the video decoder", allowing: [avErrorEOF])
             try drainVideo()
             if let audioDecoder {
-                avcodec_send_packet(audioDecoder.context, nil)
+                try avCheck(avcodec_send_packet(audioDecoder.context, nil), "cannot flush the audio decoder", allowing: [avErrorEOF])
                 try drainAudio()
             }
         }

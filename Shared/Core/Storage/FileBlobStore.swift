@@ -142,7 +142,7 @@ public struct FileBlobStore: BlobStore {
     // MARK: Files
 
     /// A failed call on the store's files; the path and errno go in the cause (logged, not sent).
-    static func failure(_ what: String, _ path: String, _ error: Int32 = errno) -> ServiceError {
+    public static func failure(_ what: String, _ path: String, _ error: Int32 = errno) -> ServiceError {
         let cause = "\(what) \(path): \(String(cString: strerror(error)))"
         if error == ENOSPC || error == EDQUOT {
             return ServiceError(.storageFull, "no space left in the blob store", cause: cause)

@@ -1,3 +1,4 @@
+import Dispatch
 import Glibc
 
 /// One backend address and its current connection, with reconnect backoff.
@@ -28,6 +29,9 @@ final class LoadBalancer: @unchecked Sendable {  // loop-confined: touched only 
     private var waiting: [ClientCall] = []
     private var resolveTimer: LoopTimer?
     private var resolving = false
+    /// Where lookups run: a serial queue of its own (an overcommitting dispatch thread, not one of
+    /// the cooperative pool's), one lookup at a time per balancer.
+    private let resolver = DispatchQueue(label: "talkmesh.resolver")
     private var lastResolve: Int64 = 0
     private var resolveError: RPCError?
     private var closed = false
@@ -58,8 +62,9 @@ final class LoadBalancer: @unchecked Sendable {  // loop-confined: touched only 
             resolved(.success(list))
             return
         }
-        // getaddrinfo and DNS queries block: off the loop.
-        Task.detached {
+        // getaddrinfo and DNS queries block for up to seconds: off the loop, and off Swift's
+        // cooperative pool too (as many threads as cores; a few stuck lookups would stall every task).
+        resolver.async {
             let result: Result<[ResolvedAddress], RPCError> = Result { try target.resolve() }.mapError { RPCError(from: $0) }
             loop.execute { [weak self] in self?.resolved(result) }
         }

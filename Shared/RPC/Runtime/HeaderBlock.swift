@@ -2,7 +2,7 @@ import CTalkMesh
 import Glibc
 
 /// An nghttp2 header list built from Swift strings in one allocation; nghttp2 copies it on submit.
-struct HeaderBlock {
+struct HeaderBlock: ~Copyable {
     private let storage: UnsafeMutablePointer<UInt8>
     private(set) var fields: [nghttp2_nv]
 
@@ -29,7 +29,8 @@ struct HeaderBlock {
         }
     }
 
-    func free() { storage.deallocate() }
+    /// One owner frees the storage, when the block goes out of scope (nghttp2 copied it by then).
+    deinit { storage.deallocate() }
 }
 
 /// Header fields that never change, kept for the life of the process and submitted without copies.

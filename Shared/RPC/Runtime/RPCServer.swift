@@ -5,6 +5,9 @@ import TalkMeshMessages
 
 /// One port serving gRPC over HTTP/2 (h2c prior knowledge, or TLS with ALPN), and HTTP/1.1 on
 /// the same port, on `eventLoops` libevent loops that share the port with SO_REUSEPORT.
+// @unchecked Sendable: the loops, listeners and bound ports are set by `bind()` before `run()` starts
+// any thread and only read after; `signalEvents` belongs to the thread in `run()`; `shutdownStarted`
+// is read and written under `stateLock`.
 public final class RPCServer: @unchecked Sendable {
     /// Everything a server is configured with.
     public struct Configuration: Sendable {
@@ -58,7 +61,6 @@ public final class RPCServer: @unchecked Sendable {
     fileprivate(set) var listenerContexts: [ListenerContext] = []
     /// The health port actually bound, when one is configured.
     public private(set) var boundHealthPort: Int?
-    private var listeners: [OpaquePointer?] = []
     private var signalEvents: [OpaquePointer?] = []
     private let stateLock = PThreadMutex()
     private var shutdownStarted = false
@@ -162,7 +164,6 @@ public final class RPCServer: @unchecked Sendable {
         evconnlistener_set_error_cb(listener) { _, context in
             Unmanaged<ListenerContext>.fromOpaque(context!).takeUnretainedValue().acceptFailed(errno)
         }
-        listeners.append(listener)
         return listener
     }
 
