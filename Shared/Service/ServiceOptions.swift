@@ -160,7 +160,7 @@ public struct ServiceOptions: ParsableArguments {
 }
 
 /// Durations in settings: a number and a unit (ns, us, ms, s, m, h); a bare number is seconds.
-public enum Duration {
+public enum DurationSetting {
     /// Nanoseconds, or nil when malformed or negative.
     public static func parseNanoseconds(_ text: String) -> Int64? {
         let trimmed = text.trimmingWhitespace

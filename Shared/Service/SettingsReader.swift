@@ -32,7 +32,7 @@ public struct SettingsReader: Sendable {
     /// A duration (500ms, 30s, 5m, 1h) in nanoseconds.
     public func duration(_ flag: String?, _ key: String, _ fallback: Int64) throws(ServiceOptions.InvalidSetting) -> Int64 {
         guard let (text, source) = pick(flag, key) else { return fallback }
-        guard let value = Duration.parseNanoseconds(text) else {
+        guard let value = DurationSetting.parseNanoseconds(text) else {
             throw ServiceOptions.InvalidSetting(description: "\(source)=\(text): expected a duration such as 500ms, 30s, 5m or 1h")
         }
         return value

@@ -50,6 +50,8 @@ class Health(health_pb2_grpc.HealthServicer):
                        "draining.Service": health_pb2.HealthCheckResponse.NOT_SERVING}
 
     def Check(self, request, context):
+        if request.service == "broken.Service":
+            context.abort(grpc.StatusCode.INTERNAL, "the health check itself failed")
         if request.service not in self.status:
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
         return health_pb2.HealthCheckResponse(status=self.status[request.service])

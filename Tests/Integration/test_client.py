@@ -102,6 +102,10 @@ def test_health_cli_against_grpcio(grpcio_server):
     assert result.returncode == 0 and result.stdout.strip() == "SERVING"
     result = health(grpcio_server, "--service", "draining.Service")
     assert result.returncode == 4 and result.stdout.strip() == "NOT_SERVING"
+    # A call that reaches the server and fails there is exit code 3, with the status in --json.
+    result = health(grpcio_server, "--service", "broken.Service", "--json")
+    assert result.returncode == 3, result.stderr
+    assert json.loads(result.stdout) == {"error": {"code": "INTERNAL", "message": "the health check itself failed"}}
 
 
 def test_health_cli_bad_arguments():

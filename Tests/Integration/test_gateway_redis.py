@@ -50,11 +50,12 @@ def shared():
     mesh = Mesh()
     # A generous time box: a loaded CI machine must not turn a slow answer into a fallback.
     gateways = [Gateway(mesh, keys_file, REDIS_URL=redis.url, REDIS_TIMEOUT_MS="1000") for _ in range(2)]
-    yield {"redis": redis, "gateways": gateways, "keys_file": keys_file, "dir": directory}
+    world = {"redis": redis, "gateways": gateways, "keys_file": keys_file, "dir": directory}
+    yield world
     for gateway in gateways:
         gateway.stop()
     mesh.stop()
-    redis.stop()
+    world["redis"].stop()  # the one running now: a test restarts it
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -58,7 +58,7 @@ struct HealthCommand: AsyncParsableCommand {
     @Flag(help: "Print {\"status\": \"SERVING\"} (or {\"error\": {\"code\", \"message\"}}) for scripts.") var json = false
 
     func run() async throws {
-        guard let timeoutNanoseconds = Duration.parseNanoseconds(timeout), timeoutNanoseconds > 0 else {
+        guard let timeoutNanoseconds = DurationSetting.parseNanoseconds(timeout), timeoutNanoseconds > 0 else {
             StandardStream.write(2, "talkmesh health: --timeout \(timeout) is not a duration\n")
             throw ExitCode(1)
         }

@@ -30,7 +30,7 @@ struct EmulatorCommand: ParsableCommand {
     func run() throws {
         ServiceRunner.run(name: "talkmesh-runpod-emulator", defaultPort: 8090, options: options) { setup in
             func seconds(_ text: String, _ name: String) throws -> Double {
-                guard let value = Duration.parseNanoseconds(text) else {
+                guard let value = DurationSetting.parseNanoseconds(text) else {
                     throw ServiceOptions.InvalidSetting(description: "--\(name)=\(text): expected a duration such as 500ms or 2s")
                 }
                 return Double(value) / 1e9

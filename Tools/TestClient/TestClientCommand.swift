@@ -33,10 +33,10 @@ struct ClientOptions: ParsableArguments {
     func makeClient() throws -> RPCClient {
         var configuration = RPCClient.Configuration(target: target)
         if let caFile { configuration.tls = try ClientTLS(caFile: caFile, certificateFile: certFile, keyFile: keyFile) }
-        configuration.resolveIntervalNanoseconds = Duration.parseNanoseconds(resolveInterval) ?? 30_000_000_000
-        configuration.keepaliveIntervalNanoseconds = Duration.parseNanoseconds(keepaliveInterval) ?? 30_000_000_000
-        configuration.keepaliveTimeoutNanoseconds = Duration.parseNanoseconds(keepaliveTimeout) ?? 10_000_000_000
-        configuration.reconnectBackoffInitialNanoseconds = Duration.parseNanoseconds(reconnectBackoff) ?? 200_000_000
+        configuration.resolveIntervalNanoseconds = DurationSetting.parseNanoseconds(resolveInterval) ?? 30_000_000_000
+        configuration.keepaliveIntervalNanoseconds = DurationSetting.parseNanoseconds(keepaliveInterval) ?? 30_000_000_000
+        configuration.keepaliveTimeoutNanoseconds = DurationSetting.parseNanoseconds(keepaliveTimeout) ?? 10_000_000_000
+        configuration.reconnectBackoffInitialNanoseconds = DurationSetting.parseNanoseconds(reconnectBackoff) ?? 200_000_000
         return try RPCClient(configuration: configuration)
     }
 }
@@ -150,7 +150,7 @@ struct Balance: AsyncParsableCommand {
 
     func run() async throws {
         let client = try options.makeClient()
-        let timeoutNanoseconds = Duration.parseNanoseconds(timeout) ?? 5_000_000_000
+        let timeoutNanoseconds = DurationSetting.parseNanoseconds(timeout) ?? 5_000_000_000
         let perWorker = calls / concurrency
         let outcomes = await withTaskGroup(of: [(String?, RPCError?)].self) { group in
             for worker in 0..<concurrency {

@@ -2,7 +2,6 @@ import Testing
 @testable import TalkMeshCore
 import TalkMeshRPC
 import Glibc
-@testable import TalkMeshDispatcherService
 
 @Suite struct ErrorTableTests {
     @Test func everyCodeMapsToAStatusAndBack() {
