@@ -96,6 +96,26 @@ import TalkMeshMessages
         #expect(a.holding == [kept])
     }
 
+    /// The bench once left a job leased to its replica with no runner: a heartbeat judged a job
+    /// created during its renewal as lost, and later heartbeats renewed the orphaned row forever.
+    @Test func aRowLeasedToAReplicaThatHoldsNoRunnerIsReleasedAfterTwoHeartbeats() async throws {
+        let url = try database()
+        let a = try replica(url), b = try replica(url)
+        let id = try await a.create(newJob(created: 1)).record.id
+        // As the race left it: the store says A holds the lease, A itself holds nothing.
+        try await a.release(id)
+        try await a.pool.with { db in
+            _ = try db.execute("UPDATE jobs SET lease_owner = $2, lease_until = now() + interval '30 seconds' WHERE id = $1",
+                               [.text(id), .text(a.replica)])
+        }
+        #expect(a.holding.isEmpty)
+        #expect(try await b.claimUnfinished(limit: 5, running: []).isEmpty, "the lease looks alive")
+        #expect(try await a.heartbeat().isEmpty)  // first sight of the orphan: kept, it may be a claim in flight
+        #expect(try await b.claimUnfinished(limit: 5, running: []).isEmpty)
+        #expect(try await a.heartbeat().isEmpty)  // still nobody's runner here: released
+        #expect(try await b.claimUnfinished(limit: 5, running: []) == [id])
+    }
+
     @Test func aReleasedJobIsClaimableAtOnceAndATerminalOneNever() async throws {
         let url = try database()
         let a = try replica(url), b = try replica(url)

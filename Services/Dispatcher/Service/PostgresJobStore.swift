@@ -21,6 +21,8 @@ public final class PostgresJobStore: JobStore {
     private let clock: any WallClock
     /// The jobs this replica holds, with the epoch of its claim.
     private let held = Locked<[String: Int64]>([:])
+    /// Rows leased to this replica that no runner here held at the last heartbeat (id → epoch).
+    private let unheldLeases = Locked<[String: Int64]>([:])
     private let listener: PostgresListener
 
     /// The schema, one migration per version; all run under one advisory lock, so replicas that
@@ -225,10 +227,15 @@ public final class PostgresJobStore: JobStore {
 
     public func release(_ id: String) async throws {
         guard let epoch = held.withLock({ $0.removeValue(forKey: id) }) else { return }
+        try await releaseLease(id, epoch: epoch)
+    }
+
+    /// Gives up the lease of `id` if it is still this replica's at `epoch`. Terminal jobs are
+    /// released too (else every heartbeat would renew them); only an unfinished one is worth
+    /// telling the other replicas about.
+    private func releaseLease(_ id: String, epoch: Int64) async throws {
         let replica = self.replica
         try await pool.with { db in
-            // Terminal jobs are released too (else every heartbeat would renew them); only an
-            // unfinished one is worth telling the other replicas about.
             _ = try db.execute("""
                 WITH released AS (UPDATE jobs SET lease_owner = NULL, lease_until = NULL
                                   WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3 RETURNING status)
@@ -237,8 +244,13 @@ public final class PostgresJobStore: JobStore {
         }
     }
 
+    /// Renews this replica's leases and returns the held jobs whose lease is gone (another replica
+    /// claimed them). Only what was held when the renewal began is judged: a job created or claimed
+    /// while it ran is not in its answer and is not lost. A row leased to this replica that no
+    /// runner here holds (two heartbeats running) is released, so no job stays leased to nobody.
     public func heartbeat() async throws -> [String] {
         let replica = self.replica, lease = leaseInterval
+        let before = held.withLock { $0 }
         let renewed = try await pool.with { db -> [String: Int64] in
             let result = try db.execute("UPDATE jobs SET lease_until = now() + $2::interval WHERE lease_owner = $1 RETURNING id, lease_epoch",
                                         [.text(replica), lease])
@@ -246,11 +258,17 @@ public final class PostgresJobStore: JobStore {
             for row in 0..<result.rows { renewed[result.text(row, 0)] = result.int64(row, 1) }
             return renewed
         }
-        return held.withLock { held in
-            let lost = held.filter { renewed[$0.key] != $0.value }.map(\.key)
+        let (lost, orphans) = held.withLock { held -> ([String], [(String, Int64)]) in
+            let lost = before.filter { id, epoch in held[id] == epoch && renewed[id] != epoch }.map(\.key)
             for id in lost { held[id] = nil }
-            return lost
+            return (lost, renewed.filter { held[$0.key] == nil }.map { ($0.key, $0.value) })
         }
+        let stale = unheldLeases.withLock { previous -> [(String, Int64)] in
+            defer { previous = Dictionary(orphans, uniquingKeysWith: { first, _ in first }) }
+            return orphans.filter { previous[$0.0] == $0.1 }
+        }
+        for (id, epoch) in stale { try await releaseLease(id, epoch: epoch) }
+        return lost
     }
 
     /// Jobs this replica holds now.
