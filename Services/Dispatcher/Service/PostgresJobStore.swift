@@ -258,14 +258,14 @@ public final class PostgresJobStore: JobStore {
             for row in 0..<result.rows { renewed[result.text(row, 0)] = result.int64(row, 1) }
             return renewed
         }
-        let (lost, orphans) = held.withLock { held -> ([String], [(String, Int64)]) in
+        let (lost, orphans) = held.withLock { held -> ([String], [String: Int64]) in
             let lost = before.filter { id, epoch in held[id] == epoch && renewed[id] != epoch }.map(\.key)
             for id in lost { held[id] = nil }
-            return (lost, renewed.filter { held[$0.key] == nil }.map { ($0.key, $0.value) })
+            return (lost, renewed.filter { held[$0.key] == nil })
         }
-        let stale = unheldLeases.withLock { previous -> [(String, Int64)] in
-            defer { previous = Dictionary(orphans, uniquingKeysWith: { first, _ in first }) }
-            return orphans.filter { previous[$0.0] == $0.1 }
+        let stale = unheldLeases.withLock { previous -> [String: Int64] in
+            defer { previous = orphans }
+            return orphans.filter { previous[$0.key] == $0.value }
         }
         for (id, epoch) in stale { try await releaseLease(id, epoch: epoch) }
         return lost

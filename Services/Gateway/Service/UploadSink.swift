@@ -70,15 +70,14 @@ final class UploadSink {
         if fd < 0 {
             path = try store.scratchPath(suffix: "." + kind.rawValue)
             fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { throw ServiceError(.storageFailed, "cannot store the upload", cause: "open \(path): \(String(cString: strerror(errno)))") }
+            guard fd >= 0 else { throw FileBlobStore.failure("open", path) }
         }
         var offset = 0
         while offset < bytes.count {
             let written = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
             if written < 0 && errno == EINTR { continue }
             guard written > 0 else {
-                throw ServiceError(errno == ENOSPC ? .storageFull : .storageFailed, "cannot store the upload",
-                                   cause: "write \(path): \(String(cString: strerror(errno)))")
+                throw FileBlobStore.failure("write", path)
             }
             offset += written
         }

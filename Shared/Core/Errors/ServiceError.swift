@@ -129,17 +129,21 @@ public struct ServiceError: Error, Sendable, CustomStringConvertible, RPCErrorCo
         cause.map { "\(code): \(message) (\($0))" } ?? "\(code): \(message)"
     }
 
-    /// What the caller sees: "CODE: message", with the cause only where the table sends it. The
-    /// error itself rides along as the status's cause, for the server's log.
-    public var rpcError: RPCError {
-        let text = code.sendsCause ? cause.map { "\(code): \(message): \($0)" } : nil
-        return RPCError(code: code.grpcCode, message: text ?? "\(code): \(message)", cause: self)
+    /// The message a caller sees: with the cause only where the table sends it.
+    var callerMessage: String {
+        guard code.sendsCause, let cause else { return message }
+        return "\(message): \(cause)"
     }
 
-    /// What a REST caller sees: the code's HTTP status, the code, and the message (with the cause
-    /// only where the table sends it).
+    /// What the caller sees: "CODE: message". The error itself rides along as the status's cause,
+    /// for the server's log.
+    public var rpcError: RPCError {
+        RPCError(code: code.grpcCode, message: "\(code): \(callerMessage)", cause: self)
+    }
+
+    /// What a REST caller sees: the code's HTTP status, the code, and the caller's message.
     public var httpError: (status: Int, code: String, message: String) {
-        (code.httpStatus, code.rawValue, code.sendsCause ? cause.map { "\(message): \($0)" } ?? message : message)
+        (code.httpStatus, code.rawValue, callerMessage)
     }
 
     /// Reads the stable code back from a received status message ("CODE: message").
