@@ -7,6 +7,9 @@ import PackageDescription
 let serverLinkerSettings: [LinkerSetting] = Context.environment["TALKMESH_SANITIZE"] == nil
     ? [.unsafeFlags(["-Xlinker", "-l:libtcmalloc_minimal.so.4"])] : []
 
+/// The C libraries a target calls, linked by that target alone (the umbrella module map names none).
+func links(_ names: String...) -> [LinkerSetting] { names.map { .linkedLibrary($0) } }
+
 let package = Package(
     name: "TalkMesh",
     // Linux only (Debian 12 and its packages: epoll through libevent, glibc, the C libraries of
@@ -38,15 +41,22 @@ let package = Package(
             publicHeadersPath: "include",
             linkerSettings: [.linkedLibrary("protobuf-c")]),
         .target(name: "TalkMeshMessages", dependencies: ["CTalkMeshProto"], path: "Shared/Messages"),
+        // The leaf every layer uses: locks, clocks, text helpers, the status vocabulary. No dependency.
+        .target(name: "TalkMeshBase", path: "Shared/Base"),
         .target(
             name: "TalkMeshRPC",
-            dependencies: ["CTalkMesh", "TalkMeshMessages", .product(name: "Logging", package: "swift-log")],
-            path: "Shared/RPC"),
-        .target(name: "TalkMeshCore", dependencies: ["CTalkMesh", "TalkMeshRPC"], path: "Shared/Core"),
-        .target(name: "TalkMeshLibAV", dependencies: ["CTalkMesh", "TalkMeshCore", "TalkMeshRPC"], path: "Shared/LibAV"),
+            dependencies: ["CTalkMesh", "TalkMeshBase", "TalkMeshMessages", .product(name: "Logging", package: "swift-log")],
+            path: "Shared/RPC",
+            linkerSettings: links("nghttp2", "event_core", "event_extra", "event_pthreads", "event_openssl", "ssl", "crypto", "http_parser")),
+        // The domain modules: no RPC runtime, no nghttp2, libevent or libssl.
+        .target(name: "TalkMeshCore", dependencies: ["CTalkMesh", "TalkMeshBase"], path: "Shared/Core",
+                linkerSettings: links("crypto", "curl")),
+        .target(name: "TalkMeshLibAV", dependencies: ["CTalkMesh", "TalkMeshBase", "TalkMeshCore"], path: "Shared/LibAV",
+                linkerSettings: links("avformat", "avcodec", "avutil", "swscale", "swresample")),
         .target(
             name: "TalkMeshService",
             dependencies: [
+                "TalkMeshBase",
                 "TalkMeshRPC",
                 "TalkMeshCore",
                 .product(name: "Logging", package: "swift-log"),
@@ -55,60 +65,65 @@ let package = Package(
             path: "Shared/Service"),
         .target(
             name: "TalkMeshGatewayService",
-            dependencies: ["TalkMeshCore", "TalkMeshMessages", "TalkMeshRPC", "TalkMeshAudioService", "CTalkMesh",
+            dependencies: ["TalkMeshBase", "TalkMeshCore", "TalkMeshMessages", "TalkMeshRPC", "TalkMeshAudioService", "CTalkMesh",
                            .product(name: "Logging", package: "swift-log")],
-            path: "Services/Gateway/Service"),
-        .executableTarget(name: "TalkMeshGateway", dependencies: ["TalkMeshService", "TalkMeshGatewayService", .product(name: "Logging", package: "swift-log")], path: "Services/Gateway/Main",
-                         linkerSettings: serverLinkerSettings),
+            path: "Services/Gateway/Service",
+            linkerSettings: links("hiredis", "crypto")),
+        .executableTarget(name: "TalkMeshGateway", dependencies: ["TalkMeshService", "TalkMeshGatewayService", "TalkMeshBase", .product(name: "Logging", package: "swift-log")], path: "Services/Gateway/Main",
+                         linkerSettings: serverLinkerSettings + links("hiredis")),
         .target(
             name: "TalkMeshMediaService",
-            dependencies: ["TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
-            path: "Services/Media/Service"),
+            dependencies: ["TalkMeshBase", "TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
+            path: "Services/Media/Service",
+            linkerSettings: links("deflate")),
         .executableTarget(name: "TalkMeshMedia", dependencies: ["TalkMeshService", "TalkMeshMediaService", "TalkMeshCore"], path: "Services/Media/Main",
                          linkerSettings: serverLinkerSettings),
         .target(
             name: "TalkMeshAudioService",
-            dependencies: ["TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
+            dependencies: ["TalkMeshBase", "TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
             path: "Services/Audio/Service"),
         .executableTarget(name: "TalkMeshAudio", dependencies: ["TalkMeshService", "TalkMeshAudioService", "TalkMeshCore"], path: "Services/Audio/Main",
                          linkerSettings: serverLinkerSettings),
         .target(
             name: "TalkMeshDispatcherService",
-            dependencies: ["TalkMeshCore", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
-            path: "Services/Dispatcher/Service"),
+            dependencies: ["TalkMeshBase", "TalkMeshCore", "TalkMeshMessages", "TalkMeshRPC", "CTalkMesh"],
+            path: "Services/Dispatcher/Service",
+            linkerSettings: links("curl", "sqlite3", "pq")),
         .executableTarget(name: "TalkMeshDispatcher", dependencies: ["TalkMeshService", "TalkMeshDispatcherService"], path: "Services/Dispatcher/Main",
                          linkerSettings: serverLinkerSettings),
         .executableTarget(
             name: "TalkMeshTestServer",
-            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["TalkMeshService", "TalkMeshBase", "TalkMeshRPC", "TalkMeshMessages", .product(name: "Logging", package: "swift-log")],
             path: "Tools/TestServer",
             linkerSettings: serverLinkerSettings),
         .executableTarget(
             name: "TalkMeshTestClient",
-            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["TalkMeshService", "TalkMeshBase", "TalkMeshRPC", "TalkMeshMessages", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Tools/TestClient"),
         .executableTarget(
             name: "TalkMeshRunPodEmulator",
-            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshCore", "TalkMeshLibAV", "CTalkMesh"],
+            dependencies: ["TalkMeshService", "TalkMeshBase", "TalkMeshRPC", "TalkMeshCore", "TalkMeshLibAV", "CTalkMesh"],
             path: "Tools/RunPodEmulator",
             linkerSettings: serverLinkerSettings),
         .executableTarget(
             name: "TalkMeshCLI",
-            dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshMessages", "TalkMeshGatewayService", "TalkMeshCore", "CTalkMesh",
+            dependencies: ["TalkMeshService", "TalkMeshBase", "TalkMeshRPC", "TalkMeshMessages", "TalkMeshGatewayService", "TalkMeshCore", "CTalkMesh",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
-            path: "Tools/CLI"),
+            path: "Tools/CLI",
+            linkerSettings: links("curl")),
         // Fuzz targets: libFuzzer + AddressSanitizer under scripts/fuzz; a corpus replayer otherwise.
         .executableTarget(
             name: "TalkMeshFuzz",
-            dependencies: ["TalkMeshRPC", "TalkMeshMessages", "TalkMeshCore", "TalkMeshMediaService", "TalkMeshAudioService",
+            dependencies: ["TalkMeshBase", "TalkMeshRPC", "TalkMeshMessages", "TalkMeshCore", "TalkMeshMediaService", "TalkMeshAudioService",
                            "TalkMeshDispatcherService", "TalkMeshGatewayService", "CTalkMesh", .product(name: "Logging", package: "swift-log")],
             path: "Tests/Fuzz/Targets"),
         // One test target per module it tests.
         .testTarget(
             name: "TalkMeshRPCTests",
-            dependencies: ["TalkMeshRPC", "TalkMeshMessages"],
+            dependencies: ["TalkMeshBase", "TalkMeshRPC", "TalkMeshMessages"],
             path: "Tests/RPCTests"),
-        .testTarget(name: "TalkMeshCoreTests", dependencies: ["TalkMeshCore", "TalkMeshRPC"], path: "Tests/CoreTests"),
+        .testTarget(name: "TalkMeshBaseTests", dependencies: ["TalkMeshBase"], path: "Tests/BaseTests"),
+        .testTarget(name: "TalkMeshCoreTests", dependencies: ["TalkMeshCore", "TalkMeshBase"], path: "Tests/CoreTests"),
         .testTarget(name: "TalkMeshLibAVTests", dependencies: ["TalkMeshLibAV", "TalkMeshCore", "CTalkMesh"], path: "Tests/LibAVTests"),
         .testTarget(name: "TalkMeshServiceTests", dependencies: ["TalkMeshService", "TalkMeshRPC"], path: "Tests/ServiceTests"),
         .testTarget(
@@ -121,7 +136,7 @@ let package = Package(
             path: "Tests/MediaTests"),
         .testTarget(
             name: "TalkMeshDispatcherTests",
-            dependencies: ["TalkMeshDispatcherService", "TalkMeshCore", "TalkMeshRPC", "TalkMeshMessages"],
+            dependencies: ["TalkMeshDispatcherService", "TalkMeshBase", "TalkMeshCore", "TalkMeshRPC", "TalkMeshMessages"],
             path: "Tests/DispatcherTests"),
     ]
 )

@@ -1,8 +1,8 @@
 import CTalkMesh
 import Dispatch
 import Glibc
+import TalkMeshBase
 import TalkMeshCore
-import TalkMeshRPC
 
 /// An encoder (`AVCodecContext` opened for encoding), freed on deinit.
 public final class StreamEncoder {

@@ -1,7 +1,7 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 import TalkMeshCore
-import TalkMeshRPC
 
 /// libav's message for an error code (`av_strerror`).
 public func avErrorText(_ code: Int32) -> String {

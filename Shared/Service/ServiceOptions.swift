@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshRPC
 

@@ -1,4 +1,5 @@
 import Glibc
+import TalkMeshBase
 import TalkMeshCore
 
 /// Reads one setting: a flag's value over the environment variable over a default, validated.

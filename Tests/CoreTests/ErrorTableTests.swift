@@ -1,6 +1,6 @@
+import TalkMeshBase
 import Testing
 @testable import TalkMeshCore
-import TalkMeshRPC
 import Glibc
 
 @Suite struct ErrorTableTests {

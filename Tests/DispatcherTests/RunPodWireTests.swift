@@ -1,4 +1,5 @@
 import Foundation
+import TalkMeshBase
 import Testing
 import TalkMeshCore
 import TalkMeshRPC
@@ -70,9 +71,10 @@ struct RunPodWireTests {
         #expect(other["webhook"] == nil)
     }
 
-    @Test("the request budget never lets more than its limit through in any window")
+    @Test("the request budget never lets more than its limit through in any window, and waits only as long as it must")
     func budget() async throws {
-        let budget = RequestBudget(limit: 5, window: 0.2)
+        let clock = ManualTicks()
+        let budget = RequestBudget(limit: 5, window: 0.2, clock: clock)
         let times = try await withThrowingTaskGroup(of: Double.self) { group in
             for _ in 0..<20 {
                 group.addTask {
@@ -85,6 +87,10 @@ struct RunPodWireTests {
             let inWindow = times[index...].prefix { $0 - time < 0.2 }.count
             #expect(inWindow <= 5)
         }
+        // 20 requests at 5 per 0.2 s: the last is granted three windows after the first, not later.
+        let span = times.last! - times.first!
+        #expect(span >= 0.6 && span < 0.7)
+        #expect(clock.sleeps.withLock { $0 } > 0)
     }
 
     @Test("Retry-After is clamped and checked before it becomes a sleep", arguments: [

@@ -1,4 +1,5 @@
 import Foundation
+import TalkMeshBase
 import Testing
 import TalkMeshCore
 import TalkMeshMessages
@@ -93,5 +94,20 @@ final class ManualClock: WallClock, @unchecked Sendable {
         let db = try SQLiteDatabase(path: directory + "/nested/jobs.db")
         try db.execute("PRAGMA user_version = 99")
         #expect(throws: ServiceError.self) { _ = try store() }
+    }
+}
+
+/// A monotonic clock the test moves: a sleep advances it by what was asked and returns at once.
+final class ManualTicks: TickSource {
+    private let now = Locked<Int64>(1_000_000_000)
+    let sleeps = Locked(0)
+
+    func nanoseconds() -> Int64 { now.withLock { $0 } }
+
+    func sleep(nanoseconds: Int64) async throws {
+        try Task.checkCancellation()
+        sleeps.withLock { $0 += 1 }
+        now.withLock { $0 += max(0, nanoseconds) }
+        await Task.yield()
     }
 }

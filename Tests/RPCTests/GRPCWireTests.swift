@@ -1,3 +1,4 @@
+import TalkMeshBase
 import Testing
 @testable import TalkMeshRPC
 
@@ -93,19 +94,6 @@ struct GRPCWireTests {
         #expect(throws: GRPCMessageReader.Failure.compressed) {
             try [1, 0, 0, 0, 1, 9].withUnsafeBufferPointer { try reader.append($0) }
         }
-    }
-
-    @Test("base64 round-trips all lengths and accepts missing padding")
-    func base64() {
-        for length in 0..<40 {
-            let bytes = (0..<length).map { UInt8(truncatingIfNeeded: $0 * 37 + 11) }
-            let encoded = Base64.encode(bytes)
-            #expect(encoded.count % 4 == 0)
-            #expect(Base64.decode(encoded) == bytes)
-            #expect(Base64.decode(String(encoded.prefix { $0 != "=" })) == bytes)
-        }
-        #expect(Base64.encode(Array("foobar".utf8)) == "Zm9vYmFy")
-        #expect(Base64.decode("not base64!") == nil)
     }
 
     @Test("metadata decodes -bin values and keeps order")

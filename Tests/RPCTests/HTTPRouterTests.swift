@@ -1,4 +1,5 @@
 import Logging
+import TalkMeshBase
 import Testing
 @testable import TalkMeshRPC
 

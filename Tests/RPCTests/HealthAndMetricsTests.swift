@@ -1,3 +1,4 @@
+import TalkMeshBase
 import Testing
 import TalkMeshMessages
 @testable import TalkMeshRPC

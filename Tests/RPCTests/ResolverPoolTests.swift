@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import TalkMeshBase
 import Testing
 @testable import TalkMeshRPC
 

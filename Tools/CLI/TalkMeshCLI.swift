@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import TalkMeshBase
 import TalkMeshMessages
 import TalkMeshRPC
 import TalkMeshService

@@ -1,7 +1,6 @@
 import ArgumentParser
 import Glibc
 import TalkMeshCore
-import TalkMeshRPC
 import TalkMeshService
 
 /// `talkmesh-runpod-emulator`: RunPod's serverless API on loopback, with workers that really render.

@@ -1,6 +1,6 @@
 import Foundation
 import TalkMeshCore
-import TalkMeshRPC
+import TalkMeshBase
 
 /// RunPod's job lifecycle, emulated: IN_QUEUE → IN_PROGRESS → COMPLETED | FAILED | CANCELLED |
 /// TIMED_OUT, a pool of simulated workers with cold starts and audio-proportional processing,
@@ -53,9 +53,12 @@ actor JobBoard {
     private var inFlight = 0
     private var peakInFlight = 0
     private var random: SplitMix
+    /// What submission, start, finish, ttl and retention are timed on.
+    private let clock: any TickSource
 
-    init(settings: Settings) {
+    init(settings: Settings, clock: any TickSource = SystemTicks()) {
         self.settings = settings
+        self.clock = clock
         random = SplitMix(state: settings.seed)
     }
 
@@ -63,7 +66,7 @@ actor JobBoard {
 
     func submit(_ input: JobInput, executionTimeout: Double, ttl: Double) -> Job {
         let id = Self.newID()
-        let job = Job(id: id, status: "IN_QUEUE", submittedAt: MonotonicClock.seconds(), executionTimeout: executionTimeout, ttl: ttl, input: input)
+        let job = Job(id: id, status: "IN_QUEUE", submittedAt: clock.seconds(), executionTimeout: executionTimeout, ttl: ttl, input: input)
         jobs[id] = job
         submissions[input.hash, default: 0] += 1
         entered()
@@ -82,7 +85,7 @@ actor JobBoard {
         if ["IN_QUEUE", "IN_PROGRESS"].contains(job.status) {
             inFlight -= 1
             job.status = "CANCELLED"
-            job.finishedAt = MonotonicClock.seconds()
+            job.finishedAt = clock.seconds()
             jobs[id] = job
             queue.removeAll { $0 == id }
         }
@@ -130,7 +133,7 @@ actor JobBoard {
 
     /// Results and expired jobs go away: 404 afterwards, as RunPod does.
     private func expire() {
-        let now = MonotonicClock.seconds()
+        let now = clock.seconds()
         for (id, job) in jobs {
             let retained = job.finishedAt.map { now - $0 > settings.retentionSeconds } ?? false
             if now - job.submittedAt > job.ttl || retained {
@@ -166,7 +169,7 @@ actor JobBoard {
         expire()
         guard var job = jobs[id], job.status == "IN_QUEUE" else { return nil }
         job.status = "IN_PROGRESS"
-        job.startedAt = MonotonicClock.seconds()
+        job.startedAt = clock.seconds()
         job.workerID = worker
         jobs[id] = job
         busyWorkers += 1
@@ -189,7 +192,7 @@ actor JobBoard {
         job.status = status
         job.outputJSON = outputJSON
         job.errorText = error
-        job.finishedAt = MonotonicClock.seconds()
+        job.finishedAt = clock.seconds()
         jobs[id] = job
         inFlight -= 1
         if status == "COMPLETED" { counters["completed", default: 0] += 1 }

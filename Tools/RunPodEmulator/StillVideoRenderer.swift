@@ -1,8 +1,8 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshLibAV
-import TalkMeshRPC
 
 /// Renders what an InfiniteTalk worker returns, cheaply: an H.264/AAC MP4 of a still image at
 /// width×height, 25 fps, carrying the chunk's audio and exactly its duration. The still is encoded

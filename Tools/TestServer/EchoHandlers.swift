@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import TalkMeshBase
 import TalkMeshMessages
 import TalkMeshRPC
 

@@ -1,7 +1,7 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 import TalkMeshCore
-import TalkMeshRPC
 
 /// An HTTP exchange's result.
 public struct HTTPExchange: Sendable {

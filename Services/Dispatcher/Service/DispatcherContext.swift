@@ -1,4 +1,5 @@
 import Logging
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshRPC
 

@@ -1,5 +1,5 @@
+import TalkMeshBase
 import TalkMeshMessages
-import TalkMeshRPC
 
 /// The Dispatcher's Prometheus metrics: job state changes, chunk outcomes, RunPod submissions (and
 /// the resubmissions the crash window forces), RunPod's queue delay and execution time, and job

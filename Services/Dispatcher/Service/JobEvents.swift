@@ -1,5 +1,5 @@
+import TalkMeshBase
 import TalkMeshMessages
-import TalkMeshRPC
 
 /// Tells watchers of a job about each stored change (`WatchJob`). A watcher's buffer is bounded:
 /// a watcher too slow to keep up skips to the newest states, it never makes the Dispatcher hold

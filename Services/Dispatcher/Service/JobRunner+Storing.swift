@@ -1,7 +1,7 @@
 import Logging
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshMessages
-import TalkMeshRPC
 
 // Committing a job's changes one at a time, and calling Media and Audio through their brief outages.
 extension JobRunner {

@@ -1,3 +1,4 @@
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshMessages
 

@@ -1,6 +1,6 @@
 import CTalkMesh
+import TalkMeshBase
 import TalkMeshCore
-import TalkMeshRPC
 
 /// A parameter of a PostgreSQL statement: text (numbers are sent as their text), bytes (bytea,
 /// sent in binary) or NULL.

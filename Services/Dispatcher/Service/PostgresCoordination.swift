@@ -1,5 +1,4 @@
 import TalkMeshCore
-import TalkMeshRPC
 
 /// The deployment-wide cap on RunPod jobs in flight: `capacity` rows in `runpod_slots`, each free
 /// or held by one chunk (job id, chunk index). A slot is the chunk's, not the replica's: whoever

@@ -1,7 +1,7 @@
 import Foundation
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshMessages
-import TalkMeshRPC
 
 /// The shared `JobStore`: any number of Dispatcher replicas on one PostgreSQL database.
 ///

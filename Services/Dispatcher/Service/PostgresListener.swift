@@ -1,6 +1,6 @@
 import CTalkMesh
+import TalkMeshBase
 import TalkMeshCore
-import TalkMeshRPC
 
 /// A dedicated connection that LISTENs and hands every notification to its handlers, on a thread
 /// of its own. Notifications sent while it is disconnected are lost (PostgreSQL does not replay

@@ -1,4 +1,5 @@
 import Foundation
+import TalkMeshBase
 import TalkMeshCore
 
 /// RunPod's job statuses, one Swift enum.

@@ -1,5 +1,5 @@
+import TalkMeshBase
 import TalkMeshMessages
-import TalkMeshRPC
 
 /// What RunPod's own timings say about this endpoint: seconds of execution per second of audio
 /// and seconds spent queued, as moving averages over finished chunks. Polls are timed by it and

@@ -1,7 +1,7 @@
 import CTalkMesh
 import Foundation
+import TalkMeshBase
 import TalkMeshCore
-import TalkMeshRPC
 
 /// One API key as stored: never the key itself, only its SHA-256, with the key's limits.
 public struct APIKey: Sendable, Equatable {

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshMessages
 import TalkMeshRPC

@@ -1,4 +1,5 @@
 import Foundation
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshMessages
 import TalkMeshRPC

@@ -1,4 +1,5 @@
 import Foundation
+import TalkMeshBase
 import TalkMeshCore
 
 /// JSON from the dictionaries and arrays the handlers build (`[String: Any]`, `[Any]`, strings,

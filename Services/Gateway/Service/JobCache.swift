@@ -1,5 +1,5 @@
+import TalkMeshBase
 import TalkMeshMessages
-import TalkMeshRPC
 
 /// The Gateway's memory of recent `GET /v1/jobs/{id}` answers: a client polling a job costs the
 /// Dispatcher one `GetJob` per `ttl` (JOB_CACHE_TTL), and the answer's JSON is encoded once per

@@ -1,4 +1,4 @@
-import TalkMeshRPC
+import TalkMeshBase
 
 /// The outcome of taking one token: allowed or not, and what the `RateLimit-*` headers say.
 public struct RateDecision: Sendable, Equatable {

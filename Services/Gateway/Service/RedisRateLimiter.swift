@@ -2,7 +2,7 @@ import CTalkMesh
 import Dispatch
 import Foundation
 import Logging
-import TalkMeshRPC
+import TalkMeshBase
 
 /// Rate limits every Gateway replica shares: GCRA in a Lua script that Redis runs atomically
 /// (`EVALSHA`, `EVAL` after `NOSCRIPT`), reading the server's clock so the replicas' clocks do not

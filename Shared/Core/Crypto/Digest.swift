@@ -1,5 +1,5 @@
 import CTalkMesh
-import TalkMeshRPC
+import TalkMeshBase
 
 /// SHA-256 and HMAC-SHA256 through libcrypto: the SigV4 signer, webhook signatures, ETags and
 /// API-key hashes all use these.

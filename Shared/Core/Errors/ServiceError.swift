@@ -1,4 +1,4 @@
-import TalkMeshRPC
+import TalkMeshBase
 
 /// A stable error code: what clients and logs match on. Each maps to one gRPC status and one
 /// HTTP status, here and nowhere else: the switches below are the table, and a code without a row

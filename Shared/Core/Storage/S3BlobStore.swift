@@ -1,6 +1,6 @@
 import Dispatch
 import Glibc
-import TalkMeshRPC
+import TalkMeshBase
 
 /// `s3://bucket/prefix`: each key is an object `prefix/key` in an S3 bucket (AWS, R2, MinIO, any
 /// S3 API). Local files exist only inside the calls that need them: `withLocalFile` downloads to

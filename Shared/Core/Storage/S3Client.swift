@@ -1,6 +1,6 @@
 import CTalkMesh
 import Glibc
-import TalkMeshRPC
+import TalkMeshBase
 
 /// Where an S3 bucket is and how to reach it.
 public struct S3Location: Sendable {

@@ -1,4 +1,5 @@
 import Glibc
+import TalkMeshBase
 
 /// The settings of `BLOB_STORE=s3://bucket/prefix`:
 ///

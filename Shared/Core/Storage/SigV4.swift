@@ -1,5 +1,5 @@
 import Glibc
-import TalkMeshRPC
+import TalkMeshBase
 
 /// AWS credentials: an access key pair and, for temporary credentials, a session token.
 public struct AWSCredentials: Sendable, Equatable {

@@ -1,6 +1,6 @@
 import Glibc
 import Synchronization
-import TalkMeshRPC
+import TalkMeshBase
 
 /// Set when a call is cancelled or its deadline passes; long loops (libav's interrupt callback
 /// among them) check it and stop promptly.

@@ -1,4 +1,5 @@
 import CTalkMesh
+import TalkMeshBase
 import TalkMeshMessages
 
 /// How one attempt of a call ended, as the retry logic needs to know it.

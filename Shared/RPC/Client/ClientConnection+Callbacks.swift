@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 import TalkMeshMessages
 
 // The nghttp2 glue of a client connection: its callbacks find the connection and move one

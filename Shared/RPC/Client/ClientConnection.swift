@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 import TalkMeshMessages
 
 /// One HTTP/2 connection to one backend address (modelled on nghttp2's

@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 /// Where a client sends calls, in gRPC's naming syntax:
 /// - `dns:///name:port` (all A/AAAA records, re-resolved periodically), or `dns://SERVER/name:port`

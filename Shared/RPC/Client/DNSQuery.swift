@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 /// A minimal DNS client (A and AAAA over UDP) for `dns://SERVER/name` targets, where gRPC's naming
 /// says to ask that server rather than the system resolver.

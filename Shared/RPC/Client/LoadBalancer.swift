@@ -1,5 +1,6 @@
 import Dispatch
 import Glibc
+import TalkMeshBase
 
 /// One backend address and its current connection, with reconnect backoff.
 final class Subchannel: @unchecked Sendable {  // loop-confined

@@ -1,4 +1,5 @@
 import Glibc
+import TalkMeshBase
 import TalkMeshMessages
 
 /// Options of one call.

@@ -1,3 +1,5 @@
+import TalkMeshBase
+
 /// The `grpc-timeout` header: at most 8 ASCII digits and a unit (H, M, S, m, u, n).
 public enum GRPCTimeout {
     /// The longest timeout honoured (about 100 years). The spec allows 99999999H (over 11,000

@@ -1,3 +1,5 @@
+import TalkMeshBase
+
 /// The percent-encoding of `grpc-message`: bytes outside printable ASCII, and `%`, as `%XX`.
 public enum PercentEncoding {
     private static let hex: [UInt8] = Array("0123456789ABCDEF".utf8)

@@ -1,3 +1,4 @@
+import TalkMeshBase
 import TalkMeshMessages
 
 /// The gRPC methods a server answers, by `:path`. Anything not registered is UNIMPLEMENTED.

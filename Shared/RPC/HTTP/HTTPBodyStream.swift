@@ -1,3 +1,5 @@
+import TalkMeshBase
+
 /// Why a streamed request body stopped before its end.
 public enum HTTPBodyError: Error, Equatable, Sendable {
     /// The body went past the route's limit (the server reads no more of it).

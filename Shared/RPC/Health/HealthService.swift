@@ -1,3 +1,4 @@
+import TalkMeshBase
 import TalkMeshMessages
 
 /// `grpc.health.v1.Health` as the standard defines it: "" is the whole server, an unknown name is

@@ -1,3 +1,5 @@
+import TalkMeshBase
+
 /// Request counts and latency histograms by protocol, method and status, in Prometheus text format.
 ///
 /// Each event loop records into its own shard (an uncontended lock); `/metrics` merges them.

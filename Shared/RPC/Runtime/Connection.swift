@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 /// One accepted socket: a bufferevent (plain or TLS), then HTTP/2 or HTTP/1.1 once the first
 /// bytes tell which (the HTTP/2 connection preface). Lives on one loop; the loop's table owns it.

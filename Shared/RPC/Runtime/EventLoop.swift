@@ -1,6 +1,7 @@
 import CTalkMesh
 import Glibc
 import Synchronization
+import TalkMeshBase
 
 /// One libevent loop on one thread. Everything a connection owns (its bufferevent, its nghttp2
 /// session, its streams) is touched only on its loop's thread; other threads hand work over with

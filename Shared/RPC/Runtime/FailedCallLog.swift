@@ -1,4 +1,5 @@
 import Logging
+import TalkMeshBase
 
 extension RPCError.Code {
     /// The level a failed call is logged at: the server's own faults as errors, a dependency that

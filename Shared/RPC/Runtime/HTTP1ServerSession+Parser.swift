@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 // The http-parser glue: its callbacks gather a request's head and body and pause the parser at
 // each boundary the session acts on.

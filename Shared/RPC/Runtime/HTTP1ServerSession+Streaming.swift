@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 // Responses whose body is produced while it is sent: chunked or with the producer's length,
 // each write waiting while the connection's output is over its high-water mark.

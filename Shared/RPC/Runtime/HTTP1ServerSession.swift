@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 /// The server side of one HTTP/1.1 connection on http-parser: keep-alive, Content-Length and
 /// chunked bodies, header and body limits, pipelined requests answered in order. The http-parser

@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 // gRPC stream semantics: a call handed to its handler, its response messages and its status
 // (Trailers-Only or trailers after data), counted and, when failed, logged once.

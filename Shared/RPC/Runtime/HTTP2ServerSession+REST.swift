@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 // REST over HTTP/2: a request handed to the router, a buffered or streamed response.
 extension HTTP2ServerSession {

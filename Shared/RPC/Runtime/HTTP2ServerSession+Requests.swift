@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 // Request heads and bodies: the header callbacks, validation on END_HEADERS, and the body's
 // flow control and per-connection budget.

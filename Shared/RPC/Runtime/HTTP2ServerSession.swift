@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 /// The server side of one HTTP/2 connection on nghttp2 (modelled on nghttp2's
 /// `examples/libevent-server.c`): callbacks only move bytes and state; complete requests are

@@ -1,6 +1,7 @@
 import CTalkMesh
 import Glibc
 import Logging
+import TalkMeshBase
 import TalkMeshMessages
 
 /// One port serving gRPC over HTTP/2 (h2c prior knowledge, or TLS with ALPN), and HTTP/1.1 on
@@ -379,9 +380,4 @@ extension EventLoop {
             self.stop()
         }
     }
-}
-
-/// A String from a NUL-terminated C buffer (strerror-style out-parameters, getnameinfo…).
-public func cString(_ buffer: [CChar]) -> String {
-    String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 /// A server TLS context: certificate and key from PEM files, TLS 1.2 or later, ALPN `h2` then
 /// `http/1.1`; optionally requires client certificates signed by a CA (mutual TLS).

@@ -36,7 +36,7 @@ public struct RPCError: Error, Sendable, CustomStringConvertible {
         }
 
         /// The decimal text of `grpc-status`, precomputed for the common codes.
-        var statusText: String { String(rawValue) }
+        package var statusText: String { String(rawValue) }
     }
 
     /// The status code sent in `grpc-status`.
@@ -80,4 +80,31 @@ extension RPCError {
 public protocol RPCErrorConvertible: Error {
     /// The status and message the peer sees.
     var rpcError: RPCError { get }
+}
+
+/// A domain error that knows how a REST API reports it: the services' error table conforms, so a
+/// handler's thrown error answers with its code's HTTP status, never a blanket 500.
+public protocol HTTPErrorConvertible: Error {
+    /// The HTTP status, the stable code and the message the caller sees (no server-side cause).
+    var httpError: (status: Int, code: String, message: String) { get }
+}
+
+extension RPCError.Code {
+    /// The HTTP status for a gRPC status, as gRPC's HTTP mapping (`google.rpc.Code`) gives it.
+    public var httpStatus: Int {
+        switch self {
+        case .ok: 200
+        case .cancelled: 499
+        case .invalidArgument, .outOfRange, .failedPrecondition: 400
+        case .deadlineExceeded: 504
+        case .notFound: 404
+        case .alreadyExists, .aborted: 409
+        case .permissionDenied: 403
+        case .unauthenticated: 401
+        case .resourceExhausted: 429
+        case .unimplemented: 501
+        case .unavailable: 503
+        default: 500
+        }
+    }
 }
