@@ -213,41 +213,57 @@ public final class Resampler {
     }
 }
 
-extension StreamDecoder {
-    /// Reads `input` to its end, decoding this decoder's stream; `body` gets every frame.
-    /// Undecodable packets are tolerated up to a few; a read error other than EOF is `invalid`.
-    public func decodeAll(from input: MediaInput, flag: CancellationFlag, invalid: ErrorCode,
-                          _ body: (UnsafeMutablePointer<AVFrame>) throws -> Bool) throws {
+extension MediaInput {
+    /// Reads the input to its end in one pass, each packet to the decoder of its stream; `body`
+    /// gets every frame with the index of its decoder in `decoders`, and returns false to stop.
+    /// A few undecodable packets per stream are tolerated, past that it is `invalid`; so is a read
+    /// error other than EOF. Returns the last decode error seen (0: none), for a caller that
+    /// reports why nothing decoded.
+    @discardableResult
+    public func decode(_ decoders: [StreamDecoder], invalid: ErrorCode, what: String = "the input",
+                       _ body: (Int, UnsafeMutablePointer<AVFrame>) throws -> Bool) throws -> Int32 {
         let frame = Frame()
-        var errors = 0
+        var errors = Array(repeating: 0, count: decoders.count)
+        var lastError: Int32 = 0
         var stop = false
-        func drain() throws {
+        func failed(_ index: Int, _ code: Int32) throws {
+            errors[index] += 1
+            lastError = code
+            if errors[index] > 8 { throw ServiceError(invalid, "\(what) does not decode", cause: avErrorText(code)) }
+        }
+        func drain(_ index: Int) throws {
             while !stop {
-                let received = avcodec_receive_frame(context, frame.pointer)
+                let received = avcodec_receive_frame(decoders[index].context, frame.pointer)
                 if received == avErrorAgain || received == avErrorEOF { return }
-                guard received >= 0 else {
-                    errors += 1
-                    if errors > 8 { throw ServiceError(invalid, "the stream does not decode", cause: avErrorText(received)) }
-                    return
-                }
-                stop = try !body(frame.pointer!)
+                guard received >= 0 else { return try failed(index, received) }
+                stop = try !body(index, frame.pointer!)
                 av_frame_unref(frame.pointer)
             }
         }
-        try input.readPackets(invalid: invalid) { packet in
-            guard packet.pointee.stream_index == streamIndex else { return true }
-            let sent = avcodec_send_packet(context, packet)
+        try readPackets(invalid: invalid, what: what) { packet in
+            guard let index = decoders.firstIndex(where: { $0.streamIndex == packet.pointee.stream_index }) else { return true }
+            let sent = avcodec_send_packet(decoders[index].context, packet)
             if sent < 0 && sent != avErrorAgain {
-                errors += 1
-                if errors > 8 { throw ServiceError(invalid, "the stream does not decode", cause: avErrorText(sent)) }
+                try failed(index, sent)
                 return true
             }
-            try drain()
+            try drain(index)
             return !stop
         }
-        if !stop {
-            avcodec_send_packet(context, nil)
-            try drain()
+        for index in decoders.indices where !stop {
+            avcodec_send_packet(decoders[index].context, nil)
+            try drain(index)
         }
+        return lastError
+    }
+}
+
+extension StreamDecoder {
+    /// Reads `input` to its end, decoding this decoder's stream; `body` gets every frame
+    /// (`MediaInput.decode` with this one decoder).
+    @discardableResult
+    public func decodeAll(from input: MediaInput, flag: CancellationFlag, invalid: ErrorCode, what: String = "the input",
+                          _ body: (UnsafeMutablePointer<AVFrame>) throws -> Bool) throws -> Int32 {
+        try input.decode([self], invalid: invalid, what: what) { _, frame in try body(frame) }
     }
 }

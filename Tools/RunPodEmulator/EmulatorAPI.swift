@@ -134,19 +134,6 @@ struct EmulatorAPI: Sendable {
     }
 }
 
-/// Every API request's route and arrival time, so tests can check a client's request budget.
-actor RequestLog {
-    private var entries: [(String, Double)] = []
-
-    func record(_ route: String) {
-        if entries.count < 200_000 { entries.append((route, MonotonicClock.seconds())) }
-    }
-
-    func json() -> String {
-        "[" + entries.map { "[\"\($0.0)\",\($0.1)]" }.joined(separator: ",") + "]"
-    }
-}
-
 /// The simulated workers: cold start, processing time proportional to the audio, real rendering,
 /// faults, executionTimeout.
 struct EmulatedWorkers: Sendable {

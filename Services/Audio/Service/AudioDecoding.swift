@@ -78,53 +78,24 @@ public enum AudioDecoding {
                                                outputRate: outputRate, outputChannels: outputChannels, reserve: reserve)
         defer { resampling.abandon() }
         var scratch: [Int16] = []
-        let frame = Frame()
-        var decodeErrors = 0
-        var lastError: Int32 = 0
-
-        func drain() throws {
-            while true {
-                let received = avcodec_receive_frame(codec, frame.pointer)
-                if received == avErrorAgain || received == avErrorEOF { return }
-                guard received >= 0 else {
-                    decodeErrors += 1
-                    lastError = received
-                    if decodeErrors > 8 { throw ServiceError(.invalidAudio, "the audio does not decode", cause: avErrorText(received)) }
-                    return
+        let lastError = try decoder.decodeAll(from: input, flag: flag, invalid: .invalidAudio, what: "the audio") { frame in
+            if nativeS16 {
+                // Already interleaved 16-bit: read the samples where libav put them.
+                let count = Int(frame.pointee.nb_samples) * channels
+                frame.pointee.data.0!.withMemoryRebound(to: Int16.self, capacity: count) {
+                    builder.add(UnsafeBufferPointer(start: $0, count: count))
                 }
-                if nativeS16 {
-                    // Already interleaved 16-bit: read the samples where libav put them.
-                    let count = Int(frame.pointer!.pointee.nb_samples) * channels
-                    frame.pointer!.pointee.data.0!.withMemoryRebound(to: Int16.self, capacity: count) {
-                        builder.add(UnsafeBufferPointer(start: $0, count: count))
-                    }
-                } else {
-                    scratch.removeAll(keepingCapacity: true)
-                    analysis.convert(frame.pointer, into: &scratch)
-                    scratch.withUnsafeBufferPointer { builder.add($0) }
-                }
-                resampling.push(frame.pointer!)
-                av_frame_unref(frame.pointer)
-                if Double(builder.frameCount) / Double(rate) > maxSeconds {
-                    throw ServiceError(.audioTooLong, "the audio is longer than the limit of \(Int(maxSeconds)) s")
-                }
+            } else {
+                scratch.removeAll(keepingCapacity: true)
+                analysis.convert(frame, into: &scratch)
+                scratch.withUnsafeBufferPointer { builder.add($0) }
             }
-        }
-
-        try input.readPackets(invalid: .invalidAudio, what: "the audio") { packet in
-            guard packet.pointee.stream_index == decoder.streamIndex else { return true }
-            let sent = avcodec_send_packet(codec, packet)
-            if sent < 0 && sent != avErrorAgain {
-                decodeErrors += 1
-                lastError = sent
-                if decodeErrors > 8 { throw ServiceError(.invalidAudio, "the audio does not decode", cause: avErrorText(sent)) }
-                return true
+            resampling.push(frame)
+            if Double(builder.frameCount) / Double(rate) > maxSeconds {
+                throw ServiceError(.audioTooLong, "the audio is longer than the limit of \(Int(maxSeconds)) s")
             }
-            try drain()
             return true
         }
-        avcodec_send_packet(codec, nil)
-        try drain()
         scratch.removeAll(keepingCapacity: true)
         analysis.convert(nil, into: &scratch)
         scratch.withUnsafeBufferPointer { builder.add($0) }

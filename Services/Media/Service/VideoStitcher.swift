@@ -179,48 +179,30 @@ public struct VideoStitcher: Sendable {
             let decoder = try StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_VIDEO, invalid: .invalidVideo, what: "video")
             var scaler: Scaler?
             var scalerKey: (Int32, Int32, Int32) = (0, 0, -1)
-            var audioDecoder: StreamDecoder?
-            if partsAudio != nil { audioDecoder = try? StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidVideo, what: "audio") }
+            var decoders = [decoder]
+            if partsAudio != nil, let audio = try? StreamDecoder(input: input, mediaType: AVMEDIA_TYPE_AUDIO, invalid: .invalidVideo, what: "audio") {
+                decoders.append(audio)
+            }
             // Video and audio of one part are read in one pass: packets go to their decoder.
-            let decoded = Frame()
-            func drainVideo() throws {
-                while avcodec_receive_frame(decoder.context, decoded.pointer) >= 0 {
-                    let d = decoded.pointer!.pointee
-                    if scaler == nil || scalerKey != (d.width, d.height, d.format) {
-                        scaler = try Scaler(from: (d.width, d.height, AVPixelFormat(rawValue: d.format)), to: (width, height, AV_PIX_FMT_YUV420P),
-                                            flags: SWS_BICUBIC)
-                        scalerKey = (d.width, d.height, d.format)
-                    }
-                    try avCheck(av_frame_make_writable(frame.pointer), "cannot write the video frame")
-                    let source = decoded.pointer!.planes
-                    let target = frame.pointer!.planes
-                    scaler!.scale(source.data.map { UnsafePointer($0) }, source.strides, height: d.height, target.data, target.strides)
-                    frame.pointer!.pointee.pts = frameIndex
-                    frameIndex += 1
-                    try video.encode(frame.pointer, writeVideo)
-                    av_frame_unref(decoded.pointer)
+            try input.decode(decoders, invalid: .invalidVideo, what: "part \(index)") { stream, decoded in
+                if stream == 1 {
+                    try partsAudio!.add(decoded)
+                    return true
                 }
-            }
-            func drainAudio() throws {
-                guard let audioDecoder, let partsAudio else { return }
-                while avcodec_receive_frame(audioDecoder.context, decoded.pointer) >= 0 {
-                    try partsAudio.add(decoded.pointer!)
-                    av_frame_unref(decoded.pointer)
+                let d = decoded.pointee
+                if scaler == nil || scalerKey != (d.width, d.height, d.format) {
+                    scaler = try Scaler(from: (d.width, d.height, AVPixelFormat(rawValue: d.format)), to: (width, height, AV_PIX_FMT_YUV420P),
+                                        flags: SWS_BICUBIC)
+                    scalerKey = (d.width, d.height, d.format)
                 }
-            }
-            try input.readPackets(invalid: .invalidVideo, what: "part \(index)") { packet in
-                if packet.pointee.stream_index == decoder.streamIndex {
-                    if avcodec_send_packet(decoder.context, packet) >= 0 { try drainVideo() }
-                } else if let audioDecoder, packet.pointee.stream_index == audioDecoder.streamIndex {
-                    if avcodec_send_packet(audioDecoder.context, packet) >= 0 { try drainAudio() }
-                }
+                try avCheck(av_frame_make_writable(frame.pointer), "cannot write the video frame")
+                let source = decoded.planes
+                let target = frame.pointer!.planes
+                scaler!.scale(source.data.map { UnsafePointer($0) }, source.strides, height: d.height, target.data, target.strides)
+                frame.pointer!.pointee.pts = frameIndex
+                frameIndex += 1
+                try video.encode(frame.pointer, writeVideo)
                 return true
-            }
-            try avCheck(avcodec_send_packet(decoder.context, nil), "cannot flush the video decoder", allowing: [avErrorEOF])
-            try drainVideo()
-            if let audioDecoder {
-                try avCheck(avcodec_send_packet(audioDecoder.context, nil), "cannot flush the audio decoder", allowing: [avErrorEOF])
-                try drainAudio()
             }
         }
         try video.encode(nil, writeVideo)
