@@ -161,3 +161,27 @@ def test_a_deadline_stops_a_stitch_and_the_service_keeps_serving(media, parts):
     assert not os.path.exists(f"{blobs}/out/late.mp4")
     assert [n for n in os.listdir(f"{blobs}/.tmp") if n.endswith(".mp4")] == []
     assert stub.ProbeMedia(media_pb2.ProbeMediaRequest(key=parts[0]), timeout=30).streams
+
+
+def test_a_part_whose_frames_do_not_decode_is_invalid_video(media):
+    # An intact container whose video packets are garbage, in a stitch that must re-encode (two
+    # sizes): the part is refused, not silently shortened to the frames that happened to decode.
+    stub, blobs = media
+    os.makedirs(f"{blobs}/parts", exist_ok=True)
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=512x512:r=25", "-t", "2", "-c:v", "libx264", "-preset", "ultrafast",
+           "-pix_fmt", "yuv420p", f"{blobs}/parts/garbled-src.mp4")
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=384x576:r=25", "-t", "1", "-c:v", "libx264", "-preset", "ultrafast",
+           "-pix_fmt", "yuv420p", f"{blobs}/parts/garbled-ok.mp4")
+    data = bytearray(open(f"{blobs}/parts/garbled-src.mp4", "rb").read())
+    start = data.find(b"mdat") + 4
+    size = int.from_bytes(data[start - 8:start - 4], "big") - 8
+    data[start:start + size] = b"\xff" * size
+    with open(f"{blobs}/parts/garbled.mp4", "wb") as fh:
+        fh.write(data)
+    code, details = error_of(lambda: stub.StitchVideos(media_pb2.StitchVideosRequest(
+        video_keys=["parts/garbled-ok.mp4", "parts/garbled.mp4"], output_key="out/garbled.mp4"), timeout=60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("INVALID_VIDEO:") and "does not decode" in details, details
+    assert not os.path.exists(f"{blobs}/out/garbled.mp4")
+    # The service goes on stitching.
+    assert stub.StitchVideos(media_pb2.StitchVideosRequest(video_keys=["parts/garbled-ok.mp4", "parts/garbled-src.mp4"]),
+                             timeout=60).mode == "reencode"
