@@ -60,7 +60,6 @@ let package = Package(
                 "TalkMeshRPC",
                 "TalkMeshCore",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Shared/Service"),
         .target(

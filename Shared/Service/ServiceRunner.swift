@@ -1,4 +1,3 @@
-import ArgumentParser
 import Dispatch
 import Glibc
 import Logging
@@ -19,11 +18,29 @@ public enum ServiceRunner {
         public let logger: Logger
     }
 
-    /// Runs the service; exits 2 on bad settings or when the port cannot be bound.
-    public static func run(name: String, defaultPort: Int, options: ServiceOptions, configure: (inout Setup) throws -> Void) {
-        let resolved: ServiceOptions.Resolved
+    /// Runs the service on its settings table (the shared settings, then `table`): `--help` prints
+    /// it and exits 0; bad settings, an unknown flag or a port that cannot be bound exit 2.
+    /// `configure` is `@Sendable` so that it is isolated to no actor: written in a `@main` type's
+    /// `main()`, it would otherwise be on the main actor, and so would every task it starts, which
+    /// then never runs (the main thread runs the event loop, never the main actor's queue).
+    public static func run(name: String, abstract: String, defaultPort: Int, settings table: [Setting] = [],
+                           arguments: [String] = Array(CommandLine.arguments.dropFirst()),
+                           configure: @Sendable (inout Setup, Settings) throws -> Void) {
+        let table = ServiceSettings.common(defaultPort: defaultPort) + table
+        let settings: Settings
+        let resolved: ServiceSettings.Resolved
         do {
-            resolved = try options.resolve(serviceName: name, defaultPort: defaultPort)
+            switch try Settings.parse(arguments, table: table) {
+            case .help:
+                StandardStream.write(1, Settings.help(command: name, abstract: abstract, table: table))
+                exit(0)
+            case .settingsJSON:
+                StandardStream.write(1, Settings.json(command: name, table: table) + "\n")
+                exit(0)
+            case .run(let flags):
+                settings = Settings(table: table, flags: flags)
+                resolved = try ServiceSettings.resolve(settings, serviceName: name)
+            }
         } catch {
             StandardStream.write(2, "\(name): invalid setting: \(error)\n")
             exit(2)
@@ -39,7 +56,7 @@ public enum ServiceRunner {
         let health = HealthService()
         var setup = Setup(health: health, logger: logger)
         do {
-            try configure(&setup)
+            try configure(&setup, settings)
             let server = try RPCServer(configuration: resolved.server, services: setup.services, router: setup.router,
                                        health: health, metricsSources: setup.metricsSources, logger: logger)
             let port = try server.bind()
@@ -59,7 +76,7 @@ public enum ServiceRunner {
                 if done.wait(timeout: .now() + 30) == .timedOut { logger.warning("stop hooks did not finish within 30 s") }
             }
             logger.info("stopped")
-        } catch let error as ServiceOptions.InvalidSetting {
+        } catch let error as InvalidSetting {
             StandardStream.write(2, "\(name): invalid setting: \(error)\n")
             exit(2)
         } catch {
@@ -67,36 +84,5 @@ public enum ServiceRunner {
             StandardStream.write(2, "\(name): cannot start: \(error)\n")
             exit(2)
         }
-    }
-}
-
-extension ParsableCommand {
-    /// Like `main()`, but every usage or validation error exits with code 2 (help exits 0).
-    public static func mainExitingTwoOnError() {
-        do {
-            var command = try parseAsRoot()
-            try command.run()
-        } catch {
-            let code = exitCode(for: error)
-            if code == .success {
-                print(fullMessage(for: error))
-                Glibc.exit(0)
-            }
-            StandardStream.write(2, fullMessage(for: error) + "\n")
-            Glibc.exit(2)
-        }
-    }
-
-    /// The settings table for `--help`.
-    public static var settingsDiscussion: String {
-        "Settings (environment variable, flag):\n" + ServiceOptions.settings.map {
-            "  \($0.environment.padding(27))\($0.flag.padding(29))\($0.meaning)"
-        }.joined(separator: "\n")
-    }
-}
-
-extension String {
-    func padding(_ width: Int) -> String {
-        count >= width ? self + " " : self + String(repeating: " ", count: width - count)
     }
 }

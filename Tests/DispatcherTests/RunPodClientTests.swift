@@ -188,6 +188,11 @@ struct RunPodClientTests {
         }
         let requests = try await emulator.requests()
         #expect(requests.count == 3)
+        if flag == "--http-429-rate" {
+            // The emulator's 429 says Retry-After: 1; backoff alone would wait at most 0.2 s here.
+            let times = requests.map { $0[1] as! Double }
+            for (earlier, later) in zip(times, times.dropFirst()) { #expect(later - earlier >= 0.95) }
+        }
     }
 
     @Test("executionTimeout ends a job TIMED_OUT; a hanging job stays IN_PROGRESS")

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, Service
+from conftest import BIN, ROOT, Service
 
 EXECUTABLES = ["talkmesh-gateway", "talkmesh-media", "talkmesh-audio", "talkmesh-dispatcher", "talkmesh-testserver"]
 
@@ -79,3 +79,36 @@ def test_port_in_use_exits_two(start_service):
     assert result.returncode == 2
     assert "cannot bind" in result.stdout + result.stderr
     service.stop()
+
+
+def test_the_readme_settings_table_is_the_services_own():
+    # Generated from every binary's --settings-json: a setting added, renamed or re-defaulted in
+    # Swift without `scripts/settings-table` fails here.
+    result = subprocess.run([os.path.join(ROOT, "scripts", "settings-table"), "--check"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TALKMESH_BIN": BIN})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_settings_check_detects_a_stale_readme(tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(ROOT, "scripts"), tmp_path / "scripts")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    (tmp_path / "README.md").write_text(readme.replace("| `WORKERS` | Media, Audio |", "| `WORKERS` | Media |"))
+    result = subprocess.run([str(tmp_path / "scripts" / "settings-table"), "--check"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TALKMESH_BIN": BIN})
+    assert result.returncode == 1 and "stale" in result.stderr
+
+
+@pytest.mark.parametrize("exe,env,args,fragment", [
+    ("talkmesh-gateway", {"JOB_CACHE_TTL": "61s"}, [], "JOB_CACHE_TTL=61s"),
+    ("talkmesh-gateway", {"VIDEO_URL_TTL": "8d"}, [], "VIDEO_URL_TTL=8d"),
+    ("talkmesh-dispatcher", {"LEASE_TTL": "100ms", "RUNPOD_ENDPOINT_ID": "e"}, [], "LEASE_TTL=100ms"),
+    ("talkmesh-dispatcher", {}, ["--chunk-target-sec", "61"], "--chunk-target-sec=61"),
+    ("talkmesh-runpod-emulator", {}, ["--fail-rate", "1.5"], "--fail-rate=1.5"),
+    ("talkmesh-runpod-emulator", {"EMULATOR_WORKERS": "0"}, [], "EMULATOR_WORKERS=0"),
+    ("talkmesh-media", {}, ["--workers"], "--workers needs a value"),
+])
+def test_each_service_checks_its_own_settings(exe, env, args, fragment):
+    result = run(exe, *args, env=env)
+    assert result.returncode == 2
+    assert fragment in result.stderr

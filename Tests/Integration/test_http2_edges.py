@@ -1,19 +1,12 @@
 """HTTP/2 edge cases over raw sockets with the h2 library, where the test controls every frame."""
-import json
-import os
 import socket
 import struct
-import subprocess
-import threading
 import time
 
 import h2.config
 import h2.connection
 import h2.events
-import h2.exceptions
 import pytest
-
-from conftest import BIN
 
 from tmecho import echo_pb2
 
@@ -302,70 +295,3 @@ def test_streams_past_max_concurrent_streams_are_refused_and_the_rest_served(sta
     refused = [sid for sid in sids if client.resets.get(sid) == 7]  # REFUSED_STREAM
     served = [sid for sid in sids if client.status(sid) == "0"]
     assert len(served) == 2 and len(refused) == 3, (client.resets, {sid: client.status(sid) for sid in sids})
-
-
-class RefusingServer:
-    """A raw HTTP/2 server that refuses the first stream of each connection with REFUSED_STREAM
-    and answers the others with an empty gRPC message and grpc-status 0."""
-
-    def __init__(self):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.streams = []
-        self.stopped = False
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        self.listener.settimeout(0.2)
-        while not self.stopped:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                continue
-            self.connection(sock)
-
-    def connection(self, sock):
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        first = None
-        sock.settimeout(5)
-        try:
-            while not self.stopped:
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    return
-                for event in conn.receive_data(chunk):
-                    if isinstance(event, h2.events.RequestReceived):
-                        self.streams.append(event.stream_id)
-                        if first is None:
-                            first = event.stream_id
-                            conn.reset_stream(event.stream_id, error_code=7)
-                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id != first:
-                        conn.send_headers(event.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
-                        conn.send_data(event.stream_id, struct.pack(">BI", 0, 0))
-                        conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
-                sock.sendall(conn.data_to_send())
-        except (OSError, h2.exceptions.ProtocolError):
-            pass
-        finally:
-            sock.close()
-
-    def stop(self):
-        self.stopped = True
-        self.listener.close()
-
-
-def test_our_client_retries_a_call_the_server_refused_with_refused_stream():
-    server = RefusingServer()
-    try:
-        result = subprocess.run([os.path.join(BIN, "talkmesh-testclient"), "balance", "--target", f"127.0.0.1:{server.port}",
-                                 "--calls", "1", "--concurrency", "1"], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        outcome = json.loads(result.stdout.strip().splitlines()[-1])
-        assert outcome["failures"] == 0, outcome
-        assert len(server.streams) == 2  # refused once, then served on a new stream
-    finally:
-        server.stop()

@@ -75,3 +75,25 @@ def test_calls_in_flight_survive_connection_ageing(start_service):
             assert stub.Echo(echo_pb2.EchoRequest(text=str(n)), timeout=5).text == str(n)
             time.sleep(0.1)
     assert service.stop() == 0
+
+
+def test_sigterm_sends_goaway_naming_the_open_stream(start_service):
+    # On the wire: a graceful GOAWAY (NO_ERROR) soon after SIGTERM whose last stream id covers the
+    # stream already open, so the client knows it will be finished (the grpcio test above sees it
+    # finish; the h2 library reads nothing after a GOAWAY). The process then drains and exits 0.
+    from test_http2_edges import HOLD
+    service = start_service(env={"DRAIN_TIMEOUT": "10s"})
+    client = Client(service)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers(HOLD))
+    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=1500, tag="goaway")), end_stream=True)
+    client.flush()
+    time.sleep(0.3)
+    started = time.time()
+    service.proc.send_signal(signal.SIGTERM)
+    assert client.pump(lambda: client.terminated is not None, timeout=5)
+    assert time.time() - started < 2
+    goaway = client.terminated
+    assert goaway.error_code == 0 and goaway.last_stream_id >= sid, goaway
+    client.close()
+    assert service.proc.wait(15) == 0

@@ -10,14 +10,17 @@ struct BlobsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "blobs",
         abstract: "Reads and writes the blob store (--blob-store or BLOB_STORE; S3 settings from the environment).",
-        discussion: BlobStoreOptions.discussion,
+        discussion: "Settings (environment variable, flag):\n" + BlobSettings.table.map { "  \($0.name)  \($0.flag ?? "")  \($0.help)" }
+            .joined(separator: "\n"),
         subcommands: [Put.self, Get.self, Stat.self, Remove.self, List.self, Presign.self])
 
     struct StoreOption: ParsableArguments {
-        @OptionGroup var blobs: BlobStoreOptions
+        @Option(help: "Blob store URL: file:///dir or s3://bucket/prefix (env BLOB_STORE, default file:///var/lib/talkmesh/blobs).")
+        var blobStore: String?
 
         func open() throws -> any BlobStore {
-            do { return try blobs.makeStore(SettingsReader()) } catch let error as ServiceError {
+            let settings = Settings(table: BlobSettings.table, flags: blobStore.map { [Setting.blobStore.name: $0] } ?? [:])
+            do { return try BlobSettings.makeStore(settings) } catch let error as ServiceError {
                 throw ValidationError(error.description)
             }
         }

@@ -1,59 +1,59 @@
-import ArgumentParser
 import Glibc
 import TalkMeshCore
 import TalkMeshService
 
+/// The emulator's own settings: a flag each (as before), and an `EMULATOR_` variable.
+extension Setting {
+    private static let fraction = Kind.number(0...1)
+    static let emulatorWorkers = Setting("EMULATOR_WORKERS", .integer(1...256), default: "2", flag: "--workers", help: "simulated workers")
+    static let coldStart = Setting("EMULATOR_COLD_START", .duration(.zero ... .seconds(3600)), default: "0s", flag: "--cold-start",
+                                   help: "cold-start delay of a worker's first job")
+    static let speed = Setting("EMULATOR_SPEED", .number(0...1000), default: "0", flag: "--speed",
+                               help: "seconds of processing per second of audio (0: instant)")
+    static let retention = Setting("EMULATOR_RETENTION", .duration(.zero ... .seconds(30 * 86_400)), default: "30m", flag: "--retention",
+                                   help: "how long results are kept after completion")
+    static let failRate = Setting("EMULATOR_FAIL_RATE", fraction, default: "0", flag: "--fail-rate", help: "fraction of jobs that end FAILED")
+    static let missingOutputRate = Setting("EMULATOR_MISSING_OUTPUT_RATE", fraction, default: "0", flag: "--missing-output-rate",
+                                           help: "fraction of jobs COMPLETED without output")
+    static let hangRate = Setting("EMULATOR_HANG_RATE", fraction, default: "0", flag: "--hang-rate", help: "fraction of jobs that never finish")
+    static let http429Rate = Setting("EMULATOR_HTTP_429_RATE", fraction, default: "0", flag: "--http-429-rate",
+                                     help: "fraction of requests answered 429")
+    static let http500Rate = Setting("EMULATOR_HTTP_500_RATE", fraction, default: "0", flag: "--http-500-rate",
+                                     help: "fraction of requests answered 500")
+    static let slowStatus = Setting("EMULATOR_SLOW_STATUS", .duration(.zero ... .seconds(3600)), default: "0s", flag: "--slow-status",
+                                    help: "delay of every status response")
+    static let seed = Setting("EMULATOR_SEED", .integer(0...Int.max), default: "1", flag: "--seed", help: "seed of the fault draws")
+}
+
 /// `talkmesh-runpod-emulator`: RunPod's serverless API on loopback, with workers that really render.
 @main
-struct EmulatorCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "talkmesh-runpod-emulator",
-        abstract: "Emulates RunPod Serverless (/v2/{endpoint}/run, status, cancel, retry, health, purge-queue) with InfiniteTalk-shaped rendering.",
-        discussion: settingsDiscussion + "\n\n  RUNPOD_API_KEY: when set, requests must carry Authorization: Bearer <key>.")
+enum EmulatorCommand {
+    static let settings: [Setting] = [
+        .emulatorWorkers, .coldStart, .speed, .retention, .failRate, .missingOutputRate, .hangRate, .http429Rate, .http500Rate, .slowStatus,
+        .seed, .runPodAPIKey,
+    ]
 
-    @OptionGroup var options: ServiceOptions
-    @Option(help: "Simulated workers.") var workers = 2
-    @Option(help: "Cold-start delay of a worker's first job (e.g. 2s).") var coldStart = "0s"
-    @Option(help: "Seconds of processing per second of audio (0: instant).") var speed = 0.0
-    @Option(help: "How long results are kept after completion.") var retention = "30m"
-    @Option(help: "Fraction of jobs that end FAILED.") var failRate = 0.0
-    @Option(help: "Fraction of jobs COMPLETED without output.") var missingOutputRate = 0.0
-    @Option(help: "Fraction of jobs that never finish.") var hangRate = 0.0
-    @Option(name: .customLong("http-429-rate"), help: "Fraction of requests answered 429.") var http429Rate = 0.0
-    @Option(name: .customLong("http-500-rate"), help: "Fraction of requests answered 500.") var http500Rate = 0.0
-    @Option(help: "Delay of every status response (e.g. 500ms).") var slowStatus = "0s"
-    @Option(help: "Seed of the fault draws.") var seed: UInt64 = 1
-
-    static func main() { mainExitingTwoOnError() }
-
-    func run() throws {
-        ServiceRunner.run(name: "talkmesh-runpod-emulator", defaultPort: 8090, options: options) { setup in
-            func seconds(_ text: String, _ name: String) throws -> Double {
-                guard let value = DurationSetting.parseNanoseconds(text) else {
-                    throw ServiceOptions.InvalidSetting(description: "--\(name)=\(text): expected a duration such as 500ms or 2s")
-                }
-                return Double(value) / 1e9
-            }
-            for (value, name) in [(failRate, "fail-rate"), (missingOutputRate, "missing-output-rate"), (hangRate, "hang-rate"),
-                                  (http429Rate, "http-429-rate"), (http500Rate, "http-500-rate")] where !(0...1).contains(value) {
-                throw ServiceOptions.InvalidSetting(description: "--\(name)=\(value): expected a fraction from 0 to 1")
-            }
-            guard (1...256).contains(workers) else { throw ServiceOptions.InvalidSetting(description: "--workers=\(workers): expected 1…256") }
+    static func main() {
+        ServiceRunner.run(name: "talkmesh-runpod-emulator",
+                          abstract: "Emulates RunPod Serverless (/v2/{endpoint}/run, status, cancel, retry, health, purge-queue) with InfiniteTalk-shaped rendering.",
+                          defaultPort: 8090, settings: settings) { setup, values in
+            func seconds(_ setting: Setting) throws -> Double { Double(try values.duration(setting).nanosecondsClamped) / 1e9 }
             var settings = JobBoard.Settings()
-            settings.workers = workers
-            settings.coldStartSeconds = try seconds(coldStart, "cold-start")
-            settings.speed = max(0, speed)
-            settings.retentionSeconds = try seconds(retention, "retention")
-            settings.failRate = failRate
-            settings.missingOutputRate = missingOutputRate
-            settings.hangRate = hangRate
-            settings.seed = seed
+            settings.workers = try values.integer(.emulatorWorkers)
+            settings.coldStartSeconds = try seconds(.coldStart)
+            settings.speed = try values.number(.speed)
+            settings.retentionSeconds = try seconds(.retention)
+            settings.failRate = try values.number(.failRate)
+            settings.missingOutputRate = try values.number(.missingOutputRate)
+            settings.hangRate = try values.number(.hangRate)
+            settings.seed = UInt64(try values.integer(.seed))
             let board = JobBoard(settings: settings)
             let scratch = "/tmp/talkmesh-runpod-emulator-\(getpid())"
             mkdir(scratch, 0o700)
             EmulatedWorkers(board: board, renderer: StillVideoRenderer(scratch: scratch), pool: BlockingWorkPool()).start()
-            let apiKey = ProcessEnvironment.current()["RUNPOD_API_KEY"].flatMap { $0.isEmpty ? nil : $0 }
-            let faults = EmulatorAPI.Faults(http429Rate: http429Rate, http500Rate: http500Rate, slowStatusSeconds: try seconds(slowStatus, "slow-status"))
+            let apiKey = try values.string(.runPodAPIKey).flatMap { $0.isEmpty ? nil : $0 }
+            let faults = EmulatorAPI.Faults(http429Rate: try values.number(.http429Rate), http500Rate: try values.number(.http500Rate),
+                                            slowStatusSeconds: try seconds(.slowStatus))
             EmulatorAPI(board: board, apiKey: apiKey, faults: faults).register(into: &setup.router)
         }
     }

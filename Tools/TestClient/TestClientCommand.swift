@@ -12,7 +12,7 @@ struct TestClientCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "talkmesh-testclient",
         abstract: "Exercises the TalkMesh RPC client against EchoService servers.",
-        subcommands: [Interop.self, Balance.self, Stream.self, Bench.self])
+        subcommands: [Interop.self, Balance.self, Call.self, Stream.self, Bench.self])
 }
 
 struct ClientOptions: ParsableArguments {
@@ -185,6 +185,38 @@ struct Balance: AsyncParsableCommand {
         let failures = outcomes.filter { $0.0 == nil }.count
         let addresses = await client.addresses().map { "\($0.address)=\($0.state)" }
         print(json(["by_server": byServer, "failures": failures, "errors": errors, "addresses": addresses]))
+        client.close()
+    }
+}
+
+/// One unary call, for the wire tests: its deadline, idempotence, and a cancellation of the task
+/// that made it after `--cancel-after` milliseconds.
+struct Call: AsyncParsableCommand {
+    @OptionGroup var options: ClientOptions
+    @Flag var idempotent = false
+    @Option(help: "The call's deadline.")
+    var timeout = "5s"
+    @Option(help: "Cancel the calling task after this many milliseconds (0: never).")
+    var cancelAfter = 0
+
+    func run() async throws {
+        let client = try options.makeClient()
+        let callOptions = CallOptions(timeoutNanoseconds: DurationSetting.parseNanoseconds(timeout) ?? 5_000_000_000, idempotent: idempotent)
+        let call = Task { () -> String in
+            do {
+                let response = try await client.unary(EchoService.echo, EchoRequest(), options: callOptions)
+                return json(["ok": true, "server": response.server])
+            } catch {
+                return json(["ok": false, "error": describe(error)])
+            }
+        }
+        if cancelAfter > 0 {
+            try await Task.sleep(for: .milliseconds(cancelAfter))
+            call.cancel()
+        }
+        print(await call.value)
+        // The cancellation's RST_STREAM leaves on the loop; give it a moment before closing.
+        try await Task.sleep(for: .milliseconds(200))
         client.close()
     }
 }

@@ -1,4 +1,3 @@
-import ArgumentParser
 import Glibc
 import TalkMeshMessages
 import TalkMeshRPC
@@ -7,18 +6,10 @@ import TalkMeshService
 /// `talkmesh-testserver`: hosts `talkmesh.testing.v1.EchoService` on the real runtime, so tests and
 /// benchmarks exercise it from real clients (grpcio, h2load, curl, raw sockets).
 @main
-struct TestServerCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "talkmesh-testserver",
-        abstract: "Serves talkmesh.testing.v1.EchoService for the runtime's tests and benchmarks.",
-        discussion: settingsDiscussion)
-
-    @OptionGroup var options: ServiceOptions
-
-    static func main() { mainExitingTwoOnError() }
-
-    func run() throws {
-        ServiceRunner.run(name: "talkmesh-testserver", defaultPort: 50099, options: options) { setup in
+enum TestServerCommand {
+    static func main() {
+        ServiceRunner.run(name: "talkmesh-testserver", abstract: "Serves talkmesh.testing.v1.EchoService for the runtime's tests and benchmarks.",
+                          defaultPort: 50099) { setup, _ in
             let serverID = ProcessEnvironment.current()["SERVER_ID"] ?? "testserver"
             EchoHandlers(counters: CallCounters(), serverID: serverID, logger: setup.logger).register(into: &setup.services)
             // A REST route that answers with the request body, for HTTP/1.1 and HTTP/2 body tests.

@@ -1,83 +1,68 @@
-import ArgumentParser
 import Dispatch
 import Glibc
 import Logging
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshGatewayService
 import TalkMeshMessages
 import TalkMeshRPC
 import TalkMeshService
 
+extension Setting {
+    static let apiKeysFile = Setting("API_KEYS_FILE", default: "/var/lib/talkmesh/api-keys.json", readBy: "Gateway, `talkmesh keys`",
+                                     help: "the key file (hashes and limits); missing: every `/v1` request is 401")
+    static let dispatcherAddr = Setting("DISPATCHER_ADDR", default: "127.0.0.1:50053", help: "the Dispatcher's gRPC address (any client target)")
+    static let imageMaxBytes = Setting("IMAGE_MAX_BYTES", .integer(1...(1 << 30)), default: "\(10 << 20)", shown: "10 MiB",
+                                       help: "largest image upload")
+    static let audioMaxBytes = Setting("AUDIO_MAX_BYTES", .integer(1...(1 << 31)), default: "\(50 << 20)", shown: "50 MiB",
+                                       help: "largest audio upload")
+    static let maxUploadBytes = Setting("MAX_UPLOAD_BYTES", .integer(1024...(1 << 32)), default: "\(80 << 20)", shown: "80 MiB",
+                                        help: "largest job-creation body, base64 included")
+    static let corsOrigins = Setting("CORS_ORIGINS", shown: "none", help: "origins allowed by CORS, comma-separated")
+    static let redisURL = Setting("REDIS_URL", shown: "none (per process)",
+                                  help: "`redis://[:password@]host[:port][/db]`: rate limits shared by every replica")
+    static let redisTimeoutMs = Setting("REDIS_TIMEOUT_MS", .integer(1...10_000), default: "50",
+                                        help: "time box of each Redis call, ms; past it the replica's own limits apply")
+    static let jobCacheTTL = Setting("JOB_CACHE_TTL", .duration(.zero ... .seconds(60)), default: "500ms",
+                                     help: "how long a `GET /v1/jobs/{id}` answer is reused (what this replica changes shows at once; others' changes within it); `0` = never")
+    static let videoURLTTL = Setting("VIDEO_URL_TTL", .duration(.seconds(1) ... .seconds(7 * 86_400)), default: "6h",
+                                     help: "how long a presigned video URL works (S3 stores; S3 allows at most 7 days)")
+}
+
 /// `talkmesh-gateway`: TalkMesh's public REST API for API-key clients.
 @main
-struct GatewayCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "talkmesh-gateway",
-        abstract: "TalkMesh's public REST API for API-key clients.",
-        discussion: settingsDiscussion + BlobStoreOptions.discussion + """
+enum GatewayCommand {
+    static let settings: [Setting] = BlobSettings.table + [
+        .apiKeysFile, .dispatcherAddr, .imageMaxBytes, .audioMaxBytes, .maxUploadBytes, .maxAudioSec, .corsOrigins, .redisURL,
+        .redisTimeoutMs, .jobCacheTTL, .videoURLTTL,
+    ]
 
-              API_KEYS_FILE              --api-keys-file              the API keys (default /var/lib/talkmesh/api-keys.json; none: every /v1 request is 401)
-              DISPATCHER_ADDR            --dispatcher-addr            the Dispatcher (default 127.0.0.1:50053)
-              IMAGE_MAX_BYTES            --image-max-bytes            largest image upload (default 10485760)
-              AUDIO_MAX_BYTES            --audio-max-bytes            largest audio upload (default 52428800)
-              MAX_UPLOAD_BYTES           --max-upload-bytes           largest job-creation body, base64 included (default 83886080)
-              MAX_AUDIO_SEC              --max-audio-sec              longest audio accepted, seconds (default 1800)
-              CORS_ORIGINS               --cors-origins               origins allowed by CORS, comma-separated (default none)
-              REDIS_URL                  --redis-url                  redis://[:password@]host[:port][/db]: rate limits shared by every replica (default none: per process)
-              REDIS_TIMEOUT_MS           --redis-timeout-ms           time box of each Redis call; past it this replica's own limits apply (default 50)
-              JOB_CACHE_TTL              --job-cache-ttl              how long a GET /v1/jobs/{id} answer is reused; 0 = never (default 500ms)
-              VIDEO_URL_TTL              --video-url-ttl              how long a presigned video URL works, S3 stores only (default 6h)
-            """)
-
-    @OptionGroup var options: ServiceOptions
-    @OptionGroup var blobOptions: BlobStoreOptions
-    @Option(help: "API key file (env API_KEYS_FILE).") var apiKeysFile: String?
-    @Option(help: "Dispatcher address (env DISPATCHER_ADDR, default 127.0.0.1:50053).") var dispatcherAddr: String?
-    @Option(help: "Largest image upload, bytes (env IMAGE_MAX_BYTES, default 10485760).") var imageMaxBytes: String?
-    @Option(help: "Largest audio upload, bytes (env AUDIO_MAX_BYTES, default 52428800).") var audioMaxBytes: String?
-    @Option(help: "Largest job-creation body, bytes (env MAX_UPLOAD_BYTES, default 83886080).") var maxUploadBytes: String?
-    @Option(help: "Longest audio accepted, seconds (env MAX_AUDIO_SEC, default 1800).") var maxAudioSec: String?
-    @Option(help: "Origins allowed by CORS, comma-separated (env CORS_ORIGINS).") var corsOrigins: String?
-    @Option(help: "Redis for rate limits shared by every replica (env REDIS_URL).") var redisUrl: String?
-    @Option(help: "Time box of each Redis call, ms (env REDIS_TIMEOUT_MS, default 50).") var redisTimeoutMs: String?
-    @Option(help: "How long a job answer is reused (env JOB_CACHE_TTL, default 500ms; 0 = never).") var jobCacheTtl: String?
-    @Option(help: "How long a presigned video URL works (env VIDEO_URL_TTL, default 6h; S3 stores only).") var videoUrlTtl: String?
-
-    static func main() { mainExitingTwoOnError() }
-
-    func run() throws {
-        ServiceRunner.run(name: "talkmesh-gateway", defaultPort: 8080, options: options) { setup in
-            let settings = SettingsReader()
+    static func main() {
+        ServiceRunner.run(name: "talkmesh-gateway", abstract: "TalkMesh's public REST API for API-key clients.", defaultPort: 8080,
+                          settings: settings) { setup, settings in
             var configuration = GatewayConfiguration()
-            configuration.uploads.imageBytes = try settings.integer(imageMaxBytes, "IMAGE_MAX_BYTES", 10 << 20, 1...(1 << 30))
-            configuration.uploads.audioBytes = try settings.integer(audioMaxBytes, "AUDIO_MAX_BYTES", 50 << 20, 1...(1 << 31))
-            configuration.uploads.requestBytes = try settings.integer(maxUploadBytes, "MAX_UPLOAD_BYTES", 80 << 20, 1024...(1 << 32))
-            configuration.jobCacheTTLNanoseconds = try settings.duration(jobCacheTtl, "JOB_CACHE_TTL", 500_000_000)
-            guard configuration.jobCacheTTLNanoseconds <= 60_000_000_000 else {
-                throw ServiceOptions.InvalidSetting(description: "JOB_CACHE_TTL: at most 60s")
-            }
-            let urlTTL = try settings.duration(videoUrlTtl, "VIDEO_URL_TTL", 6 * 3_600_000_000_000)
-            guard urlTTL >= 1_000_000_000 && urlTTL <= 7 * 86_400_000_000_000 else {
-                throw ServiceOptions.InvalidSetting(description: "VIDEO_URL_TTL: from 1s to 7 days (S3's longest presigned URL)")
-            }
-            configuration.videoURLSeconds = Int(urlTTL / 1_000_000_000)
-            configuration.maxAudioSeconds = Double(try settings.integer(maxAudioSec, "MAX_AUDIO_SEC", 1800, 1...86_400))
-            configuration.corsOrigins = Set((settings.string(corsOrigins, "CORS_ORIGINS") ?? "").split(separator: ",")
-                .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+            configuration.uploads.imageBytes = try settings.integer(.imageMaxBytes)
+            configuration.uploads.audioBytes = try settings.integer(.audioMaxBytes)
+            configuration.uploads.requestBytes = try settings.integer(.maxUploadBytes)
+            configuration.jobCacheTTLNanoseconds = try settings.duration(.jobCacheTTL).nanosecondsClamped
+            configuration.videoURLSeconds = Int(try settings.duration(.videoURLTTL).components.seconds)
+            configuration.maxAudioSeconds = Double(try settings.integer(.maxAudioSec))
+            configuration.corsOrigins = Set((try settings.string(.corsOrigins) ?? "").split(separator: ",")
+                .map { $0.trimmingWhitespace }.filter { !$0.isEmpty })
             // Without a key file no key is valid: every /v1 request is 401 (health still answers).
-            let keysPath = settings.string(apiKeysFile, "API_KEYS_FILE") ?? "/var/lib/talkmesh/api-keys.json"
+            let keysPath = try settings.string(.apiKeysFile) ?? "/var/lib/talkmesh/api-keys.json"
             let keys: KeyRing
             do { keys = try KeyRing(path: keysPath) } catch let error as ServiceError {
-                throw ServiceOptions.InvalidSetting(description: error.message)
+                throw InvalidSetting(description: error.message)
             }
-            let dispatcher = try RPCClient(configuration: .init(target: settings.string(dispatcherAddr, "DISPATCHER_ADDR") ?? "127.0.0.1:50053"))
+            let dispatcher = try RPCClient(configuration: .init(target: try settings.string(.dispatcherAddr) ?? "127.0.0.1:50053"))
             let limiter: any RateLimiter
-            if let url = settings.string(redisUrl, "REDIS_URL"), !url.isEmpty {
+            if let url = try settings.string(.redisURL), !url.isEmpty {
                 let endpoint: RedisRateLimiter.Endpoint
                 do { endpoint = try RedisRateLimiter.Endpoint(url: url) } catch {
-                    throw ServiceOptions.InvalidSetting(description: "\(error)")
+                    throw InvalidSetting(description: "\(error)")
                 }
-                let redis = RedisRateLimiter(endpoint: endpoint, timeoutMilliseconds: try settings.integer(redisTimeoutMs, "REDIS_TIMEOUT_MS", 50, 1...10_000),
+                let redis = RedisRateLimiter(endpoint: endpoint, timeoutMilliseconds: try settings.integer(.redisTimeoutMs),
                                              logger: setup.logger)
                 setup.metricsSources.append { redis.renderMetrics() }
                 setup.logger.info("rate limits kept in Redis", metadata: ["redis": "\(endpoint.host):\(endpoint.port)"])
@@ -85,7 +70,7 @@ struct GatewayCommand: ParsableCommand {
             } else {
                 limiter = LocalRateLimiter()
             }
-            let gateway = Gateway(configuration: configuration, keys: keys, limiter: limiter, blobs: try blobOptions.makeStore(settings),
+            let gateway = Gateway(configuration: configuration, keys: keys, limiter: limiter, blobs: try BlobSettings.makeStore(settings),
                                   dispatcher: dispatcher, logger: setup.logger)
             gateway.install(into: &setup.router)
             gateway.installGRPC(into: &setup.services)

@@ -1,33 +1,24 @@
-import ArgumentParser
 import TalkMeshCore
 import TalkMeshMediaService
 import TalkMeshService
 
+extension Setting {
+    static let maxImagePixels = Setting("MAX_IMAGE_PIXELS", .integer(1...1_000_000_000), default: "50000000",
+                                        help: "largest source image, pixels")
+}
+
 /// `talkmesh-media`: TalkMesh media service: resize images, stitch videos, probe media.
 @main
-struct MediaCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "talkmesh-media",
-        abstract: "TalkMesh media service: resize images, stitch videos, probe media.",
-        discussion: settingsDiscussion + WorkerOptions.discussion + """
+enum MediaCommand {
+    static let settings: [Setting] = BlobSettings.table + [.workers, .maxImagePixels]
 
-              MAX_IMAGE_PIXELS           --max-image-pixels           largest image accepted, pixels (default 50000000)
-            """)
-
-    @OptionGroup var options: ServiceOptions
-    @OptionGroup var work: WorkerOptions
-    @Option(help: "Largest image accepted, in pixels (env MAX_IMAGE_PIXELS, default 50000000).")
-    var maxImagePixels: String?
-
-    static func main() { mainExitingTwoOnError() }
-
-    func run() throws {
-        ServiceRunner.run(name: "talkmesh-media", defaultPort: 50051, options: options) { setup in
-            let settings = SettingsReader()
-            let store = try work.makeStore(settings)
+    static func main() {
+        ServiceRunner.run(name: "talkmesh-media", abstract: "TalkMesh media service: resize images, stitch videos, probe media.",
+                          defaultPort: 50051, settings: settings) { setup, settings in
+            let store = try BlobSettings.makeStore(settings)
             var configuration = ImageResizer.Configuration()
-            configuration.maxPixels = try settings.integer(maxImagePixels, "MAX_IMAGE_PIXELS", 50_000_000, 1...1_000_000_000)
-            MediaHandlers(store: store, pool: try work.makePool(settings), resizer: ImageResizer(store: store, configuration: configuration))
+            configuration.maxPixels = try settings.integer(.maxImagePixels)
+            MediaHandlers(store: store, pool: try BlobSettings.makePool(settings), resizer: ImageResizer(store: store, configuration: configuration))
                 .register(into: &setup.services)
         }
     }
