@@ -83,3 +83,35 @@ def test_plaintext_client_on_a_tls_port_does_not_disturb_it(start_service, certs
                             capture_output=True, text=True, timeout=10)
     assert result.stdout == "ok\n"
     assert service.stop() == 0
+
+
+def test_our_client_verifies_the_server_it_calls(start_service, certs):
+    # talkmesh-testclient (our RPCClient over TLS): the right CA and name succeed; a CA that did
+    # not sign the server, or a certificate for another name, fail the call as UNAVAILABLE and
+    # never reach the handler.
+    import json
+    from conftest import BIN
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+            "-subj", "/CN=Other CA", "-keyout", "other-ca.key", "-out", "other-ca.pem", cwd=certs)
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=elsewhere",
+            "-keyout", "elsewhere.key", "-out", "elsewhere.csr", cwd=certs)
+    with open(os.path.join(certs, "elsewhere.ext"), "w") as fh:
+        fh.write("subjectAltName=DNS:elsewhere.example\n")
+    openssl("x509", "-req", "-in", "elsewhere.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "elsewhere.ext", "-out", "elsewhere.pem", cwd=certs)
+
+    def call(service, ca):
+        result = subprocess.run([os.path.join(BIN, "talkmesh-testclient"), "call", "--target", service.address,
+                                 "--ca-file", f"{certs}/{ca}", "--timeout", "5s"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    right = start_service(env={"TLS_CERT_FILE": f"{certs}/server.pem", "TLS_KEY_FILE": f"{certs}/server.key"})
+    assert call(right, "ca.pem")["ok"]
+    untrusted = call(right, "other-ca.pem")
+    assert not untrusted["ok"] and untrusted["error"]["name"] == "UNAVAILABLE", untrusted
+    assert "certificate" in untrusted["error"]["message"], untrusted
+    misnamed = start_service(env={"TLS_CERT_FILE": f"{certs}/elsewhere.pem", "TLS_KEY_FILE": f"{certs}/elsewhere.key"})
+    wrong_name = call(misnamed, "ca.pem")
+    assert not wrong_name["ok"] and wrong_name["error"]["name"] == "UNAVAILABLE", wrong_name
+    assert "certificate" in wrong_name["error"]["message"], wrong_name

@@ -89,13 +89,25 @@ final class ClientConnection: @unchecked Sendable {  // loop-confined: touched o
             if flags & BEV_EVENT_ERROR != 0 {
                 let socketError = errno  // libevent leaves the socket's error in errno
                 if socketError != 0 { reason = String(cString: strerror(socketError)) }
-                if configuration.tls != nil {
-                    let tlsError = TLSContext.lastError("")
-                    if !tlsError.isEmpty { reason += " (TLS\(tlsError))" }
-                }
+                if configuration.tls != nil, let bev, let tlsError = Self.tlsFailure(bev) { reason = "TLS: \(tlsError)" }
             }
             fail(RPCError(code: .unavailable, message: "\(address): \(reason)"))
         }
+    }
+
+    /// Why a TLS handshake failed: the certificate check's verdict when it is what failed (an
+    /// untrusted CA, another name, expired), else OpenSSL's error (libevent keeps it per
+    /// bufferevent), else nil.
+    static func tlsFailure(_ bev: OpaquePointer) -> String? {
+        if let ssl = bufferevent_openssl_get_ssl(bev) {
+            let verdict = SSL_get_verify_result(ssl)
+            if verdict != 0 { return "certificate verify failed: " + String(cString: X509_verify_cert_error_string(verdict)) }
+        }
+        let code = bufferevent_get_openssl_error(bev)
+        guard code != 0 else { return nil }
+        var buffer = [CChar](repeating: 0, count: 256)
+        ERR_error_string_n(code, &buffer, buffer.count)
+        return cString(buffer)
     }
 
     func connected() {
