@@ -41,7 +41,7 @@ public struct Setting: Sendable, Hashable {
 
     /// This setting with another default (a service's own port, say).
     public func defaulting(to value: String) -> Setting {
-        Setting(name, kind, default: value, shown: nil, flag: flag ?? nil, readBy: readBy, help: help)
+        Setting(name, kind, default: value, flag: flag, readBy: readBy, help: help)
     }
 
     /// What `--help` and the README show as the default.

@@ -58,12 +58,19 @@ public struct Settings: Sendable {
         return declared
     }
 
-    /// The value given and how an error names it (`--flag=value (NAME)`, `NAME=value`), or the default.
-    private func raw(_ setting: Setting) -> (text: String, source: String)? {
-        let declared = self.setting(setting)
+    /// The value given to a declared setting and how an error names it (`--flag=value (NAME)`,
+    /// `NAME=value`), or its default.
+    private func raw(_ declared: Setting) -> (text: String, source: String)? {
         if let value = flags[declared.name] { return (value, "\(declared.flag ?? declared.name)=\(value) (\(declared.name))") }
         if let value = environment[declared.name], !value.isEmpty { return (value, "\(declared.name)=\(value)") }
         return declared.defaultValue.map { ($0, "the default \(declared.name)=\($0)") }
+    }
+
+    /// A declared setting that has a value (a default at least), with it: what the typed getters read.
+    private func required(_ setting: Setting) -> (declared: Setting, text: String, source: String) {
+        let declared = self.setting(setting)
+        guard let (text, source) = raw(declared) else { preconditionFailure("\(declared.name) has no default") }
+        return (declared, text, source)
     }
 
     /// Whether the flag or the variable is set (a default does not count).
@@ -73,8 +80,9 @@ public struct Settings: Sendable {
 
     /// A text setting, or nil when unset with no default.
     public func string(_ setting: Setting) throws(InvalidSetting) -> String? {
-        guard let (text, source) = raw(setting) else { return nil }
-        if case .choice(let choices) = self.setting(setting).kind {
+        let declared = self.setting(setting)
+        guard let (text, source) = raw(declared) else { return nil }
+        if case .choice(let choices) = declared.kind {
             let value = text.lowercased()
             guard choices.contains(value) else {
                 throw InvalidSetting(description: "\(source): expected \(choices.joined(separator: ", "))")
@@ -86,9 +94,8 @@ public struct Settings: Sendable {
 
     /// A whole number within the setting's range.
     public func integer(_ setting: Setting) throws(InvalidSetting) -> Int {
-        let declared = self.setting(setting)
+        let (declared, text, source) = required(setting)
         guard case .integer(let range) = declared.kind else { preconditionFailure("\(declared.name) is not an integer") }
-        guard let (text, source) = raw(declared) else { preconditionFailure("\(declared.name) has no default") }
         guard let value = Int(text.trimmingWhitespace), range.contains(value) else {
             throw InvalidSetting(description: "\(source): expected a whole number in \(range.lowerBound)…\(range.upperBound)")
         }
@@ -97,9 +104,8 @@ public struct Settings: Sendable {
 
     /// A number within the setting's range.
     public func number(_ setting: Setting) throws(InvalidSetting) -> Double {
-        let declared = self.setting(setting)
+        let (declared, text, source) = required(setting)
         guard case .number(let range) = declared.kind else { preconditionFailure("\(declared.name) is not a number") }
-        guard let (text, source) = raw(declared) else { preconditionFailure("\(declared.name) has no default") }
         guard let value = Double(text.trimmingWhitespace), value.isFinite, range.contains(value) else {
             throw InvalidSetting(description: "\(source): expected a number from \(range.lowerBound) to \(range.upperBound)")
         }
@@ -108,9 +114,8 @@ public struct Settings: Sendable {
 
     /// A duration within the setting's range.
     public func duration(_ setting: Setting) throws(InvalidSetting) -> Duration {
-        let declared = self.setting(setting)
+        let (declared, text, source) = required(setting)
         guard case .duration(let range) = declared.kind else { preconditionFailure("\(declared.name) is not a duration") }
-        guard let (text, source) = raw(declared) else { preconditionFailure("\(declared.name) has no default") }
         guard let value = DurationSetting.parse(text) else {
             throw InvalidSetting(description: "\(source): expected a duration such as 500ms, 30s, 5m or 1h")
         }
@@ -127,7 +132,7 @@ public struct Settings: Sendable {
         var out = "\(abstract)\n\nUSAGE: \(command) [--flag value ...]\n\n"
         out += "Settings: each is an environment variable; a flag, where shown, overrides it.\n"
         for setting in table {
-            let help = (setting.help + (setting.defaultText == "—" ? "" : " (default " + setting.defaultText + ")")).replacingOccurrences("`", "")
+            let help = (setting.help + (setting.defaultText == "—" ? "" : " (default " + setting.defaultText + ")")).filter { $0 != "`" }
             if setting.name.count > 27 {
                 out += "  " + setting.name + "\n" + String(repeating: " ", count: 30)
             } else {
@@ -151,14 +156,6 @@ public struct Settings: Sendable {
 
     private static func pad(_ text: String, _ width: Int) -> String {
         text.count >= width ? text + " " : text + String(repeating: " ", count: width - text.count)
-    }
-}
-
-extension String {
-    fileprivate func replacingOccurrences(_ target: Character, _ replacement: String) -> String {
-        var out = ""
-        for character in self { if character == target { out += replacement } else { out.append(character) } }
-        return out
     }
 }
 

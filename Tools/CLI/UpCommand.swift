@@ -1,6 +1,7 @@
 import ArgumentParser
 import CTalkMesh
 import Foundation
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshGatewayService
 import TalkMeshService
@@ -200,7 +201,7 @@ struct MeshPlan {
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
         guard count > 0 else { return "." }
-        return URL(fileURLWithPath: String(cString: buffer)).deletingLastPathComponent().path
+        return URL(fileURLWithPath: cString(buffer)).deletingLastPathComponent().path
     }
 
     /// The development key: read back from `dev-api-key`, or made (with its record in
