@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from test_http2_edges import Client, grpc_frame, grpc_headers, ECHO, HOLD, STATS
+from test_http2_edges import Client, grpc_headers, ECHO, HOLD, STATS
 from tmecho import echo_pb2
 from tmhealth import health_pb2, health_pb2_grpc
 
@@ -61,9 +61,7 @@ def send_body(client, sid, data, end_stream=False, timeout=10):
 
 
 def hold_stats(client, tag):
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers(STATS))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.StatsRequest(tag=tag)), end_stream=True)
+    sid = client.start_call(STATS, echo_pb2.StatsRequest(tag=tag))
     client.flush()
     assert client.pump(lambda: sid in client.ended)
     return echo_pb2.StatsResponse.FromString(client.data[sid][5:])
@@ -76,9 +74,7 @@ def hold_stats(client, tag):
 def test_largest_grpc_timeouts_do_not_kill_the_service(start_service, exe, timeout):
     service = start_service(exe)
     client = Client(service)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers(HEALTH_CHECK, [("grpc-timeout", timeout)]))
-    client.conn.send_data(sid, grpc_frame(health_pb2.HealthCheckRequest()), end_stream=True)
+    sid = client.start_call(HEALTH_CHECK, health_pb2.HealthCheckRequest(), [("grpc-timeout", timeout)])
     client.flush()
     assert client.pump(lambda: sid in client.ended), client.terminated
     # 99999999n is 100 ms: long enough for a health check.
@@ -89,9 +85,7 @@ def test_largest_grpc_timeouts_do_not_kill_the_service(start_service, exe, timeo
 
 def test_a_huge_grpc_timeout_still_lets_the_handler_run_and_be_cancelled(testserver):
     client = Client(testserver)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers(HOLD, [("grpc-timeout", "99999999H")]))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=30, tag="huge-timeout")), end_stream=True)
+    sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=30, tag="huge-timeout"), [("grpc-timeout", "99999999H")])
     client.flush()
     assert client.pump(lambda: sid in client.ended)
     assert client.status(sid) == "0"
@@ -105,9 +99,7 @@ def test_streams_reset_in_the_same_read_never_start_their_handler(testserver):
     client = Client(testserver)
     count = 300
     for _ in range(count):
-        sid = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(sid, grpc_headers(HOLD))
-        client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=60000, tag="same-read-rst")), end_stream=True)
+        sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=60000, tag="same-read-rst"))
         client.conn.reset_stream(sid, error_code=8)
     client.flush()  # one write: the server reads HEADERS, DATA and RST_STREAM together
     time.sleep(0.5)
@@ -121,9 +113,7 @@ def test_a_closed_connection_cancels_every_handler_it_started(testserver):
     client = Client(testserver)
     count = 50
     for _ in range(count):
-        sid = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(sid, grpc_headers(HOLD))
-        client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=60000, tag="conn-close")), end_stream=True)
+        sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=60000, tag="conn-close"))
     client.flush()
     observer = Client(testserver)
     deadline = time.time() + 5
@@ -150,9 +140,7 @@ def test_reset_resize_calls_burn_no_cpu(start_service, tmp_path):
     client = Client(service)
     request = media_pb2.ResizeImageRequest(image_key="big.png", output_key="out.png", width=512, height=512)
     for _ in range(20):
-        sid = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(sid, grpc_headers("/talkmesh.v1.MediaService/ResizeImage"))
-        client.conn.send_data(sid, grpc_frame(request), end_stream=True)
+        sid = client.start_call("/talkmesh.v1.MediaService/ResizeImage", request)
         client.conn.reset_stream(sid, error_code=8)
     client.flush()
     time.sleep(1.0)
@@ -314,9 +302,7 @@ def test_an_absurd_wav_sample_rate_gets_a_real_message(start_service, rate):
 
 def test_grpc_encoding_gzip_is_unimplemented(testserver):
     client = Client(testserver)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers("/talkmesh.testing.v1.EchoService/Echo", [("grpc-encoding", "gzip")]))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.EchoRequest(text="hi")), end_stream=True)
+    sid = client.start_call("/talkmesh.testing.v1.EchoService/Echo", echo_pb2.EchoRequest(text="hi"), [("grpc-encoding", "gzip")])
     client.flush()
     assert client.pump(lambda: sid in client.ended)
     assert client.status(sid) == "12"

@@ -206,9 +206,7 @@ def test_idle_http2_connection_gets_goaway(start_service):
 def test_an_http2_connection_with_a_stream_in_flight_is_not_idle(start_service):
     service = start_service(env={"IDLE_TIMEOUT": "1s"})
     client = Client(service)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers(HOLD))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=2500, tag="busy")), end_stream=True)
+    sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=2500, tag="busy"))
     client.flush()
     assert client.pump(lambda: sid in client.ended, timeout=8)
     assert client.status(sid) == "0"

@@ -75,6 +75,13 @@ class Client:
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.terminated = event
 
+    def start_call(self, path, message, extra=()):
+        """Opens a stream with a whole gRPC request (headers, one message, end of stream), not yet sent."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, grpc_headers(path, extra))
+        self.conn.send_data(sid, grpc_frame(message), end_stream=True)
+        return sid
+
     def status(self, sid):
         """grpc-status from trailers, or from a Trailers-Only response's headers."""
         return (self.trailers.get(sid) or self.headers.get(sid) or {}).get("grpc-status")
@@ -129,9 +136,7 @@ def test_unknown_method_trailers_only_unimplemented(testserver):
 
 def test_deadline_from_grpc_timeout(testserver):
     client = Client(testserver)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers(HOLD, [("grpc-timeout", "200m")]))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=10000, tag="h2-deadline")), end_stream=True)
+    sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=10000, tag="h2-deadline"), [("grpc-timeout", "200m")])
     client.flush()
     started = time.time()
     assert client.pump(lambda: sid in client.ended)
@@ -142,9 +147,7 @@ def test_deadline_from_grpc_timeout(testserver):
 
 def test_rst_stream_cancels_the_handler(testserver):
     client = Client(testserver)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers(HOLD))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=20000, tag="h2-rst")), end_stream=True)
+    sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=20000, tag="h2-rst"))
     client.flush()
     time.sleep(0.3)
     client.conn.reset_stream(sid, error_code=8)  # CANCEL
@@ -187,9 +190,7 @@ def test_garbage_after_preface_closes_only_that_connection(testserver):
     bad.pump(lambda: bad.terminated is not None, timeout=5)
     assert bad.terminated is not None
     good = Client(testserver)
-    sid = good.conn.get_next_available_stream_id()
-    good.conn.send_headers(sid, grpc_headers(ECHO))
-    good.conn.send_data(sid, grpc_frame(echo_pb2.EchoRequest(text="still fine")), end_stream=True)
+    sid = good.start_call(ECHO, echo_pb2.EchoRequest(text="still fine"))
     good.flush()
     assert good.pump(lambda: sid in good.ended)
     assert good.status(sid) == "0"
@@ -204,9 +205,7 @@ def test_half_sent_preface_is_closed_after_the_handshake_timeout(testserver):
         assert s.recv(100) == b""  # closed by the server (HANDSHAKE_TIMEOUT=1s in this fixture)
         assert time.time() - started < 4
     client = Client(testserver)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers(ECHO))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.EchoRequest(text="ok")), end_stream=True)
+    sid = client.start_call(ECHO, echo_pb2.EchoRequest(text="ok"))
     client.flush()
     assert client.pump(lambda: sid in client.ended) and client.status(sid) == "0"
     client.close()
@@ -286,9 +285,7 @@ def test_streams_past_max_concurrent_streams_are_refused_and_the_rest_served(sta
     client = Client(service)  # nothing read yet: h2 still allows any number of streams
     sids = []
     for index in range(5):
-        sid = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(sid, grpc_headers(HOLD))
-        client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=500, tag=str(index))), end_stream=True)
+        sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=500, tag=str(index)))
         sids.append(sid)
     client.flush()
     assert client.pump(lambda: set(sids) <= client.ended), (client.resets, client.terminated)

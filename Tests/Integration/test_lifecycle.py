@@ -7,7 +7,7 @@ import grpc
 
 from tmecho import echo_pb2, echo_pb2_grpc
 from tmhealth import health_pb2, health_pb2_grpc
-from test_http2_edges import Client, ECHO, grpc_frame, grpc_headers
+from test_http2_edges import Client, HOLD
 
 
 def test_sigterm_lets_the_in_flight_call_finish_and_exits_zero(start_service):
@@ -52,9 +52,7 @@ def test_drain_timeout_bounds_the_shutdown(start_service):
 def test_max_connection_age_sends_goaway(start_service):
     service = start_service(env={"MAX_CONNECTION_AGE": "1s", "DRAIN_TIMEOUT": "5s"})
     client = Client(service)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers("/talkmesh.testing.v1.EchoService/Hold"))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=3000, tag="age")), end_stream=True)
+    sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=3000, tag="age"))
     client.flush()
     started = time.time()
     # A graceful GOAWAY (NO_ERROR) after ~1 s (±10 %); the h2 library stops reading after it.
@@ -81,12 +79,9 @@ def test_sigterm_sends_goaway_naming_the_open_stream(start_service):
     # On the wire: a graceful GOAWAY (NO_ERROR) soon after SIGTERM whose last stream id covers the
     # stream already open, so the client knows it will be finished (the grpcio test above sees it
     # finish; the h2 library reads nothing after a GOAWAY). The process then drains and exits 0.
-    from test_http2_edges import HOLD
     service = start_service(env={"DRAIN_TIMEOUT": "10s"})
     client = Client(service)
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers(HOLD))
-    client.conn.send_data(sid, grpc_frame(echo_pb2.HoldRequest(delay_ms=1500, tag="goaway")), end_stream=True)
+    sid = client.start_call(HOLD, echo_pb2.HoldRequest(delay_ms=1500, tag="goaway"))
     client.flush()
     time.sleep(0.3)
     started = time.time()
