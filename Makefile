@@ -4,7 +4,7 @@
 SWIFT ?= swift
 PYTEST ?= python3 -m pytest
 
-.PHONY: bootstrap build release test check unit-test integration-test integration-test-s3 fuzz sanitize bench up demo generate check-generated clean
+.PHONY: bootstrap build release test check unit-test integration-test integration-test-s3 fuzz sanitize bench up demo images generate check-generated clean
 
 bootstrap:
 	scripts/bootstrap
@@ -52,6 +52,17 @@ up: build
 
 demo: build
 	scripts/demo
+
+# One image per service from the one Dockerfile (needs a Docker engine; IMAGE_TAG=dev by default).
+IMAGES = media audio dispatcher gateway runpod-emulator
+IMAGE_TAG ?= dev
+PORT_media = 50051
+PORT_audio = 50052
+PORT_dispatcher = 50053
+PORT_gateway = 8080
+PORT_runpod-emulator = 8090
+images:
+	$(foreach s,$(IMAGES),docker build --build-arg SERVICE=$(s) --build-arg PORT=$(PORT_$(s)) -t talkmesh-$(s):$(IMAGE_TAG) . &&) true
 
 generate:
 	proto/generate

@@ -37,6 +37,12 @@ public enum ServiceRunner {
             case .settingsJSON:
                 StandardStream.write(1, Settings.json(command: name, table: table) + "\n")
                 exit(0)
+            case .checkSettings(let flags):
+                let checked = Settings(table: table, flags: flags)
+                try checked.checkAll()
+                _ = try ServiceSettings.resolve(checked, serviceName: name)
+                StandardStream.write(1, "\(name): settings ok\n")
+                exit(0)
             case .run(let flags):
                 settings = Settings(table: table, flags: flags)
                 resolved = try ServiceSettings.resolve(settings, serviceName: name)

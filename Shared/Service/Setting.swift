@@ -26,10 +26,13 @@ public struct Setting: Sendable, Hashable {
     public let help: String
     /// Who reads it, when the README should say more than the services' names (`with s3://`).
     public let readBy: String?
+    /// A setting with no default that the service cannot start without.
+    public let required: Bool
 
     public init(_ name: String, _ kind: Kind = .text, default defaultValue: String? = nil, shown shownDefault: String? = nil,
-                flag: String? = "", readBy: String? = nil, help: String) {
+                flag: String? = "", readBy: String? = nil, required: Bool = false, help: String) {
         self.name = name
+        self.required = required
         self.kind = kind
         self.defaultValue = defaultValue
         self.shownDefault = shownDefault
@@ -41,7 +44,7 @@ public struct Setting: Sendable, Hashable {
 
     /// This setting with another default (a service's own port, say).
     public func defaulting(to value: String) -> Setting {
-        Setting(name, kind, default: value, flag: flag, readBy: readBy, help: help)
+        Setting(name, kind, default: value, flag: flag, readBy: readBy, required: required, help: help)
     }
 
     /// What `--help` and the README show as the default.

@@ -20,19 +20,27 @@ public struct Settings: Sendable {
         case run(flags: [String: String])
         case help
         case settingsJSON
+        /// `--check-settings`: check every value (the flags' and the environment's) and exit,
+        /// without starting: what a deployment's test runs on the variables a manifest sets.
+        case checkSettings(flags: [String: String])
     }
 
-    /// Reads `--flag value`, `--flag=value`, `-h`/`--help` and `--settings-json` (the table, for the
-    /// README generator). Anything else is refused.
+    /// Reads `--flag value`, `--flag=value`, `-h`/`--help`, `--settings-json` (the table, for the
+    /// README generator) and `--check-settings`. Anything else is refused.
     public static func parse(_ arguments: [String], table: [Setting]) throws(InvalidSetting) -> Request {
         let byFlag = Dictionary(table.compactMap { setting in setting.flag.map { ($0, setting) } }, uniquingKeysWith: { a, _ in a })
         var flags: [String: String] = [:]
+        var check = false
         var index = 0
         while index < arguments.count {
             let argument = arguments[index]
             index += 1
             if argument == "-h" || argument == "--help" { return .help }
             if argument == "--settings-json" { return .settingsJSON }
+            if argument == "--check-settings" {
+                check = true
+                continue
+            }
             let (flag, inline) = argument.firstIndex(of: "=").map { (String(argument[..<$0]), String(argument[argument.index(after: $0)...])) }
                 ?? (argument, nil)
             guard let setting = byFlag[flag] else {
@@ -46,7 +54,24 @@ public struct Settings: Sendable {
                 index += 1
             }
         }
-        return .run(flags: flags)
+        return check ? .checkSettings(flags: flags) : .run(flags: flags)
+    }
+
+    /// Checks every setting of the table as its getter would, and that each required one is set:
+    /// the first bad value throws, named.
+    public func checkAll() throws(InvalidSetting) {
+        for declared in table {
+            if declared.required, raw(declared) == nil {
+                throw InvalidSetting(description: "\(declared.name) is required")
+            }
+            guard raw(declared) != nil else { continue }
+            switch declared.kind {
+            case .text, .choice: _ = try string(declared)
+            case .integer: _ = try integer(declared)
+            case .number: _ = try number(declared)
+            case .duration: _ = try duration(declared)
+            }
+        }
     }
 
     private func setting(_ setting: Setting) -> Setting {
@@ -149,7 +174,7 @@ public struct Settings: Sendable {
         let rows = table.map { setting in
             "{\"name\":\(JSONText.quote(setting.name)),\"flag\":\(setting.flag.map(JSONText.quote) ?? "null"),"
                 + "\"default\":\(JSONText.quote(setting.defaultText)),\"help\":\(JSONText.quote(setting.help)),"
-                + "\"read_by\":\(setting.readBy.map(JSONText.quote) ?? "null")}"
+                + "\"read_by\":\(setting.readBy.map(JSONText.quote) ?? "null"),\"required\":\(setting.required)}"
         }
         return "{\"command\":\(JSONText.quote(command)),\"settings\":[" + rows.joined(separator: ",") + "]}"
     }

@@ -110,4 +110,20 @@ struct SettingsTests {
         #expect(Duration.milliseconds(-5).nanosecondsClamped == 0)
         #expect(Duration.milliseconds(1500).nanosecondsClamped == 1_500_000_000)
     }
+
+    @Test("--check-settings checks every value and each required one, not only those a service reads first")
+    func checkAll() throws {
+        let table = self.table + [Setting("ENDPOINT", flag: nil, required: true, help: "needed")]
+        guard case .checkSettings(let flags) = try Settings.parse(["--check-settings", "--workers", "2"], table: table) else {
+            Issue.record("not a check"); return
+        }
+        #expect(flags == ["WORKERS": "2"])
+        try Settings(table: table, flags: flags, environment: ["ENDPOINT": "e"]).checkAll()
+        #expect(throws: InvalidSetting.self) { try Settings(table: table, flags: flags, environment: [:]).checkAll() }
+        for bad in [["MAX_AUDIO_SEC": "long"], ["IDLE_TIMEOUT": "2 minutes"], ["LOG_LEVEL": "loud"]] {
+            #expect(throws: InvalidSetting.self) {
+                try Settings(table: table, flags: flags, environment: bad.merging(["ENDPOINT": "e"]) { a, _ in a }).checkAll()
+            }
+        }
+    }
 }
