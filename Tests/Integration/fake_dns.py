@@ -1,21 +1,33 @@
-"""A tiny authoritative DNS server on loopback (UDP): answers A queries for one name from a list
-the test can change, so a client's re-resolution can be observed (a headless Service scaling)."""
+"""A tiny authoritative DNS server (UDP): answers A queries for names from lists the test can
+change, so a client's re-resolution can be observed (a headless Service scaling). One name on
+loopback for the balancing tests; several on a bridge address for the multi-host cluster test."""
 import socket
 import struct
 import threading
 
 
 class FakeDNS:
-    def __init__(self, name, addresses):
-        self.name = name.rstrip(".").lower()
-        self.addresses = list(addresses)
+    def __init__(self, name=None, addresses=(), records=None, host="127.0.0.1", port=0):
+        """`name` and `addresses`: one name (its list is `self.addresses`); `records`: name → list."""
+        self.records = {k.rstrip(".").lower(): list(v) for k, v in (records or {}).items()}
+        self.name = name.rstrip(".").lower() if name else None
+        if self.name:
+            self.records[self.name] = list(addresses)
         self.queries = 0
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         self.running = True
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
+
+    @property
+    def addresses(self):
+        return self.records[self.name]
+
+    @addresses.setter
+    def addresses(self, value):
+        self.records[self.name] = list(value)
 
     def serve(self):
         self.sock.settimeout(0.2)
@@ -43,9 +55,12 @@ class FakeDNS:
         qtype = struct.unpack(">H", data[offset + 1:offset + 3])[0]
         self.queries += 1
         answers = []
-        if ".".join(labels) == self.name and qtype == 1:
-            answers = [socket.inet_aton(a) for a in self.addresses]
-        header = query_id + struct.pack(">HHHHH", 0x8180, 1, len(answers), 0, 0)
+        known = ".".join(labels) in self.records
+        if known and qtype == 1:
+            answers = [socket.inet_aton(a) for a in self.records[".".join(labels)]]
+        # NXDOMAIN for a name it does not hold, so a resolver does not wait for another server.
+        flags = 0x8180 if known else 0x8183
+        header = query_id + struct.pack(">HHHHH", flags, 1, len(answers), 0, 0)
         body = data[12:question_end]
         for address in answers:
             body += struct.pack(">HHHIH", 0xC00C, 1, 1, 1, 4) + address
