@@ -130,3 +130,15 @@ def test_make_images_builds_one_image_per_service_the_package_declares():
     manifests = subprocess.run(["grep", "-rhoE", r"image: talkmesh-[a-z-]+", os.path.join(ROOT, "k8s")],
                                capture_output=True, text=True).stdout.split()
     assert {m for m in manifests if m.startswith("talkmesh-")} <= {f"talkmesh-{name}" for name in IMAGES}
+
+
+def test_every_package_the_image_names_exists_in_debian_12_and_the_build_stage_has_every_header(dockerfile):
+    """No engine builds the image here, so what apt-get would refuse is caught here: a package name
+    Debian 12 does not have (in either stage), or a -dev package the build needs and the stage lacks."""
+    build_stage = dockerfile.split("FROM debian:bookworm-slim")[0]
+    build = set(re.findall(r"\b(lib[\w.+-]+-dev)\b", build_stage))
+    for package in sorted(runtime_packages(dockerfile) | build):
+        result = subprocess.run(["apt-cache", "show", package], capture_output=True, text=True)
+        assert result.returncode == 0 and "Package: " + package in result.stdout, f"Debian has no package {package}"
+    bootstrap = open(os.path.join(ROOT, "scripts", "bootstrap")).read()
+    assert set(re.findall(r"\b(lib[\w.+-]+-dev)\b", bootstrap)) == build, "the build stage and scripts/bootstrap disagree"
