@@ -23,7 +23,7 @@ integration-test: build
 
 # The service tests again with every service on S3 (moto on loopback, signatures checked).
 S3_SERVICE_TESTS = test_dispatcher.py test_dispatcher_scaleout.py test_gateway.py test_gateway_uploads.py test_gateway_grpc.py test_gateway_seeds.py \
-	test_gateway_tls.py test_gateway_redis.py test_readme_examples.py
+	test_gateway_tls.py test_gateway_redis.py test_readme_examples.py test_retention.py
 integration-test-s3: build
 	TALKMESH_TEST_BLOB_STORE=s3 $(PYTEST) -q -p no:cacheprovider $(addprefix Tests/Integration/,$(S3_SERVICE_TESTS))
 

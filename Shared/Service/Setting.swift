@@ -64,7 +64,7 @@ public struct InvalidSetting: Error, CustomStringConvertible {
     public init(description: String) { self.description = description }
 }
 
-/// Durations in settings: a number and a unit (ns, us, ms, s, m, h); a bare number is seconds.
+/// Durations in settings: a number and a unit (ns, us, ms, s, m, h, d); a bare number is seconds.
 public enum DurationSetting {
     /// The duration, or nil when malformed, negative or unrepresentable.
     public static func parse(_ text: String) -> Duration? {
@@ -74,7 +74,7 @@ public enum DurationSetting {
     /// Nanoseconds, or nil when malformed or negative.
     public static func parseNanoseconds(_ text: String) -> Int64? {
         let trimmed = text.trimmingWhitespace
-        let units: [(String, Double)] = [("ns", 1), ("us", 1e3), ("ms", 1e6), ("s", 1e9), ("m", 60e9), ("h", 3600e9)]
+        let units: [(String, Double)] = [("ns", 1), ("us", 1e3), ("ms", 1e6), ("s", 1e9), ("m", 60e9), ("h", 3600e9), ("d", 86_400e9)]
         for (suffix, scale) in units.sorted(by: { $0.0.count > $1.0.count }) where trimmed.hasSuffix(suffix) {
             guard let value = Double(trimmed.dropLast(suffix.count)) else { return nil }
             return nanoseconds(value * scale)

@@ -220,6 +220,23 @@ import TalkMeshMessages
         #expect(times.last! - times.first! >= Double(50 - limit) / Double(limit) * window)
     }
 
+    @Test func retentionDeletesBlobsThenJobsAndKeepsTombstones() async throws {
+        let clock = ManualClock()
+        clock.now = 9_000
+        try await checkRetentionRules(try PostgresJobStore(url: try database(), connections: 2, clock: clock), now: 9_000)
+    }
+
+    @Test func oneReplicaSweepsAtATime() async throws {
+        let url = try database()
+        let a = try replica(url), b = try replica(url)
+        #expect(try await a.claimSweep(seconds: 60))
+        #expect(try await !b.claimSweep(seconds: 60))
+        #expect(try await a.claimSweep(seconds: 0.5))  // the holder keeps it by sweeping again (for a shorter time here)
+        try await Task.sleep(for: .milliseconds(1_500))
+        #expect(try await b.claimSweep(seconds: 60))  // a holder gone quiet loses it
+        #expect(try await !a.claimSweep(seconds: 60))
+    }
+
     @Test func notificationsCarryEveryStoredVersion() async throws {
         let url = try database()
         let writer = try replica(url), reader = try replica(url)

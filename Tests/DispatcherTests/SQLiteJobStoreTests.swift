@@ -39,6 +39,29 @@ final class ManualClock: WallClock, @unchecked Sendable {
         #expect(try await store.get(created.id)?.status == .running)
     }
 
+    @Test func retentionDeletesBlobsThenJobsAndKeepsTombstones() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        clock.now = 9_000
+        try await checkRetentionRules(try store(), now: 9_000)
+    }
+
+    /// A store written by the first schema: its ended jobs are found by retention after the upgrade.
+    @Test func theRetentionMigrationDatesJobsThatEndedBefore() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let db = try SQLiteDatabase(path: directory + "/old.db")
+        try db.execute(SQLiteJobStore.migrations[0] + "PRAGMA user_version = 1;")
+        var record = newJob(created: 1)
+        try record.move(to: .failed, at: 2)
+        record.stamp(version: 3, at: 40)
+        let job = record.job
+        try db.prepare("INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            .run([job.id, job.owner, nil, job.status.rawValue, job.createdAtUnixMs, job.updatedAtUnixMs, job.version, job.serializedBytes()])
+        let store = try SQLiteJobStore(path: directory + "/old.db", clock: clock)
+        #expect(try await store.jobsWithBlobs(endedBefore: 41, limit: 10).map(\.id) == [job.id])
+        #expect(try await store.jobsWithBlobs(endedBefore: 40, limit: 10).isEmpty)
+    }
+
     @Test func anIdempotencyKeyFindsTheFirstJobPerOwner() async throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let store = try store()

@@ -92,14 +92,15 @@ struct SettingsTests {
     }
 
     @Test("durations", arguments: [("500ms", Int64(500_000_000)), ("2s", 2_000_000_000), ("5m", 300_000_000_000),
-                                   ("1h", 3_600_000_000_000), ("250us", 250_000), ("7", 7_000_000_000), ("10ns", 10)])
+                                   ("1h", 3_600_000_000_000), ("250us", 250_000), ("7", 7_000_000_000), ("10ns", 10),
+                                   ("7d", 604_800_000_000_000)])
     func durations(text: String, nanoseconds: Int64) {
         #expect(DurationSetting.parseNanoseconds(text) == nanoseconds)
         #expect(DurationSetting.parse(text) == .nanoseconds(nanoseconds))
         #expect(DurationSetting.parse(DurationSetting.text(.nanoseconds(nanoseconds))) == .nanoseconds(nanoseconds))
     }
 
-    @Test("malformed or unrepresentable durations", arguments: ["", "fast", "-1s", "1d", "ms", "1e300h", "inf", "nan", "99999999999h", "1e19"])
+    @Test("malformed or unrepresentable durations", arguments: ["", "fast", "-1s", "1w", "d", "ms", "1e300h", "inf", "nan", "99999999999h", "1e19"])
     func badDurations(text: String) {
         #expect(DurationSetting.parseNanoseconds(text) == nil)
     }

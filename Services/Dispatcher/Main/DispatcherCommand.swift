@@ -21,6 +21,12 @@ extension Setting {
     static let jobTimeout = Setting("JOB_TIMEOUT", .duration(.milliseconds(1) ... .seconds(30 * 86_400)), default: "1h",
                                     help: "a job's deadline, from its creation")
     static let chunkTargetSec = Setting("CHUNK_TARGET_SEC", .integer(5...60), default: "45", help: "chunk length asked of Audio, seconds")
+    static let videoRetention = Setting("VIDEO_RETENTION", .duration(.seconds(1) ... Setting.longest), default: "6h",
+                                        help: "after a job ended, its video and uploads are deleted")
+    static let jobRetention = Setting("JOB_RETENTION", .duration(.seconds(1) ... Setting.longest), default: "7d",
+                                      help: "after a job ended, the job is deleted (EXPIRED for as long again); at least VIDEO_RETENTION")
+    static let retentionSweepInterval = Setting("RETENTION_SWEEP_INTERVAL", .duration(.milliseconds(100) ... .seconds(86_400)), default: "1m",
+                                                help: "how often one replica sweeps for what retention deletes")
 }
 
 /// `talkmesh-dispatcher`: TalkMesh dispatcher: owns every job and drives it through RunPod.
@@ -28,7 +34,7 @@ extension Setting {
 enum DispatcherCommand {
     static let settings: [Setting] = BlobSettings.table + [
         .jobStore, .leaseTTL, .mediaAddr, .audioAddr, .maxConcurrentChunks, .maxRunPodJobsInFlight, .chunkMaxAttempts, .jobTimeout,
-        .chunkTargetSec,
+        .chunkTargetSec, .videoRetention, .jobRetention, .retentionSweepInterval,
     ] + Setting.runPod
 
     static func main() {
@@ -40,6 +46,13 @@ enum DispatcherCommand {
             configuration.chunkMaxAttempts = try settings.integer(.chunkMaxAttempts)
             configuration.jobTimeoutMs = try settings.duration(.jobTimeout).nanosecondsClamped / 1_000_000
             configuration.chunkTargetSec = Double(try settings.integer(.chunkTargetSec))
+            var retention = RetentionConfiguration()
+            retention.blobsMs = try settings.duration(.videoRetention).nanosecondsClamped / 1_000_000
+            retention.jobsMs = try settings.duration(.jobRetention).nanosecondsClamped / 1_000_000
+            retention.intervalSeconds = Double(try settings.duration(.retentionSweepInterval).nanosecondsClamped) / 1e9
+            guard retention.jobsMs >= retention.blobsMs else {
+                throw InvalidSetting(description: "JOB_RETENTION must be at least VIDEO_RETENTION: a job is deleted only after its blobs")
+            }
             let runpodConfiguration: RunPodClient.Configuration
             do { runpodConfiguration = try RunPodClient.Configuration.fromEnvironment(settings.environment) } catch let error as ServiceError {
                 throw InvalidSetting(description: error.message)
@@ -61,7 +74,11 @@ enum DispatcherCommand {
             let dispatcher = Dispatcher(context: context)
             DispatcherHandlers(dispatcher: dispatcher).register(into: &setup.services)
             setup.metricsSources.append { [counters = context.counters] in counters.render() }
-            setup.onStop.append { await dispatcher.shutdown() }
+            let sweeper = Task { await RetentionSweeper(context: context, configuration: retention).run() }
+            setup.onStop.append {
+                sweeper.cancel()
+                await dispatcher.shutdown()
+            }
             let health = setup.health, logger = setup.logger
             Task {
                 do { try await dispatcher.start() } catch { logger.error("cannot resume jobs", metadata: ["error": "\(error)"]) }

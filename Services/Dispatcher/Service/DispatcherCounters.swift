@@ -37,8 +37,8 @@ public final class DispatcherCounters: Sendable {
         count(event: "jobs_\(status.description.lowercased())")
     }
 
-    public func count(event: String) {
-        state.withLock { $0.events[event, default: 0] += 1 }
+    public func count(event: String, by amount: Int = 1) {
+        state.withLock { $0.events[event, default: 0] += amount }
     }
 
     /// Adds a sample (seconds) to a histogram: `runpod_queue_delay`, `runpod_execution`, `job_duration`.

@@ -114,6 +114,28 @@ public struct JobRecord: Sendable, Equatable {
         job.chunks = chunks
     }
 
+    /// Records that retention deleted the job's blobs; ILLEGAL_TRANSITION unless the job has ended.
+    public mutating func markBlobsDeleted(at now: Int64) throws(ServiceError) {
+        guard isTerminal else { throw ServiceError(.illegalTransition, "job \(job.id) is \(job.status): its blobs are in use") }
+        job.blobsDeletedAtUnixMs = now
+    }
+
+    /// What is kept of a job that retention deleted: who owns it, how it ended and when — enough to
+    /// answer EXPIRED to its owner (and NOT_FOUND to anyone else), nothing of its content.
+    public func tombstone(at now: Int64) -> Job {
+        var kept = Job()
+        kept.id = job.id
+        kept.owner = job.owner
+        kept.status = job.status
+        kept.createdAtUnixMs = job.createdAtUnixMs
+        kept.updatedAtUnixMs = job.updatedAtUnixMs
+        kept.completedAtUnixMs = job.completedAtUnixMs
+        kept.blobsDeletedAtUnixMs = job.blobsDeletedAtUnixMs
+        kept.version = job.version
+        kept.expiredAtUnixMs = now
+        return kept
+    }
+
     /// Stamps a stored write (version and time); the store calls this.
     public mutating func stamp(version: Int64, at now: Int64) {
         job.version = version

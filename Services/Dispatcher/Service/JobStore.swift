@@ -28,6 +28,22 @@ public protocol JobStore: Sendable {
     /// question (it fails while the store does not answer).
     func unfinishedCounts() async throws -> [JobStatus: Int]
 
+    // MARK: Retention
+
+    /// Ended jobs (ended before `endedBefore`, Unix ms) whose blobs are not deleted yet, oldest first.
+    func jobsWithBlobs(endedBefore: Int64, limit: Int) async throws -> [JobRecord]
+    /// Deletes up to `limit` jobs that ended before `endedBefore` and whose blobs are gone, keeping a
+    /// tombstone of each (`JobRecord.tombstone`) that `get` answers; and drops tombstones made before
+    /// `tombstonesBefore`. Returns how many jobs it deleted.
+    func expireJobs(endedBefore: Int64, tombstonesBefore: Int64, limit: Int) async throws -> Int
+    /// Whether a job other than `id` whose blobs are not deleted names `key` as its image or audio
+    /// (jobs created over gRPC may share an upload). Jobs stored before retention existed count as
+    /// naming every key, until their own blobs are deleted.
+    func inputInUse(_ key: String, except id: String) async throws -> Bool
+    /// Takes (or keeps) the deployment's retention sweep for `seconds`: false while another replica
+    /// holds it, so one replica sweeps at a time.
+    func claimSweep(seconds: Double) async throws -> Bool
+
     // MARK: Sharing the work between replicas (a store one replica owns keeps the defaults)
 
     /// How long a claim lasts without a heartbeat, seconds; nil when there are no leases.
@@ -65,6 +81,7 @@ extension JobStore {
     }
 
     public var leaseSeconds: Double? { nil }
+    public func claimSweep(seconds: Double) async throws -> Bool { true }
     public func heartbeat() async throws -> [String] { [] }
     public func releaseAll() async throws {}
     public func inFlightSlots(capacity: Int) throws -> any InFlightSlots { LocalInFlightSlots(capacity: capacity) }

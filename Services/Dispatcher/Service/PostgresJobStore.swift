@@ -67,6 +67,27 @@ public final class PostgresJobStore: JobStore {
             updated timestamptz NOT NULL
         );
         """,
+        // Retention: when a job ended, whether its blobs are deleted, what is kept of deleted jobs,
+        // and who sweeps.
+        """
+        ALTER TABLE jobs ADD COLUMN ended_ms bigint, ADD COLUMN blobs_deleted boolean NOT NULL DEFAULT false,
+            ADD COLUMN image_key text, ADD COLUMN audio_key text;
+        UPDATE jobs SET ended_ms = updated_ms WHERE status IN (3, 4, 5, 6);
+        CREATE INDEX jobs_ended ON jobs(ended_ms) WHERE ended_ms IS NOT NULL;
+        CREATE INDEX jobs_image_key ON jobs(image_key) WHERE NOT blobs_deleted;
+        CREATE INDEX jobs_audio_key ON jobs(audio_key) WHERE NOT blobs_deleted;
+        CREATE TABLE expired_jobs (
+            id text PRIMARY KEY,
+            expired_ms bigint NOT NULL,
+            data bytea NOT NULL
+        );
+        CREATE INDEX expired_jobs_age ON expired_jobs(expired_ms);
+        CREATE TABLE talkmesh_sweeps (
+            name text PRIMARY KEY,
+            holder text NOT NULL,
+            until timestamptz NOT NULL
+        );
+        """,
     ]
 
     /// Connects (`connections` statements at once), migrates and starts listening for changes.
@@ -117,11 +138,13 @@ public final class PostgresJobStore: JobStore {
             let job = stamped.job
             let key: PGValue = job.idempotencyKey.isEmpty ? .null : .text(job.idempotencyKey)
             let inserted = try db.execute("""
-                INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data, lease_owner, lease_until, lease_epoch)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + $10::interval, 1)
+                INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data, lease_owner, lease_until, lease_epoch,
+                                  image_key, audio_key)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + $10::interval, 1, $11, $12)
                 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id
                 """, [.text(job.id), .text(job.owner), key, .int(job.status.rawValue), .int(job.createdAtUnixMs),
-                      .int(job.updatedAtUnixMs), .int(job.version), .bytes(job.serializedBytes()), .text(replica), lease])
+                      .int(job.updatedAtUnixMs), .int(job.version), .bytes(job.serializedBytes()), .text(replica), lease,
+                      .text(job.imageKey), .text(job.audioKey)])
             if inserted.rows == 1 { return (stamped, true) }
             let existing = try db.execute("SELECT data FROM jobs WHERE owner = $1 AND idempotency_key = $2", [.text(job.owner), key])
             guard existing.rows == 1 else { throw ServiceError(.storeConflict, "the idempotency key's job changed while it was read") }
@@ -133,7 +156,7 @@ public final class PostgresJobStore: JobStore {
 
     public func get(_ id: String) async throws -> JobRecord? {
         try await pool.with { db in
-            let result = try db.execute("SELECT data FROM jobs WHERE id = $1", [.text(id)])
+            let result = try db.execute("SELECT data FROM jobs WHERE id = $1 UNION ALL SELECT data FROM expired_jobs WHERE id = $1 LIMIT 1", [.text(id)])
             return result.rows == 1 ? JobRecord(stored: try Job(serializedBytes: result.bytes(0, 0))) : nil
         }
     }
@@ -153,15 +176,18 @@ public final class PostgresJobStore: JobStore {
             try await pool.with { db in
                 let job = stamped.job
                 let values: [PGValue] = [.int(job.status.rawValue), .int(job.updatedAtUnixMs), .int(job.version),
-                                         .bytes(job.serializedBytes()), .text(job.id), .int(expected)]
+                                         .bytes(job.serializedBytes()), .text(job.id), .int(expected),
+                                         job.completedAtUnixMs > 0 ? .int(job.completedAtUnixMs) : .null,
+                                         .text(job.blobsDeletedAtUnixMs > 0 ? "true" : "false")]
+                let set = "status = $1, updated_ms = $2, version = $3, data = $4, ended_ms = $7, blobs_deleted = $8::boolean"
                 let written: PGResult
                 if let epoch {
                     written = try db.execute("""
-                        UPDATE jobs SET status = $1, updated_ms = $2, version = $3, data = $4, lease_until = now() + $9::interval
-                        WHERE id = $5 AND version = $6 AND lease_owner = $7 AND lease_epoch = $8
+                        UPDATE jobs SET \(set), lease_until = now() + $11::interval
+                        WHERE id = $5 AND version = $6 AND lease_owner = $9 AND lease_epoch = $10
                         """, values + [.text(replica), .int(epoch), lease])
                 } else {
-                    written = try db.execute("UPDATE jobs SET status = $1, updated_ms = $2, version = $3, data = $4 WHERE id = $5 AND version = $6", values)
+                    written = try db.execute("UPDATE jobs SET \(set) WHERE id = $5 AND version = $6", values)
                 }
                 guard written.affected == 1 else {
                     let now = try db.execute("SELECT lease_owner, lease_epoch FROM jobs WHERE id = $1", [.text(job.id)])
@@ -199,6 +225,68 @@ public final class PostgresJobStore: JobStore {
             jobs.removeLast()
             let last = jobs[jobs.count - 1]
             return (jobs, PageToken(createdAtUnixMs: last.createdAtUnixMs, id: last.id).text)
+        }
+    }
+
+    // MARK: Retention
+
+    public func jobsWithBlobs(endedBefore: Int64, limit: Int) async throws -> [JobRecord] {
+        try await pool.with { db in
+            let result = try db.execute("SELECT data FROM jobs WHERE ended_ms < $1 AND NOT blobs_deleted ORDER BY ended_ms LIMIT $2",
+                                        [.int(endedBefore), .int(limit)])
+            return try (0..<result.rows).map { JobRecord(stored: try Job(serializedBytes: result.bytes($0, 0))) }
+        }
+    }
+
+    /// One transaction: the rows deleted are locked (SKIP LOCKED: a sweep that overlaps another's
+    /// takes other rows), their tombstones written, the old tombstones dropped.
+    public func expireJobs(endedBefore: Int64, tombstonesBefore: Int64, limit: Int) async throws -> Int {
+        let now = clock.nowUnixMs()
+        return try await pool.with { db in
+            try db.execute("BEGIN")
+            do {
+                _ = try db.execute("DELETE FROM expired_jobs WHERE expired_ms < $1", [.int(tombstonesBefore)])
+                let due = try db.execute("""
+                    SELECT data FROM jobs WHERE ended_ms < $1 AND blobs_deleted ORDER BY ended_ms LIMIT $2 FOR UPDATE SKIP LOCKED
+                    """, [.int(endedBefore), .int(limit)])
+                for row in 0..<due.rows {
+                    let record = JobRecord(stored: try Job(serializedBytes: due.bytes(row, 0)))
+                    _ = try db.execute("""
+                        INSERT INTO expired_jobs (id, expired_ms, data) VALUES ($1, $2, $3)
+                        ON CONFLICT (id) DO UPDATE SET expired_ms = excluded.expired_ms, data = excluded.data
+                        """, [.text(record.id), .int(now), .bytes(record.tombstone(at: now).serializedBytes())])
+                    _ = try db.execute("DELETE FROM jobs WHERE id = $1", [.text(record.id)])
+                }
+                try db.execute("COMMIT")
+                return due.rows
+            } catch {
+                _ = try? db.execute("ROLLBACK")
+                throw error
+            }
+        }
+    }
+
+    public func inputInUse(_ key: String, except id: String) async throws -> Bool {
+        try await pool.with { db in
+            let result = try db.execute("""
+                SELECT 1 FROM jobs WHERE id <> $1 AND NOT blobs_deleted AND (image_key = $2 OR audio_key = $2 OR image_key IS NULL) LIMIT 1
+                """, [.text(id), .text(key)])
+            return result.rows > 0
+        }
+    }
+
+    /// A lease on the row `retention` of `talkmesh_sweeps`, in the database's time: the holder
+    /// keeps it by sweeping again before it runs out; another replica takes it only once it has.
+    public func claimSweep(seconds: Double) async throws -> Bool {
+        let replica = self.replica
+        return try await pool.with { db in
+            let result = try db.execute("""
+                INSERT INTO talkmesh_sweeps (name, holder, until) VALUES ('retention', $1, now() + $2::interval)
+                ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+                WHERE talkmesh_sweeps.until < now() OR talkmesh_sweeps.holder = excluded.holder
+                RETURNING holder
+                """, [.text(replica), .text("\(max(0.1, seconds)) seconds")])
+            return result.rows == 1
         }
     }
 

@@ -34,6 +34,23 @@ public final class SQLiteJobStore: JobStore {
         CREATE INDEX jobs_owner_newest ON jobs(owner, created_ms DESC, id DESC);
         CREATE INDEX jobs_unfinished ON jobs(created_ms) WHERE status IN (1, 2);
         """,
+        // Retention: when a job ended, whether its blobs are deleted, and what is kept of deleted jobs.
+        """
+        ALTER TABLE jobs ADD COLUMN ended_ms INTEGER;
+        ALTER TABLE jobs ADD COLUMN blobs_deleted INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN image_key TEXT;
+        ALTER TABLE jobs ADD COLUMN audio_key TEXT;
+        UPDATE jobs SET ended_ms = updated_ms WHERE status IN (3, 4, 5, 6);
+        CREATE INDEX jobs_ended ON jobs(ended_ms) WHERE ended_ms IS NOT NULL;
+        CREATE INDEX jobs_image_key ON jobs(image_key) WHERE blobs_deleted = 0;
+        CREATE INDEX jobs_audio_key ON jobs(audio_key) WHERE blobs_deleted = 0;
+        CREATE TABLE expired_jobs (
+            id TEXT PRIMARY KEY,
+            expired_ms INTEGER NOT NULL,
+            data BLOB NOT NULL
+        ) STRICT;
+        CREATE INDEX expired_jobs_age ON expired_jobs(expired_ms);
+        """,
     ]
 
     /// Opens (creating and migrating) the store at `path`.
@@ -84,8 +101,11 @@ public final class SQLiteJobStore: JobStore {
                     try existing.bind([job.owner, key])
                     if try existing.step() { return (JobRecord(stored: try Job(serializedBytes: existing.blob(0))), false) }
                 }
-                try db.prepare("INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-                    .run([job.id, job.owner, key, job.status.rawValue, job.createdAtUnixMs, job.updatedAtUnixMs, job.version, job.serializedBytes()])
+                try db.prepare("""
+                    INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data, image_key, audio_key)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """).run([job.id, job.owner, key, job.status.rawValue, job.createdAtUnixMs, job.updatedAtUnixMs, job.version,
+                              job.serializedBytes(), job.imageKey, job.audioKey])
                 return (stamped, true)
             }
         }
@@ -93,8 +113,8 @@ public final class SQLiteJobStore: JobStore {
 
     public func get(_ id: String) async throws -> JobRecord? {
         try await onThread { db in
-            let statement = try db.prepare("SELECT data FROM jobs WHERE id = ?")
-            try statement.bind([id])
+            let statement = try db.prepare("SELECT data FROM jobs WHERE id = ? UNION ALL SELECT data FROM expired_jobs WHERE id = ? LIMIT 1")
+            try statement.bind([id, id])
             return try statement.step() ? JobRecord(stored: try Job(serializedBytes: statement.blob(0))) : nil
         }
     }
@@ -107,8 +127,9 @@ public final class SQLiteJobStore: JobStore {
         let stamped = record
         return try await onThread { db in
             let job = stamped.job
-            try db.prepare("UPDATE jobs SET status = ?, updated_ms = ?, version = ?, data = ? WHERE id = ? AND version = ?")
-                .run([job.status.rawValue, job.updatedAtUnixMs, job.version, job.serializedBytes(), job.id, expected])
+            try db.prepare("UPDATE jobs SET status = ?, updated_ms = ?, version = ?, data = ?, ended_ms = ?, blobs_deleted = ? WHERE id = ? AND version = ?")
+                .run([job.status.rawValue, job.updatedAtUnixMs, job.version, job.serializedBytes(),
+                      job.completedAtUnixMs > 0 ? job.completedAtUnixMs : nil, job.blobsDeletedAtUnixMs > 0 ? 1 : 0, job.id, expected])
             guard db.changes == 1 else {
                 throw ServiceError(.storeConflict, "job \(job.id) changed since version \(expected)")
             }
@@ -155,6 +176,45 @@ public final class SQLiteJobStore: JobStore {
     }
 
     public func release(_ id: String) async throws {}
+
+    public func jobsWithBlobs(endedBefore: Int64, limit: Int) async throws -> [JobRecord] {
+        try await onThread { db in
+            let statement = try db.prepare("SELECT data FROM jobs WHERE ended_ms < ? AND blobs_deleted = 0 ORDER BY ended_ms LIMIT ?")
+            try statement.bind([endedBefore, limit])
+            var records: [JobRecord] = []
+            while try statement.step() { records.append(JobRecord(stored: try Job(serializedBytes: statement.blob(0)))) }
+            return records
+        }
+    }
+
+    public func inputInUse(_ key: String, except id: String) async throws -> Bool {
+        try await onThread { db in
+            let statement = try db.prepare("""
+                SELECT 1 FROM jobs WHERE id <> ?1 AND blobs_deleted = 0 AND (image_key = ?2 OR audio_key = ?2 OR image_key IS NULL) LIMIT 1
+                """)
+            try statement.bind([id, key])
+            return try statement.step()
+        }
+    }
+
+    public func expireJobs(endedBefore: Int64, tombstonesBefore: Int64, limit: Int) async throws -> Int {
+        let now = clock.nowUnixMs()
+        return try await onThread { db in
+            try db.transaction {
+                try db.prepare("DELETE FROM expired_jobs WHERE expired_ms < ?").run([tombstonesBefore])
+                let due = try db.prepare("SELECT data FROM jobs WHERE ended_ms < ? AND blobs_deleted = 1 ORDER BY ended_ms LIMIT ?")
+                try due.bind([endedBefore, limit])
+                var records: [JobRecord] = []
+                while try due.step() { records.append(JobRecord(stored: try Job(serializedBytes: due.blob(0)))) }
+                for record in records {
+                    try db.prepare("INSERT OR REPLACE INTO expired_jobs (id, expired_ms, data) VALUES (?, ?, ?)")
+                        .run([record.id, now, record.tombstone(at: now).serializedBytes()])
+                    try db.prepare("DELETE FROM jobs WHERE id = ?").run([record.id])
+                }
+                return records.count
+            }
+        }
+    }
 
     public func unfinishedCounts() async throws -> [JobStatus: Int] {
         try await onThread { db in

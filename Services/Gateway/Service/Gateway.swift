@@ -65,7 +65,8 @@ public final class Gateway: Sendable {
         self.logger = logger
         let seconds = configuration.videoURLSeconds
         videoURL = { job in
-            guard let key = try? BlobKey(job.videoKey), let url = blobs.presignedURL(key, expiresSeconds: seconds) else { return nil }
+            guard job.blobsDeletedAtUnixMs == 0, let key = try? BlobKey(job.videoKey),
+                  let url = blobs.presignedURL(key, expiresSeconds: seconds) else { return nil }
             return (url, (Int64(time(nil)) + Int64(seconds)) * 1000)
         }
         jobCache = JobCache(ttlNanoseconds: configuration.jobCacheTTLNanoseconds, videoURL: videoURL)
@@ -231,12 +232,28 @@ public final class Gateway: Sendable {
         return key
     }
 
-    /// The caller's job, or NOT_FOUND — also for another key's job (never 403: ids are not confirmed).
+    /// The caller's job, or NOT_FOUND — also for another key's job (never 403: ids are not confirmed);
+    /// EXPIRED once retention deleted it.
     func ownJob(_ id: String) async throws -> Job {
         let key = try Self.caller()
         let job = try await fetchJob(id)
         guard job.owner == key.id else { throw ServiceError(.jobNotFound, "no job \(id)") }
+        try Self.requireStored(job)
         return job
+    }
+
+    /// EXPIRED for what is left of a job retention deleted (JOB_RETENTION after it ended).
+    static func requireStored(_ job: Job) throws(ServiceError) {
+        guard job.expiredAtUnixMs == 0 else {
+            throw ServiceError(.expired, "job \(job.id) ended \(JobJSON.time(job.completedAtUnixMs)) and was deleted \(JobJSON.time(job.expiredAtUnixMs))")
+        }
+    }
+
+    /// EXPIRED once retention deleted the job's video (VIDEO_RETENTION after it ended).
+    static func requireVideo(_ job: Job) throws(ServiceError) {
+        guard job.blobsDeletedAtUnixMs == 0 else {
+            throw ServiceError(.expired, "the video of job \(job.id) was deleted \(JobJSON.time(job.blobsDeletedAtUnixMs)), after the retention period")
+        }
     }
 
     /// The caller's job `id` as `GET /v1/jobs/{id}` answers it, from the cache while fresh.
@@ -245,6 +262,7 @@ public final class Gateway: Sendable {
         let answer: JobCache.Answer
         if let cached = jobCache.answer(id) { answer = cached } else { answer = jobCache.store(try await fetchJob(id)) }
         guard answer.job.owner == key.id else { throw ServiceError(.jobNotFound, "no job \(id)") }
+        try Self.requireStored(answer.job)
         return answer
     }
 

@@ -11,6 +11,7 @@ extension Gateway {
             guard job.status == .completed, !job.videoKey.isEmpty else {
                 throw ServiceError(.jobNotCompleted, "job \(job.id) is \(JobJSON.status(job.status)); the video exists once it is completed")
             }
+            try Self.requireVideo(job)
             return try await video(job, request)
         }
         router.add("GET", "/v1/jobs/{id}/events") { [self] request in

@@ -216,6 +216,7 @@ extension Gateway {
     }
 
     func inlineVideo(_ job: Job) async throws -> String {
+        try Self.requireVideo(job)
         let key = try BlobKey(job.videoKey)
         let limit = configuration.maxInlineVideoBytes
         return try await blobIO.run { [blobs] _ in

@@ -74,7 +74,8 @@ enum JobJSON {
         ]
         if let error = job.error, !error.code.isEmpty { object["error"] = ["code": error.code, "message": error.message] }
         if job.completedAtUnixMs > 0 { object["completed_at"] = time(job.completedAtUnixMs) }
-        if job.status == .completed && !job.videoKey.isEmpty {
+        if job.blobsDeletedAtUnixMs > 0 { object["video_expired_at"] = time(job.blobsDeletedAtUnixMs) }
+        if job.status == .completed && !job.videoKey.isEmpty && job.blobsDeletedAtUnixMs == 0 {
             var video: [String: Any] = ["url": "/v1/jobs/\(job.id)/video", "duration_sec": job.durationSec,
                                         "width": Int(job.width), "height": Int(job.height)]
             if let presigned = videoURL?(job) {

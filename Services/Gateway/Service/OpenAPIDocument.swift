@@ -51,7 +51,7 @@ enum OpenAPIDocument {
                         "schema": {"type": "string", "pattern": "^(video_base64|chunks)(,(video_base64|chunks))*$"}}],
         "responses": {
           "200": {"description": "The job", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
-          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"},
+          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"}, "410": {"$ref": "#/components/responses/Error"},
           "413": {"$ref": "#/components/responses/Error"},
           "429": {"$ref": "#/components/responses/RateLimited"}, "503": {"$ref": "#/components/responses/Error"}}
       },
@@ -59,7 +59,7 @@ enum OpenAPIDocument {
         "tags": ["jobs"], "operationId": "cancelJob", "summary": "Cancel a job",
         "responses": {
           "202": {"description": "Cancelled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
-          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"},
+          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"}, "410": {"$ref": "#/components/responses/Error"},
           "409": {"$ref": "#/components/responses/Error"}, "429": {"$ref": "#/components/responses/RateLimited"},
           "503": {"$ref": "#/components/responses/Error"}}
       }
@@ -76,7 +76,7 @@ enum OpenAPIDocument {
           "206": {"description": "Part of the video", "headers": {"Content-Range": {"schema": {"type": "string"}}},
                   "content": {"video/mp4": {"schema": {"type": "string", "contentMediaType": "video/mp4"}}}},
           "304": {"description": "Not modified"},
-          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"},
+          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"}, "410": {"$ref": "#/components/responses/Error"},
           "409": {"$ref": "#/components/responses/Error"}, "416": {"$ref": "#/components/responses/Error"},
           "429": {"$ref": "#/components/responses/RateLimited"}, "503": {"$ref": "#/components/responses/Error"}}
       }
@@ -90,7 +90,7 @@ enum OpenAPIDocument {
           "200": {"description": "event: job, data: a Job, id: its version", "content": {"text/event-stream": {"schema": {"type": "object",
             "properties": {"event": {"type": "string", "enum": ["job"]}, "id": {"type": "string"}, "retry": {"type": "integer"},
               "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"$ref": "#/components/schemas/Job"}}}}}}},
-          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"},
+          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"}, "410": {"$ref": "#/components/responses/Error"},
           "429": {"$ref": "#/components/responses/RateLimited"}, "503": {"$ref": "#/components/responses/Error"}}
       }
     },
@@ -122,7 +122,7 @@ enum OpenAPIDocument {
             "properties": {"id": {"type": "string"}, "status": {"type": "string", "enum": ["IN_QUEUE", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]},
               "progress": {"type": "integer", "minimum": 0, "maximum": 100}, "error": {"type": "string"},
               "video_base64": {"type": "string", "contentEncoding": "base64"}, "video_url": {"type": "string"}}}}}},
-          "401": {"$ref": "#/components/responses/SeedError"}, "404": {"$ref": "#/components/responses/SeedError"},
+          "401": {"$ref": "#/components/responses/SeedError"}, "404": {"$ref": "#/components/responses/SeedError"}, "410": {"$ref": "#/components/responses/SeedError"},
           "413": {"$ref": "#/components/responses/SeedError"}, "429": {"$ref": "#/components/responses/SeedError"},
           "503": {"$ref": "#/components/responses/SeedError"}}
       }
@@ -155,7 +155,7 @@ enum OpenAPIDocument {
               "properties": {"job_id": {"type": "string"}, "status": {"$ref": "#/components/schemas/SeedStatus"},
                 "progress": {"type": "integer", "minimum": 0, "maximum": 100}, "eta_seconds": {"type": "integer", "minimum": 0},
                 "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}}}}}},
-          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"},
+          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"}, "410": {"$ref": "#/components/responses/Error"},
           "429": {"$ref": "#/components/responses/RateLimited"}, "503": {"$ref": "#/components/responses/Error"}}
       }
     },
@@ -167,7 +167,7 @@ enum OpenAPIDocument {
           "200": {"description": "The video's URL", "content": {"application/json": {"schema": {"type": "object", "required": ["data"],
             "properties": {"data": {"type": "object", "required": ["url"], "properties": {"job_id": {"type": "string"}, "url": {"type": "string"},
               "duration_sec": {"type": "number"}}}}}}}},
-          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"},
+          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"}, "410": {"$ref": "#/components/responses/Error"},
           "409": {"$ref": "#/components/responses/Error"}, "429": {"$ref": "#/components/responses/RateLimited"},
           "503": {"$ref": "#/components/responses/Error"}}
       }
@@ -229,6 +229,7 @@ enum OpenAPIDocument {
               "duration_sec": {"type": "number"}, "width": {"type": "integer"}, "height": {"type": "integer"}}},
           "video_base64": {"type": "string", "contentEncoding": "base64"},
           "completed_at": {"type": "string", "format": "date-time"},
+          "video_expired_at": {"type": "string", "format": "date-time", "description": "When retention (VIDEO_RETENTION after the job ended) deleted the video and uploads: video routes answer 410 EXPIRED"},
           "chunk_list": {"type": "array", "items": {"$ref": "#/components/schemas/Chunk"}},
           "links": {"$ref": "#/components/schemas/Links"}}},
       "Chunk": {"type": "object", "required": ["index", "start_sec", "duration_sec", "status", "attempts", "queue_delay_ms", "execution_ms"],

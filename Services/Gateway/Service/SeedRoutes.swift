@@ -31,6 +31,7 @@ extension Gateway {
             if let error = job.error, !error.code.isEmpty { object["error"] = "\(error.code): \(error.message)" }
             if job.status == .completed {
                 if job.options?.pushToS3 == true {
+                    try Self.requireVideo(job)
                     object["video_url"] = videoURL(job)?.url ?? Self.absoluteURL(request, "/v1/jobs/\(job.id)/video")
                 } else {
                     object["video_base64"] = try await inlineVideo(job)
@@ -56,6 +57,7 @@ extension Gateway {
             guard job.status == .completed else {
                 throw ServiceError(.jobNotCompleted, "job \(job.id) is \(JobJSON.status(job.status)); its video is not ready")
             }
+            try Self.requireVideo(job)
             return JobJSON.response(200, ["data": ["job_id": job.id, "url": videoURL(job)?.url ?? Self.absoluteURL(request, "/v1/jobs/\(job.id)/video"),
                                                    "duration_sec": job.durationSec]])
         }

@@ -36,6 +36,8 @@ public enum ErrorCode: String, CaseIterable, Sendable, CustomStringConvertible {
     case storeConflict = "STORE_CONFLICT"
     case leaseLost = "LEASE_LOST"
     case serviceUnavailable = "SERVICE_UNAVAILABLE"
+    /// Retention deleted what was asked for (a job's video, or the job).
+    case expired = "EXPIRED"
     // The Gateway's own.
     case invalidRequest = "INVALID_REQUEST"
     case unauthorized = "UNAUTHORIZED"
@@ -93,6 +95,7 @@ public enum ErrorCode: String, CaseIterable, Sendable, CustomStringConvertible {
         case .storeConflict: (.aborted, 409, false)
         case .leaseLost: (.aborted, 409, false)
         case .serviceUnavailable: (.unavailable, 503, false)
+        case .expired: (.notFound, 410, false)
         case .invalidRequest: (.invalidArgument, 400, false)
         case .unauthorized: (.unauthenticated, 401, false)
         case .rateLimited: (.resourceExhausted, 429, false)

@@ -141,6 +141,8 @@ public struct Job: Hashable, Sendable {
     public var version: Int64 = 0
     public var traceparent: String = ""
     public var encodedAudioKey: String = ""
+    public var blobsDeletedAtUnixMs: Int64 = 0
+    public var expiredAtUnixMs: Int64 = 0
     public init() {}
 }
 
@@ -349,6 +351,8 @@ extension Job: ProtoMessage {
         version = c.version
         traceparent = ProtoC.string(c.traceparent)
         encodedAudioKey = ProtoC.string(c.encoded_audio_key)
+        blobsDeletedAtUnixMs = c.blobs_deleted_at_unix_ms
+        expiredAtUnixMs = c.expired_at_unix_ms
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__Job {
         var c = Talkmesh__V1__Job()
@@ -380,6 +384,8 @@ extension Job: ProtoMessage {
         c.version = version
         c.traceparent = arena.string(traceparent)
         c.encoded_audio_key = arena.string(encodedAudioKey)
+        c.blobs_deleted_at_unix_ms = blobsDeletedAtUnixMs
+        c.expired_at_unix_ms = expiredAtUnixMs
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__Job>? {

@@ -197,10 +197,20 @@ struct  Talkmesh__V1__Job
    * the original audio as AAC, encoded while the chunks render
    */
   char *encoded_audio_key;
+  /*
+   * Retention: when the job's blobs (its video and its uploads) were deleted, VIDEO_RETENTION after
+   * it ended; 0 while they exist.
+   */
+  int64_t blobs_deleted_at_unix_ms;
+  /*
+   * When the job itself was deleted, JOB_RETENTION after it ended: GetJob then answers what is left
+   * of it (id, owner, status, times) with this set, for JOB_RETENTION more; 0 for a stored job.
+   */
+  int64_t expired_at_unix_ms;
 };
 #define TALKMESH__V1__JOB__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job__descriptor) \
-    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0 }
 
 
 struct  Talkmesh__V1__CreateJobRequest

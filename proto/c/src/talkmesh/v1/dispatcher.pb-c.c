@@ -837,7 +837,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__job_chunk__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[26] =
+static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[28] =
 {
   {
     "id",
@@ -1151,10 +1151,35 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[26] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "blobs_deleted_at_unix_ms",
+    27,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, blobs_deleted_at_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "expired_at_unix_ms",
+    28,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, expired_at_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   21,   /* field[21] = audio_duration_sec */
   10,   /* field[10] = audio_key */
+  26,   /* field[26] = blobs_deleted_at_unix_ms */
   3,   /* field[3] = chunks */
   7,   /* field[7] = completed_at_unix_ms */
   5,   /* field[5] = created_at_unix_ms */
@@ -1163,6 +1188,7 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   25,   /* field[25] = encoded_audio_key */
   4,   /* field[4] = error */
   18,   /* field[18] = eta_seconds */
+  27,   /* field[27] = expired_at_unix_ms */
   13,   /* field[13] = height */
   0,   /* field[0] = id */
   19,   /* field[19] = idempotency_key */
@@ -1183,7 +1209,7 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
 static const ProtobufCIntRange talkmesh__v1__job__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 26 }
+  { 0, 28 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
 {
@@ -1193,7 +1219,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
   "Talkmesh__V1__Job",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__Job),
-  26,
+  28,
   talkmesh__v1__job__field_descriptors,
   talkmesh__v1__job__field_indices_by_name,
   1,  talkmesh__v1__job__number_ranges,
