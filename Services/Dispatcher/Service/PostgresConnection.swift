@@ -41,6 +41,19 @@ final class PostgresConnection: @unchecked Sendable {
     /// The socket to wait on (LISTEN).
     var socket: Int32 { PQsocket(handle) }
 
+    /// Runs `body` in one transaction: committed when it returns, rolled back when it throws.
+    func transaction<T>(_ body: () throws -> T) throws -> T {
+        try execute("BEGIN")
+        do {
+            let result = try body()
+            try execute("COMMIT")
+            return result
+        } catch {
+            _ = try? execute("ROLLBACK")
+            throw error
+        }
+    }
+
     /// Runs one statement with parameters; rows come back as text.
     @discardableResult
     func execute(_ sql: String, _ parameters: [PGValue] = []) throws(ServiceError) -> PGResult {

@@ -106,8 +106,7 @@ public final class PostgresJobStore: JobStore {
     deinit { listener.stop() }
 
     static func migrate(_ connection: PostgresConnection) throws {
-        try connection.execute("BEGIN")
-        do {
+        try connection.transaction {
             try connection.execute("SELECT pg_advisory_xact_lock(7361426)")
             try connection.execute("CREATE TABLE IF NOT EXISTS talkmesh_schema (version integer NOT NULL)")
             let read = try connection.execute("SELECT coalesce(max(version), 0) FROM talkmesh_schema")
@@ -119,10 +118,6 @@ public final class PostgresJobStore: JobStore {
                 try connection.execute(migrations[version])
                 try connection.execute("INSERT INTO talkmesh_schema (version) VALUES ($1)", [.int(version + 1)])
             }
-            try connection.execute("COMMIT")
-        } catch {
-            _ = try? connection.execute("ROLLBACK")
-            throw error
         }
     }
 
@@ -243,8 +238,7 @@ public final class PostgresJobStore: JobStore {
     public func expireJobs(endedBefore: Int64, tombstonesBefore: Int64, limit: Int) async throws -> Int {
         let now = clock.nowUnixMs()
         return try await pool.with { db in
-            try db.execute("BEGIN")
-            do {
+            try db.transaction {
                 _ = try db.execute("DELETE FROM expired_jobs WHERE expired_ms < $1", [.int(tombstonesBefore)])
                 let due = try db.execute("""
                     SELECT data FROM jobs WHERE ended_ms < $1 AND blobs_deleted ORDER BY ended_ms LIMIT $2 FOR UPDATE SKIP LOCKED
@@ -257,11 +251,7 @@ public final class PostgresJobStore: JobStore {
                         """, [.text(record.id), .int(now), .bytes(record.tombstone(at: now).serializedBytes())])
                     _ = try db.execute("DELETE FROM jobs WHERE id = $1", [.text(record.id)])
                 }
-                try db.execute("COMMIT")
                 return due.rows
-            } catch {
-                _ = try? db.execute("ROLLBACK")
-                throw error
             }
         }
     }

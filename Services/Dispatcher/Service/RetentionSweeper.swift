@@ -21,10 +21,8 @@ public struct RetentionConfiguration: Sendable {
     public init() {}
 }
 
-/// What one sweep did.
+/// What one sweep did (nothing when another replica holds the sweep).
 public struct SweepResult: Sendable, Equatable {
-    /// False when another replica holds the sweep.
-    public var swept = false
     /// Jobs whose blobs were deleted.
     public var blobsDeleted = 0
     /// Jobs deleted (tombstones kept).
@@ -61,7 +59,6 @@ public struct RetentionSweeper: Sendable {
         var result = SweepResult()
         // The claim outlives a few intervals: the holder renews it each time, a dead one's lapses.
         guard try await context.store.claimSweep(seconds: max(1, configuration.intervalSeconds * 3)) else { return result }
-        result.swept = true
         context.counters.count(event: "retention_sweeps")
         let now = context.clock.nowUnixMs()
         for _ in 0..<configuration.batchesPerSweep {
