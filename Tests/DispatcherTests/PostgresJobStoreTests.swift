@@ -229,12 +229,14 @@ import TalkMeshMessages
     @Test func oneReplicaSweepsAtATime() async throws {
         let url = try database()
         let a = try replica(url), b = try replica(url)
-        #expect(try await a.claimSweep(seconds: 60))
-        #expect(try await !b.claimSweep(seconds: 60))
+        // Leases that must hold are an hour long: the database's clock is the wall clock, and a CI
+        // machine once stalled for over a minute between two statements here (a 60 s lease ran out).
+        #expect(try await a.claimSweep(seconds: 3_600))
+        #expect(try await !b.claimSweep(seconds: 3_600))
         #expect(try await a.claimSweep(seconds: 0.5))  // the holder keeps it by sweeping again (for a shorter time here)
         try await Task.sleep(for: .milliseconds(1_500))
-        #expect(try await b.claimSweep(seconds: 60))  // a holder gone quiet loses it
-        #expect(try await !a.claimSweep(seconds: 60))
+        #expect(try await b.claimSweep(seconds: 3_600))  // a holder gone quiet loses it
+        #expect(try await !a.claimSweep(seconds: 3_600))
     }
 
     @Test func notificationsCarryEveryStoredVersion() async throws {
