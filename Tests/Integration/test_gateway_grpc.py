@@ -1,5 +1,7 @@
 """talkmesh.v1.DispatcherService through the Gateway, from grpcio: the key from `authorization`
 metadata, the owner forced to the key's id, only the key's own jobs and uploads."""
+import json
+
 import grpc
 import pytest
 
@@ -66,8 +68,13 @@ def test_create_job_over_grpc_reuses_the_keys_own_uploads_and_forces_the_owner(w
                            metadata=bearer(key), timeout=10)
         assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT, image
     created = stub.CreateJob(pb.CreateJobRequest(image_key=first.image_key, audio_key=first.audio_key, width=256, height=384,
-                                                 owner="someone-else"), metadata=bearer(key), timeout=30).job
+                                                 owner="someone-else"), metadata=bearer(key) + [("x-request-id", "grpc-create-1")],
+                             timeout=30).job
     assert created.owner == first.owner and created.status == pb.IN_QUEUE
+    # The caller's request id reached the Dispatcher with the call (the Gateway's client interceptor) and is in its log.
+    created_lines = [json.loads(line) for line in world["mesh"].dispatcher.read_log().splitlines()
+                     if '"job created"' in line and created.id in line]
+    assert len(created_lines) == 1 and created_lines[0]["request_id"] == "grpc-create-1", created_lines
     # Watched to the end through the Gateway: a real video at the new size.
     last = None
     for update in stub.WatchJob(pb.WatchJobRequest(id=created.id), metadata=bearer(key), timeout=120):

@@ -130,7 +130,7 @@ public actor Dispatcher {
     // MARK: API
 
     /// Stores a new job (or finds the one with the same idempotency key) and starts it.
-    public func create(_ request: CreateJobRequest, traceparent: String) async throws -> Job {
+    public func create(_ request: CreateJobRequest, traceparent: String, requestID: String? = nil) async throws -> Job {
         try Self.validate(request)
         for key in [request.imageKey, request.audioKey] {
             let blob = try BlobKey(key)
@@ -155,7 +155,10 @@ public actor Dispatcher {
         let (record, created) = try await context.store.create(JobRecord(new: job))
         if created {
             context.counters.count(job: .inQueue)
-            context.logger.info("job created", metadata: ["job_id": "\(record.id)", "owner": "\(record.job.owner)"])
+            var metadata: Logger.Metadata = ["job_id": "\(record.id)", "owner": "\(record.job.owner)"]
+            if let trace = TraceContext.parse(traceparent: traceparent) { metadata["trace_id"] = "\(trace.traceID)" }
+            if let requestID { metadata["request_id"] = "\(requestID)" }
+            context.logger.info("job created", metadata: metadata)
             if runners.count < context.configuration.maxActiveJobs {
                 launch(record)
             } else {
@@ -273,7 +276,8 @@ public struct DispatcherHandlers: Sendable {
         registry.register(DispatcherService.createJob) { request, context in
             var response = CreateJobResponse()
             let trace = context.trace ?? TraceContext.root()
-            response.job = try await dispatcher.create(request, traceparent: trace.traceparent)
+            // The Gateway's request id comes along as metadata (its client interceptor adds it).
+            response.job = try await dispatcher.create(request, traceparent: trace.traceparent, requestID: context.metadata.first("x-request-id"))
             return response
         }
         registry.register(DispatcherService.getJob) { request, _ in try await dispatcher.get(request.id) }

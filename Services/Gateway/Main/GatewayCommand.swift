@@ -55,7 +55,9 @@ enum GatewayCommand {
             do { keys = try KeyRing(path: keysPath) } catch let error as ServiceError {
                 throw InvalidSetting(description: error.message)
             }
-            let dispatcher = try RPCClient(configuration: .init(target: try settings.string(.dispatcherAddr) ?? "127.0.0.1:50053"))
+            var dispatcherClient = RPCClient.Configuration(target: try settings.string(.dispatcherAddr) ?? "127.0.0.1:50053")
+            dispatcherClient.interceptors = Gateway.dispatcherInterceptors(logger: setup.logger)
+            let dispatcher = try RPCClient(configuration: dispatcherClient)
             let limiter: any RateLimiter
             if let url = try settings.string(.redisURL), !url.isEmpty {
                 let endpoint: RedisRateLimiter.Endpoint

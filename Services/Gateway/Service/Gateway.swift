@@ -38,6 +38,8 @@ final class RequestInfo: @unchecked Sendable {
 public final class Gateway: Sendable {
     @TaskLocal static var key: APIKey?
     @TaskLocal static var info: RequestInfo?
+    /// The deadline of the gRPC call being served (monotonic nanoseconds), for the calls it makes.
+    @TaskLocal static var callerDeadline: Int64?
 
     let configuration: GatewayConfiguration
     let keys: KeyRing
@@ -110,7 +112,7 @@ public final class Gateway: Sendable {
                         _ next: @Sendable (HTTPRequest) async throws -> HTTPResponse) async throws -> HTTPResponse {
         let started = MonotonicClock.nanoseconds()
         let given = request.header("x-request-id") ?? ""
-        let id = (1...128).contains(given.utf8.count) && given.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) ? given : Self.newRequestID()
+        let id = Self.validRequestID(given) ? given : Self.newRequestID()
         let info = RequestInfo(id: id)
         var response: HTTPResponse
         do {
@@ -133,6 +135,11 @@ public final class Gateway: Sendable {
     static func bodyBytes(_ response: HTTPResponse) -> String {
         guard response.streamBody != nil else { return String(response.body.count) }
         return response.headers.first { $0.name.lowercased() == "content-length" }?.value ?? "-"
+    }
+
+    /// A request id a caller may choose: 1–128 visible ASCII characters.
+    static func validRequestID(_ given: String) -> Bool {
+        (1...128).contains(given.utf8.count) && given.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7F }
     }
 
     /// A request id (or an upload's folder): unique, not secret.

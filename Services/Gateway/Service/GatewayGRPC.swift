@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import TalkMeshBase
 import TalkMeshCore
 import TalkMeshMessages
@@ -13,7 +14,7 @@ extension Gateway {
     public func installGRPC(into registry: inout RPCServiceRegistry) {
         registry.interceptors.append { [self] context, next in try await authenticatedCall(context, next) }
         let timeout = CallOptions(timeoutNanoseconds: 30_000_000_000)
-        registry.register(DispatcherService.createJob) { [self] request, context in
+        registry.register(DispatcherService.createJob) { [self] request, _ in
             let key = try Self.caller()
             try await checkJobBudget(key)
             var create = request
@@ -25,23 +26,23 @@ extension Gateway {
                     throw ServiceError(.invalidArgument, "\(field) must name one of this key's uploads (the \(field) of one of its jobs)")
                 }
             }
-            return try await dispatcher.unary(DispatcherService.createJob, create, options: Self.forwarded(context, timeout))
+            return try await dispatcher.unary(DispatcherService.createJob, create, options: timeout)
         }
         registry.register(DispatcherService.getJob) { [self] request, _ in
             try await ownJob(request.id)
         }
-        registry.register(DispatcherService.listJobs) { [self] request, context in
+        registry.register(DispatcherService.listJobs) { [self] request, _ in
             var list = request
             list.owner = try Self.caller().id
-            return try await dispatcher.unary(DispatcherService.listJobs, list, options: Self.forwarded(context, timeout))
+            return try await dispatcher.unary(DispatcherService.listJobs, list, options: timeout)
         }
-        registry.register(DispatcherService.cancelJob) { [self] request, context in
+        registry.register(DispatcherService.cancelJob) { [self] request, _ in
             let job = try await ownJob(request.id)
-            return try await dispatcher.unary(DispatcherService.cancelJob, CancelJobRequest.with(id: job.id), options: Self.forwarded(context, timeout))
+            return try await dispatcher.unary(DispatcherService.cancelJob, CancelJobRequest.with(id: job.id), options: timeout)
         }
-        registry.register(DispatcherService.watchJob) { [self] request, context, writer in
+        registry.register(DispatcherService.watchJob) { [self] request, _, writer in
             _ = try await ownJob(request.id)
-            let stream = try await dispatcher.serverStreaming(DispatcherService.watchJob, request, options: Self.forwarded(context, nil))
+            let stream = try await dispatcher.serverStreaming(DispatcherService.watchJob, request, options: CallOptions())
             for try await update in stream {
                 jobCache.store(update)
                 try await writer.write(update)
@@ -73,7 +74,14 @@ extension Gateway {
             guard decision.allowed else {
                 throw RPCError(code: .resourceExhausted, message: "RATE_LIMITED: request rate limit exceeded; retry after \(decision.retryAfterSeconds) s")
             }
-            try await Self.$key.withValue(key) { try await next(context) }
+            let given = context.metadata.first("x-request-id") ?? ""
+            let info = RequestInfo(id: Self.validRequestID(given) ? given : Self.newRequestID())
+            info.keyID = key.id
+            try await Self.$key.withValue(key) {
+                try await Self.$info.withValue(info) {
+                    try await Self.$callerDeadline.withValue(context.deadline) { try await next(context) }
+                }
+            }
         } catch let refusal as RateLimitRefusal {
             outcome = "RESOURCE_EXHAUSTED"
             throw RPCError(code: .resourceExhausted, message: "RATE_LIMITED: \(refusal.message)")
@@ -83,13 +91,13 @@ extension Gateway {
         }
     }
 
-    /// The caller's deadline (bounded by `limit`) goes on to the Dispatcher.
-    static func forwarded(_ context: ServerContext, _ limit: CallOptions?) -> CallOptions {
-        var options = limit ?? CallOptions()
-        if let remaining = context.remainingNanoseconds {
-            options.timeoutNanoseconds = min(options.timeoutNanoseconds ?? remaining, max(remaining, 1))
-        }
-        return options
+    /// What wraps every call to the Dispatcher: the caller's deadline goes on (a gRPC caller's,
+    /// from `authenticatedCall`), the request id goes along as `x-request-id` (the REST request's,
+    /// or a gRPC caller's), and a failed call is logged once.
+    public static func dispatcherInterceptors(logger: Logger) -> [ClientInterceptor] {
+        [ClientInterceptors.deadline { Gateway.callerDeadline },
+         ClientInterceptors.metadata { Gateway.info.map { [("x-request-id", $0.id)] } ?? [] },
+         ClientInterceptors.logFailures(logger)]
     }
 }
 

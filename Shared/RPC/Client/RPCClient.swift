@@ -54,6 +54,8 @@ public final class RPCClient: @unchecked Sendable {
         public var retryBackoffMaxNanoseconds: Int64 = 1_000_000_000
         public var maxReceiveMessageBytes = 64 << 20
         public var userAgent = "talkmesh-rpc/1"
+        /// Wrap every call, the first outermost (see `ClientInterceptor`).
+        public var interceptors: [ClientInterceptor] = []
 
         public init(target: String, tls: ClientTLS? = nil) {
             self.target = target
@@ -106,16 +108,35 @@ public final class RPCClient: @unchecked Sendable {
     public func unaryCall<Request, Response>(_ method: MethodDescriptor<Request, Response>, _ request: Request,
                                              options: CallOptions = CallOptions()) async throws -> ClientResponse<Response> {
         let frame = GRPCFraming.frame(request)
-        let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
-        let traceparent = (TraceContext.current?.child() ?? TraceContext.root()).traceparent
-        let raw = try await withRetries(options: options, deadline: deadline) {
-            try await self.attemptUnary(path: method.path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
+        let raw: ClientResponse<[UInt8]>
+        if configuration.interceptors.isEmpty {
+            raw = try await sendUnary(path: method.path, frame: frame, options: options)
+        } else {
+            let answer = Locked<ClientResponse<[UInt8]>?>(nil)
+            _ = try await ClientInterceptors.run(configuration.interceptors[...], ClientCallContext(path: method.path, kind: .unary, options: options)) { call in
+                let response = try await self.sendUnary(path: call.path, frame: frame, options: call.options)
+                answer.withLock { $0 = response }
+                return response.initialMetadata
+            }
+            guard let response = answer.withLock({ $0 }) else {
+                throw RPCError(code: .internal, message: "a client interceptor answered \(method.path) without calling the server")
+            }
+            raw = response
         }
         do {
             return ClientResponse(message: try Response(serializedBytes: raw.message),
                                   initialMetadata: raw.initialMetadata, trailingMetadata: raw.trailingMetadata)
         } catch {
             throw RPCError(code: .internal, message: "could not decode the response: \(error)")
+        }
+    }
+
+    /// One unary call with its retries, as it leaves (after the interceptors).
+    private func sendUnary(path: String, frame: [UInt8], options: CallOptions) async throws -> ClientResponse<[UInt8]> {
+        let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
+        let traceparent = (TraceContext.current?.child() ?? TraceContext.root()).traceparent
+        return try await withRetries(options: options, deadline: deadline) {
+            try await self.attemptUnary(path: path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
         }
     }
 
@@ -145,10 +166,25 @@ public final class RPCClient: @unchecked Sendable {
     public func serverStreaming<Request, Response>(_ method: MethodDescriptor<Request, Response>, _ request: Request,
                                                    options: CallOptions = CallOptions()) async throws -> ResponseStream<Response> {
         let frame = GRPCFraming.frame(request)
+        if configuration.interceptors.isEmpty { return try await openStream(path: method.path, frame: frame, options: options) }
+        let opened = Locked<ResponseStream<Response>?>(nil)
+        _ = try await ClientInterceptors.run(configuration.interceptors[...], ClientCallContext(path: method.path, kind: .serverStreaming, options: options)) { call in
+            let stream: ResponseStream<Response> = try await self.openStream(path: call.path, frame: frame, options: call.options)
+            opened.withLock { $0 = stream }
+            return stream.initialMetadata
+        }
+        guard let stream = opened.withLock({ $0 }) else {
+            throw RPCError(code: .internal, message: "a client interceptor answered \(method.path) without calling the server")
+        }
+        return stream
+    }
+
+    /// Opens one server-streaming call with its retries, as it leaves (after the interceptors).
+    private func openStream<Response>(path: String, frame: [UInt8], options: CallOptions) async throws -> ResponseStream<Response> {
         let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
         let traceparent = (TraceContext.current?.child() ?? TraceContext.root()).traceparent
         return try await withRetries(options: options, deadline: deadline) {
-            try await self.attemptStreaming(path: method.path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
+            try await self.attemptStreaming(path: path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
         }
     }
 
