@@ -6,6 +6,7 @@ calling protoc-c's own generated pack/unpack functions. For every service: typed
 descriptors. Input is a FileDescriptorSet (protoc --descriptor_set_out --include_imports);
 the C names follow protoc-c's rules and are checked against the generated headers.
 """
+import base64
 import os
 import re
 import sys
@@ -13,6 +14,10 @@ import sys
 from google.protobuf import descriptor_pb2 as d
 
 FD = d.FieldDescriptorProto
+
+# Packages compiled only to be served by reflection: wire-identical twins of a package whose
+# Swift and C types already exist (grpc.reflection.v1alpha is v1 under another name).
+SERVED_ONLY = {"grpc.reflection.v1alpha"}
 
 SWIFT_KEYWORDS = {
     "default", "protocol", "class", "struct", "enum", "func", "var", "let", "in", "is", "as",
@@ -129,9 +134,13 @@ def gen_message(m, fq, names, indent, out_ext):
     c_func = names.c_func[fq]
     lines = [f"{p}/// `{fq[1:]}`", f"{p}public struct {short}: Hashable, Sendable {{"]
     init_lines, to_c_lines = [], []
+    oneofs = {}  # oneof index -> its member fields
     for fld in m.field:
-        if fld.HasField("oneof_index") and not fld.proto3_optional:
-            raise SystemExit(f"swiftgen: oneof is not supported ({fq}.{fld.name})")
+        if fld.proto3_optional:
+            raise SystemExit(f"swiftgen: proto3 optional is not supported ({fq}.{fld.name})")
+        if fld.HasField("oneof_index"):
+            oneofs.setdefault(fld.oneof_index, []).append(fld)
+            continue
         if fld.proto3_optional:
             raise SystemExit(f"swiftgen: proto3 optional is not supported ({fq}.{fld.name})")
         sname = lower_camel(fld.name)
@@ -173,6 +182,8 @@ def gen_message(m, fq, names, indent, out_ext):
                 to_c_lines.append(f"c.{cname} = {s2c.format(v=sname)}")
         else:
             raise SystemExit(f"swiftgen: field type {fld.type} is not supported ({fq}.{fld.name})")
+    for index, members in sorted(oneofs.items()):
+        lines += gen_oneof(m.oneof_decl[index].name, members, c_type, names, p, init_lines, to_c_lines, fq)
     lines.append(f"{p}    public init() {{}}")
     for e in m.enum_type:
         lines.append("")
@@ -213,13 +224,56 @@ def gen_message(m, fq, names, indent, out_ext):
     return lines
 
 
+def gen_oneof(oneof_name, members, c_type, names, p, init_lines, to_c_lines, fq):
+    """A oneof: a Swift enum with one case per member and an optional property of it. The C side
+    is protoc-c's `<oneof>_case` (the member's field number) and a union of the members."""
+    enum_name = "".join(part[:1].upper() + part[1:] for part in oneof_name.split("_"))
+    prop = lower_camel(oneof_name)
+    case_type = f"{c_type}__{enum_name}Case"
+    lines = [f"{p}    /// The `{oneof_name}` oneof: at most one of its fields is set.",
+             f"{p}    public enum {enum_name}: Hashable, Sendable {{"]
+    init_lines.append(f"switch Int(c.{oneof_name}_case.rawValue) {{")
+    to_c_lines.append(f"switch {prop} {{")
+    for fld in members:
+        case = lower_camel(fld.name)
+        if fld.label == FD.LABEL_REPEATED:
+            raise SystemExit(f"swiftgen: a repeated field in a oneof is not possible ({fq}.{fld.name})")
+        if fld.type == FD.TYPE_MESSAGE:
+            t = names.swift[fld.type_name]
+            c2s = f"c.{fld.name}.map {{ .{case}({t}(c: $0.pointee)) }}"
+            s2c = f"arena.object(value.toC(arena))"
+        elif fld.type == FD.TYPE_ENUM:
+            t = names.swift[fld.type_name]
+            ct = names.c_type[fld.type_name]
+            c2s = f".{case}({t}(rawValue: Int32(bitPattern: UInt32(c.{fld.name}.rawValue))))"
+            s2c = f"{ct}(rawValue: numericCast(UInt32(bitPattern: value.rawValue)))"
+        elif fld.type in SCALARS:
+            t, _, conv_in, conv_out = SCALARS[fld.type]
+            c2s = f".{case}({conv_in.format(v=f'c.{fld.name}')})"
+            s2c = conv_out.format(v="value")
+        else:
+            raise SystemExit(f"swiftgen: field type {fld.type} is not supported ({fq}.{fld.name})")
+        lines.append(f"{p}        case {case}({t})")
+        init_lines.append(f"case {fld.number}: {prop} = {c2s}")
+        to_c_lines.append(f"case .{case}(let value)?:")
+        to_c_lines.append(f"    c.{oneof_name}_case = {case_type}(rawValue: {fld.number})")
+        to_c_lines.append(f"    c.{fld.name} = {s2c}")
+    lines.append(f"{p}    }}")
+    lines.append(f"{p}    public var {prop}: {enum_name}? = nil")
+    init_lines.append(f"default: {prop} = nil")
+    init_lines.append("}")
+    to_c_lines.append("case nil: break")
+    to_c_lines.append("}")
+    return lines
+
+
 def gen_service(s, package, names):
     lines = [f"/// Method descriptors of `{package}.{s.name}`.", f"public enum {s.name} {{",
              f'    public static let name = "{package}.{s.name}"']
     for m in s.method:
-        if m.client_streaming:
+        if m.client_streaming and not m.server_streaming:
             raise SystemExit(f"swiftgen: client streaming is not supported ({s.name}.{m.name})")
-        kind = ".serverStreaming" if m.server_streaming else ".unary"
+        kind = ".bidiStreaming" if m.client_streaming else ".serverStreaming" if m.server_streaming else ".unary"
         req, resp = names.swift[m.input_type], names.swift[m.output_type]
         mname = m.name[:1].lower() + m.name[1:]
         lines.append(f"    public static let {mname} = MethodDescriptor<{req}, {resp}>("
@@ -238,7 +292,7 @@ def main():
         names.add_file(f)
     os.makedirs(out_dir, exist_ok=True)
     for f in fds.file:
-        if f.name.startswith("google/"):
+        if f.name.startswith("google/") or f.package in SERVED_ONLY:
             continue
         body, exts = [], []
         for e in f.enum_type:
@@ -260,6 +314,67 @@ def main():
         out = os.path.join(out_dir, f.name.replace("/", "_").replace(".proto", ".pb.swift"))
         with open(out, "w") as fh:
             fh.write("\n".join(text).rstrip() + "\n")
+    with open(os.path.join(out_dir, "descriptors.pb.swift"), "w") as fh:
+        fh.write(gen_descriptor_index(fds))
+
+
+def symbols(f):
+    """The fully qualified names a file defines: messages and enums (nested too), services and
+    their methods."""
+    prefix = f.package + "." if f.package else ""
+    found = []
+
+    def walk(scope, messages, enums):
+        for e in enums:
+            found.append(scope + e.name)
+        for m in messages:
+            found.append(scope + m.name)
+            walk(scope + m.name + ".", m.nested_type, m.enum_type)
+
+    walk(prefix, f.message_type, f.enum_type)
+    for s in f.service:
+        found.append(prefix + s.name)
+        found += [f"{prefix}{s.name}.{m.name}" for m in s.method]
+    return found
+
+
+def gen_descriptor_index(fds):
+    """Every compiled .proto file as a serialized FileDescriptorProto (base64: a long string
+    literal compiles fast, a long array literal does not), with its dependencies and symbols."""
+    lines = ["// Generated by proto/swiftgen.py from every .proto file. Do not edit: run proto/generate.", "",
+             "/// The compiled .proto files, for gRPC server reflection.",
+             "public enum ProtoFiles {",
+             "    /// One .proto file.",
+             "    public struct File: Sendable {",
+             "        /// Its path, e.g. `talkmesh/v1/media.proto`.",
+             "        public let name: String",
+             "        /// The paths of the files it imports.",
+             "        public let dependencies: [String]",
+             "        /// What it defines, fully qualified: messages, enums, services and `Service.Method`.",
+             "        public let symbols: [String]",
+             "        /// Its `google.protobuf.FileDescriptorProto`, serialized, in base64.",
+             "        public let descriptorBase64: String",
+             "",
+             "        public init(name: String, dependencies: [String], symbols: [String], descriptorBase64: String) {",
+             "            self.name = name",
+             "            self.dependencies = dependencies",
+             "            self.symbols = symbols",
+             "            self.descriptorBase64 = descriptorBase64",
+             "        }",
+             "    }", "",
+             "    public static let all: [File] = ["]
+    for f in fds.file:
+        clean = d.FileDescriptorProto()
+        clean.CopyFrom(f)
+        clean.ClearField("source_code_info")
+        encoded = base64.b64encode(clean.SerializeToString(deterministic=True)).decode()
+        deps = ", ".join(f'"{x}"' for x in f.dependency)
+        syms = ", ".join(f'"{x}"' for x in symbols(f))
+        lines.append(f'        File(name: "{f.name}", dependencies: [{deps}],')
+        lines.append(f'             symbols: [{syms}],')
+        lines.append(f'             descriptorBase64: "{encoded}"),')
+    lines += ["    ]", "}", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

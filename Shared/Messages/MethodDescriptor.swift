@@ -4,6 +4,8 @@ public enum MethodKind: Sendable, Hashable {
     case unary
     /// One request, a stream of responses.
     case serverStreaming
+    /// A stream of requests and a stream of responses, both open at once.
+    case bidiStreaming
 }
 
 /// A gRPC method with its request and response types, generated from the service in the .proto.

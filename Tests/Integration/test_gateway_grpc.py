@@ -81,3 +81,18 @@ def test_create_job_over_grpc_reuses_the_keys_own_uploads_and_forces_the_owner(w
         last = update
     assert last is not None and last.status in TERMINAL and last.status == pb.COMPLETED, last
     assert (last.width, last.height) == (256, 384) and last.video_key
+
+
+def test_reflection_through_the_gateway_needs_a_key_and_lists_the_dispatcher(world):
+    from grpc_reflection.v1alpha import reflection_pb2 as r
+    channel = grpc.insecure_channel(world["gateway"].service.address)
+    info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=r.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=r.ServerReflectionResponse.FromString)
+    ask = [r.ServerReflectionRequest(list_services="")]
+    with pytest.raises(grpc.RpcError) as refused:
+        list(info(iter(ask), timeout=10))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    listed = list(info(iter(ask), metadata=bearer(world["key"]), timeout=10))
+    assert "talkmesh.v1.DispatcherService" in {s.name for s in listed[0].list_services_response.service}
+    channel.close()

@@ -22,10 +22,10 @@ struct HealthServiceTests {
         let method = try #require(registry.method(for: Health.check.path))
         var request = HealthCheckRequest()
         let writer = RawResponseWriter { _ in }
-        let framed = try #require(try await method.run(request.serializedBytes(), ServerContext(path: ""), writer))
+        let framed = try #require(try await method.run(.message(request.serializedBytes()), ServerContext(path: ""), writer))
         #expect(try HealthCheckResponse(serializedBytes: Array(framed.dropFirst(5))).status == .serving)
         request.service = "missing"
-        await #expect(throws: RPCError.self) { _ = try await method.run(request.serializedBytes(), ServerContext(path: ""), writer) }
+        await #expect(throws: RPCError.self) { _ = try await method.run(.message(request.serializedBytes()), ServerContext(path: ""), writer) }
     }
 
     @Test("Watch sends the current status, every change, and ends on shutdown")
@@ -41,7 +41,7 @@ struct HealthServiceTests {
         }
         var request = HealthCheckRequest()
         request.service = "svc"
-        let task = Task { try await method.run(request.serializedBytes(), ServerContext(path: ""), writer) }
+        let task = Task { try await method.run(.message(request.serializedBytes()), ServerContext(path: ""), writer) }
         try await received.waitFor(count: 1)
         health.setStatus(.serving, for: "svc")
         try await received.waitFor(count: 2)

@@ -11,7 +11,21 @@ public struct RPCServiceRegistry: Sendable {
         var index = 0
         /// Runs the handler; a unary call returns its framed response, a streaming one writes
         /// through the writer and returns nil.
-        var run: @Sendable ([UInt8], ServerContext, RawResponseWriter) async throws -> [UInt8]?
+        var run: @Sendable (RequestBody, ServerContext, RawResponseWriter) async throws -> [UInt8]?
+    }
+
+    /// What a handler is given of the request: its one message (unary, server streaming), or
+    /// the stream its messages arrive on (bidirectional).
+    enum RequestBody: Sendable {
+        case message([UInt8])
+        case stream(RawRequestStream)
+
+        var message: [UInt8] {
+            get throws {
+                guard case .message(let bytes) = self else { throw RPCError(code: .internal, message: "a streamed request for a one-message method") }
+                return bytes
+            }
+        }
     }
 
     /// Runs around every registered method's handler, outermost first: auth, limits, access
@@ -41,8 +55,8 @@ public struct RPCServiceRegistry: Sendable {
         _ handler: @escaping @Sendable (Request, ServerContext) async throws -> Response
     ) {
         precondition(descriptor.kind == .unary, "\(descriptor.path) is not unary")
-        methods[descriptor.path] = Method(path: descriptor.path, kind: .unary) { bytes, context, _ in
-            let request = try Self.decode(Request.self, bytes)
+        methods[descriptor.path] = Method(path: descriptor.path, kind: .unary) { body, context, _ in
+            let request = try Self.decode(Request.self, try body.message)
             return GRPCFraming.frame(try await handler(request, context))
         }
         renumber()
@@ -54,9 +68,25 @@ public struct RPCServiceRegistry: Sendable {
         _ handler: @escaping @Sendable (Request, ServerContext, ResponseWriter<Response>) async throws -> Void
     ) {
         precondition(descriptor.kind == .serverStreaming, "\(descriptor.path) is not server streaming")
-        methods[descriptor.path] = Method(path: descriptor.path, kind: .serverStreaming) { bytes, context, writer in
-            let request = try Self.decode(Request.self, bytes)
+        methods[descriptor.path] = Method(path: descriptor.path, kind: .serverStreaming) { body, context, writer in
+            let request = try Self.decode(Request.self, try body.message)
             try await handler(request, context, ResponseWriter(raw: writer))
+            return nil
+        }
+        renumber()
+    }
+
+    /// Registers a bidirectional-streaming handler: it starts when the call's headers arrive,
+    /// reads requests as the client sends them and writes responses whenever it likes; the call
+    /// ends (status OK) when it returns.
+    public mutating func register<Request, Response>(
+        _ descriptor: MethodDescriptor<Request, Response>,
+        _ handler: @escaping @Sendable (RequestStream<Request>, ServerContext, ResponseWriter<Response>) async throws -> Void
+    ) {
+        precondition(descriptor.kind == .bidiStreaming, "\(descriptor.path) is not bidirectional streaming")
+        methods[descriptor.path] = Method(path: descriptor.path, kind: .bidiStreaming) { body, context, writer in
+            guard case .stream(let raw) = body else { throw RPCError(code: .internal, message: "a bidirectional call without its stream") }
+            try await handler(RequestStream(raw: raw), context, ResponseWriter(raw: writer))
             return nil
         }
         renumber()
@@ -70,9 +100,9 @@ public struct RPCServiceRegistry: Sendable {
     func method(for path: String) -> Method? {
         guard var method = methods[path], !interceptors.isEmpty else { return methods[path] }
         let handler = method.run, chain = interceptors
-        method.run = { bytes, context, writer in
+        method.run = { body, context, writer in
             let result = HandlerResult()
-            var next: @Sendable (ServerContext) async throws -> Void = { context in result.bytes = try await handler(bytes, context, writer) }
+            var next: @Sendable (ServerContext) async throws -> Void = { context in result.bytes = try await handler(body, context, writer) }
             for interceptor in chain.reversed() {
                 let inner = next
                 next = { context in try await interceptor(context, inner) }
@@ -83,7 +113,7 @@ public struct RPCServiceRegistry: Sendable {
         return method
     }
 
-    private static func decode<Request: ProtoMessage>(_ type: Request.Type, _ bytes: [UInt8]) throws -> Request {
+    static func decode<Request: ProtoMessage>(_ type: Request.Type, _ bytes: [UInt8]) throws -> Request {
         do {
             return try Request(serializedBytes: bytes)
         } catch {

@@ -6,12 +6,19 @@ import TalkMeshBase
 // (Trailers-Only or trailers after data), counted and, when failed, logged once.
 extension HTTP2ServerSession {
     func dispatchGRPC(_ stream: HTTP2Stream) {
-        guard let method = stream.grpcMethod, let reader = stream.reader else { return }
-        stream.reader = nil
-        guard let request = reader.firstMessage, reader.messageCount == 1, !reader.hasPartialMessage else {
-            respondStatus(stream, RPCError(code: .internal, message: reader.messageCount == 0 || reader.hasPartialMessage
-                ? "the request ended without a complete message" : "a \(method.kind) call takes one request message"))
-            return
+        guard let method = stream.grpcMethod else { return }
+        let request: RPCServiceRegistry.RequestBody
+        if let requests = stream.requestStream {
+            request = .stream(requests)  // bidirectional: started on the headers, reads as requests arrive
+        } else {
+            guard let reader = stream.reader else { return }
+            stream.reader = nil
+            guard let message = reader.firstMessage, reader.messageCount == 1, !reader.hasPartialMessage else {
+                respondStatus(stream, RPCError(code: .internal, message: reader.messageCount == 0 || reader.hasPartialMessage
+                    ? "the request ended without a complete message" : "a \(method.kind) call takes one request message"))
+                return
+            }
+            request = .message(message)
         }
         let deadline = stream.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0, from: stream.startedAt) }
         var context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
@@ -62,6 +69,11 @@ extension HTTP2ServerSession {
 
     func complete(_ streamID: Int32, _ result: Result<[UInt8]?, RPCError>) {
         guard let stream = streams[streamID], !stream.answered else { return }
+        if stream.streamsBody && !stream.requestComplete {
+            // A bidirectional call ended before the client half-closed: it is asked to stop sending.
+            stopBody(stream, .aborted)
+            resetAfterResponse(stream)
+        }
         switch result {
         case .success(let framed):
             if let framed {

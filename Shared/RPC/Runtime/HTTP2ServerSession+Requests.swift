@@ -121,6 +121,21 @@ extension HTTP2ServerSession {
                 }
                 startDeadline(stream, after: timeout)
             }
+            if method.kind == .bidiStreaming {
+                // Its handler starts now (after this read) and takes the requests as they arrive;
+                // each message is bounded by the reader, the stream by flow control.
+                let loop = connection.loop, connectionID = connection.id, streamID = stream.id
+                let body = HTTPBodyStream { count in
+                    loop.execute { loop.http2Session(connectionID)?.consumed(streamID, count) }
+                }
+                stream.reader = nil
+                stream.bodyStream = body
+                stream.requestStream = RawRequestStream(body: body, maxMessageBytes: core.configuration.maxReceiveMessageBytes)
+                stream.bodyLimit = Int.max
+                stream.streamsBody = true
+                stream.bodyOpen = true
+                ready.append(stream)
+            }
         } else if core.registry.method(for: stream.path) != nil {
             // A gRPC method called without the gRPC content type (gRPC's HTTP/2 protocol: 415).
             stream.metricLabel = "grpc-method"

@@ -15,6 +15,8 @@ final class HTTP2Stream {
     var restHeaders: [(name: String, value: String)] = []
     var headerBytes = 0
     var reader: GRPCMessageReader?
+    /// A bidirectional call's requests, read by its handler as they arrive (over `bodyStream`).
+    var requestStream: RawRequestStream?
     var body: [UInt8] = []
     var grpcMethod: RPCServiceRegistry.Method?
     /// A response was already decided (error or complete); later input is ignored.

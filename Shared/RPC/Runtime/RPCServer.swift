@@ -73,7 +73,8 @@ public final class RPCServer: @unchecked Sendable {
     /// The request metrics served at `/metrics`.
     public var metrics: RequestMetrics { core.metrics }
 
-    /// Creates a server. `Health`, `/healthz`, `/readyz` and `/metrics` are added to what is given.
+    /// Creates a server. `Health`, reflection (`grpc.reflection.v1`, `v1alpha`), `/healthz`, `/readyz`
+    /// and `/metrics` are added to what is given.
     /// `metricsSources` add their Prometheus text to `/metrics` (a service's own metrics).
     public init(configuration: Configuration, services: RPCServiceRegistry = RPCServiceRegistry(),
                 router: HTTPRouter = HTTPRouter(), health: HealthService = HealthService(),
@@ -83,6 +84,8 @@ public final class RPCServer: @unchecked Sendable {
         self.configuration = configuration
         var services = services
         health.register(into: &services)
+        // Reflection lists what this server serves, itself included.
+        ReflectionService(services: services.serviceNames).register(into: &services)
         for name in services.serviceNames where name != Health.name { health.setStatus(.serving, for: name) }
         let metrics = RequestMetrics(shards: configuration.eventLoops, service: configuration.serviceName,
                                      grpcMethods: services.metricNames)
