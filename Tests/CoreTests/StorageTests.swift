@@ -1,6 +1,7 @@
+import Foundation
+import Glibc
 import TalkMeshBase
 import Testing
-import Glibc
 import TalkMeshCore
 
 @Suite("Blob keys and the file store")
@@ -19,7 +20,8 @@ struct StorageTests {
 
     @Test("put, get, exists, delete; writes are atomic (no partial file left)")
     func fileStore() throws {
-        let root = "/tmp/talkmesh-store-test-\(getpid())"
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("talkmesh-store-test-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
         let store = try FileBlobStore(root: root)
         let key = try BlobKey("jobs/x/data.bin")
         #expect(try !store.exists(key))

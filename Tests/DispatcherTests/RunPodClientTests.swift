@@ -195,6 +195,24 @@ struct RunPodClientTests {
         }
     }
 
+    @Test("5xx waits an exponential backoff between attempts, seen in the emulator's arrival times")
+    func serverErrorsBackOff() async throws {
+        let emulator = try Emulator(["--http-500-rate", "1"])
+        // Attempt n waits a jittered time in [cap/2, cap], cap = 0.2 s × 2^(n-1) up to 0.8 s.
+        let client = emulator.client {
+            $0.maxAttempts = 4
+            $0.backoffInitial = 0.2
+            $0.backoffMax = 0.8
+        }
+        await #expect(throws: ServiceError.self) { _ = try await client.health() }
+        let times = try await emulator.requests().map { $0[1] as! Double }
+        #expect(times.count == 4)
+        // Each wait is at least half its cap (sleeping never ends early): 0.1, 0.2, 0.4 s, growing.
+        for (index, (earlier, later)) in zip(times, times.dropFirst()).enumerated() {
+            #expect(later - earlier >= 0.1 * pow(2, Double(index)) - 0.005, "wait \(index + 1): \(later - earlier) s")
+        }
+    }
+
     @Test("executionTimeout ends a job TIMED_OUT; a hanging job stays IN_PROGRESS")
     func timedOutAndHanging() async throws {
         let slow = try Emulator(["--speed", "1"])

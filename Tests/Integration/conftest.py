@@ -1,5 +1,6 @@
 """Fixtures for the integration tests: they start the real executables on loopback and talk to
 them as clients would (grpcio, curl, h2load, the h2 library over raw sockets)."""
+import json
 import os
 import shutil
 import signal
@@ -16,9 +17,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.environ.get("TALKMESH_BIN", os.path.join(ROOT, ".build", "debug"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """TALKMESH_TEST_ORDER=reverse runs every test in the opposite order: a test that needs what
+    another made fails then (each test creates what it uses)."""
+    if os.environ.get("TALKMESH_TEST_ORDER") == "reverse":
+        items.reverse()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "memory_bound: asserts a process's RSS stays under a bound; deselected in sanitizer runs "
                             "(scripts/sanitize), whose shadow memory and quarantine of freed blocks are not the service's")
+
+
+# What lives as long as the session (the stubs, every service's log, kept for failure messages),
+# removed when it ends.
+LEFT_FOR_THE_END = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for path in LEFT_FOR_THE_END:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.unlink(path)
 
 
 def _generate_stubs():
@@ -46,6 +67,7 @@ def _generate_stubs():
     for pkg in ("tmhealth", "tmecho", "tmaudio", "tmmedia", "tmdispatcher"):
         open(os.path.join(out, pkg, "__init__.py"), "w").close()
     sys.path.insert(0, out)
+    LEFT_FOR_THE_END.append(out)
 
 
 _generate_stubs()
@@ -62,18 +84,20 @@ class Service:
 
     def __init__(self, exe, env=None, args=(), host="127.0.0.1", port=None, nofile=None):
         """`port`: where the service is expected to listen when a flag, not PORT, sets it;
-        `nofile`: a descriptor limit (RLIMIT_NOFILE) for the process."""
+        `nofile`: a descriptor limit (RLIMIT_NOFILE) for the process. Without either of `port` or
+        a PORT in `env`, the service binds PORT=0 and the port it got is read from its log (no
+        race for a port picked free beforehand)."""
         self.exe = exe
         self.host = host
-        env_port = free_port(host)
-        self.port = port or env_port
+        self.port = port or (int(env["PORT"]) if env and "PORT" in env else None)
         self.log = tempfile.NamedTemporaryFile(prefix=f"{exe}-", suffix=".log", delete=False)
+        LEFT_FOR_THE_END.append(self.log.name)
         full_env = dict(os.environ)
         scratch = tempfile.mkdtemp(prefix="talkmesh-service-")
         self.scratch = scratch
         # The Dispatcher needs a job store and a RunPod endpoint; by default a fresh store and
         # a port nothing listens on (tests that run jobs point it at the emulator).
-        full_env.update({"HOST": host, "PORT": str(env_port), "LOG_LEVEL": "debug",
+        full_env.update({"HOST": host, "PORT": "0", "LOG_LEVEL": "debug",
                          "BLOB_STORE": "file://" + os.path.join(scratch, "blobs"),
                          "JOB_STORE": "sqlite://" + os.path.join(scratch, "jobs.db"),
                          "RUNPOD_ENDPOINT_ID": "test", "RUNPOD_BASE_URL": "http://127.0.0.1:9/v2"})
@@ -90,11 +114,23 @@ class Service:
     def address(self):
         return f"{self.host}:{self.port}"
 
+    def bound_port(self):
+        """The port in the service's "serving" log line (it bound PORT=0), or None before it."""
+        for line in self.read_log().splitlines():
+            if '"serving gRPC, HTTP/2 and HTTP/1.1"' in line:
+                return int(json.loads(line)["port"])
+        return None
+
     def wait_ready(self, timeout=20):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.exe} exited with {self.proc.returncode}: {self.read_log()}")
+            if self.port is None:
+                self.port = self.bound_port()
+                if self.port is None:
+                    time.sleep(0.02)
+                    continue
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return

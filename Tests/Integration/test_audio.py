@@ -3,8 +3,10 @@ format, exact reassembly, RunPod's size limit, and the error paths. Fixtures are
 (numpy PCM, espeak-ng speech, the ffmpeg CLI for other formats)."""
 import base64
 import os
+import shutil
 import subprocess
 import tempfile
+import time
 import wave
 
 import grpc
@@ -18,16 +20,31 @@ from tmaudio import audio_pb2, audio_pb2_grpc
 
 @pytest.fixture(scope="module")
 def blobs():
-    return tempfile.mkdtemp(prefix="talkmesh-audio-blobs-")
+    directory = tempfile.mkdtemp(prefix="talkmesh-audio-blobs-")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+# The module's Audio service, for tests that read its /metrics.
+RUNNING = {}
 
 
 @pytest.fixture(scope="module")
 def audio(blobs):
     service = Service("talkmesh-audio", env={"BLOB_STORE": f"file://{blobs}", "MAX_AUDIO_SEC": "900"})
+    RUNNING["audio"] = service
     channel = grpc.insecure_channel(service.address)
     yield audio_pb2_grpc.AudioServiceStub(channel), blobs
     channel.close()
+    RUNNING.pop("audio")
     assert service.stop() == 0
+
+
+def work_pool(service):
+    """The service's work-pool figures from /metrics."""
+    status, text = service.http_get("/metrics")
+    assert status == 200
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("talkmesh_work_pool_")}
 
 
 def write_wav(path, samples, rate, channels):
@@ -156,11 +173,18 @@ def test_long_speech_chunks_tile_the_timeline_on_the_frame_grid(audio, long_spee
     assert np.max(np.abs(reference[:n].astype(int) - full[:n].astype(int))) <= 64
 
 
-def test_short_audio_is_one_chunk_and_identical_samples(audio):
-    stub, blobs = audio
+@pytest.fixture(scope="module")
+def short_native(blobs):
+    """Four seconds of 16 kHz mono 16-bit: three of tone, one of silence (what RunPod takes)."""
     key = "short/native.wav"
     samples = layout_pcm(16000, 1, [(3.0, True), (1.0, False)])
     write_wav(os.path.join(blobs, key), samples, 16000, 1)
+    return key, samples
+
+
+def test_short_audio_is_one_chunk_and_identical_samples(audio, short_native):
+    stub, blobs = audio
+    key, samples = short_native
     response = stub.SplitAudio(audio_pb2.SplitAudioRequest(audio_key=key), timeout=30)
     assert len(response.chunks) == 1
     _, _, chunk = read_chunk(blobs, response.chunks[0].key)
@@ -264,7 +288,7 @@ def test_missing_key_and_bad_keys(audio):
     ("sample_rate", {"sample_rate": 1000}),
     ("channels", {"channels": 3}),
 ])
-def test_invalid_parameters_name_the_field(audio, field, request_args):
+def test_invalid_parameters_name_the_field(audio, field, request_args, short_native):
     stub, _ = audio
     args = {"audio_key": "short/native.wav", **request_args} if field != "audio_key" else {}
     code, details = error_of(lambda: stub.SplitAudio(audio_pb2.SplitAudioRequest(**args), timeout=30))
@@ -272,14 +296,14 @@ def test_invalid_parameters_name_the_field(audio, field, request_args):
     assert details.startswith(f"INVALID_ARGUMENT: {field}:"), details
 
 
-def test_a_chunk_over_runpods_limit_is_refused_before_work(audio):
+def test_a_chunk_over_runpods_limit_is_refused_before_work(audio, short_native):
     stub, _ = audio
     code, details = error_of(lambda: stub.SplitAudio(audio_pb2.SplitAudioRequest(
         audio_key="short/native.wav", sample_rate=48000, channels=2), timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("CHUNK_TOO_LARGE:")
 
 
-def test_audio_over_the_limit(blobs):
+def test_audio_over_the_limit(blobs, short_native):
     service = Service("talkmesh-audio", env={"BLOB_STORE": f"file://{blobs}", "MAX_AUDIO_SEC": "3"})
     try:
         with grpc.insecure_channel(service.address) as channel:
@@ -290,11 +314,21 @@ def test_audio_over_the_limit(blobs):
         assert service.stop() == 0
 
 
-def test_deadline_stops_the_work_and_the_service_keeps_serving(audio, long_speech):
+def test_deadline_stops_the_work_and_the_service_keeps_serving(audio, long_speech, short_native):
+    """Seen from the server: the pool's job for the call ends by its cancellation flag (counted in
+    /metrics as stopped early), not by running to its end."""
     stub, _ = audio
+    service = RUNNING["audio"]
     key, _ = long_speech
+    before = work_pool(service)
     code, _ = error_of(lambda: stub.SplitAudio(audio_pb2.SplitAudioRequest(audio_key=key), timeout=0.02))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.time() + 20
+    while work_pool(service)["talkmesh_work_pool_busy"] > 0 and time.time() < deadline:
+        time.sleep(0.02)
+    after = work_pool(service)
+    assert after["talkmesh_work_pool_busy"] == 0
+    assert after["talkmesh_work_pool_jobs_stopped_total"] == before["talkmesh_work_pool_jobs_stopped_total"] + 1
     assert len(stub.SplitAudio(audio_pb2.SplitAudioRequest(audio_key="short/native.wav"), timeout=30).chunks) == 1
 
 

@@ -38,6 +38,29 @@ def test_calls_spread_evenly_across_three_servers():
             backend.stop()
 
 
+def test_calls_made_one_after_another_take_the_addresses_in_turn():
+    """Round robin, not merely an even spread: once every connection is ready, call n + 1 goes to
+    the next address after call n's, the same rotation every time."""
+    port = free_port()
+    backends = [start_backend(f"127.0.0.{n}", port, f"s{n}") for n in (2, 3, 4)]
+    try:
+        result = balance(f"ipv4:127.0.0.2:{port},127.0.0.3:{port},127.0.0.4:{port}", "--calls", "300", "--concurrency", "1")
+        assert result["failures"] == 0, result["errors"]
+        order = result["order"]
+        assert len(order) == 300
+        # The first calls may find only some connections ready; from the point all three have
+        # answered, plus a full turn, the order is one fixed rotation of the three.
+        start = max(order.index(name) for name in ("s2", "s3", "s4")) + 3
+        settled = order[start:]
+        assert len(settled) > 200
+        assert len(set(settled[:3])) == 3, order[:start + 6]
+        for index in range(len(settled) - 3):
+            assert settled[index] == settled[index + 3] and settled[index] != settled[index + 1], (index, settled[index:index + 6])
+    finally:
+        for backend in backends:
+            backend.stop()
+
+
 def test_killing_a_server_mid_run_fails_no_idempotent_call():
     port = free_port()
     backends = {n: start_backend(f"127.0.0.{n}", port, f"s{n}") for n in (2, 3, 4)}

@@ -247,7 +247,9 @@ def test_a_reader_that_stops_reading_does_not_make_the_server_buffer(testserver)
     client.flush()
     time.sleep(1.5)  # the handlers run into the stream bounds and wait
     grown = rss_kib(testserver.proc.pid) - before
-    assert grown < 16 * 1024, f"server RSS grew by {grown} KiB while the client was not reading"
+    # What the README states: a writer waits past 256 KiB unsent per stream (plus the message in hand),
+    # the socket side stops at 128 KiB: about 1.5 MiB for these four streams, 6 MiB with the allocator's slack.
+    assert grown < 6 * 1024, f"server RSS grew by {grown} KiB while the client was not reading"
     # Now read everything: all of it arrives, intact.
     assert client.pump(lambda: all(s in client.ended for s in ids), timeout=60)
     for sid in ids:

@@ -1,5 +1,6 @@
 """h2load, nghttp2's own load generator, against the runtime: bounded in count and time, and
 asserting correctness (no failures), never speed."""
+import os
 import re
 import subprocess
 import tempfile
@@ -13,6 +14,7 @@ def h2load(service, path, requests, clients, streams, body=b"\x00\x00\x00\x00\x0
          "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", fh.name,
          f"http://{service.address}{path}"],
         capture_output=True, text=True, timeout=120)
+    os.unlink(fh.name)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

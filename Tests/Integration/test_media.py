@@ -60,6 +60,7 @@ def media():
     yield media_pb2_grpc.MediaServiceStub(channel), blobs
     channel.close()
     assert service.stop() == 0
+    shutil.rmtree(blobs, ignore_errors=True)
 
 
 def error_of(call):
@@ -71,7 +72,7 @@ def error_of(call):
 # ---------------------------------------------------------------- ResizeImage
 
 @pytest.mark.parametrize("name,size", [("portrait", (1080, 1920)), ("landscape", (1920, 1080)), ("square", (800, 800))])
-@pytest.mark.parametrize("target", [(384, 576), (512, 512), (1280, 720)])
+@pytest.mark.parametrize("target", [(384, 576), (512, 512), (1280, 720), (64, 64), (4096, 64), (64, 4096)])  # the edges of 64–4096 too
 def test_resize_pads_centred_content(media, name, size, target):
     stub, blobs = media
     source = f"{blobs}/in/{name}.png"
@@ -138,13 +139,29 @@ def test_png_output_stays_within_ten_percent_of_libavcodecs_default(media):
     assert os.path.getsize(ours) <= 1.10 * os.path.getsize(default)
 
 
-def test_resize_crop_fills_the_frame(media):
+@pytest.mark.parametrize("size", [(1080, 1920), (1920, 1080)])
+def test_resize_crop_fills_the_frame_from_the_centre(media, size):
+    """The source's long axis has a red band at its start and a blue one at its end, each 10 % of
+    it; scaling the short side to 512 and cropping the centre removes about 22 % at each end, so a
+    centred crop shows neither band and green everywhere, and one that drifts by an eighth of the
+    frame would show one of them."""
     stub, blobs = media
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=1080x1920", "-frames:v", "1", f"{blobs}/in/crop.png")
-    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key="in/crop.png", width=512, height=512, fit="crop"), timeout=30)
-    image = pixels(os.path.join(blobs, response.image_key))
+    w, h = size
+    rgba = np.zeros((h, w, 4), dtype=np.uint8)
+    rgba[..., 1], rgba[..., 3] = 200, 255
+    band = max(w, h) // 10
+    if h > w:
+        rgba[:band, :, :3], rgba[-band:, :, :3] = (220, 0, 0), (0, 0, 220)
+    else:
+        rgba[:, :band, :3], rgba[:, -band:, :3] = (220, 0, 0), (0, 0, 220)
+    write_png_rgba(f"{blobs}/in/crop-{w}x{h}.png", rgba)
+    response = stub.ResizeImage(media_pb2.ResizeImageRequest(image_key=f"in/crop-{w}x{h}.png", width=512, height=512, fit="crop"),
+                                timeout=30)
+    image = pixels(os.path.join(blobs, response.image_key)).astype(int)
     assert image.shape == (512, 512, 3)
-    assert image[:, :8].max() > 40 and image[:8].max() > 40  # no black bars anywhere
+    # Green to every edge: no padding, and neither end's band.
+    for edge in (image[:2], image[-2:], image[:, :2], image[:, -2:]):
+        assert edge[..., 1].min() > 170 and edge[..., 0].max() < 40 and edge[..., 2].max() < 40
 
 
 def test_exif_orientation_is_honoured(media):
@@ -279,6 +296,43 @@ def test_a_failed_call_is_logged_once_with_its_cause_and_the_caller_gets_no_path
         assert first["trace_id"] == trace and first["level"] == "info"
         assert f"{blobs}/in/taken" in first["error"] and "Not a directory" in first["error"]
         assert "trace_id" not in failed[1] or failed[1]["trace_id"] != trace
+    finally:
+        assert service.stop() == 0
+        shutil.rmtree(blobs, ignore_errors=True)
+
+
+def pool_metrics(service):
+    status, text = service.http_get("/metrics")
+    assert status == 200
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("talkmesh_work_pool_")}
+
+
+@pytest.mark.parametrize("workers,calls", [(1, 4), (3, 6)])
+def test_workers_bounds_the_work_running_at_once(workers, calls):
+    """WORKERS threads decode and encode; calls beyond them wait. Seen from the server: the most
+    jobs that ever ran at once on its pool (/metrics) is at most WORKERS, and with one worker the
+    others were seen waiting."""
+    import concurrent.futures
+    blobs = tempfile.mkdtemp(prefix="talkmesh-media-workers-")
+    os.makedirs(f"{blobs}/in")
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=s=3000x3000", "-frames:v", "1", f"{blobs}/in/big.png")
+    service = Service("talkmesh-media", env={"BLOB_STORE": f"file://{blobs}", "WORKERS": str(workers)})
+    try:
+        channel = grpc.insecure_channel(service.address)
+        stub = media_pb2_grpc.MediaServiceStub(channel)
+        request = media_pb2.ResizeImageRequest(image_key="in/big.png", width=1280, height=720)
+        with concurrent.futures.ThreadPoolExecutor(calls) as pool:
+            results = list(pool.map(lambda _: stub.ResizeImage(request, timeout=120), range(calls)))
+        assert all((r.width, r.height) == (1280, 720) for r in results)
+        seen = pool_metrics(service)
+        assert seen["talkmesh_work_pool_threads"] == workers
+        assert seen["talkmesh_work_pool_jobs_total"] == calls
+        assert 1 <= seen["talkmesh_work_pool_busy_max"] <= workers
+        assert seen["talkmesh_work_pool_busy"] == 0 and seen["talkmesh_work_pool_queued"] == 0
+        if workers == 1:
+            assert seen["talkmesh_work_pool_queued_max"] >= 1
+        channel.close()
     finally:
         assert service.stop() == 0
         shutil.rmtree(blobs, ignore_errors=True)

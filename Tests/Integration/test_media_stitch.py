@@ -150,6 +150,7 @@ def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(media, parts):
             assert service.stop() == 0
     finally:
         subprocess.run(["umount", mount], check=True)
+        os.rmdir(mount)
 
 
 def test_a_deadline_stops_a_stitch_and_the_service_keeps_serving(media, parts):

@@ -3,6 +3,7 @@ limits, faults, and the video it renders (probed with ffprobe)."""
 import base64
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -24,7 +25,9 @@ def media_inputs():
     ffmpeg("-f", "lavfi", "-i", "testsrc2=s=384x576", "-frames:v", "1", f"{d}/face.png")
     ffmpeg("-f", "lavfi", "-i", "sine=f=300:sample_rate=16000", "-t", "7.3", "-ac", "1", "-c:a", "pcm_s16le", f"{d}/chunk.wav")
     with open(f"{d}/face.png", "rb") as a, open(f"{d}/chunk.wav", "rb") as b:
-        return base64.b64encode(a.read()).decode(), base64.b64encode(b.read()).decode()
+        encoded = base64.b64encode(a.read()).decode(), base64.b64encode(b.read()).decode()
+    shutil.rmtree(d, ignore_errors=True)
+    return encoded
 
 
 def body(media_inputs, **policy):

@@ -1,6 +1,7 @@
 """TLS on the same port: ALPN h2 for gRPC (grpcio secure channel), http/1.1 for curl; mutual TLS
 refuses a client without a certificate. Certificates are made by the test with openssl."""
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -27,7 +28,8 @@ def certs():
             fh.write(ext + "\n")
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
-    return d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def read(d, name):

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import TalkMeshCore
 import TalkMeshMessages
@@ -47,7 +48,13 @@ struct ExifOrientationTests {
 
 @Suite("Resize parameters and geometry")
 struct ResizeGeometryTests {
-    let resizer = ImageResizer(store: try! FileBlobStore(root: "/tmp/talkmesh-media-unit"))
+    /// Geometry touches no file: the store's directory is removed as soon as the store is made.
+    let resizer: ImageResizer = {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("talkmesh-media-unit-\(UUID().uuidString)").path
+        let store = try! FileBlobStore(root: root)
+        try? FileManager.default.removeItem(atPath: root)
+        return ImageResizer(store: store)
+    }()
 
     func options(_ width: Int32, _ height: Int32, fit: String = "") throws -> ImageResizer.Options {
         var request = ResizeImageRequest()

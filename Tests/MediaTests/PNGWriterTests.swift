@@ -1,3 +1,4 @@
+import Foundation
 import CTalkMesh
 import Glibc
 import Testing
@@ -9,8 +10,7 @@ import TalkMeshLibAV
 struct PNGWriterTests {
     /// Decodes PNG bytes with libavcodec's own PNG decoder into RGB24 rows.
     func decode(_ png: [UInt8]) throws -> (Int, Int, [UInt8]) {
-        let directory = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
-        let path = "\(directory)/talkmesh-pngwriter-\(getpid())-\(png.count).png"
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("talkmesh-pngwriter-\(UUID().uuidString).png").path
         try FileBlobStore.writeAll(path, png)
         defer { unlink(path) }
         let input = try MediaInput(path: path, flag: CancellationFlag(), invalid: .invalidImage)

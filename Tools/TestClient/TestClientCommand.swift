@@ -184,7 +184,9 @@ struct Balance: AsyncParsableCommand {
         }
         let failures = outcomes.filter { $0.0 == nil }.count
         let addresses = await client.addresses().map { "\($0.address)=\($0.state)" }
-        print(json(["by_server": byServer, "failures": failures, "errors": errors, "addresses": addresses]))
+        // With one worker the calls are made one after another: the servers in call order.
+        let order: [Any] = concurrency == 1 ? outcomes.prefix(1000).map { $0.0 ?? "-" } : []
+        print(json(["by_server": byServer, "failures": failures, "errors": errors, "addresses": addresses, "order": order]))
         client.close()
     }
 }

@@ -13,7 +13,9 @@ enum AudioCommand {
             var configuration = AudioSplitter.Configuration()
             configuration.maxAudioSeconds = Double(try settings.integer(.maxAudioSec))
             let splitter = AudioSplitter(store: try BlobSettings.makeStore(settings), configuration: configuration)
-            AudioHandlers(splitter: splitter, pool: try BlobSettings.makePool(settings)).register(into: &setup.services)
+            let pool = try BlobSettings.makePool(settings)
+            setup.metricsSources.append { pool.prometheusText() }
+            AudioHandlers(splitter: splitter, pool: pool).register(into: &setup.services)
         }
     }
 }

@@ -18,7 +18,9 @@ enum MediaCommand {
             let store = try BlobSettings.makeStore(settings)
             var configuration = ImageResizer.Configuration()
             configuration.maxPixels = try settings.integer(.maxImagePixels)
-            MediaHandlers(store: store, pool: try BlobSettings.makePool(settings), resizer: ImageResizer(store: store, configuration: configuration))
+            let pool = try BlobSettings.makePool(settings)
+            setup.metricsSources.append { pool.prometheusText() }
+            MediaHandlers(store: store, pool: pool, resizer: ImageResizer(store: store, configuration: configuration))
                 .register(into: &setup.services)
         }
     }

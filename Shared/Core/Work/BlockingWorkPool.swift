@@ -28,6 +28,12 @@ public final class BlockingWorkPool: @unchecked Sendable {
     private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var queue: [Job] = []
     private var nextID: UInt64 = 0
+    /// Under `mutex`: jobs running now, the most that ever ran at once, and jobs run.
+    private var busy = 0
+    private var mostBusy = 0
+    private var mostQueued = 0
+    private var finished: UInt64 = 0
+    private var stopped: UInt64 = 0
     public let threads: Int
 
     /// `threads` 0: one per core.
@@ -59,9 +65,16 @@ public final class BlockingWorkPool: @unchecked Sendable {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
                 box.continuation = continuation
                 locked {
-                    queue.append(Job(id: id) {
-                        do { box.finish(.success(try body(flag))) } catch { box.finish(.failure(error)) }
+                    queue.append(Job(id: id) { [self] in
+                        do {
+                            box.finish(.success(try body(flag)))
+                        } catch {
+                            // Ended by its flag: the work stopped early, as a deadline or a cancel asks.
+                            if flag.isCancelled { locked { stopped += 1 } }
+                            box.finish(.failure(error))
+                        }
                     })
+                    mostQueued = max(mostQueued, queue.count)
                 }
                 pthread_cond_signal(condition)
             }
@@ -87,9 +100,37 @@ public final class BlockingWorkPool: @unchecked Sendable {
             pthread_mutex_lock(mutex)
             while queue.isEmpty { pthread_cond_wait(condition, mutex) }
             let job = queue.removeFirst()
+            busy += 1
+            mostBusy = max(mostBusy, busy)
             pthread_mutex_unlock(mutex)
             job.run()
+            locked {
+                busy -= 1
+                finished += 1
+            }
         }
+    }
+
+    /// The pool in Prometheus text: its threads, what runs and waits now, the most that ever ran
+    /// and waited at once (the proof that `WORKERS` bounds the work), and the jobs run.
+    public func prometheusText(prefix: String = "talkmesh_work_pool") -> String {
+        let (busy, queued, mostBusy, mostQueued, finished, stopped) = locked {
+            (self.busy, queue.count, self.mostBusy, self.mostQueued, self.finished, self.stopped)
+        }
+        var text = ""
+        for (name, kind, help, value) in [
+            ("threads", "gauge", "Threads of the blocking work pool (WORKERS).", String(threads)),
+            ("busy", "gauge", "Jobs running on the pool now.", String(busy)),
+            ("queued", "gauge", "Jobs waiting for a pool thread now.", String(queued)),
+            ("busy_max", "gauge", "The most jobs that ran on the pool at once since start.", String(mostBusy)),
+            ("queued_max", "gauge", "The most jobs that waited for a pool thread at once since start.", String(mostQueued)),
+            ("jobs_total", "counter", "Jobs the pool ran to their end.", String(finished)),
+            ("jobs_stopped_total", "counter", "Jobs that stopped early, failing once their call was cancelled or its deadline passed.",
+             String(stopped)),
+        ] {
+            text += "# HELP \(prefix)_\(name) \(help)\n# TYPE \(prefix)_\(name) \(kind)\n\(prefix)_\(name) \(value)\n"
+        }
+        return text
     }
 }
 
