@@ -15,9 +15,34 @@ from google.protobuf import descriptor_pb2 as d
 
 FD = d.FieldDescriptorProto
 
-# Packages compiled only to be served by reflection: wire-identical twins of a package whose
-# Swift and C types already exist (grpc.reflection.v1alpha is v1 under another name).
-SERVED_ONLY = {"grpc.reflection.v1alpha"}
+# Files served by reflection under a second package too: the twin is the same file, renamed
+# (grpc.reflection.v1alpha is v1 under its older name; clients ask for one or the other). Only the
+# original gets Swift and C types.
+TWINS = {"grpc/reflection/v1/reflection.proto": ("grpc.reflection.v1", "grpc.reflection.v1alpha")}
+
+
+def twin(f, old, new):
+    """`f` with its package `old` renamed `new`: its name, its package and every type it names."""
+    copy = d.FileDescriptorProto()
+    copy.CopyFrom(f)
+    copy.name = f.name.replace(old.replace(".", "/"), new.replace(".", "/"))
+    copy.package = new
+
+    def rename(messages):
+        for m in messages:
+            for fld in m.field:
+                if fld.type_name.startswith(f".{old}."):
+                    fld.type_name = f".{new}." + fld.type_name[len(old) + 2:]
+            rename(m.nested_type)
+
+    rename(copy.message_type)
+    for service in copy.service:
+        for method in service.method:
+            for attr in ("input_type", "output_type"):
+                value = getattr(method, attr)
+                if value.startswith(f".{old}."):
+                    setattr(method, attr, f".{new}." + value[len(old) + 2:])
+    return copy
 
 SWIFT_KEYWORDS = {
     "default", "protocol", "class", "struct", "enum", "func", "var", "let", "in", "is", "as",
@@ -292,7 +317,7 @@ def main():
         names.add_file(f)
     os.makedirs(out_dir, exist_ok=True)
     for f in fds.file:
-        if f.name.startswith("google/") or f.package in SERVED_ONLY:
+        if f.name.startswith("google/"):
             continue
         body, exts = [], []
         for e in f.enum_type:
@@ -363,7 +388,9 @@ def gen_descriptor_index(fds):
              "        }",
              "    }", "",
              "    public static let all: [File] = ["]
-    for f in fds.file:
+    files = list(fds.file)
+    files += [twin(f, *TWINS[f.name]) for f in fds.file if f.name in TWINS]
+    for f in files:
         clean = d.FileDescriptorProto()
         clean.CopyFrom(f)
         clean.ClearField("source_code_info")

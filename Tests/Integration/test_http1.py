@@ -49,7 +49,8 @@ def test_metrics_prometheus_format_counts_requests(testserver):
     # Every sample line is `name{labels} value` or `name value`.
     for line in text.splitlines():
         if line and not line.startswith("#"):
-            match = re.fullmatch(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? (\S+)', line)
+            # Label values are quoted strings and may hold braces (a route such as /items/{id}).
+            match = re.fullmatch(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)', line)
             assert match, line
             float(match.group(2).replace("Inf", "inf"))  # a Go-parsable float, e.g. 7.9e-05
 
