@@ -90,6 +90,8 @@ class Service:
         self.exe = exe
         self.host = host
         self.port = port or (int(env["PORT"]) if env and "PORT" in env else None)
+        if self.port is None and (env or {}).get("LOG_LEVEL") in ("warning", "error", "critical"):
+            self.port = free_port(host)  # a quiet service does not log the port it bound: pick one
         self.log = tempfile.NamedTemporaryFile(prefix=f"{exe}-", suffix=".log", delete=False)
         LEFT_FOR_THE_END.append(self.log.name)
         full_env = dict(os.environ)
@@ -97,7 +99,7 @@ class Service:
         self.scratch = scratch
         # The Dispatcher needs a job store and a RunPod endpoint; by default a fresh store and
         # a port nothing listens on (tests that run jobs point it at the emulator).
-        full_env.update({"HOST": host, "PORT": "0", "LOG_LEVEL": "debug",
+        full_env.update({"HOST": host, "PORT": str(self.port or 0), "LOG_LEVEL": "debug",
                          "BLOB_STORE": "file://" + os.path.join(scratch, "blobs"),
                          "JOB_STORE": "sqlite://" + os.path.join(scratch, "jobs.db"),
                          "RUNPOD_ENDPOINT_ID": "test", "RUNPOD_BASE_URL": "http://127.0.0.1:9/v2"})
