@@ -60,19 +60,27 @@ public final class DispatcherCounters: Sendable {
     public func value(_ event: String) -> Int { state.withLock { $0.events[event] ?? 0 } }
 
     /// The Prometheus text exposition of every counter and histogram.
+    /// What each histogram measures.
+    static let help = ["runpod_queue_delay": "RunPod's queue delay (delayTime) of each finished chunk",
+                       "runpod_execution": "RunPod's execution time (executionTime) of each finished chunk",
+                       "job_duration": "Time from creation to completion of each completed job"]
+
     public func render() -> String {
         let (events, histograms, unfinished, driven) = state.withLock { ($0.events, $0.histograms, $0.unfinished, $0.driven) }
-        var text = "# TYPE talkmesh_dispatcher_jobs gauge\n"
+        var text = "# HELP talkmesh_dispatcher_jobs Jobs waiting or running in the whole store, by status.\n# TYPE talkmesh_dispatcher_jobs gauge\n"
         for status in [JobStatus.inQueue, .running] {
             text += "talkmesh_dispatcher_jobs{status=\"\(status)\"} \(unfinished[status] ?? 0)\n"
         }
+        text += "# HELP talkmesh_dispatcher_jobs_driven Jobs this replica drives now.\n"
         text += "# TYPE talkmesh_dispatcher_jobs_driven gauge\ntalkmesh_dispatcher_jobs_driven \(driven)\n"
+        text += "# HELP talkmesh_dispatcher_events_total What the Dispatcher did: jobs by end state, RunPod submissions, chunks, retention.\n"
         text += "# TYPE talkmesh_dispatcher_events_total counter\n"
         for (event, value) in events.sorted(by: { $0.key < $1.key }) {
             text += "talkmesh_dispatcher_events_total{event=\"\(event)\"} \(value)\n"
         }
         for (name, histogram) in histograms.sorted(by: { $0.key < $1.key }) {
             let metric = "talkmesh_dispatcher_\(name)_seconds"
+            text += "# HELP \(metric) \(Self.help[name] ?? name), in seconds.\n"
             text += "# TYPE \(metric) histogram\n"
             for (index, bound) in Self.bounds.enumerated() {
                 text += "\(metric)_bucket{le=\"\(bound)\"} \(histogram.buckets[index])\n"

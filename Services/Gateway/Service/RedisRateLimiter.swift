@@ -106,8 +106,10 @@ public final class RedisRateLimiter: RateLimiter, @unchecked Sendable {
     public func renderMetrics() -> String {
         let (up, fallbacks) = lock.withLock { (connected, self.fallbacks) }
         return """
+            # HELP talkmesh_gateway_ratelimit_redis_up 1 while the rate limits are kept in Redis, 0 while each replica limits alone.
             # TYPE talkmesh_gateway_ratelimit_redis_up gauge
             talkmesh_gateway_ratelimit_redis_up \(up ? 1 : 0)
+            # HELP talkmesh_gateway_ratelimit_fallback_total Limit decisions taken per replica because Redis was unreachable.
             # TYPE talkmesh_gateway_ratelimit_fallback_total counter
             talkmesh_gateway_ratelimit_fallback_total \(fallbacks)
 

@@ -51,10 +51,19 @@ public final class EventLoop: @unchecked Sendable {
     /// Idle connections and stalled request bodies are found by one sweep per loop, not a timer
     /// per stream: a body timeout re-armed on every DATA frame would cost an event per frame.
     private var housekeepingTimer: LoopTimer?
+    /// How late the last housekeeping tick ran, and the latest ever (nanoseconds): the loop's lag,
+    /// read by /metrics from any thread.
+    let lagNanoseconds = Atomic<Int64>(0)
+    let maxLagNanoseconds = Atomic<Int64>(0)
 
     func startHousekeeping(every period: Int64) {
+        var due = MonotonicClock.nanoseconds() + period
         housekeepingTimer = LoopTimer(loop: self, after: period, repeating: true) { [unowned self] in
             let now = MonotonicClock.nanoseconds()
+            let lag = max(0, now - due)
+            due = now + period
+            lagNanoseconds.store(lag, ordering: .relaxed)
+            if lag > maxLagNanoseconds.load(ordering: .relaxed) { maxLagNanoseconds.store(lag, ordering: .relaxed) }
             for connection in Array(self.connections.values) { connection.sweep(now: now) }
             self.afterWork()
         }

@@ -59,6 +59,8 @@ public final class RPCServer: @unchecked Sendable {
     /// The health-only view served on `healthPort`.
     private let healthCore: ServerCore
     private var loops: [EventLoop] = []
+    /// The same loops for /metrics, whose route is made before `bind()` makes them.
+    private let loopsForMetrics: LoopList
     fileprivate(set) var listenerContexts: [ListenerContext] = []
     /// The health port actually bound, when one is configured.
     public private(set) var boundHealthPort: Int?
@@ -95,9 +97,12 @@ public final class RPCServer: @unchecked Sendable {
         router.add("GET", "/readyz") { _ in
             health.status(of: "") == .serving ? .text(200, "ready\n") : .text(503, "not ready\n")
         }
+        let loopsForMetrics = LoopList()
+        self.loopsForMetrics = loopsForMetrics
         router.add("GET", "/metrics") { _ in
             HTTPResponse(status: 200, headers: [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                         body: Array((metrics.render() + metricsSources.map { $0() }.joined()).utf8))
+                         body: Array((metrics.render() + ProcessMetrics.render(loops: loopsForMetrics.loops)
+                                      + metricsSources.map { $0() }.joined()).utf8))
         }
         var tls: TLSContext?
         if let certificate = configuration.tlsCertificateFile, let key = configuration.tlsKeyFile {
@@ -131,6 +136,7 @@ public final class RPCServer: @unchecked Sendable {
         sigaddset(&shutdownSignals, SIGINT)
         pthread_sigmask(SIG_UNBLOCK, &shutdownSignals, nil)
         loops = (0..<configuration.eventLoops).map { EventLoop(index: $0) }
+        loopsForMetrics.set(loops)
         var port = configuration.port
         for loop in loops {
             let fd = try Self.listeningSocket(host: configuration.host, port: port)
