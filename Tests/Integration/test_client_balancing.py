@@ -7,6 +7,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from conftest import BIN, Service, free_port
 from fake_dns import FakeDNS
 
@@ -23,42 +25,40 @@ def balance(target, *extra, timeout=120):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_calls_spread_evenly_across_three_servers():
+@pytest.fixture
+def three_servers():
+    """Test servers s2, s3, s4 on 127.0.0.2–.4, one port; yields the static target naming all three."""
     port = free_port()
     backends = [start_backend(f"127.0.0.{n}", port, f"s{n}") for n in (2, 3, 4)]
-    try:
-        result = balance(f"ipv4:127.0.0.2:{port},127.0.0.3:{port},127.0.0.4:{port}", "--calls", "3000", "--concurrency", "12")
-        assert result["failures"] == 0, result["errors"]
-        counts = result["by_server"]
-        assert set(counts) == {"s2", "s3", "s4"}
-        for name, count in counts.items():
-            assert 850 <= count <= 1150, counts  # within ±15 % of 1000
-    finally:
-        for backend in backends:
-            backend.stop()
+    yield f"ipv4:127.0.0.2:{port},127.0.0.3:{port},127.0.0.4:{port}"
+    for backend in backends:
+        backend.stop()
 
 
-def test_calls_made_one_after_another_take_the_addresses_in_turn():
+def test_calls_spread_evenly_across_three_servers(three_servers):
+    result = balance(three_servers, "--calls", "3000", "--concurrency", "12")
+    assert result["failures"] == 0, result["errors"]
+    counts = result["by_server"]
+    assert set(counts) == {"s2", "s3", "s4"}
+    for name, count in counts.items():
+        assert 850 <= count <= 1150, counts  # within ±15 % of 1000
+
+
+def test_calls_made_one_after_another_take_the_addresses_in_turn(three_servers):
     """Round robin, not merely an even spread: once every connection is ready, call n + 1 goes to
     the next address after call n's, the same rotation every time."""
-    port = free_port()
-    backends = [start_backend(f"127.0.0.{n}", port, f"s{n}") for n in (2, 3, 4)]
-    try:
-        result = balance(f"ipv4:127.0.0.2:{port},127.0.0.3:{port},127.0.0.4:{port}", "--calls", "300", "--concurrency", "1")
-        assert result["failures"] == 0, result["errors"]
-        order = result["order"]
-        assert len(order) == 300
-        # The first calls may find only some connections ready; from the point all three have
-        # answered, plus a full turn, the order is one fixed rotation of the three.
-        start = max(order.index(name) for name in ("s2", "s3", "s4")) + 3
-        settled = order[start:]
-        assert len(settled) > 200
-        assert len(set(settled[:3])) == 3, order[:start + 6]
-        for index in range(len(settled) - 3):
-            assert settled[index] == settled[index + 3] and settled[index] != settled[index + 1], (index, settled[index:index + 6])
-    finally:
-        for backend in backends:
-            backend.stop()
+    result = balance(three_servers, "--calls", "300", "--concurrency", "1")
+    assert result["failures"] == 0, result["errors"]
+    order = result["order"]
+    assert len(order) == 300
+    # The first calls may find only some connections ready; from the point all three have
+    # answered, plus a full turn, the order is one fixed rotation of the three.
+    start = max(order.index(name) for name in ("s2", "s3", "s4")) + 3
+    settled = order[start:]
+    assert len(settled) > 200
+    assert len(set(settled[:3])) == 3, order[:start + 6]
+    for index in range(len(settled) - 3):
+        assert settled[index] == settled[index + 3] and settled[index] != settled[index + 1], (index, settled[index:index + 6])
 
 
 def test_killing_a_server_mid_run_fails_no_idempotent_call():
