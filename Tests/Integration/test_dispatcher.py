@@ -200,13 +200,7 @@ def test_three_minute_speech_job_completes(mesh_factory, inputs):
     assert sum(stats.values()) == len(job.chunks) and set(stats.values()) == {1}
     # The intermediates are deleted right after COMPLETED is stored (a reader may see the state
     # first): wait for them, bounded.
-    deadline = time.time() + 20
-    while True:
-        left = mesh.blob_keys("jobs/")
-        if left == [job.video_key] or time.time() > deadline:
-            break
-        time.sleep(0.1)
-    assert left == [job.video_key]
+    assert intermediates_left(mesh, job.id, keep=[job.video_key]) == [job.video_key]
     _, metrics = mesh.dispatcher.http_get("/metrics")
     assert 'talkmesh_dispatcher_events_total{event="jobs_completed"} 1' in metrics
     assert f'talkmesh_dispatcher_events_total{{event="runpod_submissions"}} {len(job.chunks)}' in metrics
@@ -344,6 +338,17 @@ def test_a_chunk_that_always_fails_fails_the_job_and_cancels_the_rest(mesh_facto
     assert routes(mesh, "cancel"), "the chunks still in flight were cancelled on RunPod"
 
 
+def intermediates_left(mesh, job_id, keep=(), timeout=20):
+    """What is left under the job's folder once its intermediates are gone (waited for, bounded:
+    they are deleted right after the end is stored, which a reader may see first)."""
+    deadline = time.time() + timeout
+    while True:
+        left = mesh.blob_keys(f"jobs/{job_id}/")
+        if left == sorted(keep) or time.time() > deadline:
+            return left
+        time.sleep(0.1)
+
+
 def test_cancel_mid_flight(mesh_factory):
     mesh = mesh_factory(emulator_args=["--speed", "1"])
     job = mesh.create(options={"chunk_target_sec": 6})
@@ -355,6 +360,7 @@ def test_cancel_mid_flight(mesh_factory):
     assert cancelled.status == pb.CANCELLED and cancelled.error.code == "CANCELLED"
     assert all(c.status == pb.CHUNK_CANCELLED for c in cancelled.chunks)
     assert routes(mesh, "cancel")
+    assert intermediates_left(mesh, job.id) == []  # the resized image, the chunks, any partial video
     with pytest.raises(grpc.RpcError) as info:
         mesh.stub.CancelJob(pb.CancelJobRequest(id=job.id), timeout=5)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -365,6 +371,7 @@ def test_job_timeout_ends_timed_out(mesh_factory):
     job = mesh.wait(mesh.create(options={"chunk_target_sec": 6}).id, timeout=60)
     assert job.status == pb.TIMED_OUT and job.error.code == "JOB_TIMED_OUT"
     assert routes(mesh, "cancel")
+    assert intermediates_left(mesh, job.id) == []
 
 
 def test_media_restarted_mid_job_still_completes(mesh_factory):

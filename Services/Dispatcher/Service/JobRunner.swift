@@ -312,14 +312,20 @@ public actor JobRunner {
     private func deleteIntermediates() async {
         var keys = record.chunks.flatMap { [$0.audioKey, $0.videoKey] }
         keys += [record.job.resizedImageKey, record.job.encodedAudioKey]
-        for key in keys where !key.isEmpty {
-            do {
-                let blob = try BlobKey(key)
-                try await context.blobIO.run { [blobs = context.blobs] _ in try blobs.delete(blob) }
-            } catch {
-                logger.warning("could not delete an intermediate blob", metadata: ["key": "\(key)", "error": "\(error)"])
+        // In a task of its own: the workflow's task may be cancelled just as the job ends (a
+        // timeout, a hand-over at shutdown), and a cancelled wait for a blob thread would leave
+        // the blobs behind ("could not delete an intermediate blob: CANCELLED").
+        let context = self.context, logger = self.logger
+        await Task.detached {
+            for key in keys where !key.isEmpty {
+                do {
+                    let blob = try BlobKey(key)
+                    try await context.blobIO.run { [blobs = context.blobs] _ in try blobs.delete(blob) }
+                } catch {
+                    logger.warning("could not delete an intermediate blob", metadata: ["key": "\(key)", "error": "\(error)"])
+                }
             }
-        }
+        }.value
     }
 
     /// The resized image as every chunk's `/run` sends it.
