@@ -1,4 +1,5 @@
 import Testing
+import TalkMeshBase
 import TalkMeshCore
 
 /// SigV4 against the examples of AWS's S3 documentation (the values botocore's signer gives for
@@ -42,5 +43,36 @@ struct SigV4Tests {
         #expect(SigV4.encode("a b+c/d~e_f.g-h") == "a%20b%2Bc%2Fd~e_f.g-h")
         #expect(SigV4.encode("a b/c", keepSlash: true) == "a%20b/c")
         #expect(SigV4.canonicalQuery([("uploads", ""), ("b", "2"), ("a", "1")]) == "a=1&b=2&uploads=")
+    }
+
+    @Test func theIncrementalDigestEqualsTheOneShotOverAnySlicing() {
+        // FIPS 180-2's "abc" vector, then a megabyte in uneven slices against the one-shot digest.
+        var abc = Digest.Incremental()
+        Array("abc".utf8).withUnsafeBytes { abc.update($0) }
+        #expect(Hex.encode(abc.finish()) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        let data = (0..<1_000_003).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        var sliced = Digest.Incremental()
+        var offset = 0
+        for size in [1, 64, 65_537, 300_000, 1_000_003].cycled(until: data.count) {
+            let end = min(data.count, offset + size)
+            data[offset..<end].withUnsafeBytes { sliced.update($0) }
+            offset = end
+        }
+        #expect(sliced.finish() == Digest.sha256(data))
+    }
+}
+
+extension Array where Element == Int {
+    /// The sizes again and again until they add up to at least `total`.
+    func cycled(until total: Int) -> [Int] {
+        var out: [Int] = []
+        var sum = 0
+        while sum < total {
+            for size in self where sum < total {
+                out.append(size)
+                sum += size
+            }
+        }
+        return out
     }
 }

@@ -36,14 +36,21 @@ public enum Digest {
         return a.withUnsafeBufferPointer { x in b.withUnsafeBufferPointer { y in CRYPTO_memcmp(x.baseAddress, y.baseAddress, x.count) == 0 } }
     }
 
-    /// An incremental SHA-256 for data read in slices (a file part before upload).
+    /// An incremental SHA-256 for data read in slices (a file part before upload), on OpenSSL 3's
+    /// EVP interface (the SHA256_Init family is deprecated); the context is freed with the value.
     public struct Incremental: ~Copyable {
-        private var context = SHA256_CTX()
-        public init() { SHA256_Init(&context) }
-        public mutating func update(_ bytes: UnsafeRawBufferPointer) { _ = SHA256_Update(&context, bytes.baseAddress, bytes.count) }
+        private let context: OpaquePointer
+        public init() {
+            guard let context = EVP_MD_CTX_new() else { fatalError("EVP_MD_CTX_new: out of memory") }
+            EVP_DigestInit_ex(context, EVP_sha256(), nil)
+            self.context = context
+        }
+        deinit { EVP_MD_CTX_free(context) }
+        public mutating func update(_ bytes: UnsafeRawBufferPointer) { _ = EVP_DigestUpdate(context, bytes.baseAddress, bytes.count) }
         public consuming func finish() -> [UInt8] {
             var digest = [UInt8](repeating: 0, count: Digest.sha256Length)
-            SHA256_Final(&digest, &context)
+            var length: UInt32 = 0
+            EVP_DigestFinal_ex(context, &digest, &length)
             return digest
         }
     }
