@@ -328,7 +328,11 @@ def test_deadline_stops_the_work_and_the_service_keeps_serving(audio, long_speec
         time.sleep(0.02)
     after = work_pool(service)
     assert after["talkmesh_work_pool_busy"] == 0
-    assert after["talkmesh_work_pool_jobs_stopped_total"] == before["talkmesh_work_pool_jobs_stopped_total"] + 1
+    # The call's job (one, unless the deadline passed before it was handed to the pool, as a slow
+    # sanitizer build may see) ended early by its flag: none of it ran to its end.
+    ran = after["talkmesh_work_pool_jobs_total"] - before["talkmesh_work_pool_jobs_total"]
+    stopped = after["talkmesh_work_pool_jobs_stopped_total"] - before["talkmesh_work_pool_jobs_stopped_total"]
+    assert ran <= 1 and stopped == ran, (ran, stopped)
     assert len(stub.SplitAudio(audio_pb2.SplitAudioRequest(audio_key="short/native.wav"), timeout=30).chunks) == 1
 
 

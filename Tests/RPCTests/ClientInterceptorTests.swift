@@ -33,7 +33,7 @@ final class InterceptedServer: Sendable {
         }
         registry.register(EchoService.hold) { request, _ in
             arrived.withLock { $0 += 1 }
-            throw RPCError(code: RPCError.Code(rawValue: Int(request.failCode)) ?? .unknown, message: request.failMessage)
+            throw RPCError(code: RPCError.Code(rawValue: Int(request.failCode)), message: request.failMessage)
         }
         registry.register(EchoService.expand) { request, context, writer in
             arrived.withLock { $0 += 1 }
