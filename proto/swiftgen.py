@@ -28,20 +28,20 @@ def twin(f, old, new):
     copy.name = f.name.replace(old.replace(".", "/"), new.replace(".", "/"))
     copy.package = new
 
+    def moved(type_name):
+        return f".{new}." + type_name[len(old) + 2:] if type_name.startswith(f".{old}.") else type_name
+
     def rename(messages):
         for m in messages:
             for fld in m.field:
-                if fld.type_name.startswith(f".{old}."):
-                    fld.type_name = f".{new}." + fld.type_name[len(old) + 2:]
+                if fld.HasField("type_name"):  # assigning a scalar's empty name would add it to the bytes
+                    fld.type_name = moved(fld.type_name)
             rename(m.nested_type)
 
     rename(copy.message_type)
     for service in copy.service:
         for method in service.method:
-            for attr in ("input_type", "output_type"):
-                value = getattr(method, attr)
-                if value.startswith(f".{old}."):
-                    setattr(method, attr, f".{new}." + value[len(old) + 2:])
+            method.input_type, method.output_type = moved(method.input_type), moved(method.output_type)
     return copy
 
 SWIFT_KEYWORDS = {
@@ -166,8 +166,6 @@ def gen_message(m, fq, names, indent, out_ext):
         if fld.HasField("oneof_index"):
             oneofs.setdefault(fld.oneof_index, []).append(fld)
             continue
-        if fld.proto3_optional:
-            raise SystemExit(f"swiftgen: proto3 optional is not supported ({fq}.{fld.name})")
         sname = lower_camel(fld.name)
         cname = fld.name
         repeated = fld.label == FD.LABEL_REPEATED

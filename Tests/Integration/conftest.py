@@ -161,6 +161,12 @@ class Service:
                 raise AssertionError(f"{self.exe} did not exit after SIGTERM")
         return self.proc.returncode
 
+    def metrics(self, prefix):
+        """The samples of /metrics whose name starts with `prefix` (labels included in the name)."""
+        status, text = self.http_get("/metrics")
+        assert status == 200
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(prefix)}
+
     def http_get(self, path, timeout=5):
         with urllib.request.urlopen(f"http://{self.address}{path}", timeout=timeout) as response:
             return response.status, response.read().decode()

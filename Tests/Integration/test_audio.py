@@ -40,13 +40,6 @@ def audio(blobs):
     assert service.stop() == 0
 
 
-def work_pool(service):
-    """The service's work-pool figures from /metrics."""
-    status, text = service.http_get("/metrics")
-    assert status == 200
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("talkmesh_work_pool_")}
-
-
 def write_wav(path, samples, rate, channels):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with wave.open(path, "wb") as w:
@@ -320,13 +313,13 @@ def test_deadline_stops_the_work_and_the_service_keeps_serving(audio, long_speec
     stub, _ = audio
     service = RUNNING["audio"]
     key, _ = long_speech
-    before = work_pool(service)
+    before = service.metrics("talkmesh_work_pool_")
     code, _ = error_of(lambda: stub.SplitAudio(audio_pb2.SplitAudioRequest(audio_key=key), timeout=0.02))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.time() + 20
-    while work_pool(service)["talkmesh_work_pool_busy"] > 0 and time.time() < deadline:
+    while service.metrics("talkmesh_work_pool_")["talkmesh_work_pool_busy"] > 0 and time.time() < deadline:
         time.sleep(0.02)
-    after = work_pool(service)
+    after = service.metrics("talkmesh_work_pool_")
     assert after["talkmesh_work_pool_busy"] == 0
     # The call's job (one, unless the deadline passed before it was handed to the pool, as a slow
     # sanitizer build may see) ended early by its flag: none of it ran to its end.

@@ -301,13 +301,6 @@ def test_a_failed_call_is_logged_once_with_its_cause_and_the_caller_gets_no_path
         shutil.rmtree(blobs, ignore_errors=True)
 
 
-def pool_metrics(service):
-    status, text = service.http_get("/metrics")
-    assert status == 200
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("talkmesh_work_pool_")}
-
-
 @pytest.mark.parametrize("workers,calls", [(1, 4), (3, 6)])
 def test_workers_bounds_the_work_running_at_once(workers, calls):
     """WORKERS threads decode and encode; calls beyond them wait. Seen from the server: the most
@@ -325,7 +318,7 @@ def test_workers_bounds_the_work_running_at_once(workers, calls):
         with concurrent.futures.ThreadPoolExecutor(calls) as pool:
             results = list(pool.map(lambda _: stub.ResizeImage(request, timeout=120), range(calls)))
         assert all((r.width, r.height) == (1280, 720) for r in results)
-        seen = pool_metrics(service)
+        seen = service.metrics("talkmesh_work_pool_")
         assert seen["talkmesh_work_pool_threads"] == workers
         assert seen["talkmesh_work_pool_jobs_total"] == calls
         assert 1 <= seen["talkmesh_work_pool_busy_max"] <= workers

@@ -59,12 +59,12 @@ public final class DispatcherCounters: Sendable {
 
     public func value(_ event: String) -> Int { state.withLock { $0.events[event] ?? 0 } }
 
-    /// The Prometheus text exposition of every counter and histogram.
     /// What each histogram measures.
     static let help = ["runpod_queue_delay": "RunPod's queue delay (delayTime) of each finished chunk",
                        "runpod_execution": "RunPod's execution time (executionTime) of each finished chunk",
                        "job_duration": "Time from creation to completion of each completed job"]
 
+    /// The Prometheus text exposition of every counter and histogram.
     public func render() -> String {
         let (events, histograms, unfinished, driven) = state.withLock { ($0.events, $0.histograms, $0.unfinished, $0.driven) }
         var text = "# HELP talkmesh_dispatcher_jobs Jobs waiting or running in the whole store, by status.\n# TYPE talkmesh_dispatcher_jobs gauge\n"

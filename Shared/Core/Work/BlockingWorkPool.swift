@@ -28,7 +28,8 @@ public final class BlockingWorkPool: @unchecked Sendable {
     private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var queue: [Job] = []
     private var nextID: UInt64 = 0
-    /// Under `mutex`: jobs running now, the most that ever ran at once, and jobs run.
+    /// Under `mutex`: jobs running now, the most that ever ran and waited at once, jobs run, and
+    /// those of them stopped early by their flag.
     private var busy = 0
     private var mostBusy = 0
     private var mostQueued = 0
@@ -96,18 +97,20 @@ public final class BlockingWorkPool: @unchecked Sendable {
     }
 
     fileprivate func work() -> Never {
+        var ran = false
         while true {
             pthread_mutex_lock(mutex)
+            if ran {  // the previous job, counted under the lock this thread takes anyway
+                busy -= 1
+                finished += 1
+            }
             while queue.isEmpty { pthread_cond_wait(condition, mutex) }
             let job = queue.removeFirst()
             busy += 1
             mostBusy = max(mostBusy, busy)
             pthread_mutex_unlock(mutex)
             job.run()
-            locked {
-                busy -= 1
-                finished += 1
-            }
+            ran = true
         }
     }
 
@@ -124,7 +127,7 @@ public final class BlockingWorkPool: @unchecked Sendable {
             ("queued", "gauge", "Jobs waiting for a pool thread now.", String(queued)),
             ("busy_max", "gauge", "The most jobs that ran on the pool at once since start.", String(mostBusy)),
             ("queued_max", "gauge", "The most jobs that waited for a pool thread at once since start.", String(mostQueued)),
-            ("jobs_total", "counter", "Jobs the pool ran to their end.", String(finished)),
+            ("jobs_total", "counter", "Jobs the pool ran, those stopped early included.", String(finished)),
             ("jobs_stopped_total", "counter", "Jobs that stopped early, failing once their call was cancelled or its deadline passed.",
              String(stopped)),
         ] {

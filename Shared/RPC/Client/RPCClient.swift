@@ -108,20 +108,9 @@ public final class RPCClient: @unchecked Sendable {
     public func unaryCall<Request, Response>(_ method: MethodDescriptor<Request, Response>, _ request: Request,
                                              options: CallOptions = CallOptions()) async throws -> ClientResponse<Response> {
         let frame = GRPCFraming.frame(request)
-        let raw: ClientResponse<[UInt8]>
-        if configuration.interceptors.isEmpty {
-            raw = try await sendUnary(path: method.path, frame: frame, options: options)
-        } else {
-            let answer = Locked<ClientResponse<[UInt8]>?>(nil)
-            _ = try await ClientInterceptors.run(configuration.interceptors[...], ClientCallContext(path: method.path, kind: .unary, options: options)) { call in
-                let response = try await self.sendUnary(path: call.path, frame: frame, options: call.options)
-                answer.withLock { $0 = response }
-                return response.initialMetadata
-            }
-            guard let response = answer.withLock({ $0 }) else {
-                throw RPCError(code: .internal, message: "a client interceptor answered \(method.path) without calling the server")
-            }
-            raw = response
+        let raw = try await intercepted(method.path, .unary, options) { options in
+            let response = try await self.sendUnary(path: method.path, frame: frame, options: options)
+            return (response, response.initialMetadata)
         }
         do {
             return ClientResponse(message: try Response(serializedBytes: raw.message),
@@ -166,17 +155,10 @@ public final class RPCClient: @unchecked Sendable {
     public func serverStreaming<Request, Response>(_ method: MethodDescriptor<Request, Response>, _ request: Request,
                                                    options: CallOptions = CallOptions()) async throws -> ResponseStream<Response> {
         let frame = GRPCFraming.frame(request)
-        if configuration.interceptors.isEmpty { return try await openStream(path: method.path, frame: frame, options: options) }
-        let opened = Locked<ResponseStream<Response>?>(nil)
-        _ = try await ClientInterceptors.run(configuration.interceptors[...], ClientCallContext(path: method.path, kind: .serverStreaming, options: options)) { call in
-            let stream: ResponseStream<Response> = try await self.openStream(path: call.path, frame: frame, options: call.options)
-            opened.withLock { $0 = stream }
-            return stream.initialMetadata
+        return try await intercepted(method.path, .serverStreaming, options) { options in
+            let stream: ResponseStream<Response> = try await self.openStream(path: method.path, frame: frame, options: options)
+            return (stream, stream.initialMetadata)
         }
-        guard let stream = opened.withLock({ $0 }) else {
-            throw RPCError(code: .internal, message: "a client interceptor answered \(method.path) without calling the server")
-        }
-        return stream
     }
 
     /// Opens one server-streaming call with its retries, as it leaves (after the interceptors).
@@ -213,6 +195,24 @@ public final class RPCClient: @unchecked Sendable {
     }
 
     // MARK: Shared
+
+    /// Runs the configured interceptors around `send`, which makes the call as it leaves with the
+    /// options they settled on and returns its result with the server's initial metadata. With no
+    /// interceptor, `send` runs directly.
+    private func intercepted<T: Sendable>(_ path: String, _ kind: MethodKind, _ options: CallOptions,
+                                          _ send: @escaping @Sendable (CallOptions) async throws -> (T, Metadata)) async throws -> T {
+        guard !configuration.interceptors.isEmpty else { return try await send(options).0 }
+        let result = Locked<T?>(nil)
+        _ = try await ClientInterceptors.run(configuration.interceptors[...], ClientCallContext(path: path, kind: kind, options: options)) { call in
+            let (value, metadata) = try await send(call.options)
+            result.withLock { $0 = value }
+            return metadata
+        }
+        guard let value = result.withLock({ $0 }) else {
+            throw RPCError(code: .internal, message: "a client interceptor answered \(path) without calling the server")
+        }
+        return value
+    }
 
     private static func begin(_ call: ClientCall, box: CallBox, balancer: LoadBalancer, loop: EventLoop) {
         box.call = call

@@ -10,15 +10,14 @@ enum ProcessMetrics {
         func gauge(_ name: String, _ help: String, _ value: String, kind: String = "gauge") {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(kind)\n\(name) \(value)\n"
         }
-        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
         let page = Double(sysconf(Int32(_SC_PAGESIZE)))
         if let stat = readStat() {
             gauge("process_cpu_seconds_total", "User and system CPU time, in seconds.", String((stat.utime + stat.stime) / ticks), kind: "counter")
             gauge("process_resident_memory_bytes", "Resident memory, in bytes.", String(Int64(stat.rss * page)))
             gauge("process_virtual_memory_bytes", "Virtual memory, in bytes.", String(Int64(stat.vsize)))
-            if let boot = bootTime() {
-                gauge("process_start_time_seconds", "When the process started, in seconds since the Unix epoch.", String(boot + stat.starttime / ticks))
-            }
+        }
+        if let startTime {
+            gauge("process_start_time_seconds", "When the process started, in seconds since the Unix epoch.", String(startTime))
         }
         gauge("process_open_fds", "Open file descriptors.", String(openDescriptors()))
         var limit = rlimit()
@@ -33,6 +32,15 @@ enum ProcessMetrics {
         for loop in loops { out += "talkmesh_event_loop_lag_max_seconds{loop=\"\(loop.index)\"} \(Double(loop.maxLagNanoseconds.load(ordering: .relaxed)) / 1e9)\n" }
         return out
     }
+
+    private static let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+
+    /// When the process started (seconds since the epoch): the boot time plus the process's start
+    /// in clock ticks after it, both fixed, so read once.
+    private static let startTime: Double? = {
+        guard let stat = readStat(), let boot = bootTime() else { return nil }
+        return boot + stat.starttime / ticks
+    }()
 
     /// utime, stime, starttime (ticks), vsize (bytes), rss (pages) from /proc/self/stat.
     private static func readStat() -> (utime: Double, stime: Double, starttime: Double, vsize: Double, rss: Double)? {

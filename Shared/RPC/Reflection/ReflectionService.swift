@@ -7,12 +7,12 @@ import TalkMeshMessages
 /// of the .proto files that define them, so it can call any method without the .proto files.
 /// The descriptors are those of the committed .proto files (`ProtoFiles`, from proto/generate).
 public struct ReflectionService: Sendable {
-    /// The two services, served by every server.
-    public static let serviceNames: Set<String> = [ServerReflection.name, "grpc.reflection.v1alpha.ServerReflection"]
-
     /// `v1alpha`'s method: v1's messages, v1alpha's path.
     static let v1alpha = MethodDescriptor<ServerReflectionRequest, ServerReflectionResponse>(
         service: "grpc.reflection.v1alpha.ServerReflection", method: "ServerReflectionInfo", kind: .bidiStreaming)
+
+    /// The two services, served by every server.
+    public static let serviceNames: Set<String> = [ServerReflection.name, v1alpha.service]
 
     private let services: [String]
     private let descriptors: [String: (bytes: [UInt8], dependencies: [String])]

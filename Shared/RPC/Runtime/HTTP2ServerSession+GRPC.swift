@@ -69,11 +69,7 @@ extension HTTP2ServerSession {
 
     func complete(_ streamID: Int32, _ result: Result<[UInt8]?, RPCError>) {
         guard let stream = streams[streamID], !stream.answered else { return }
-        if stream.streamsBody && !stream.requestComplete {
-            // A bidirectional call ended before the client half-closed: it is asked to stop sending.
-            stopBody(stream, .aborted)
-            resetAfterResponse(stream)
-        }
+        stopUnfinishedBody(stream)  // a bidirectional call may end before the client half-closed
         switch result {
         case .success(let framed):
             if let framed {

@@ -26,11 +26,7 @@ extension HTTP2ServerSession {
     func completeREST(_ streamID: Int32, _ response: HTTPResponse, route: String) {
         guard let stream = streams[streamID], !stream.answered else { return }
         stream.metricLabel = route
-        if stream.streamsBody && !stream.requestComplete {
-            // Answered before the body's end (a refusal): the client is asked to stop sending.
-            stopBody(stream, .aborted)
-            resetAfterResponse(stream)
-        }
+        stopUnfinishedBody(stream)  // answered before the body's end: a refusal
         if let produce = response.streamBody, stream.method != "HEAD" {
             respondStreamed(stream, response, produce)
         } else {

@@ -122,19 +122,10 @@ extension HTTP2ServerSession {
                 startDeadline(stream, after: timeout)
             }
             if method.kind == .bidiStreaming {
-                // Its handler starts now (after this read) and takes the requests as they arrive;
-                // each message is bounded by the reader, the stream by flow control.
-                let loop = connection.loop, connectionID = connection.id, streamID = stream.id
-                let body = HTTPBodyStream { count in
-                    loop.execute { loop.http2Session(connectionID)?.consumed(streamID, count) }
-                }
+                // Each message is bounded by the reader, the stream by flow control.
                 stream.reader = nil
-                stream.bodyStream = body
-                stream.requestStream = RawRequestStream(body: body, maxMessageBytes: core.configuration.maxReceiveMessageBytes)
                 stream.bodyLimit = Int.max
-                stream.streamsBody = true
-                stream.bodyOpen = true
-                ready.append(stream)
+                stream.requestStream = RawRequestStream(body: streamBody(stream), maxMessageBytes: core.configuration.maxReceiveMessageBytes)
             }
         } else if core.registry.method(for: stream.path) != nil {
             // A gRPC method called without the gRPC content type (gRPC's HTTP/2 protocol: 415).
@@ -151,16 +142,32 @@ extension HTTP2ServerSession {
                 respondPlain(stream, policy.refusal())
                 resetAfterResponse(stream)
             } else if policy.streams {
-                // Its handler starts now (after this read) and reads the body as it arrives.
-                let loop = connection.loop, connectionID = connection.id, streamID = stream.id
-                stream.bodyStream = HTTPBodyStream { count in
-                    loop.execute { loop.http2Session(connectionID)?.consumed(streamID, count) }
-                }
-                stream.streamsBody = true
-                stream.bodyOpen = true
-                ready.append(stream)
+                streamBody(stream)
             }
         }
+    }
+
+    /// The stream's handler starts now (after this read) and reads the request body as it
+    /// arrives; the client may send more as the handler takes it (flow control).
+    @discardableResult
+    func streamBody(_ stream: HTTP2Stream) -> HTTPBodyStream {
+        let loop = connection.loop, connectionID = connection.id, streamID = stream.id
+        let body = HTTPBodyStream { count in
+            loop.execute { loop.http2Session(connectionID)?.consumed(streamID, count) }
+        }
+        stream.bodyStream = body
+        stream.streamsBody = true
+        stream.bodyOpen = true
+        ready.append(stream)
+        return body
+    }
+
+    /// Answered before the client finished sending (a refusal, or a bidirectional call that
+    /// ended first): the body stops and the client is asked to stop sending.
+    func stopUnfinishedBody(_ stream: HTTP2Stream) {
+        guard stream.streamsBody && !stream.requestComplete else { return }
+        stopBody(stream, .aborted)
+        resetAfterResponse(stream)
     }
 
     /// Every DATA byte is given back to flow control here (automatic window updates are off), at
