@@ -76,6 +76,8 @@ static inline CURLcode tm_curl_easy_setopt_str(CURL *c, CURLoption o, const char
 static inline CURLcode tm_curl_easy_setopt_off(CURL *c, CURLoption o, curl_off_t v) { return curl_easy_setopt(c, o, v); }
 typedef size_t (*tm_curl_write_callback)(char *, size_t, size_t, void *);
 static inline CURLcode tm_curl_easy_setopt_write(CURL *c, CURLoption o, tm_curl_write_callback f) { return curl_easy_setopt(c, o, f); }
+typedef int (*tm_curl_prereq_callback)(void *, char *, char *, int, int);
+static inline CURLcode tm_curl_easy_setopt_prereq(CURL *c, tm_curl_prereq_callback f) { return curl_easy_setopt(c, CURLOPT_PREREQFUNCTION, f); }
 static inline CURLcode tm_curl_easy_getinfo_long(CURL *c, CURLINFO i, long *v) { return curl_easy_getinfo(c, i, v); }
 static inline CURLcode tm_curl_easy_getinfo_ptr(CURL *c, CURLINFO i, void **v) { return curl_easy_getinfo(c, i, v); }
 static inline CURLMcode tm_curl_multi_setopt_long(CURLM *m, CURLMoption o, long v) { return curl_multi_setopt(m, o, v); }

@@ -59,9 +59,25 @@ struct EmulatorAPI: Sendable {
               let input = object["input"] as? [String: Any] else {
             return .json(400, "{\"error\":\"the body must be a JSON object with an input field\"}")
         }
-        guard let imageText = input["image_base64"] as? String, let image = Data(base64Encoded: imageText),
-              let wavText = input["wav_base64"] as? String, let wav = Data(base64Encoded: wavText) else {
-            return .json(400, "{\"error\":\"input needs image_base64 and wav_base64 (raw base64, no data: prefix)\"}")
+        // Each medium inline (raw base64) or as a URL the worker downloads, as the InfiniteTalk workers take them.
+        func medium(_ name: String) -> (bytes: Data, url: String?, identity: String)? {
+            if let text = input["\(name)_base64"] as? String, let bytes = Data(base64Encoded: text) { return (bytes, nil, text) }
+            if let url = input["\(name)_url"] as? String, url.hasPrefix("http://") || url.hasPrefix("https://") {
+                // A presigned URL's signature changes per submission: the same object is the same input.
+                return (Data(), url, String(url.prefix { $0 != "?" }))
+            }
+            return nil
+        }
+        guard let image = medium("image"), let wav = medium("wav") else {
+            return .json(400, "{\"error\":\"input needs image_base64 or image_url, and wav_base64 or wav_url (raw base64, no data: prefix)\"}")
+        }
+        let imageText = image.identity, wavText = wav.identity
+        var webhook: String?
+        if let value = object["webhook"] {
+            guard let url = value as? String, url.hasPrefix("http://") || url.hasPrefix("https://") else {
+                return .json(400, "{\"error\":\"webhook must be an http(s) URL\"}")
+            }
+            webhook = url
         }
         // Numbers are range-checked before any conversion: a JSON number can be anything.
         // A present field must be an integer: 1e30 or 5.5 is refused, not replaced by the default.
@@ -87,8 +103,9 @@ struct EmulatorAPI: Sendable {
         hasher.combine(width)
         hasher.combine(height)
         let hash = String(UInt64(bitPattern: Int64(hasher.finalize())), radix: 16)
-        let job = await board.submit(JobBoard.JobInput(image: [UInt8](image), wav: [UInt8](wav), width: width, height: height, hash: hash),
-                                     executionTimeout: timeout, ttl: ttl)
+        let job = await board.submit(JobBoard.JobInput(image: [UInt8](image.bytes), wav: [UInt8](wav.bytes), imageURL: image.url, wavURL: wav.url,
+                                                       width: width, height: height, hash: hash),
+                                     executionTimeout: timeout, ttl: ttl, webhook: webhook)
         if sync {
             for _ in 0..<600 {
                 if let current = await board.job(job.id), !["IN_QUEUE", "IN_PROGRESS"].contains(current.status) {
@@ -140,6 +157,8 @@ struct EmulatedWorkers: Sendable {
     let board: JobBoard
     let renderer: StillVideoRenderer
     let pool: BlockingWorkPool
+    let engine = CurlEngine()
+    var webhookRetrySeconds = 10.0
 
     func start() {
         for index in 0..<board.settings.workers {
@@ -153,40 +172,81 @@ struct EmulatedWorkers: Sendable {
         while true {
             let id = await board.next()
             guard let job = await board.start(id, worker: name) else { continue }
-            let settings = board.settings
-            if cold && settings.coldStartSeconds > 0 { try? await Task.sleep(for: .milliseconds(Int(settings.coldStartSeconds * 1000))) }
-            cold = false
-            let fault = await board.drawFault()
-            if fault == .hang {
-                await board.releaseWorker()
-                continue  // stays IN_PROGRESS until its ttl
+            await run(job, id: id, name: name, cold: &cold)
+            await notify(id)
+        }
+    }
+
+    /// Downloads URL inputs as a worker does when it starts; nil (the job FAILED) when one fails.
+    private func fetchInputs(_ job: JobBoard.Job) async -> JobBoard.JobInput? {
+        var input = job.input
+        for (url, isImage) in [(input.imageURL, true), (input.wavURL, false)] {
+            guard let url else { continue }
+            do {
+                let exchange = try await engine.perform(method: "GET", url: url, timeoutMilliseconds: 60_000, bodyLimit: 256 << 20)
+                guard exchange.status == 200 else { throw ServiceError(.runpodResultMissing, "HTTP \(exchange.status)") }
+                if isImage { input.image = exchange.body } else { input.wav = exchange.body }
+            } catch {
+                let message = "{\"error_type\": \"<class 'RuntimeError'>\", \"error_message\": \"cannot download \(url.prefix { $0 != "?" }): \(error)\"}"
+                await board.finish(job.id, status: "FAILED", outputJSON: nil, error: message)
+                return nil
             }
-            let audioSeconds = Double(max(0, job.input.wav.count - 44)) / 32_000  // 16 kHz mono 16-bit, RunPod's usual
-            let work = audioSeconds * settings.speed
-            if work > job.executionTimeout {
-                try? await Task.sleep(for: .milliseconds(Int(job.executionTimeout * 1000)))
-                await board.finish(id, status: "TIMED_OUT", outputJSON: nil, error: "execution timeout exceeded")
-                continue
+        }
+        return input
+    }
+
+    /// POSTs the job's end to its webhook: RunPod's body (the status response), tried three times
+    /// `webhookRetrySeconds` apart, as RunPod does.
+    private func notify(_ id: String) async {
+        guard let job = await board.job(id), let webhook = job.webhook,
+              !["IN_QUEUE", "IN_PROGRESS"].contains(job.status) else { return }
+        let body = Array(EmulatorAPI.describe(job).utf8)
+        for attempt in 0..<3 {
+            if attempt > 0 { try? await Task.sleep(for: .milliseconds(Int(webhookRetrySeconds * 1000))) }
+            if let exchange = try? await engine.perform(method: "POST", url: webhook, headers: ["Content-Type: application/json"], body: body),
+               (200...299).contains(exchange.status) {
+                await board.count("webhooks_sent")
+                return
             }
-            if work > 0 { try? await Task.sleep(for: .milliseconds(Int(work * 1000))) }
-            switch fault {
-            case .fail:
-                let error = "{\"error_type\": \"<class 'RuntimeError'>\", \"error_message\": \"CUDA out of memory (injected)\", "
-                    + "\"error_traceback\": \"Traceback ...\", \"hostname\": \"\(name)\", \"worker_id\": \"\(name)\", \"runpod_version\": \"1.7.0\"}"
-                await board.finish(id, status: "FAILED", outputJSON: nil, error: error)
-            case .missingOutput:
-                await board.finish(id, status: "COMPLETED", outputJSON: nil, error: nil)
-            default:
-                do {
-                    let input = job.input
-                    let renderer = self.renderer
-                    let video = try await pool.run { flag in
-                        try renderer.render(image: input.image, wav: input.wav, width: input.width, height: input.height, flag: flag)
-                    }
-                    await board.finish(id, status: "COMPLETED", outputJSON: "{\"video\":\"\(Data(video).base64EncodedString())\"}", error: nil)
-                } catch {
-                    await board.finish(id, status: "COMPLETED", outputJSON: "{\"error\":\(JSONText.quote(String(describing: error)))}", error: nil)
+            await board.count("webhooks_failed")
+        }
+    }
+
+    /// One job on one worker: cold start, faults, downloads, processing time, rendering.
+    private func run(_ job: JobBoard.Job, id: String, name: String, cold: inout Bool) async {
+        let settings = board.settings
+        if cold && settings.coldStartSeconds > 0 { try? await Task.sleep(for: .milliseconds(Int(settings.coldStartSeconds * 1000))) }
+        cold = false
+        let fault = await board.drawFault()
+        if fault == .hang {
+            await board.releaseWorker()
+            return  // stays IN_PROGRESS until its ttl
+        }
+        guard let input = await fetchInputs(job) else { return }
+        let audioSeconds = Double(max(0, input.wav.count - 44)) / 32_000  // 16 kHz mono 16-bit, RunPod's usual
+        let work = audioSeconds * settings.speed
+        if work > job.executionTimeout {
+            try? await Task.sleep(for: .milliseconds(Int(job.executionTimeout * 1000)))
+            await board.finish(id, status: "TIMED_OUT", outputJSON: nil, error: "execution timeout exceeded")
+            return
+        }
+        if work > 0 { try? await Task.sleep(for: .milliseconds(Int(work * 1000))) }
+        switch fault {
+        case .fail:
+            let error = "{\"error_type\": \"<class 'RuntimeError'>\", \"error_message\": \"CUDA out of memory (injected)\", "
+                + "\"error_traceback\": \"Traceback ...\", \"hostname\": \"\(name)\", \"worker_id\": \"\(name)\", \"runpod_version\": \"1.7.0\"}"
+            await board.finish(id, status: "FAILED", outputJSON: nil, error: error)
+        case .missingOutput:
+            await board.finish(id, status: "COMPLETED", outputJSON: nil, error: nil)
+        default:
+            do {
+                let renderer = self.renderer
+                let video = try await pool.run { flag in
+                    try renderer.render(image: input.image, wav: input.wav, width: input.width, height: input.height, flag: flag)
                 }
+                await board.finish(id, status: "COMPLETED", outputJSON: "{\"video\":\"\(Data(video).base64EncodedString())\"}", error: nil)
+            } catch {
+                await board.finish(id, status: "COMPLETED", outputJSON: "{\"error\":\(JSONText.quote(String(describing: error)))}", error: nil)
             }
         }
     }

@@ -22,6 +22,8 @@ extension Setting {
                                      help: "fraction of requests answered 500")
     static let slowStatus = Setting("EMULATOR_SLOW_STATUS", .duration(.zero ... .seconds(3600)), default: "0s", flag: "--slow-status",
                                     help: "delay of every status response")
+    static let webhookRetry = Setting("EMULATOR_WEBHOOK_RETRY", .duration(.zero ... .seconds(600)), default: "10s", flag: "--webhook-retry",
+                                      help: "wait between the three tries of a job's webhook (RunPod: 10 s)")
     static let seed = Setting("EMULATOR_SEED", .integer(0...Int.max), default: "1", flag: "--seed", help: "seed of the fault draws")
 }
 
@@ -30,7 +32,7 @@ extension Setting {
 enum EmulatorCommand {
     static let settings: [Setting] = [
         .emulatorWorkers, .coldStart, .speed, .retention, .failRate, .missingOutputRate, .hangRate, .http429Rate, .http500Rate, .slowStatus,
-        .seed, .runPodAPIKey,
+        .seed, .webhookRetry, .runPodAPIKey,
     ]
 
     static func main() {
@@ -50,7 +52,9 @@ enum EmulatorCommand {
             let board = JobBoard(settings: settings)
             let scratch = "/tmp/talkmesh-runpod-emulator-\(getpid())"
             mkdir(scratch, 0o700)
-            EmulatedWorkers(board: board, renderer: StillVideoRenderer(scratch: scratch), pool: BlockingWorkPool()).start()
+            var workers = EmulatedWorkers(board: board, renderer: StillVideoRenderer(scratch: scratch), pool: BlockingWorkPool())
+            workers.webhookRetrySeconds = try seconds(.webhookRetry)
+            workers.start()
             let apiKey = try values.string(.runPodAPIKey).flatMap { $0.isEmpty ? nil : $0 }
             let faults = EmulatorAPI.Faults(http429Rate: try values.number(.http429Rate), http500Rate: try values.number(.http500Rate),
                                             slowStatusSeconds: try seconds(.slowStatus))

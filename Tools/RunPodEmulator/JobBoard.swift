@@ -31,11 +31,16 @@ actor JobBoard {
         let ttl: Double
         let input: JobInput
         var attempt = 0
+        /// Where the job's end is POSTed (RunPod's `webhook`).
+        var webhook: String?
     }
 
     struct JobInput: Sendable {
+        /// The media, given inline (base64) or fetched by the worker when it starts (`*_url`).
         var image: [UInt8]
         var wav: [UInt8]
+        var imageURL: String?
+        var wavURL: String?
         var width: Int32
         var height: Int32
         var hash: String
@@ -47,6 +52,8 @@ actor JobBoard {
     private var waiting: [CheckedContinuation<String, Never>] = []
     private var submissions: [String: Int] = [:]
     private var counters = ["completed": 0, "failed": 0, "retried": 0]
+    /// What tests look at besides submissions: URL inputs, webhooks sent and failed.
+    private var events = ["url_inputs": 0, "webhooks_sent": 0, "webhooks_failed": 0]
     private var busyWorkers = 0
     /// Jobs IN_QUEUE or IN_PROGRESS now, and the most there ever were (what a caller's in-flight
     /// cap is checked against).
@@ -64,9 +71,11 @@ actor JobBoard {
 
     // MARK: Requests
 
-    func submit(_ input: JobInput, executionTimeout: Double, ttl: Double) -> Job {
+    func submit(_ input: JobInput, executionTimeout: Double, ttl: Double, webhook: String? = nil) -> Job {
         let id = Self.newID()
-        let job = Job(id: id, status: "IN_QUEUE", submittedAt: clock.seconds(), executionTimeout: executionTimeout, ttl: ttl, input: input)
+        var job = Job(id: id, status: "IN_QUEUE", submittedAt: clock.seconds(), executionTimeout: executionTimeout, ttl: ttl, input: input)
+        job.webhook = webhook
+        if input.imageURL != nil { events["url_inputs", default: 0] += 1 }
         jobs[id] = job
         submissions[input.hash, default: 0] += 1
         entered()
@@ -128,7 +137,8 @@ actor JobBoard {
     func stats() -> String {
         let entries = submissions.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\($0.value)" }.joined(separator: ",")
         return "{\"submissions\":{\(entries)},\"total\":\(submissions.values.reduce(0, +)),\"jobs\":\(jobs.count),"
-            + "\"in_flight\":\(inFlight),\"peak_in_flight\":\(peakInFlight)}"
+            + "\"in_flight\":\(inFlight),\"peak_in_flight\":\(peakInFlight),"
+            + events.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\($0.value)" }.joined(separator: ",") + "}"
     }
 
     /// Results and expired jobs go away: 404 afterwards, as RunPod does.
@@ -200,6 +210,8 @@ actor JobBoard {
     }
 
     func releaseWorker() { busyWorkers -= 1 }
+
+    func count(_ event: String) { events[event, default: 0] += 1 }
 
     static func newID() -> String {
         let alphabet = Array("0123456789abcdef")

@@ -25,6 +25,20 @@ extension Setting {
                                         help: "after a job ended, its video and uploads are deleted")
     static let jobRetention = Setting("JOB_RETENTION", .duration(.seconds(1) ... Setting.longest), default: "7d",
                                       help: "after a job ended, the job is deleted (EXPIRED for as long again); at least VIDEO_RETENTION")
+    static let webhookAllowPrivate = Setting("WEBHOOK_ALLOW_PRIVATE", .choice(["false", "true"]), default: "false",
+                                             help: "jobs' webhooks may target private, loopback and link-local addresses")
+    static let webhookBackoffInitial = Setting("WEBHOOK_BACKOFF_INITIAL", .duration(.milliseconds(10) ... .seconds(3600)), default: "10s",
+                                               help: "wait after a webhook's first failed attempt; doubles per attempt up to 1 h")
+    static let webhookMaxAge = Setting("WEBHOOK_MAX_AGE", .duration(.seconds(1) ... .seconds(7 * 86_400)), default: "24h",
+                                       help: "how long a webhook event is retried after its first attempt")
+    static let webhookTimeout = Setting("WEBHOOK_TIMEOUT", .duration(.milliseconds(100) ... .seconds(120)), default: "10s",
+                                        help: "one webhook attempt's budget")
+    static let runpodWebhookBaseURL = Setting("RUNPOD_WEBHOOK_BASE_URL", shown: "— (polling alone)",
+                                              help: "the Gateway's `/v1/runpod-webhook` as RunPod reaches it: chunks end on RunPod's webhook, polls slow down")
+    static let runpodWebhookPoll = Setting("RUNPOD_WEBHOOK_POLL", .duration(.seconds(1) ... .seconds(600)), default: "30s",
+                                           help: "with RunPod webhooks, the safety-net poll of each chunk")
+    static let runpodInputs = Setting("RUNPOD_INPUTS", .choice(["auto", "base64"]), default: "auto",
+                                      help: "`auto`: presigned `image_url`/`wav_url` when the blob store is S3, else base64")
     static let retentionSweepInterval = Setting("RETENTION_SWEEP_INTERVAL", .duration(.milliseconds(100) ... .seconds(86_400)), default: "1m",
                                                 help: "how often one replica sweeps for what retention deletes")
 }
@@ -34,7 +48,8 @@ extension Setting {
 enum DispatcherCommand {
     static let settings: [Setting] = BlobSettings.table + [
         .jobStore, .leaseTTL, .mediaAddr, .audioAddr, .maxConcurrentChunks, .maxRunPodJobsInFlight, .chunkMaxAttempts, .jobTimeout,
-        .chunkTargetSec, .videoRetention, .jobRetention, .retentionSweepInterval,
+        .chunkTargetSec, .videoRetention, .jobRetention, .retentionSweepInterval, .webhookAllowPrivate, .webhookBackoffInitial,
+        .webhookMaxAge, .webhookTimeout, .runpodWebhookBaseURL, .runpodWebhookPoll, .runpodInputs,
     ] + Setting.runPod
 
     static func main() {
@@ -46,6 +61,20 @@ enum DispatcherCommand {
             configuration.chunkMaxAttempts = try settings.integer(.chunkMaxAttempts)
             configuration.jobTimeoutMs = try settings.duration(.jobTimeout).nanosecondsClamped / 1_000_000
             configuration.chunkTargetSec = Double(try settings.integer(.chunkTargetSec))
+            configuration.webhookAllowPrivate = try settings.string(.webhookAllowPrivate) == "true"
+            if let base = try settings.string(.runpodWebhookBaseURL), !base.isEmpty {
+                guard base.hasPrefix("http://") || base.hasPrefix("https://") else {
+                    throw InvalidSetting(description: "RUNPOD_WEBHOOK_BASE_URL=\(base): expected an http(s) URL")
+                }
+                configuration.runpodWebhookBaseURL = base.hasSuffix("/") ? String(base.dropLast()) : base
+            }
+            configuration.runpodWebhookPollSeconds = Double(try settings.duration(.runpodWebhookPoll).nanosecondsClamped) / 1e9
+            configuration.runpodInputURLs = try settings.string(.runpodInputs) != "base64"
+            var webhooks = WebhookConfiguration()
+            webhooks.allowPrivate = configuration.webhookAllowPrivate
+            webhooks.backoffInitialSeconds = Double(try settings.duration(.webhookBackoffInitial).nanosecondsClamped) / 1e9
+            webhooks.maxAgeSeconds = Double(try settings.duration(.webhookMaxAge).nanosecondsClamped) / 1e9
+            webhooks.timeoutMs = Int(try settings.duration(.webhookTimeout).nanosecondsClamped / 1_000_000)
             var retention = RetentionConfiguration()
             retention.blobsMs = try settings.duration(.videoRetention).nanosecondsClamped / 1_000_000
             retention.jobsMs = try settings.duration(.jobRetention).nanosecondsClamped / 1_000_000
@@ -74,9 +103,12 @@ enum DispatcherCommand {
             let dispatcher = Dispatcher(context: context)
             DispatcherHandlers(dispatcher: dispatcher).register(into: &setup.services)
             setup.metricsSources.append { [counters = context.counters] in counters.render() }
+            webhooks.videoURLSeconds = Int(min(retention.blobsMs / 1000, 7 * 86_400))
             let sweeper = Task { await RetentionSweeper(context: context, configuration: retention).run() }
+            let sender = Task { await WebhookSender(context: context, configuration: webhooks).run() }
             setup.onStop.append {
                 sweeper.cancel()
+                sender.cancel()
                 await dispatcher.shutdown()
             }
             let health = setup.health, logger = setup.logger

@@ -35,9 +35,13 @@ struct ChunkDriver {
                 return
             case .chunkPending, .chunkFailed, .chunkSubmitting:
                 submitRefused = try await submit(chunk, job: record.job, again: submitRefused)
-                wait = 0
+                wait = webhook(for: record.job) == nil ? 0 : context.configuration.runpodWebhookPollSeconds
             case .chunkSubmitted, .chunkRunning:
-                try await Task.sleep(nanoseconds: UInt64(wait * 1e9))
+                if webhook(for: record.job) != nil {
+                    try await runner.wait(chunk: index, seconds: wait)
+                } else {
+                    try await Task.sleep(nanoseconds: UInt64(wait * 1e9))
+                }
                 let status: RunPodJob
                 do {
                     status = try await context.runpod.status(chunk.runpodJobId)
@@ -82,7 +86,8 @@ struct ChunkDriver {
         input.forceOffload = job.options?.forceOffload ?? false
         let submitted: RunPodJob
         do {
-            submitted = try await context.runpod.submit(input, executionTimeoutMs: context.configuration.runpodExecutionTimeoutMs)
+            submitted = try await context.runpod.submit(input, executionTimeoutMs: context.configuration.runpodExecutionTimeoutMs,
+                                                        webhook: webhook(for: job))
         } catch let error as ServiceError where error.code == .runpodUnavailable {
             // Still SUBMITTING: the next turn submits again without counting an attempt.
             runner.logger.warning("RunPod /run unavailable; trying again", metadata: ["chunk": "\(index)", "error": "\(error)"])
@@ -100,8 +105,24 @@ struct ChunkDriver {
         return false
     }
 
-    /// The resized image and the chunk's audio, as RunPod's worker takes them.
+    /// Where RunPod posts this chunk's completion: `<RUNPOD_WEBHOOK_BASE_URL>/<job>/<chunk>/<secret>`;
+    /// nil without a base URL (or for a job created before one was set).
+    private func webhook(for job: Job) -> String? {
+        guard let base = context.configuration.runpodWebhookBaseURL, !job.runpodWebhookSecret.isEmpty else { return nil }
+        return "\(base)/\(job.id)/\(index)/\(job.runpodWebhookSecret)"
+    }
+
+    /// The resized image and the chunk's audio, as RunPod's worker takes them: presigned URLs when
+    /// the store has them (S3; no 10 MB body ceiling, a request of a few hundred bytes), else base64.
     private func readInput(_ chunk: JobChunk, job: Job) async throws -> InfiniteTalkInput {
+        if context.configuration.runpodInputURLs {
+            let seconds = context.configuration.runpodInputURLSeconds
+            if let image = context.blobs.presignedURL(try BlobKey(job.resizedImageKey), expiresSeconds: seconds),
+               let wav = context.blobs.presignedURL(try BlobKey(chunk.audioKey), expiresSeconds: seconds) {
+                context.counters.count(event: "runpod_inputs_by_url")
+                return InfiniteTalkInput(prompt: job.prompt, imageURL: image, wavURL: wav, width: Int(job.width), height: Int(job.height))
+            }
+        }
         let image = try await runner.imageBase64()
         let key = try BlobKey(chunk.audioKey)
         let wav = try await context.blobIO.run { [blobs = context.blobs] _ in try blobs.get(key) }
@@ -118,6 +139,8 @@ struct ChunkDriver {
                     try record.moveChunk(index, to: .chunkRunning) { $0.queueDelayMs = Int64(status.delayTimeMs ?? 0) }
                 }
             }
+            // With RunPod's webhook the poll is only the safety net.
+            if webhook(for: await runner.record.job) != nil { return context.configuration.runpodWebhookPollSeconds }
             return context.planner.next(running: running, executionMs: status.executionTimeMs.map(Int64.init),
                                         audioSeconds: chunk.durationSec, estimate: context.throughput.estimate, previous: previousWait)
         case .completed where status.failure == nil:

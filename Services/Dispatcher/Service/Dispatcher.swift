@@ -132,6 +132,11 @@ public actor Dispatcher {
     /// Stores a new job (or finds the one with the same idempotency key) and starts it.
     public func create(_ request: CreateJobRequest, traceparent: String, requestID: String? = nil) async throws -> Job {
         try Self.validate(request)
+        let webhookURL = request.options?.webhookUrl ?? ""
+        if !webhookURL.isEmpty {
+            let allowPrivate = context.configuration.webhookAllowPrivate
+            try await context.blobIO.run { _ in try WebhookURL.validate(webhookURL, allowPrivate: allowPrivate) }
+        }
         for key in [request.imageKey, request.audioKey] {
             let blob = try BlobKey(key)
             guard try await context.blobIO.run({ [blobs = context.blobs] _ in try blobs.exists(blob) }) else {
@@ -152,6 +157,14 @@ public actor Dispatcher {
         job.createdAtUnixMs = now
         job.deadlineUnixMs = now + context.configuration.jobTimeoutMs
         job.traceparent = traceparent
+        if !webhookURL.isEmpty {
+            var webhook = JobWebhook()
+            webhook.url = webhookURL
+            webhook.progress = request.options?.webhookProgress ?? false
+            webhook.secret = request.webhookSecret
+            job.webhook = webhook
+        }
+        if context.configuration.runpodWebhookBaseURL != nil { job.runpodWebhookSecret = TraceContext.randomHex(bytes: 16) }
         let (record, created) = try await context.store.create(JobRecord(new: job))
         if created {
             context.counters.count(job: .inQueue)
@@ -210,6 +223,21 @@ public actor Dispatcher {
         return record.job
     }
 
+    /// RunPod's completion webhook for chunk `request.chunk` of a job: the chunk's driver, when it
+    /// runs here, asks RunPod for the status at once. NOT_FOUND for an unknown job, a wrong secret
+    /// or a job without one (the two are not told apart); false when the job is not driven here
+    /// (its driver's slow poll sees the result).
+    public func runPodWebhook(_ request: RunPodWebhookRequest) async throws -> Bool {
+        guard JobID.isValid(request.jobId), let record = try await context.store.get(request.jobId),
+              !record.job.runpodWebhookSecret.isEmpty,
+              Digest.constantTimeEqual(Array(record.job.runpodWebhookSecret.utf8), Array(request.secret.utf8)) else {
+            throw ServiceError(.jobNotFound, "no such job or webhook")
+        }
+        context.counters.count(event: "runpod_webhooks")
+        guard let runner = runners[request.jobId] else { return false }
+        return await runner.ring(chunk: Int(request.chunk))
+    }
+
     /// One page of an owner's jobs, newest first.
     public func list(_ request: ListJobsRequest) async throws -> ListJobsResponse {
         guard (0...1000).contains(request.pageSize) else {
@@ -252,7 +280,11 @@ public actor Dispatcher {
         guard request.owner.utf8.count <= 200, request.idempotencyKey.utf8.count <= 200 else {
             throw invalid("owner and idempotency_key must be at most 200 bytes")
         }
+        guard request.webhookSecret.utf8.count <= 256 else { throw invalid("webhook_secret must be at most 256 bytes") }
         if let options = request.options {
+            guard options.webhookUrl.isEmpty || !request.webhookSecret.isEmpty else {
+                throw invalid("webhook_secret is required with options.webhook_url: it signs the webhooks")
+            }
             guard options.chunkTargetSec == 0 || (5...60).contains(options.chunkTargetSec) else {
                 throw invalid("options.chunk_target_sec must be 5–60 (0: the default)")
             }
@@ -260,6 +292,16 @@ public actor Dispatcher {
                 throw invalid("options.max_concurrent_chunks must be 0–64 (0: the default)")
             }
         }
+    }
+}
+
+extension Job {
+    /// The job without its secrets: what leaves the Dispatcher.
+    public var redacted: Job {
+        var job = self
+        job.runpodWebhookSecret = ""
+        if job.webhook != nil { job.webhook!.secret = "" }
+        return job
     }
 }
 
@@ -277,14 +319,24 @@ public struct DispatcherHandlers: Sendable {
             var response = CreateJobResponse()
             let trace = context.trace ?? TraceContext.root()
             // The Gateway's request id comes along as metadata (its client interceptor adds it).
-            response.job = try await dispatcher.create(request, traceparent: trace.traceparent, requestID: context.metadata.first("x-request-id"))
+            response.job = try await dispatcher.create(request, traceparent: trace.traceparent, requestID: context.metadata.first("x-request-id")).redacted
             return response
         }
-        registry.register(DispatcherService.getJob) { request, _ in try await dispatcher.get(request.id) }
-        registry.register(DispatcherService.listJobs) { request, _ in try await dispatcher.list(request) }
-        registry.register(DispatcherService.cancelJob) { request, _ in try await dispatcher.cancel(request.id) }
+        // Every job leaves with its secrets removed (the webhook key, the RunPod webhook path's secret).
+        registry.register(DispatcherService.getJob) { request, _ in try await dispatcher.get(request.id).redacted }
+        registry.register(DispatcherService.listJobs) { request, _ in
+            var page = try await dispatcher.list(request)
+            page.jobs = page.jobs.map(\.redacted)
+            return page
+        }
+        registry.register(DispatcherService.cancelJob) { request, _ in try await dispatcher.cancel(request.id).redacted }
         registry.register(DispatcherService.watchJob) { request, _, writer in
-            try await dispatcher.watch(request.id) { job in try await writer.write(job) }
+            try await dispatcher.watch(request.id) { job in try await writer.write(job.redacted) }
+        }
+        registry.register(DispatcherService.runPodWebhook) { request, _ in
+            var response = RunPodWebhookResponse()
+            response.accepted = try await dispatcher.runPodWebhook(request)
+            return response
         }
     }
 }

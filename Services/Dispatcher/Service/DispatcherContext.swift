@@ -21,6 +21,19 @@ public struct DispatcherConfiguration: Sendable {
     public var runpodExecutionTimeoutMs = 600_000
     /// Jobs a replica drives at once; more wait in the store.
     public var maxActiveJobs = 10_000
+    /// Jobs' webhooks may target private addresses (`WEBHOOK_ALLOW_PRIVATE`).
+    public var webhookAllowPrivate = false
+    /// Where RunPod's completion webhooks go (`RUNPOD_WEBHOOK_BASE_URL`, the Gateway's
+    /// `/v1/runpod-webhook` as RunPod reaches it): each chunk's `/run` names
+    /// `<base>/<job id>/<chunk>/<job secret>`. Nil: polling alone.
+    public var runpodWebhookBaseURL: String?
+    /// With webhooks, the safety-net poll of a chunk (`RUNPOD_WEBHOOK_POLL`), seconds.
+    public var runpodWebhookPollSeconds = 30.0
+    /// Chunks go to RunPod as presigned `image_url`/`wav_url` when the blob store presigns (S3)
+    /// (`RUNPOD_INPUTS=auto`); false: always base64 (`RUNPOD_INPUTS=base64`).
+    public var runpodInputURLs = true
+    /// How long those URLs stay valid, seconds: RunPod's default job TTL (24 h).
+    public var runpodInputURLSeconds = 86_400
 
     public init() {}
 }

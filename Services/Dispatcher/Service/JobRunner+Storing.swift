@@ -19,7 +19,11 @@ extension JobRunner {
         }
         while true {
             var next = record
-            try change(&next, context.clock.nowUnixMs())
+            let now = context.clock.nowUnixMs()
+            try change(&next, now)
+            if next.job.webhook?.progress == true, next.status == .running, Self.completedChunks(next) > Self.completedChunks(record) {
+                next.queueWebhook(JobRecord.progressEvent, at: now)
+            }
             let estimate = context.throughput.estimate
             let concurrency = Int(next.job.options?.maxConcurrentChunks ?? 0)
             next.update { fields in
@@ -49,6 +53,10 @@ extension JobRunner {
                 throw WorkflowEnd(reason: "lease lost: another replica holds the job")
             }
         }
+    }
+
+    static func completedChunks(_ record: JobRecord) -> Int {
+        record.chunks.reduce(0) { $0 + ($1.status == .chunkCompleted ? 1 : 0) }
     }
 
     /// Media and Audio briefly unavailable are retried with backoff for `serviceRetrySeconds`.

@@ -22,6 +22,9 @@ public actor JobRunner {
     private var finished = false
     var saving = false
     var saveWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Chunks waiting between polls (RunPod webhooks end the wait), and chunks rung while not waiting.
+    private var bells: [Int: CheckedContinuation<Void, Never>] = [:]
+    private var rung: Set<Int> = []
     /// The resized image in base64, read and encoded once for all of the job's submissions.
     private var encodedImage: (key: String, base64: String)?
     let logger: Logger
@@ -326,6 +329,37 @@ public actor JobRunner {
                 }
             }
         }.value
+    }
+
+    // MARK: RunPod webhooks
+
+    /// RunPod says chunk `chunk`'s job ended: its driver polls now instead of at its next turn.
+    /// False when the job has no such chunk.
+    func ring(chunk: Int) -> Bool {
+        guard record.chunks.indices.contains(chunk) else { return false }
+        if let waiter = bells.removeValue(forKey: chunk) { waiter.resume() } else { rung.insert(chunk) }
+        return true
+    }
+
+    /// Waits `seconds`, or less when the chunk's bell rings (also a ring that came before).
+    func wait(chunk: Int, seconds: Double) async throws {
+        if rung.remove(chunk) == nil {
+            let timer = Task {
+                try? await Task.sleep(nanoseconds: UInt64(max(0, seconds) * 1e9))
+                self.silence(chunk)
+            }
+            await withTaskCancellationHandler {
+                await withCheckedContinuation { bells[chunk] = $0 }
+            } onCancel: {
+                Task { await self.silence(chunk) }
+            }
+            timer.cancel()
+        }
+        try Task.checkCancellation()
+    }
+
+    private func silence(_ chunk: Int) {
+        bells.removeValue(forKey: chunk)?.resume()
     }
 
     /// The resized image as every chunk's `/run` sends it.

@@ -77,6 +77,7 @@ public struct JobRecord: Sendable, Equatable {
             job.stage = .stageDone
             job.etaSeconds = status == .completed ? 0 : -1
         }
+        if JobStateMachine.isTerminal(status) { queueWebhook(JobRecord.event(status), at: now) }
     }
 
     /// Moves one chunk; ILLEGAL_TRANSITION when the state machine forbids it or the job has ended
@@ -112,6 +113,47 @@ public struct JobRecord: Sendable, Equatable {
         job = fields.job
         job.status = status
         job.chunks = chunks
+    }
+
+    /// Queues the job's webhook (when it has one) for `event`, due at once. An event not yet
+    /// delivered is replaced: the receiver gets the job as it is now, not every state it passed.
+    /// A terminal event is never replaced by progress.
+    public mutating func queueWebhook(_ event: String, at now: Int64) {
+        guard var webhook = job.webhook, !webhook.url.isEmpty else { return }
+        if event == Self.progressEvent && !webhook.pendingEvent.isEmpty && webhook.pendingEvent != Self.progressEvent { return }
+        if webhook.pendingEvent.isEmpty || webhook.pendingEvent != event {
+            webhook.pendingAttempts = 0
+            webhook.pendingSinceUnixMs = now
+        }
+        webhook.pendingEvent = event
+        webhook.dueUnixMs = webhook.pendingAttempts == 0 ? now : max(webhook.dueUnixMs, now)
+        job.webhook = webhook
+    }
+
+    /// The webhook's delivery state (what the sender writes); allowed in any state.
+    public mutating func updateWebhook(_ body: (inout JobWebhook) -> Void) {
+        guard var webhook = job.webhook else { return }
+        body(&webhook)
+        job.webhook = webhook
+    }
+
+    public static let progressEvent = "job.progress"
+
+    /// When the pending webhook delivery is due (the store indexes it); nil when none waits.
+    public var webhookDueUnixMs: Int64? {
+        guard let webhook = job.webhook, !webhook.pendingEvent.isEmpty else { return nil }
+        return webhook.dueUnixMs
+    }
+
+    /// `job.completed`, `job.failed`, `job.cancelled`, `job.timed_out`.
+    public static func event(_ status: JobStatus) -> String {
+        switch status {
+        case .completed: return "job.completed"
+        case .failed: return "job.failed"
+        case .cancelled: return "job.cancelled"
+        case .timedOut: return "job.timed_out"
+        default: return progressEvent
+        }
     }
 
     /// Records that retention deleted the job's blobs; ILLEGAL_TRANSITION unless the job has ended.
@@ -166,4 +208,5 @@ public struct JobFields {
     public var encodedAudioKey: String { get { job.encodedAudioKey } set { job.encodedAudioKey = newValue } }
     public var videoKey: String { get { job.videoKey } set { job.videoKey = newValue } }
     public var durationSec: Double { get { job.durationSec } set { job.durationSec = newValue } }
+    public var runpodWebhookSecret: String { get { job.runpodWebhookSecret } set { job.runpodWebhookSecret = newValue } }
 }

@@ -40,6 +40,8 @@ public protocol JobStore: Sendable {
     /// (jobs created over gRPC may share an upload). Jobs stored before retention existed count as
     /// naming every key, until their own blobs are deleted.
     func inputInUse(_ key: String, except id: String) async throws -> Bool
+    /// Jobs whose pending webhook delivery is due at `now` (Unix ms), the longest waiting first.
+    func webhooksDue(at now: Int64, limit: Int) async throws -> [JobRecord]
     /// Takes (or keeps) the deployment's retention sweep for `seconds`: false while another replica
     /// holds it, so one replica sweeps at a time.
     func claimSweep(seconds: Double) async throws -> Bool

@@ -88,6 +88,11 @@ public final class PostgresJobStore: JobStore {
             until timestamptz NOT NULL
         );
         """,
+        // Outgoing webhooks: when a job's pending delivery is due.
+        """
+        ALTER TABLE jobs ADD COLUMN webhook_due_ms bigint;
+        CREATE INDEX jobs_webhook_due ON jobs(webhook_due_ms) WHERE webhook_due_ms IS NOT NULL;
+        """,
     ]
 
     /// Connects (`connections` statements at once), migrates and starts listening for changes.
@@ -173,13 +178,14 @@ public final class PostgresJobStore: JobStore {
                 let values: [PGValue] = [.int(job.status.rawValue), .int(job.updatedAtUnixMs), .int(job.version),
                                          .bytes(job.serializedBytes()), .text(job.id), .int(expected),
                                          job.completedAtUnixMs > 0 ? .int(job.completedAtUnixMs) : .null,
-                                         .text(job.blobsDeletedAtUnixMs > 0 ? "true" : "false")]
-                let set = "status = $1, updated_ms = $2, version = $3, data = $4, ended_ms = $7, blobs_deleted = $8::boolean"
+                                         .text(job.blobsDeletedAtUnixMs > 0 ? "true" : "false"),
+                                         stamped.webhookDueUnixMs.map { .int($0) } ?? .null]
+                let set = "status = $1, updated_ms = $2, version = $3, data = $4, ended_ms = $7, blobs_deleted = $8::boolean, webhook_due_ms = $9"
                 let written: PGResult
                 if let epoch {
                     written = try db.execute("""
-                        UPDATE jobs SET \(set), lease_until = now() + $11::interval
-                        WHERE id = $5 AND version = $6 AND lease_owner = $9 AND lease_epoch = $10
+                        UPDATE jobs SET \(set), lease_until = now() + $12::interval
+                        WHERE id = $5 AND version = $6 AND lease_owner = $10 AND lease_epoch = $11
                         """, values + [.text(replica), .int(epoch), lease])
                 } else {
                     written = try db.execute("UPDATE jobs SET \(set) WHERE id = $5 AND version = $6", values)
@@ -229,6 +235,14 @@ public final class PostgresJobStore: JobStore {
         try await pool.with { db in
             let result = try db.execute("SELECT data FROM jobs WHERE ended_ms < $1 AND NOT blobs_deleted ORDER BY ended_ms LIMIT $2",
                                         [.int(endedBefore), .int(limit)])
+            return try (0..<result.rows).map { JobRecord(stored: try Job(serializedBytes: result.bytes($0, 0))) }
+        }
+    }
+
+    public func webhooksDue(at now: Int64, limit: Int) async throws -> [JobRecord] {
+        try await pool.with { db in
+            let result = try db.execute("SELECT data FROM jobs WHERE webhook_due_ms <= $1 ORDER BY webhook_due_ms LIMIT $2",
+                                        [.int(now), .int(limit)])
             return try (0..<result.rows).map { JobRecord(stored: try Job(serializedBytes: result.bytes($0, 0))) }
         }
     }

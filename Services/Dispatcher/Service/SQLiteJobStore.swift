@@ -51,6 +51,11 @@ public final class SQLiteJobStore: JobStore {
         ) STRICT;
         CREATE INDEX expired_jobs_age ON expired_jobs(expired_ms);
         """,
+        // Outgoing webhooks: when a job's pending delivery is due.
+        """
+        ALTER TABLE jobs ADD COLUMN webhook_due_ms INTEGER;
+        CREATE INDEX jobs_webhook_due ON jobs(webhook_due_ms) WHERE webhook_due_ms IS NOT NULL;
+        """,
     ]
 
     /// Opens (creating and migrating) the store at `path`.
@@ -127,9 +132,13 @@ public final class SQLiteJobStore: JobStore {
         let stamped = record
         return try await onThread { db in
             let job = stamped.job
-            try db.prepare("UPDATE jobs SET status = ?, updated_ms = ?, version = ?, data = ?, ended_ms = ?, blobs_deleted = ? WHERE id = ? AND version = ?")
+            try db.prepare("""
+                UPDATE jobs SET status = ?, updated_ms = ?, version = ?, data = ?, ended_ms = ?, blobs_deleted = ?, webhook_due_ms = ?
+                WHERE id = ? AND version = ?
+                """)
                 .run([job.status.rawValue, job.updatedAtUnixMs, job.version, job.serializedBytes(),
-                      job.completedAtUnixMs > 0 ? job.completedAtUnixMs : nil, job.blobsDeletedAtUnixMs > 0 ? 1 : 0, job.id, expected])
+                      job.completedAtUnixMs > 0 ? job.completedAtUnixMs : nil, job.blobsDeletedAtUnixMs > 0 ? 1 : 0,
+                      stamped.webhookDueUnixMs, job.id, expected])
             guard db.changes == 1 else {
                 throw ServiceError(.storeConflict, "job \(job.id) changed since version \(expected)")
             }
@@ -181,6 +190,16 @@ public final class SQLiteJobStore: JobStore {
         try await onThread { db in
             let statement = try db.prepare("SELECT data FROM jobs WHERE ended_ms < ? AND blobs_deleted = 0 ORDER BY ended_ms LIMIT ?")
             try statement.bind([endedBefore, limit])
+            var records: [JobRecord] = []
+            while try statement.step() { records.append(JobRecord(stored: try Job(serializedBytes: statement.blob(0)))) }
+            return records
+        }
+    }
+
+    public func webhooksDue(at now: Int64, limit: Int) async throws -> [JobRecord] {
+        try await onThread { db in
+            let statement = try db.prepare("SELECT data FROM jobs WHERE webhook_due_ms <= ? ORDER BY webhook_due_ms LIMIT ?")
+            try statement.bind([now, limit])
             var records: [JobRecord] = []
             while try statement.step() { records.append(JobRecord(stored: try Job(serializedBytes: statement.blob(0)))) }
             return records

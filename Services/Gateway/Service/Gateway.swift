@@ -53,6 +53,9 @@ public final class Gateway: Sendable {
     /// A completed job's presigned video URL when the store has them (S3).
     let videoURL: JobJSON.VideoURL
 
+    /// Where RunPod posts chunk completions (`RUNPOD_WEBHOOK_BASE_URL` at the Dispatcher).
+    static let runpodWebhookPrefix = "/v1/runpod-webhook/"
+
     /// Paths served without a key.
     static let openPaths: Set<String> = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/health"]
 
@@ -167,7 +170,8 @@ public final class Gateway: Sendable {
 
     /// The key from `Authorization: Bearer …` or `X-API-Key`, then the key's request budget.
     private func authenticated(_ request: HTTPRequest, _ next: @Sendable (HTTPRequest) async throws -> HTTPResponse) async throws -> HTTPResponse {
-        if Self.openPaths.contains(request.path) { return try await next(request) }
+        // RunPod's webhooks carry no key: the job's secret in the path authenticates them (at the Dispatcher).
+        if Self.openPaths.contains(request.path) || request.path.hasPrefix(Self.runpodWebhookPrefix) { return try await next(request) }
         let secret = Self.secret(authorization: request.header("authorization"), apiKey: request.header("x-api-key"))
         let challenge: [(name: String, value: String)] = [("www-authenticate", "Bearer")]
         guard let secret, !secret.isEmpty else {

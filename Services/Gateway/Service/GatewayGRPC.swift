@@ -14,11 +14,14 @@ extension Gateway {
     public func installGRPC(into registry: inout RPCServiceRegistry) {
         registry.interceptors.append { [self] context, next in try await authenticatedCall(context, next) }
         let timeout = CallOptions(timeoutNanoseconds: 30_000_000_000)
-        registry.register(DispatcherService.createJob) { [self] request, _ in
+        registry.register(DispatcherService.createJob) { [self] request, context in
             let key = try Self.caller()
             try await checkJobBudget(key)
             var create = request
             create.owner = key.id
+            // The webhook key is the one every job of this API key is signed with, never the caller's pick.
+            create.webhookSecret = create.options?.webhookUrl.isEmpty == false
+                ? Self.webhookSecret(authorization: context.metadata.first("authorization"), apiKey: context.metadata.first("x-api-key")) : ""
             let folder = Self.uploadFolder(of: key)
             for (field, blob) in [("image_key", create.imageKey), ("audio_key", create.audioKey)] {
                 let exists = try? await blobIO.run { [blobs] _ in try blobs.exists(try BlobKey(blob)) }

@@ -1,5 +1,6 @@
 import Foundation
 import TalkMeshAudioService
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshMessages
 import TalkMeshRPC
@@ -25,6 +26,21 @@ extension Gateway {
                 object["video_base64"] = try await inlineVideo(job)
             }
             return JobJSON.response(200, object)
+        }
+        // RunPod's completion webhook for one chunk. Its body (the job's status, possibly the whole
+        // video in base64) is read and dropped without being held: the Dispatcher asks RunPod for
+        // the status itself, so nothing in the body is trusted.
+        router.addStreaming("POST", "/v1/runpod-webhook/{job}/{chunk}/{secret}", maxBodyBytes: 256 << 20) { [self] request in
+            while try await request.bodyStream?.next() != nil {}
+            var forward = RunPodWebhookRequest()
+            forward.jobId = request.pathParameters["job"] ?? ""
+            forward.secret = request.pathParameters["secret"] ?? ""
+            guard let chunk = Int32(request.pathParameters["chunk"] ?? ""), chunk >= 0 else {
+                throw ServiceError(.jobNotFound, "no such job or webhook")
+            }
+            forward.chunk = chunk
+            let answer = try await dispatcher.unary(DispatcherService.runPodWebhook, forward, options: CallOptions(timeoutNanoseconds: 10_000_000_000))
+            return JobJSON.response(200, ["accepted": answer.accepted])
         }
         router.add("GET", "/v1/jobs") { [self] request in
             try await listJobs(request)
@@ -63,7 +79,17 @@ extension Gateway {
             try await read(request, into: form)
             let create = try validated(form, request: request, key: key, defaultSize: defaultSize)
             try await storeUploads(form, image: try BlobKey(create.imageKey), audio: try BlobKey(create.audioKey))
-            var response = try await dispatcher.unary(DispatcherService.createJob, create, options: CallOptions(timeoutNanoseconds: 30_000_000_000))
+            var response: CreateJobResponse
+            do {
+                response = try await dispatcher.unary(DispatcherService.createJob, create, options: CallOptions(timeoutNanoseconds: 30_000_000_000))
+            } catch {
+                // Refused (an invalid webhook_url) or the Dispatcher unreachable: the uploads go.
+                _ = try? await blobIO.run { [blobs] _ in
+                    try blobs.delete(try BlobKey(create.imageKey))
+                    try blobs.delete(try BlobKey(create.audioKey))
+                }
+                throw error
+            }
             guard let job = response.job.take() else { throw ServiceError(.internalError, "CreateJob answered without a job") }
             if job.imageKey != create.imageKey {
                 // The idempotency key named an existing job: it keeps its own inputs.
@@ -77,6 +103,17 @@ extension Gateway {
             form.discard()
             throw error
         }
+    }
+
+    /// The key that signs a job's webhooks: HMAC-SHA256(API key, "talkmesh-webhook-v1") in hex — one
+    /// per API key, which its holder derives alike, and which the key file's hashes cannot give.
+    static func webhookSecret(authorization: String?, apiKey: String?) -> String {
+        let secret = Self.secret(authorization: authorization, apiKey: apiKey) ?? ""
+        return Hex.encode(Digest.hmacSHA256(key: Array(secret.utf8), Array("talkmesh-webhook-v1".utf8)))
+    }
+
+    static func webhookSecret(_ request: HTTPRequest) -> String {
+        webhookSecret(authorization: request.header("authorization"), apiKey: request.header("x-api-key"))
     }
 
     /// The key's job-creation rate and its cap on unfinished jobs.
@@ -162,6 +199,11 @@ extension Gateway {
         if let target = try fields.number("chunk_target_sec") {
             guard target == 0 || (5...60).contains(target) else { throw ServiceError(.invalidRequest, "chunk_target_sec must be 5–60") }
             options.chunkTargetSec = target
+        }
+        if let url = try fields.string("webhook_url", maxBytes: 2048), !url.isEmpty {
+            options.webhookUrl = url
+            options.webhookProgress = try fields.bool("webhook_progress") ?? false
+            create.webhookSecret = Self.webhookSecret(request)
         }
         create.options = options
         guard let image = form.image else { throw ServiceError(.invalidRequest, "image is required (image_base64 in JSON, image in multipart)") }

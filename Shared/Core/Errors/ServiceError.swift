@@ -38,6 +38,8 @@ public enum ErrorCode: String, CaseIterable, Sendable, CustomStringConvertible {
     case serviceUnavailable = "SERVICE_UNAVAILABLE"
     /// Retention deleted what was asked for (a job's video, or the job).
     case expired = "EXPIRED"
+    /// A job's webhook_url is not http(s), does not resolve, or names a private address.
+    case invalidWebhookURL = "INVALID_WEBHOOK_URL"
     // The Gateway's own.
     case invalidRequest = "INVALID_REQUEST"
     case unauthorized = "UNAUTHORIZED"
@@ -96,6 +98,7 @@ public enum ErrorCode: String, CaseIterable, Sendable, CustomStringConvertible {
         case .leaseLost: (.aborted, 409, false)
         case .serviceUnavailable: (.unavailable, 503, false)
         case .expired: (.notFound, 410, false)
+        case .invalidWebhookURL: (.invalidArgument, 400, false)
         case .invalidRequest: (.invalidArgument, 400, false)
         case .unauthorized: (.unauthenticated, 401, false)
         case .rateLimited: (.resourceExhausted, 429, false)

@@ -85,6 +85,34 @@ public struct JobOptions: Hashable, Sendable {
     public var forceOffload: Bool = false
     public var dryRun: Bool = false
     public var pushToS3: Bool = false
+    public var webhookUrl: String = ""
+    public var webhookProgress: Bool = false
+    public init() {}
+}
+
+/// `talkmesh.v1.WebhookDelivery`
+public struct WebhookDelivery: Hashable, Sendable {
+    public var event: String = ""
+    public var attempt: Int32 = 0
+    public var atUnixMs: Int64 = 0
+    public var httpStatus: Int32 = 0
+    public var error: String = ""
+    public var delivered: Bool = false
+    public var durationMs: Int64 = 0
+    public var abandoned: Bool = false
+    public init() {}
+}
+
+/// `talkmesh.v1.JobWebhook`
+public struct JobWebhook: Hashable, Sendable {
+    public var url: String = ""
+    public var progress: Bool = false
+    public var secret: String = ""
+    public var pendingEvent: String = ""
+    public var dueUnixMs: Int64 = 0
+    public var pendingSinceUnixMs: Int64 = 0
+    public var pendingAttempts: Int32 = 0
+    public var deliveries: [WebhookDelivery] = []
     public init() {}
 }
 
@@ -143,6 +171,8 @@ public struct Job: Hashable, Sendable {
     public var encodedAudioKey: String = ""
     public var blobsDeletedAtUnixMs: Int64 = 0
     public var expiredAtUnixMs: Int64 = 0
+    public var webhook: JobWebhook? = nil
+    public var runpodWebhookSecret: String = ""
     public init() {}
 }
 
@@ -156,6 +186,7 @@ public struct CreateJobRequest: Hashable, Sendable {
     public var owner: String = ""
     public var idempotencyKey: String = ""
     public var options: JobOptions? = nil
+    public var webhookSecret: String = ""
     public init() {}
 }
 
@@ -199,6 +230,20 @@ public struct WatchJobRequest: Hashable, Sendable {
     public init() {}
 }
 
+/// `talkmesh.v1.RunPodWebhookRequest`
+public struct RunPodWebhookRequest: Hashable, Sendable {
+    public var jobId: String = ""
+    public var chunk: Int32 = 0
+    public var secret: String = ""
+    public init() {}
+}
+
+/// `talkmesh.v1.RunPodWebhookResponse`
+public struct RunPodWebhookResponse: Hashable, Sendable {
+    public var accepted: Bool = false
+    public init() {}
+}
+
 /// Method descriptors of `talkmesh.v1.DispatcherService`.
 public enum DispatcherService {
     public static let name = "talkmesh.v1.DispatcherService"
@@ -207,6 +252,7 @@ public enum DispatcherService {
     public static let listJobs = MethodDescriptor<ListJobsRequest, ListJobsResponse>(service: "talkmesh.v1.DispatcherService", method: "ListJobs", kind: .unary)
     public static let cancelJob = MethodDescriptor<CancelJobRequest, Job>(service: "talkmesh.v1.DispatcherService", method: "CancelJob", kind: .unary)
     public static let watchJob = MethodDescriptor<WatchJobRequest, Job>(service: "talkmesh.v1.DispatcherService", method: "WatchJob", kind: .serverStreaming)
+    public static let runPodWebhook = MethodDescriptor<RunPodWebhookRequest, RunPodWebhookResponse>(service: "talkmesh.v1.DispatcherService", method: "RunPodWebhook", kind: .unary)
 }
 
 extension JobOptions: ProtoMessage {
@@ -218,6 +264,8 @@ extension JobOptions: ProtoMessage {
         forceOffload = (c.force_offload != 0)
         dryRun = (c.dry_run != 0)
         pushToS3 = (c.push_to_s3 != 0)
+        webhookUrl = ProtoC.string(c.webhook_url)
+        webhookProgress = (c.webhook_progress != 0)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__JobOptions {
         var c = Talkmesh__V1__JobOptions()
@@ -227,6 +275,8 @@ extension JobOptions: ProtoMessage {
         c.force_offload = (forceOffload ? 1 : 0)
         c.dry_run = (dryRun ? 1 : 0)
         c.push_to_s3 = (pushToS3 ? 1 : 0)
+        c.webhook_url = arena.string(webhookUrl)
+        c.webhook_progress = (webhookProgress ? 1 : 0)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__JobOptions>? {
@@ -240,6 +290,87 @@ extension JobOptions: ProtoMessage {
     }
     public static func cPack(_ message: UnsafePointer<Talkmesh__V1__JobOptions>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
         talkmesh__v1__job_options__pack(message, out)
+    }
+}
+
+extension WebhookDelivery: ProtoMessage {
+    public typealias CMessage = Talkmesh__V1__WebhookDelivery
+    public init(c: Talkmesh__V1__WebhookDelivery) {
+        self.init()
+        event = ProtoC.string(c.event)
+        attempt = c.attempt
+        atUnixMs = c.at_unix_ms
+        httpStatus = c.http_status
+        error = ProtoC.string(c.error)
+        delivered = (c.delivered != 0)
+        durationMs = c.duration_ms
+        abandoned = (c.abandoned != 0)
+    }
+    public func toC(_ arena: ProtoArena) -> Talkmesh__V1__WebhookDelivery {
+        var c = Talkmesh__V1__WebhookDelivery()
+        talkmesh__v1__webhook_delivery__init(&c)
+        c.event = arena.string(event)
+        c.attempt = attempt
+        c.at_unix_ms = atUnixMs
+        c.http_status = httpStatus
+        c.error = arena.string(error)
+        c.delivered = (delivered ? 1 : 0)
+        c.duration_ms = durationMs
+        c.abandoned = (abandoned ? 1 : 0)
+        return c
+    }
+    public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__WebhookDelivery>? {
+        talkmesh__v1__webhook_delivery__unpack(nil, count, data)
+    }
+    public static func cFreeUnpacked(_ message: UnsafeMutablePointer<Talkmesh__V1__WebhookDelivery>) {
+        talkmesh__v1__webhook_delivery__free_unpacked(message, nil)
+    }
+    public static func cPackedSize(_ message: UnsafePointer<Talkmesh__V1__WebhookDelivery>) -> Int {
+        talkmesh__v1__webhook_delivery__get_packed_size(message)
+    }
+    public static func cPack(_ message: UnsafePointer<Talkmesh__V1__WebhookDelivery>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
+        talkmesh__v1__webhook_delivery__pack(message, out)
+    }
+}
+
+extension JobWebhook: ProtoMessage {
+    public typealias CMessage = Talkmesh__V1__JobWebhook
+    public init(c: Talkmesh__V1__JobWebhook) {
+        self.init()
+        url = ProtoC.string(c.url)
+        progress = (c.progress != 0)
+        secret = ProtoC.string(c.secret)
+        pendingEvent = ProtoC.string(c.pending_event)
+        dueUnixMs = c.due_unix_ms
+        pendingSinceUnixMs = c.pending_since_unix_ms
+        pendingAttempts = c.pending_attempts
+        deliveries = (0..<c.n_deliveries).map { WebhookDelivery(c: c.deliveries[$0]!.pointee) }
+    }
+    public func toC(_ arena: ProtoArena) -> Talkmesh__V1__JobWebhook {
+        var c = Talkmesh__V1__JobWebhook()
+        talkmesh__v1__job_webhook__init(&c)
+        c.url = arena.string(url)
+        c.progress = (progress ? 1 : 0)
+        c.secret = arena.string(secret)
+        c.pending_event = arena.string(pendingEvent)
+        c.due_unix_ms = dueUnixMs
+        c.pending_since_unix_ms = pendingSinceUnixMs
+        c.pending_attempts = pendingAttempts
+        c.n_deliveries = deliveries.count
+        c.deliveries = arena.pointers(deliveries.map { arena.object($0.toC(arena)) })
+        return c
+    }
+    public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__JobWebhook>? {
+        talkmesh__v1__job_webhook__unpack(nil, count, data)
+    }
+    public static func cFreeUnpacked(_ message: UnsafeMutablePointer<Talkmesh__V1__JobWebhook>) {
+        talkmesh__v1__job_webhook__free_unpacked(message, nil)
+    }
+    public static func cPackedSize(_ message: UnsafePointer<Talkmesh__V1__JobWebhook>) -> Int {
+        talkmesh__v1__job_webhook__get_packed_size(message)
+    }
+    public static func cPack(_ message: UnsafePointer<Talkmesh__V1__JobWebhook>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
+        talkmesh__v1__job_webhook__pack(message, out)
     }
 }
 
@@ -353,6 +484,8 @@ extension Job: ProtoMessage {
         encodedAudioKey = ProtoC.string(c.encoded_audio_key)
         blobsDeletedAtUnixMs = c.blobs_deleted_at_unix_ms
         expiredAtUnixMs = c.expired_at_unix_ms
+        webhook = c.webhook.map { JobWebhook(c: $0.pointee) }
+        runpodWebhookSecret = ProtoC.string(c.runpod_webhook_secret)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__Job {
         var c = Talkmesh__V1__Job()
@@ -386,6 +519,8 @@ extension Job: ProtoMessage {
         c.encoded_audio_key = arena.string(encodedAudioKey)
         c.blobs_deleted_at_unix_ms = blobsDeletedAtUnixMs
         c.expired_at_unix_ms = expiredAtUnixMs
+        c.webhook = webhook.map { arena.object($0.toC(arena)) }
+        c.runpod_webhook_secret = arena.string(runpodWebhookSecret)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__Job>? {
@@ -414,6 +549,7 @@ extension CreateJobRequest: ProtoMessage {
         owner = ProtoC.string(c.owner)
         idempotencyKey = ProtoC.string(c.idempotency_key)
         options = c.options.map { JobOptions(c: $0.pointee) }
+        webhookSecret = ProtoC.string(c.webhook_secret)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__CreateJobRequest {
         var c = Talkmesh__V1__CreateJobRequest()
@@ -426,6 +562,7 @@ extension CreateJobRequest: ProtoMessage {
         c.owner = arena.string(owner)
         c.idempotency_key = arena.string(idempotencyKey)
         c.options = options.map { arena.object($0.toC(arena)) }
+        c.webhook_secret = arena.string(webhookSecret)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__CreateJobRequest>? {
@@ -604,5 +741,61 @@ extension WatchJobRequest: ProtoMessage {
     }
     public static func cPack(_ message: UnsafePointer<Talkmesh__V1__WatchJobRequest>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
         talkmesh__v1__watch_job_request__pack(message, out)
+    }
+}
+
+extension RunPodWebhookRequest: ProtoMessage {
+    public typealias CMessage = Talkmesh__V1__RunPodWebhookRequest
+    public init(c: Talkmesh__V1__RunPodWebhookRequest) {
+        self.init()
+        jobId = ProtoC.string(c.job_id)
+        chunk = c.chunk
+        secret = ProtoC.string(c.secret)
+    }
+    public func toC(_ arena: ProtoArena) -> Talkmesh__V1__RunPodWebhookRequest {
+        var c = Talkmesh__V1__RunPodWebhookRequest()
+        talkmesh__v1__run_pod_webhook_request__init(&c)
+        c.job_id = arena.string(jobId)
+        c.chunk = chunk
+        c.secret = arena.string(secret)
+        return c
+    }
+    public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__RunPodWebhookRequest>? {
+        talkmesh__v1__run_pod_webhook_request__unpack(nil, count, data)
+    }
+    public static func cFreeUnpacked(_ message: UnsafeMutablePointer<Talkmesh__V1__RunPodWebhookRequest>) {
+        talkmesh__v1__run_pod_webhook_request__free_unpacked(message, nil)
+    }
+    public static func cPackedSize(_ message: UnsafePointer<Talkmesh__V1__RunPodWebhookRequest>) -> Int {
+        talkmesh__v1__run_pod_webhook_request__get_packed_size(message)
+    }
+    public static func cPack(_ message: UnsafePointer<Talkmesh__V1__RunPodWebhookRequest>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
+        talkmesh__v1__run_pod_webhook_request__pack(message, out)
+    }
+}
+
+extension RunPodWebhookResponse: ProtoMessage {
+    public typealias CMessage = Talkmesh__V1__RunPodWebhookResponse
+    public init(c: Talkmesh__V1__RunPodWebhookResponse) {
+        self.init()
+        accepted = (c.accepted != 0)
+    }
+    public func toC(_ arena: ProtoArena) -> Talkmesh__V1__RunPodWebhookResponse {
+        var c = Talkmesh__V1__RunPodWebhookResponse()
+        talkmesh__v1__run_pod_webhook_response__init(&c)
+        c.accepted = (accepted ? 1 : 0)
+        return c
+    }
+    public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__RunPodWebhookResponse>? {
+        talkmesh__v1__run_pod_webhook_response__unpack(nil, count, data)
+    }
+    public static func cFreeUnpacked(_ message: UnsafeMutablePointer<Talkmesh__V1__RunPodWebhookResponse>) {
+        talkmesh__v1__run_pod_webhook_response__free_unpacked(message, nil)
+    }
+    public static func cPackedSize(_ message: UnsafePointer<Talkmesh__V1__RunPodWebhookResponse>) -> Int {
+        talkmesh__v1__run_pod_webhook_response__get_packed_size(message)
+    }
+    public static func cPack(_ message: UnsafePointer<Talkmesh__V1__RunPodWebhookResponse>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
+        talkmesh__v1__run_pod_webhook_response__pack(message, out)
     }
 }

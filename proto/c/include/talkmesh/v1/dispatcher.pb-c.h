@@ -16,6 +16,8 @@ PROTOBUF_C__BEGIN_DECLS
 
 
 typedef struct Talkmesh__V1__JobOptions Talkmesh__V1__JobOptions;
+typedef struct Talkmesh__V1__WebhookDelivery Talkmesh__V1__WebhookDelivery;
+typedef struct Talkmesh__V1__JobWebhook Talkmesh__V1__JobWebhook;
 typedef struct Talkmesh__V1__JobError Talkmesh__V1__JobError;
 typedef struct Talkmesh__V1__JobChunk Talkmesh__V1__JobChunk;
 typedef struct Talkmesh__V1__Job Talkmesh__V1__Job;
@@ -26,6 +28,8 @@ typedef struct Talkmesh__V1__ListJobsRequest Talkmesh__V1__ListJobsRequest;
 typedef struct Talkmesh__V1__ListJobsResponse Talkmesh__V1__ListJobsResponse;
 typedef struct Talkmesh__V1__CancelJobRequest Talkmesh__V1__CancelJobRequest;
 typedef struct Talkmesh__V1__WatchJobRequest Talkmesh__V1__WatchJobRequest;
+typedef struct Talkmesh__V1__RunPodWebhookRequest Talkmesh__V1__RunPodWebhookRequest;
+typedef struct Talkmesh__V1__RunPodWebhookResponse Talkmesh__V1__RunPodWebhookResponse;
 
 
 /* --- enums --- */
@@ -98,10 +102,89 @@ struct  Talkmesh__V1__JobOptions
    * the client wants a link to the video, not its bytes (the Infinitetalk API's push_to_s3)
    */
   protobuf_c_boolean push_to_s3;
+  /*
+   * POSTed the job when it ends (http or https; private targets refused unless allowed)
+   */
+  char *webhook_url;
+  /*
+   * also POST on progress (each chunk completed)
+   */
+  protobuf_c_boolean webhook_progress;
 };
 #define TALKMESH__V1__JOB_OPTIONS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job_options__descriptor) \
-    , 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0 }
+
+
+/*
+ * One attempt to deliver a webhook.
+ */
+struct  Talkmesh__V1__WebhookDelivery
+{
+  ProtobufCMessage base;
+  /*
+   * job.completed, job.failed, job.cancelled, job.timed_out, job.progress
+   */
+  char *event;
+  /*
+   * 1 for the first try of this event
+   */
+  int32_t attempt;
+  int64_t at_unix_ms;
+  /*
+   * 0 when no answer came
+   */
+  int32_t http_status;
+  /*
+   * why it failed, empty when delivered
+   */
+  char *error;
+  protobuf_c_boolean delivered;
+  int64_t duration_ms;
+  /*
+   * the last attempt: retries ran out (WEBHOOK_MAX_AGE) or the target is refused
+   */
+  protobuf_c_boolean abandoned;
+};
+#define TALKMESH__V1__WEBHOOK_DELIVERY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__webhook_delivery__descriptor) \
+    , (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0 }
+
+
+/*
+ * A job's outgoing webhook: where it goes, the pending delivery, and the log of attempts.
+ */
+struct  Talkmesh__V1__JobWebhook
+{
+  ProtobufCMessage base;
+  char *url;
+  protobuf_c_boolean progress;
+  /*
+   * the HMAC-SHA256 key; never leaves the Dispatcher
+   */
+  char *secret;
+  /*
+   * the event waiting to be delivered, empty when none
+   */
+  char *pending_event;
+  /*
+   * when the next attempt is due (0: none pending)
+   */
+  int64_t due_unix_ms;
+  /*
+   * first attempt of the pending event: retries stop WEBHOOK_MAX_AGE after it
+   */
+  int64_t pending_since_unix_ms;
+  int32_t pending_attempts;
+  /*
+   * the newest last, at most 20
+   */
+  size_t n_deliveries;
+  Talkmesh__V1__WebhookDelivery **deliveries;
+};
+#define TALKMESH__V1__JOB_WEBHOOK__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job_webhook__descriptor) \
+    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, 0,NULL }
 
 
 struct  Talkmesh__V1__JobError
@@ -207,10 +290,18 @@ struct  Talkmesh__V1__Job
    * of it (id, owner, status, times) with this set, for JOB_RETENTION more; 0 for a stored job.
    */
   int64_t expired_at_unix_ms;
+  /*
+   * absent without a webhook_url
+   */
+  Talkmesh__V1__JobWebhook *webhook;
+  /*
+   * The secret in the path of this job's RunPod webhooks (RUNPOD_WEBHOOK_BASE_URL); never leaves the Dispatcher.
+   */
+  char *runpod_webhook_secret;
 };
 #define TALKMESH__V1__JOB__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job__descriptor) \
-    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0 }
+    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, NULL, (char *)protobuf_c_empty_string }
 
 
 struct  Talkmesh__V1__CreateJobRequest
@@ -224,10 +315,14 @@ struct  Talkmesh__V1__CreateJobRequest
   char *owner;
   char *idempotency_key;
   Talkmesh__V1__JobOptions *options;
+  /*
+   * the key that signs this job's webhooks (the Gateway derives one per API key)
+   */
+  char *webhook_secret;
 };
 #define TALKMESH__V1__CREATE_JOB_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__create_job_request__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, NULL }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, NULL, (char *)protobuf_c_empty_string }
 
 
 struct  Talkmesh__V1__CreateJobResponse
@@ -298,6 +393,31 @@ struct  Talkmesh__V1__WatchJobRequest
     , (char *)protobuf_c_empty_string }
 
 
+struct  Talkmesh__V1__RunPodWebhookRequest
+{
+  ProtobufCMessage base;
+  char *job_id;
+  int32_t chunk;
+  char *secret;
+};
+#define TALKMESH__V1__RUN_POD_WEBHOOK_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__run_pod_webhook_request__descriptor) \
+    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string }
+
+
+struct  Talkmesh__V1__RunPodWebhookResponse
+{
+  ProtobufCMessage base;
+  /*
+   * false: the chunk is not driven by this replica (its poll will see the result)
+   */
+  protobuf_c_boolean accepted;
+};
+#define TALKMESH__V1__RUN_POD_WEBHOOK_RESPONSE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__run_pod_webhook_response__descriptor) \
+    , 0 }
+
+
 /* Talkmesh__V1__JobOptions methods */
 void   talkmesh__v1__job_options__init
                      (Talkmesh__V1__JobOptions         *message);
@@ -316,6 +436,44 @@ Talkmesh__V1__JobOptions *
                       const uint8_t       *data);
 void   talkmesh__v1__job_options__free_unpacked
                      (Talkmesh__V1__JobOptions *message,
+                      ProtobufCAllocator *allocator);
+/* Talkmesh__V1__WebhookDelivery methods */
+void   talkmesh__v1__webhook_delivery__init
+                     (Talkmesh__V1__WebhookDelivery         *message);
+size_t talkmesh__v1__webhook_delivery__get_packed_size
+                     (const Talkmesh__V1__WebhookDelivery   *message);
+size_t talkmesh__v1__webhook_delivery__pack
+                     (const Talkmesh__V1__WebhookDelivery   *message,
+                      uint8_t             *out);
+size_t talkmesh__v1__webhook_delivery__pack_to_buffer
+                     (const Talkmesh__V1__WebhookDelivery   *message,
+                      ProtobufCBuffer     *buffer);
+Talkmesh__V1__WebhookDelivery *
+       talkmesh__v1__webhook_delivery__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   talkmesh__v1__webhook_delivery__free_unpacked
+                     (Talkmesh__V1__WebhookDelivery *message,
+                      ProtobufCAllocator *allocator);
+/* Talkmesh__V1__JobWebhook methods */
+void   talkmesh__v1__job_webhook__init
+                     (Talkmesh__V1__JobWebhook         *message);
+size_t talkmesh__v1__job_webhook__get_packed_size
+                     (const Talkmesh__V1__JobWebhook   *message);
+size_t talkmesh__v1__job_webhook__pack
+                     (const Talkmesh__V1__JobWebhook   *message,
+                      uint8_t             *out);
+size_t talkmesh__v1__job_webhook__pack_to_buffer
+                     (const Talkmesh__V1__JobWebhook   *message,
+                      ProtobufCBuffer     *buffer);
+Talkmesh__V1__JobWebhook *
+       talkmesh__v1__job_webhook__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   talkmesh__v1__job_webhook__free_unpacked
+                     (Talkmesh__V1__JobWebhook *message,
                       ProtobufCAllocator *allocator);
 /* Talkmesh__V1__JobError methods */
 void   talkmesh__v1__job_error__init
@@ -507,10 +665,54 @@ Talkmesh__V1__WatchJobRequest *
 void   talkmesh__v1__watch_job_request__free_unpacked
                      (Talkmesh__V1__WatchJobRequest *message,
                       ProtobufCAllocator *allocator);
+/* Talkmesh__V1__RunPodWebhookRequest methods */
+void   talkmesh__v1__run_pod_webhook_request__init
+                     (Talkmesh__V1__RunPodWebhookRequest         *message);
+size_t talkmesh__v1__run_pod_webhook_request__get_packed_size
+                     (const Talkmesh__V1__RunPodWebhookRequest   *message);
+size_t talkmesh__v1__run_pod_webhook_request__pack
+                     (const Talkmesh__V1__RunPodWebhookRequest   *message,
+                      uint8_t             *out);
+size_t talkmesh__v1__run_pod_webhook_request__pack_to_buffer
+                     (const Talkmesh__V1__RunPodWebhookRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Talkmesh__V1__RunPodWebhookRequest *
+       talkmesh__v1__run_pod_webhook_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   talkmesh__v1__run_pod_webhook_request__free_unpacked
+                     (Talkmesh__V1__RunPodWebhookRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Talkmesh__V1__RunPodWebhookResponse methods */
+void   talkmesh__v1__run_pod_webhook_response__init
+                     (Talkmesh__V1__RunPodWebhookResponse         *message);
+size_t talkmesh__v1__run_pod_webhook_response__get_packed_size
+                     (const Talkmesh__V1__RunPodWebhookResponse   *message);
+size_t talkmesh__v1__run_pod_webhook_response__pack
+                     (const Talkmesh__V1__RunPodWebhookResponse   *message,
+                      uint8_t             *out);
+size_t talkmesh__v1__run_pod_webhook_response__pack_to_buffer
+                     (const Talkmesh__V1__RunPodWebhookResponse   *message,
+                      ProtobufCBuffer     *buffer);
+Talkmesh__V1__RunPodWebhookResponse *
+       talkmesh__v1__run_pod_webhook_response__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   talkmesh__v1__run_pod_webhook_response__free_unpacked
+                     (Talkmesh__V1__RunPodWebhookResponse *message,
+                      ProtobufCAllocator *allocator);
 /* --- per-message closures --- */
 
 typedef void (*Talkmesh__V1__JobOptions_Closure)
                  (const Talkmesh__V1__JobOptions *message,
+                  void *closure_data);
+typedef void (*Talkmesh__V1__WebhookDelivery_Closure)
+                 (const Talkmesh__V1__WebhookDelivery *message,
+                  void *closure_data);
+typedef void (*Talkmesh__V1__JobWebhook_Closure)
+                 (const Talkmesh__V1__JobWebhook *message,
                   void *closure_data);
 typedef void (*Talkmesh__V1__JobError_Closure)
                  (const Talkmesh__V1__JobError *message,
@@ -542,6 +744,12 @@ typedef void (*Talkmesh__V1__CancelJobRequest_Closure)
 typedef void (*Talkmesh__V1__WatchJobRequest_Closure)
                  (const Talkmesh__V1__WatchJobRequest *message,
                   void *closure_data);
+typedef void (*Talkmesh__V1__RunPodWebhookRequest_Closure)
+                 (const Talkmesh__V1__RunPodWebhookRequest *message,
+                  void *closure_data);
+typedef void (*Talkmesh__V1__RunPodWebhookResponse_Closure)
+                 (const Talkmesh__V1__RunPodWebhookResponse *message,
+                  void *closure_data);
 
 /* --- services --- */
 
@@ -569,6 +777,10 @@ struct Talkmesh__V1__DispatcherService_Service
                     const Talkmesh__V1__WatchJobRequest *input,
                     Talkmesh__V1__Job_Closure closure,
                     void *closure_data);
+  void (*run_pod_webhook)(Talkmesh__V1__DispatcherService_Service *service,
+                          const Talkmesh__V1__RunPodWebhookRequest *input,
+                          Talkmesh__V1__RunPodWebhookResponse_Closure closure,
+                          void *closure_data);
 };
 typedef void (*Talkmesh__V1__DispatcherService_ServiceDestroy)(Talkmesh__V1__DispatcherService_Service *);
 void talkmesh__v1__dispatcher_service__init (Talkmesh__V1__DispatcherService_Service *service,
@@ -581,7 +793,8 @@ void talkmesh__v1__dispatcher_service__init (Talkmesh__V1__DispatcherService_Ser
       function_prefix__ ## get_job,\
       function_prefix__ ## list_jobs,\
       function_prefix__ ## cancel_job,\
-      function_prefix__ ## watch_job  }
+      function_prefix__ ## watch_job,\
+      function_prefix__ ## run_pod_webhook  }
 void talkmesh__v1__dispatcher_service__create_job(ProtobufCService *service,
                                                   const Talkmesh__V1__CreateJobRequest *input,
                                                   Talkmesh__V1__CreateJobResponse_Closure closure,
@@ -602,6 +815,10 @@ void talkmesh__v1__dispatcher_service__watch_job(ProtobufCService *service,
                                                  const Talkmesh__V1__WatchJobRequest *input,
                                                  Talkmesh__V1__Job_Closure closure,
                                                  void *closure_data);
+void talkmesh__v1__dispatcher_service__run_pod_webhook(ProtobufCService *service,
+                                                       const Talkmesh__V1__RunPodWebhookRequest *input,
+                                                       Talkmesh__V1__RunPodWebhookResponse_Closure closure,
+                                                       void *closure_data);
 
 /* --- descriptors --- */
 
@@ -609,6 +826,8 @@ extern const ProtobufCEnumDescriptor    talkmesh__v1__job_status__descriptor;
 extern const ProtobufCEnumDescriptor    talkmesh__v1__chunk_status__descriptor;
 extern const ProtobufCEnumDescriptor    talkmesh__v1__job_stage__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job_options__descriptor;
+extern const ProtobufCMessageDescriptor talkmesh__v1__webhook_delivery__descriptor;
+extern const ProtobufCMessageDescriptor talkmesh__v1__job_webhook__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job_error__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor;
@@ -619,6 +838,8 @@ extern const ProtobufCMessageDescriptor talkmesh__v1__list_jobs_request__descrip
 extern const ProtobufCMessageDescriptor talkmesh__v1__list_jobs_response__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__cancel_job_request__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__watch_job_request__descriptor;
+extern const ProtobufCMessageDescriptor talkmesh__v1__run_pod_webhook_request__descriptor;
+extern const ProtobufCMessageDescriptor talkmesh__v1__run_pod_webhook_response__descriptor;
 extern const ProtobufCServiceDescriptor talkmesh__v1__dispatcher_service__descriptor;
 
 PROTOBUF_C__END_DECLS

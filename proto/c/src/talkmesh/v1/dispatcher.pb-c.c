@@ -52,6 +52,96 @@ void   talkmesh__v1__job_options__free_unpacked
   assert(message->base.descriptor == &talkmesh__v1__job_options__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   talkmesh__v1__webhook_delivery__init
+                     (Talkmesh__V1__WebhookDelivery         *message)
+{
+  static const Talkmesh__V1__WebhookDelivery init_value = TALKMESH__V1__WEBHOOK_DELIVERY__INIT;
+  *message = init_value;
+}
+size_t talkmesh__v1__webhook_delivery__get_packed_size
+                     (const Talkmesh__V1__WebhookDelivery *message)
+{
+  assert(message->base.descriptor == &talkmesh__v1__webhook_delivery__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t talkmesh__v1__webhook_delivery__pack
+                     (const Talkmesh__V1__WebhookDelivery *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &talkmesh__v1__webhook_delivery__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t talkmesh__v1__webhook_delivery__pack_to_buffer
+                     (const Talkmesh__V1__WebhookDelivery *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &talkmesh__v1__webhook_delivery__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Talkmesh__V1__WebhookDelivery *
+       talkmesh__v1__webhook_delivery__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Talkmesh__V1__WebhookDelivery *)
+     protobuf_c_message_unpack (&talkmesh__v1__webhook_delivery__descriptor,
+                                allocator, len, data);
+}
+void   talkmesh__v1__webhook_delivery__free_unpacked
+                     (Talkmesh__V1__WebhookDelivery *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &talkmesh__v1__webhook_delivery__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   talkmesh__v1__job_webhook__init
+                     (Talkmesh__V1__JobWebhook         *message)
+{
+  static const Talkmesh__V1__JobWebhook init_value = TALKMESH__V1__JOB_WEBHOOK__INIT;
+  *message = init_value;
+}
+size_t talkmesh__v1__job_webhook__get_packed_size
+                     (const Talkmesh__V1__JobWebhook *message)
+{
+  assert(message->base.descriptor == &talkmesh__v1__job_webhook__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t talkmesh__v1__job_webhook__pack
+                     (const Talkmesh__V1__JobWebhook *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &talkmesh__v1__job_webhook__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t talkmesh__v1__job_webhook__pack_to_buffer
+                     (const Talkmesh__V1__JobWebhook *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &talkmesh__v1__job_webhook__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Talkmesh__V1__JobWebhook *
+       talkmesh__v1__job_webhook__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Talkmesh__V1__JobWebhook *)
+     protobuf_c_message_unpack (&talkmesh__v1__job_webhook__descriptor,
+                                allocator, len, data);
+}
+void   talkmesh__v1__job_webhook__free_unpacked
+                     (Talkmesh__V1__JobWebhook *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &talkmesh__v1__job_webhook__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   talkmesh__v1__job_error__init
                      (Talkmesh__V1__JobError         *message)
 {
@@ -502,7 +592,97 @@ void   talkmesh__v1__watch_job_request__free_unpacked
   assert(message->base.descriptor == &talkmesh__v1__watch_job_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor talkmesh__v1__job_options__field_descriptors[5] =
+void   talkmesh__v1__run_pod_webhook_request__init
+                     (Talkmesh__V1__RunPodWebhookRequest         *message)
+{
+  static const Talkmesh__V1__RunPodWebhookRequest init_value = TALKMESH__V1__RUN_POD_WEBHOOK_REQUEST__INIT;
+  *message = init_value;
+}
+size_t talkmesh__v1__run_pod_webhook_request__get_packed_size
+                     (const Talkmesh__V1__RunPodWebhookRequest *message)
+{
+  assert(message->base.descriptor == &talkmesh__v1__run_pod_webhook_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t talkmesh__v1__run_pod_webhook_request__pack
+                     (const Talkmesh__V1__RunPodWebhookRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &talkmesh__v1__run_pod_webhook_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t talkmesh__v1__run_pod_webhook_request__pack_to_buffer
+                     (const Talkmesh__V1__RunPodWebhookRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &talkmesh__v1__run_pod_webhook_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Talkmesh__V1__RunPodWebhookRequest *
+       talkmesh__v1__run_pod_webhook_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Talkmesh__V1__RunPodWebhookRequest *)
+     protobuf_c_message_unpack (&talkmesh__v1__run_pod_webhook_request__descriptor,
+                                allocator, len, data);
+}
+void   talkmesh__v1__run_pod_webhook_request__free_unpacked
+                     (Talkmesh__V1__RunPodWebhookRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &talkmesh__v1__run_pod_webhook_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   talkmesh__v1__run_pod_webhook_response__init
+                     (Talkmesh__V1__RunPodWebhookResponse         *message)
+{
+  static const Talkmesh__V1__RunPodWebhookResponse init_value = TALKMESH__V1__RUN_POD_WEBHOOK_RESPONSE__INIT;
+  *message = init_value;
+}
+size_t talkmesh__v1__run_pod_webhook_response__get_packed_size
+                     (const Talkmesh__V1__RunPodWebhookResponse *message)
+{
+  assert(message->base.descriptor == &talkmesh__v1__run_pod_webhook_response__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t talkmesh__v1__run_pod_webhook_response__pack
+                     (const Talkmesh__V1__RunPodWebhookResponse *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &talkmesh__v1__run_pod_webhook_response__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t talkmesh__v1__run_pod_webhook_response__pack_to_buffer
+                     (const Talkmesh__V1__RunPodWebhookResponse *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &talkmesh__v1__run_pod_webhook_response__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Talkmesh__V1__RunPodWebhookResponse *
+       talkmesh__v1__run_pod_webhook_response__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Talkmesh__V1__RunPodWebhookResponse *)
+     protobuf_c_message_unpack (&talkmesh__v1__run_pod_webhook_response__descriptor,
+                                allocator, len, data);
+}
+void   talkmesh__v1__run_pod_webhook_response__free_unpacked
+                     (Talkmesh__V1__RunPodWebhookResponse *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &talkmesh__v1__run_pod_webhook_response__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+static const ProtobufCFieldDescriptor talkmesh__v1__job_options__field_descriptors[7] =
 {
   {
     "chunk_target_sec",
@@ -564,6 +744,30 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job_options__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "webhook_url",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobOptions, webhook_url),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "webhook_progress",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobOptions, webhook_progress),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job_options__field_indices_by_name[] = {
   0,   /* field[0] = chunk_target_sec */
@@ -571,11 +775,13 @@ static const unsigned talkmesh__v1__job_options__field_indices_by_name[] = {
   2,   /* field[2] = force_offload */
   1,   /* field[1] = max_concurrent_chunks */
   4,   /* field[4] = push_to_s3 */
+  6,   /* field[6] = webhook_progress */
+  5,   /* field[5] = webhook_url */
 };
 static const ProtobufCIntRange talkmesh__v1__job_options__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job_options__descriptor =
 {
@@ -585,11 +791,269 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_options__descriptor =
   "Talkmesh__V1__JobOptions",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__JobOptions),
-  5,
+  7,
   talkmesh__v1__job_options__field_descriptors,
   talkmesh__v1__job_options__field_indices_by_name,
   1,  talkmesh__v1__job_options__number_ranges,
   (ProtobufCMessageInit) talkmesh__v1__job_options__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor talkmesh__v1__webhook_delivery__field_descriptors[8] =
+{
+  {
+    "event",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__WebhookDelivery, event),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "attempt",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__WebhookDelivery, attempt),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "at_unix_ms",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__WebhookDelivery, at_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "http_status",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__WebhookDelivery, http_status),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "error",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__WebhookDelivery, error),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "delivered",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__WebhookDelivery, delivered),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "duration_ms",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__WebhookDelivery, duration_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "abandoned",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__WebhookDelivery, abandoned),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned talkmesh__v1__webhook_delivery__field_indices_by_name[] = {
+  7,   /* field[7] = abandoned */
+  2,   /* field[2] = at_unix_ms */
+  1,   /* field[1] = attempt */
+  5,   /* field[5] = delivered */
+  6,   /* field[6] = duration_ms */
+  4,   /* field[4] = error */
+  0,   /* field[0] = event */
+  3,   /* field[3] = http_status */
+};
+static const ProtobufCIntRange talkmesh__v1__webhook_delivery__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 8 }
+};
+const ProtobufCMessageDescriptor talkmesh__v1__webhook_delivery__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.WebhookDelivery",
+  "WebhookDelivery",
+  "Talkmesh__V1__WebhookDelivery",
+  "talkmesh.v1",
+  sizeof(Talkmesh__V1__WebhookDelivery),
+  8,
+  talkmesh__v1__webhook_delivery__field_descriptors,
+  talkmesh__v1__webhook_delivery__field_indices_by_name,
+  1,  talkmesh__v1__webhook_delivery__number_ranges,
+  (ProtobufCMessageInit) talkmesh__v1__webhook_delivery__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor talkmesh__v1__job_webhook__field_descriptors[8] =
+{
+  {
+    "url",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobWebhook, url),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "progress",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobWebhook, progress),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "secret",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobWebhook, secret),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pending_event",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobWebhook, pending_event),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "due_unix_ms",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobWebhook, due_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pending_since_unix_ms",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobWebhook, pending_since_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pending_attempts",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__JobWebhook, pending_attempts),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "deliveries",
+    8,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Talkmesh__V1__JobWebhook, n_deliveries),
+    offsetof(Talkmesh__V1__JobWebhook, deliveries),
+    &talkmesh__v1__webhook_delivery__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned talkmesh__v1__job_webhook__field_indices_by_name[] = {
+  7,   /* field[7] = deliveries */
+  4,   /* field[4] = due_unix_ms */
+  6,   /* field[6] = pending_attempts */
+  3,   /* field[3] = pending_event */
+  5,   /* field[5] = pending_since_unix_ms */
+  1,   /* field[1] = progress */
+  2,   /* field[2] = secret */
+  0,   /* field[0] = url */
+};
+static const ProtobufCIntRange talkmesh__v1__job_webhook__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 8 }
+};
+const ProtobufCMessageDescriptor talkmesh__v1__job_webhook__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.JobWebhook",
+  "JobWebhook",
+  "Talkmesh__V1__JobWebhook",
+  "talkmesh.v1",
+  sizeof(Talkmesh__V1__JobWebhook),
+  8,
+  talkmesh__v1__job_webhook__field_descriptors,
+  talkmesh__v1__job_webhook__field_indices_by_name,
+  1,  talkmesh__v1__job_webhook__number_ranges,
+  (ProtobufCMessageInit) talkmesh__v1__job_webhook__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor talkmesh__v1__job_error__field_descriptors[2] =
@@ -837,7 +1301,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__job_chunk__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[28] =
+static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[30] =
 {
   {
     "id",
@@ -1175,6 +1639,30 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[28] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "webhook",
+    29,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, webhook),
+    &talkmesh__v1__job_webhook__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "runpod_webhook_secret",
+    30,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, runpod_webhook_secret),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   21,   /* field[21] = audio_duration_sec */
@@ -1198,18 +1686,20 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   2,   /* field[2] = progress */
   11,   /* field[11] = prompt */
   20,   /* field[20] = resized_image_key */
+  29,   /* field[29] = runpod_webhook_secret */
   17,   /* field[17] = stage */
   1,   /* field[1] = status */
   24,   /* field[24] = traceparent */
   6,   /* field[6] = updated_at_unix_ms */
   23,   /* field[23] = version */
   8,   /* field[8] = video_key */
+  28,   /* field[28] = webhook */
   12,   /* field[12] = width */
 };
 static const ProtobufCIntRange talkmesh__v1__job__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 28 }
+  { 0, 30 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
 {
@@ -1219,14 +1709,14 @@ const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
   "Talkmesh__V1__Job",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__Job),
-  28,
+  30,
   talkmesh__v1__job__field_descriptors,
   talkmesh__v1__job__field_indices_by_name,
   1,  talkmesh__v1__job__number_ranges,
   (ProtobufCMessageInit) talkmesh__v1__job__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__create_job_request__field_descriptors[8] =
+static const ProtobufCFieldDescriptor talkmesh__v1__create_job_request__field_descriptors[9] =
 {
   {
     "image_key",
@@ -1324,6 +1814,18 @@ static const ProtobufCFieldDescriptor talkmesh__v1__create_job_request__field_de
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "webhook_secret",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__CreateJobRequest, webhook_secret),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__create_job_request__field_indices_by_name[] = {
   1,   /* field[1] = audio_key */
@@ -1333,12 +1835,13 @@ static const unsigned talkmesh__v1__create_job_request__field_indices_by_name[] 
   7,   /* field[7] = options */
   5,   /* field[5] = owner */
   2,   /* field[2] = prompt */
+  8,   /* field[8] = webhook_secret */
   3,   /* field[3] = width */
 };
 static const ProtobufCIntRange talkmesh__v1__create_job_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__create_job_request__descriptor =
 {
@@ -1348,7 +1851,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__create_job_request__descriptor =
   "Talkmesh__V1__CreateJobRequest",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__CreateJobRequest),
-  8,
+  9,
   talkmesh__v1__create_job_request__field_descriptors,
   talkmesh__v1__create_job_request__field_indices_by_name,
   1,  talkmesh__v1__create_job_request__number_ranges,
@@ -1635,6 +2138,108 @@ const ProtobufCMessageDescriptor talkmesh__v1__watch_job_request__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__watch_job_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
+static const ProtobufCFieldDescriptor talkmesh__v1__run_pod_webhook_request__field_descriptors[3] =
+{
+  {
+    "job_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__RunPodWebhookRequest, job_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "chunk",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__RunPodWebhookRequest, chunk),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "secret",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__RunPodWebhookRequest, secret),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned talkmesh__v1__run_pod_webhook_request__field_indices_by_name[] = {
+  1,   /* field[1] = chunk */
+  0,   /* field[0] = job_id */
+  2,   /* field[2] = secret */
+};
+static const ProtobufCIntRange talkmesh__v1__run_pod_webhook_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor talkmesh__v1__run_pod_webhook_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.RunPodWebhookRequest",
+  "RunPodWebhookRequest",
+  "Talkmesh__V1__RunPodWebhookRequest",
+  "talkmesh.v1",
+  sizeof(Talkmesh__V1__RunPodWebhookRequest),
+  3,
+  talkmesh__v1__run_pod_webhook_request__field_descriptors,
+  talkmesh__v1__run_pod_webhook_request__field_indices_by_name,
+  1,  talkmesh__v1__run_pod_webhook_request__number_ranges,
+  (ProtobufCMessageInit) talkmesh__v1__run_pod_webhook_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor talkmesh__v1__run_pod_webhook_response__field_descriptors[1] =
+{
+  {
+    "accepted",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__RunPodWebhookResponse, accepted),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned talkmesh__v1__run_pod_webhook_response__field_indices_by_name[] = {
+  0,   /* field[0] = accepted */
+};
+static const ProtobufCIntRange talkmesh__v1__run_pod_webhook_response__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor talkmesh__v1__run_pod_webhook_response__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.RunPodWebhookResponse",
+  "RunPodWebhookResponse",
+  "Talkmesh__V1__RunPodWebhookResponse",
+  "talkmesh.v1",
+  sizeof(Talkmesh__V1__RunPodWebhookResponse),
+  1,
+  talkmesh__v1__run_pod_webhook_response__field_descriptors,
+  talkmesh__v1__run_pod_webhook_response__field_indices_by_name,
+  1,  talkmesh__v1__run_pod_webhook_response__number_ranges,
+  (ProtobufCMessageInit) talkmesh__v1__run_pod_webhook_response__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
 static const ProtobufCEnumValue talkmesh__v1__job_status__enum_values_by_number[7] =
 {
   { "JOB_STATUS_UNSPECIFIED", "TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED", 0 },
@@ -1747,19 +2352,21 @@ const ProtobufCEnumDescriptor talkmesh__v1__job_stage__descriptor =
   talkmesh__v1__job_stage__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCMethodDescriptor talkmesh__v1__dispatcher_service__method_descriptors[5] =
+static const ProtobufCMethodDescriptor talkmesh__v1__dispatcher_service__method_descriptors[6] =
 {
   { "CreateJob", &talkmesh__v1__create_job_request__descriptor, &talkmesh__v1__create_job_response__descriptor },
   { "GetJob", &talkmesh__v1__get_job_request__descriptor, &talkmesh__v1__job__descriptor },
   { "ListJobs", &talkmesh__v1__list_jobs_request__descriptor, &talkmesh__v1__list_jobs_response__descriptor },
   { "CancelJob", &talkmesh__v1__cancel_job_request__descriptor, &talkmesh__v1__job__descriptor },
   { "WatchJob", &talkmesh__v1__watch_job_request__descriptor, &talkmesh__v1__job__descriptor },
+  { "RunPodWebhook", &talkmesh__v1__run_pod_webhook_request__descriptor, &talkmesh__v1__run_pod_webhook_response__descriptor },
 };
 const unsigned talkmesh__v1__dispatcher_service__method_indices_by_name[] = {
   3,        /* CancelJob */
   0,        /* CreateJob */
   1,        /* GetJob */
   2,        /* ListJobs */
+  5,        /* RunPodWebhook */
   4         /* WatchJob */
 };
 const ProtobufCServiceDescriptor talkmesh__v1__dispatcher_service__descriptor =
@@ -1769,7 +2376,7 @@ const ProtobufCServiceDescriptor talkmesh__v1__dispatcher_service__descriptor =
   "DispatcherService",
   "Talkmesh__V1__DispatcherService",
   "talkmesh.v1",
-  5,
+  6,
   talkmesh__v1__dispatcher_service__method_descriptors,
   talkmesh__v1__dispatcher_service__method_indices_by_name
 };
@@ -1812,6 +2419,14 @@ void talkmesh__v1__dispatcher_service__watch_job(ProtobufCService *service,
 {
   assert(service->descriptor == &talkmesh__v1__dispatcher_service__descriptor);
   service->invoke(service, 4, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
+void talkmesh__v1__dispatcher_service__run_pod_webhook(ProtobufCService *service,
+                                                       const Talkmesh__V1__RunPodWebhookRequest *input,
+                                                       Talkmesh__V1__RunPodWebhookResponse_Closure closure,
+                                                       void *closure_data)
+{
+  assert(service->descriptor == &talkmesh__v1__dispatcher_service__descriptor);
+  service->invoke(service, 5, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void talkmesh__v1__dispatcher_service__init (Talkmesh__V1__DispatcherService_Service *service,
                                              Talkmesh__V1__DispatcherService_ServiceDestroy destroy)

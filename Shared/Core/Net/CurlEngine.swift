@@ -1,7 +1,6 @@
 import CTalkMesh
 import Glibc
 import TalkMeshBase
-import TalkMeshCore
 
 /// An HTTP exchange's result.
 public struct HTTPExchange: Sendable {
@@ -72,13 +71,18 @@ public final class CurlEngine: @unchecked Sendable {
 
     /// Performs one request. `timeoutMilliseconds` bounds the whole transfer; cancelling the
     /// calling task ends it at once (the connection is dropped) with `CancellationError`.
+    /// `publicOnly`: the request is sent only to a public address — the one curl actually connected
+    /// to is checked (`NetworkAddress.isPublic`) before a byte of the request leaves, so neither a
+    /// name that resolves to a private address nor DNS rebinding reaches an internal service; it
+    /// fails with CURLE_ABORTED_BY_CALLBACK (`CurlError.refusedAddress`) instead. Only http and https
+    /// are spoken, and redirects are never followed.
     public func perform(method: String, url: String, headers: [String] = [], body: [UInt8]? = nil,
-                        timeoutMilliseconds: Int = 30_000, bodyLimit: Int = 64 << 20) async throws -> HTTPExchange {
+                        timeoutMilliseconds: Int = 30_000, bodyLimit: Int = 64 << 20, publicOnly: Bool = false) async throws -> HTTPExchange {
         try Task.checkCancellation()
         let id: UInt64 = mutex.withLock { lastID += 1; return lastID }
         return try await withTaskCancellationHandler {
             try await start(id: id, method: method, url: url, headers: headers, body: body,
-                            timeoutMilliseconds: timeoutMilliseconds, bodyLimit: bodyLimit)
+                            timeoutMilliseconds: timeoutMilliseconds, bodyLimit: bodyLimit, publicOnly: publicOnly)
         } onCancel: {
             mutex.withLock { cancelled.append(id) }
             curl_multi_wakeup(multi)
@@ -86,7 +90,7 @@ public final class CurlEngine: @unchecked Sendable {
     }
 
     private func start(id: UInt64, method: String, url: String, headers: [String], body: [UInt8]?,
-                       timeoutMilliseconds: Int, bodyLimit: Int) async throws -> HTTPExchange {
+                       timeoutMilliseconds: Int, bodyLimit: Int, publicOnly: Bool) async throws -> HTTPExchange {
         try await withCheckedThrowingContinuation { continuation in
             guard let easy = curl_easy_init() else {
                 continuation.resume(throwing: ServiceError(.internalError, "curl_easy_init failed"))
@@ -101,6 +105,13 @@ public final class CurlEngine: @unchecked Sendable {
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYPEER, 1)
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYHOST, 2)
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_PROTOCOLS_STR, "http,https")
+            if publicOnly {
+                _ = tm_curl_easy_setopt_prereq(easy) { _, primaryIP, _, _, _ in
+                    guard let primaryIP, NetworkAddress.isPublic(String(cString: primaryIP)) else { return Int32(CURL_PREREQFUNC_ABORT) }
+                    return Int32(CURL_PREREQFUNC_OK)
+                }
+            }
             for header in headers { transfer.headers = curl_slist_append(transfer.headers, header) }
             if let requestBody = transfer.requestBody {
                 transfer.headers = curl_slist_append(transfer.headers, "Expect:")
@@ -182,6 +193,9 @@ public struct CurlError: Error, Sendable, CustomStringConvertible {
     public var code: Int
     public var message: String
     public var description: String { "curl error \(code): \(message)" }
+
+    /// The request was not sent: `publicOnly` and the address connected to is not public.
+    public var refusedAddress: Bool { code == Int(CURLE_ABORTED_BY_CALLBACK.rawValue) }
 }
 
 private func curlEngineThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {

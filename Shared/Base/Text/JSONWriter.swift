@@ -1,12 +1,8 @@
-import Foundation
-import TalkMeshBase
-import TalkMeshCore
-
 /// JSON from the dictionaries and arrays the handlers build (`[String: Any]`, `[Any]`, strings,
 /// booleans, integers, doubles, `NSNull`), keys sorted — what `JSONSerialization` with
 /// `.sortedKeys` writes, at a fraction of its cost (it was most of a `GET /v1/jobs/{id}`).
-enum JSONWriter {
-    static func encode(_ value: Any) -> [UInt8] {
+public enum JSONWriter {
+    public static func encode(_ value: Any) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(512)
         append(value, to: &out)
