@@ -226,6 +226,10 @@ import TalkMeshMessages
         try await checkRetentionRules(try PostgresJobStore(url: try database(), connections: 2, clock: clock), now: 9_000)
     }
 
+    @Test func pendingWebhooksAreFoundWhenDue() async throws {
+        try await checkWebhookQueue(try PostgresJobStore(url: try database(), connections: 2))
+    }
+
     @Test func oneReplicaSweepsAtATime() async throws {
         let url = try database()
         let a = try replica(url), b = try replica(url)

@@ -39,6 +39,11 @@ final class ManualClock: WallClock, @unchecked Sendable {
         #expect(try await store.get(created.id)?.status == .running)
     }
 
+    @Test func pendingWebhooksAreFoundWhenDue() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try await checkWebhookQueue(try store())
+    }
+
     @Test func retentionDeletesBlobsThenJobsAndKeepsTombstones() async throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         clock.now = 9_000

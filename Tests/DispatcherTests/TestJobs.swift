@@ -69,3 +69,37 @@ func checkRetentionRules(_ store: any JobStore, now: Int64) async throws {
     _ = try await store.expireJobs(endedBefore: 0, tombstonesBefore: now + 1, limit: 10)
     #expect(try await store.get(early.id) == nil)
 }
+
+/// The webhook queue every `JobStore` keeps: a job's pending delivery is found when due, in due
+/// order, and no longer once it is cleared.
+func checkWebhookQueue(_ store: any JobStore) async throws {
+    func withWebhook(_ created: Int64) -> JobRecord {
+        var record = newJobRecord(owner: "w", created: created)
+        var job = record.job
+        job.webhook = JobWebhook()
+        job.webhook!.url = "https://example.com/hook"
+        record = JobRecord(new: job)
+        return record
+    }
+    var first = try await store.create(withWebhook(1)).record
+    var second = try await store.create(withWebhook(2)).record
+    _ = try await store.create(newJobRecord(owner: "w", created: 3))  // no webhook: never due
+    #expect(try await store.webhooksDue(at: 10_000, limit: 10).isEmpty)
+    try first.move(to: .running, at: 10)
+    try first.move(to: .completed, at: 500)
+    first = try await store.update(first)
+    try second.move(to: .running, at: 10)
+    try second.move(to: .failed, at: 300)
+    second = try await store.update(second)
+    #expect(try await store.webhooksDue(at: 299, limit: 10).isEmpty)
+    #expect(try await store.webhooksDue(at: 10_000, limit: 10).map(\.id) == [second.id, first.id])
+    #expect(try await store.webhooksDue(at: 400, limit: 10).map(\.id) == [second.id])
+    #expect(try await store.webhooksDue(at: 10_000, limit: 1).map(\.id) == [second.id])
+    #expect(second.job.webhook?.pendingEvent == "job.failed")
+    second.updateWebhook { $0.pendingEvent = ""; $0.dueUnixMs = 0 }
+    second = try await store.update(second)
+    first.updateWebhook { $0.dueUnixMs = 20_000 }  // a claim or a backoff moves it later
+    first = try await store.update(first)
+    #expect(try await store.webhooksDue(at: 10_000, limit: 10).isEmpty)
+    #expect(try await store.webhooksDue(at: 20_000, limit: 10).map(\.id) == [first.id])
+}
