@@ -7,10 +7,25 @@ enum OpenAPIDocument {
            "description": "Turn a portrait image and a speech recording into one lip-synced talking-avatar video."},
   "servers": [{"url": "/"}],
   "security": [{"bearer": []}, {"apiKey": []}],
-  "tags": [{"name": "jobs"}, {"name": "health"},
+  "tags": [{"name": "jobs"}, {"name": "health"}, {"name": "runpod", "description": "Called by RunPod, not by clients"},
            {"name": "infinitetalk-api", "description": "The Infinitetalk API's routes, so its clients switch by changing the base URL and adding a key. Errors are {\"error\": message, \"code\": CODE}."},
            {"name": "avatar-api", "description": "avatar-api's routes, answering in a {\"data\": ...} envelope."}],
   "paths": {
+    "/v1/runpod-webhook/{job}/{chunk}/{secret}": {
+      "post": {
+        "tags": ["runpod"], "operationId": "runpodWebhook", "security": [],
+        "summary": "RunPod's completion webhook for one chunk (RUNPOD_WEBHOOK_BASE_URL); the job's secret in the path authenticates it, the body is not read",
+        "parameters": [{"name": "job", "in": "path", "required": true, "schema": {"type": "string"}},
+                       {"name": "chunk", "in": "path", "required": true, "schema": {"type": "string"}},
+                       {"name": "secret", "in": "path", "required": true, "schema": {"type": "string"}}],
+        "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {
+          "200": {"description": "The chunk's driver was woken (accepted), or another replica's poll will see it",
+                  "content": {"application/json": {"schema": {"type": "object", "required": ["accepted"], "properties": {"accepted": {"type": "boolean"}}}}}},
+          "404": {"$ref": "#/components/responses/Error"}, "413": {"$ref": "#/components/responses/Error"},
+          "500": {"$ref": "#/components/responses/Error"}, "503": {"$ref": "#/components/responses/Error"}}
+      }
+    },
     "/v1/jobs": {
       "post": {
         "tags": ["jobs"], "operationId": "createJob", "summary": "Create a job from an image and an audio file",
@@ -231,7 +246,17 @@ enum OpenAPIDocument {
           "completed_at": {"type": "string", "format": "date-time"},
           "video_expired_at": {"type": "string", "format": "date-time", "description": "When retention (VIDEO_RETENTION after the job ended) deleted the video and uploads: video routes answer 410 EXPIRED"},
           "chunk_list": {"type": "array", "items": {"$ref": "#/components/schemas/Chunk"}},
+          "webhook": {"$ref": "#/components/schemas/Webhook"},
           "links": {"$ref": "#/components/schemas/Links"}}},
+      "Webhook": {"type": "object", "required": ["url", "progress", "deliveries"], "description": "The job's webhook and its delivery log (the last 20 attempts)",
+        "properties": {
+          "url": {"type": "string"}, "progress": {"type": "boolean"},
+          "pending": {"type": "object", "required": ["event", "next_attempt_at", "attempts"],
+            "properties": {"event": {"type": "string"}, "next_attempt_at": {"type": "string", "format": "date-time"}, "attempts": {"type": "integer"}}},
+          "deliveries": {"type": "array", "items": {"type": "object", "required": ["event", "attempt", "at", "delivered", "duration_ms"],
+            "properties": {"event": {"type": "string", "enum": ["job.completed", "job.failed", "job.cancelled", "job.timed_out", "job.progress"]},
+              "attempt": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}, "delivered": {"type": "boolean"},
+              "duration_ms": {"type": "integer"}, "http_status": {"type": "integer"}, "error": {"type": "string"}, "abandoned": {"type": "boolean"}}}}}},
       "Chunk": {"type": "object", "required": ["index", "start_sec", "duration_sec", "status", "attempts", "queue_delay_ms", "execution_ms"],
         "properties": {
           "index": {"type": "integer"}, "start_sec": {"type": "number"}, "duration_sec": {"type": "number"},
@@ -247,6 +272,8 @@ enum OpenAPIDocument {
           "audio_base64": {"type": "string", "contentEncoding": "base64", "description": "WAV, MP3, M4A, OGG or FLAC, at most 50 MB"},
           "width": {"type": "integer", "minimum": 64, "maximum": 4096}, "height": {"type": "integer", "minimum": 64, "maximum": 4096},
           "prompt": {"type": "string", "maxLength": 4000}, "force_offload": {"type": "boolean"}, "dry_run": {"type": "boolean"},
+          "webhook_url": {"type": "string", "maxLength": 2048, "description": "POSTed the job, signed (TalkMesh-Signature), when it ends; http(s) to a public address (INVALID_WEBHOOK_URL otherwise)"},
+          "webhook_progress": {"type": "boolean", "description": "also POST job.progress as chunks complete"},
           "chunk_target_sec": {"type": "number"}}},
       "CreateJobMultipart": {"type": "object", "required": ["image", "audio", "width", "height"],
         "properties": {
@@ -254,6 +281,8 @@ enum OpenAPIDocument {
           "audio": {"type": "string", "contentMediaType": "application/octet-stream"},
           "width": {"type": "integer", "minimum": 64, "maximum": 4096}, "height": {"type": "integer", "minimum": 64, "maximum": 4096},
           "prompt": {"type": "string"}, "force_offload": {"type": "boolean"}, "dry_run": {"type": "boolean"},
+          "webhook_url": {"type": "string", "maxLength": 2048, "description": "POSTed the job, signed (TalkMesh-Signature), when it ends; http(s) to a public address (INVALID_WEBHOOK_URL otherwise)"},
+          "webhook_progress": {"type": "boolean", "description": "also POST job.progress as chunks complete"},
           "chunk_target_sec": {"type": "number"}}},
       "SeedCreateJobJSON": {"type": "object", "required": ["image_base64", "audio_base64", "width", "height"],
         "properties": {
