@@ -29,6 +29,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.1.0"),
     ],
     targets: [
         // Every C library's headers behind one umbrella module map.
@@ -45,7 +46,8 @@ let package = Package(
         .target(name: "TalkMeshBase", path: "Shared/Base"),
         .target(
             name: "TalkMeshRPC",
-            dependencies: ["CTalkMesh", "TalkMeshBase", "TalkMeshMessages", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CTalkMesh", "TalkMeshBase", "TalkMeshMessages", .product(name: "Logging", package: "swift-log"),
+                           .product(name: "Tracing", package: "swift-distributed-tracing")],
             path: "Shared/RPC",
             linkerSettings: links("nghttp2", "event_core", "event_extra", "event_pthreads", "event_openssl", "ssl", "crypto", "http_parser")),
         // The domain modules: no RPC runtime, no nghttp2, libevent or libssl.
@@ -60,6 +62,7 @@ let package = Package(
                 "TalkMeshRPC",
                 "TalkMeshCore",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             path: "Shared/Service"),
         .target(

@@ -26,7 +26,7 @@ public enum ServiceRunner {
     public static func run(name: String, abstract: String, defaultPort: Int, settings table: [Setting] = [],
                            arguments: [String] = Array(CommandLine.arguments.dropFirst()),
                            configure: @Sendable (inout Setup, Settings) throws -> Void) {
-        let table = ServiceSettings.common(defaultPort: defaultPort) + table
+        let table = ServiceSettings.common(defaultPort: defaultPort) + table + Setting.tracing
         let settings: Settings
         let resolved: ServiceSettings.Resolved
         do {
@@ -62,7 +62,13 @@ public enum ServiceRunner {
         let health = HealthService()
         var setup = Setup(health: health, logger: logger)
         do {
+            let (tracer, exporter) = try TracingSetup.make(settings, serviceName: name, logger: logger)
+            TalkMeshTracer.bootstrap(tracer)
             try configure(&setup, settings)
+            if let exporter {
+                setup.metricsSources.append { exporter.metrics() }
+                setup.onStop.append { await exporter.flush() }  // last: the other hooks' spans go too
+            }
             let server = try RPCServer(configuration: resolved.server, services: setup.services, router: setup.router,
                                        health: health, metricsSources: setup.metricsSources, logger: logger)
             let port = try server.bind()

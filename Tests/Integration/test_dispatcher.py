@@ -47,7 +47,7 @@ BLOB_BACKEND = os.environ.get("TALKMESH_TEST_BLOB_STORE", "file")
 class Mesh:
     """Media, Audio, the emulator and one or more Dispatchers on one blob store."""
 
-    def __init__(self, emulator_args=(), dispatcher_env=None, store=None):
+    def __init__(self, emulator_args=(), dispatcher_env=None, store=None, service_env=None):
         self.dir = tempfile.mkdtemp(prefix="talkmesh-dispatch-")
         self.blobs = os.path.join(self.dir, "blobs")
         os.makedirs(self.blobs)
@@ -62,6 +62,8 @@ class Mesh:
         self.blob_env = shared
         workers = [] if "--workers" in emulator_args else ["--workers", "8"]
         self.emulator = Service("talkmesh-runpod-emulator", env=shared, args=[*workers, *emulator_args])
+        # `service_env` reaches Media, Audio and the Dispatcher (tracing settings, say).
+        shared = {**shared, **(service_env or {})}
         self.media = Service("talkmesh-media", env=shared)
         self.audio = Service("talkmesh-audio", env=shared)
         self.dispatcher_env = {**shared, "JOB_STORE": "sqlite://" + os.path.join(self.dir, "jobs.db"),

@@ -116,7 +116,7 @@ struct Interop: AsyncParsableCommand {
 
         let parent = TraceContext.root()
         do {
-            let response = try await TraceContext.$current.withValue(parent) {
+            let response = try await TraceContext.withCurrent(parent) {
                 var traced = EchoRequest()
                 traced.text = "log"
                 return try await client.unary(EchoService.echo, traced)

@@ -16,8 +16,16 @@ public struct AudioHandlers: Sendable {
     public func register(into registry: inout RPCServiceRegistry) {
         let splitter = self.splitter
         let pool = self.pool
+        // The split is a span with the input's size and the chunks' total (read only when traced).
+        let store = splitter.store
+        let size: @Sendable ([String]) async -> Int? = { keys in
+            try? await pool.run { _ in try keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
+        }
         registry.register(AudioService.splitAudio) { request, _ in
-            try await pool.run { flag in try splitter.split(request, flag: flag) }
+            try await WorkSpans.run("libav.split_audio", attributes: ["talkmesh.input_key": request.audioKey],
+                                    sizes: { (await size([request.audioKey]), await size($0.chunks.map(\.key))) }) {
+                try await pool.run { flag in try splitter.split(request, flag: flag) }
+            }
         }
         registry.register(AudioService.probeAudio) { request, _ in
             try await pool.run { flag in try splitter.probe(request, flag: flag) }

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import TalkMeshCore
 import TalkMeshMessages
+import TalkMeshRPC
 
 /// One chunk through RunPod: submit (the decision committed first), poll by the throughput
 /// RunPod shows, store the partial video, retry what failed. It holds one deployment-wide
@@ -9,6 +10,14 @@ import TalkMeshMessages
 struct ChunkDriver {
     let runner: JobRunner
     let index: Int
+    /// The span of the attempt in flight (`runpod.chunk`): from its `/run` to its end, with the
+    /// RunPod job id, queue delay, execution time and worker; its RunPod requests are its children.
+    private let attempt = AttemptSpan()
+
+    init(runner: JobRunner, index: Int) {
+        self.runner = runner
+        self.index = index
+    }
 
     private var context: DispatcherContext { runner.context }
 
@@ -16,6 +25,8 @@ struct ChunkDriver {
     /// until its job's end has cancelled what RunPod still runs (`JobRunner`), or — handed over
     /// to another replica — for the new owner.
     func run() async throws {
+        // An attempt still open when the driver stops (the job ended, or was handed over) ends here.
+        defer { attempt.finish(nil, error: "the chunk's driver stopped (the job ended or another replica took it)") }
         var holdsSlot = false
         let job = await runner.record.id
         var wait = 0.0
@@ -43,8 +54,9 @@ struct ChunkDriver {
                     try await Task.sleep(nanoseconds: UInt64(wait * 1e9))
                 }
                 let status: RunPodJob
+                if attempt.span == nil { attempt.begin(index: index, number: chunk.attempts, runpodJobID: chunk.runpodJobId, resumed: true) }
                 do {
-                    status = try await context.runpod.status(chunk.runpodJobId)
+                    status = try await TalkMeshTracer.shared.within(attempt.span) { try await context.runpod.status(chunk.runpodJobId) }
                     transientFailures = 0
                 } catch let error as ServiceError where error.code == .runpodJobExpired {
                     // RunPod says the job is gone: the only case in which a chunk is submitted again.
@@ -85,9 +97,12 @@ struct ChunkDriver {
         var input = try await readInput(chunk, job: job)
         input.forceOffload = job.options?.forceOffload ?? false
         let submitted: RunPodJob
+        if attempt.span == nil { attempt.begin(index: index, number: (await runner.record).chunks[index].attempts, runpodJobID: nil, resumed: false) }
         do {
-            submitted = try await context.runpod.submit(input, executionTimeoutMs: context.configuration.runpodExecutionTimeoutMs,
-                                                        webhook: webhook(for: job))
+            submitted = try await TalkMeshTracer.shared.within(attempt.span) {
+                try await context.runpod.submit(input, executionTimeoutMs: context.configuration.runpodExecutionTimeoutMs, webhook: webhook(for: job))
+            }
+            attempt.span?.set("runpod.job_id", submitted.id)
         } catch let error as ServiceError where error.code == .runpodUnavailable {
             // Still SUBMITTING: the next turn submits again without counting an attempt.
             runner.logger.warning("RunPod /run unavailable; trying again", metadata: ["chunk": "\(index)", "error": "\(error)"])
@@ -149,6 +164,7 @@ struct ChunkDriver {
             let delay = Int64(status.delayTimeMs ?? 0), execution = Int64(status.executionTimeMs ?? 0)
             context.throughput.record(audioSeconds: chunk.durationSec, queueDelayMs: delay, executionMs: execution)
             context.counters.count(event: "chunks_completed")
+            attempt.finish(status, error: nil)
             context.counters.observe("runpod_queue_delay", seconds: Double(delay) / 1000)
             context.counters.observe("runpod_execution", seconds: Double(execution) / 1000)
             try await runner.save { record, now in
@@ -173,6 +189,7 @@ struct ChunkDriver {
     /// else a new submission; out of attempts, the chunk fails and takes the job with it.
     private func failOrRetry(_ chunk: JobChunk, _ error: JobError, canRetryInPlace: Bool) async throws {
         context.counters.count(event: "chunks_failed_attempts")
+        attempt.finish(nil, error: "\(error.code): \(error.message)")
         runner.logger.warning("chunk attempt failed", metadata: ["chunk": "\(index)", "attempt": "\(chunk.attempts)", "code": "\(error.code)"])
         guard chunk.attempts < context.configuration.chunkMaxAttempts else {
             try await runner.save { record, now in
@@ -194,5 +211,34 @@ struct ChunkDriver {
         try await runner.save { record, _ in
             try record.moveChunk(index, to: .chunkFailed) { $0.error = error }
         }
+    }
+}
+
+/// The span of a chunk's attempt in flight, across the driver's turns.
+final class AttemptSpan: @unchecked Sendable {
+    private(set) var span: TalkMeshSpan?
+
+    func begin(index: Int, number: Int32, runpodJobID: String?, resumed: Bool) {
+        let span = TalkMeshTracer.shared.start("runpod.chunk")
+        if span.isRecording {
+            span.set("talkmesh.chunk", Int64(index))
+            span.set("talkmesh.attempt", Int64(number))
+            if let runpodJobID, !runpodJobID.isEmpty { span.set("runpod.job_id", runpodJobID) }
+            if resumed { span.set("talkmesh.resumed", true) }
+        }
+        self.span = span
+    }
+
+    /// Ends the attempt: with RunPod's timings when it completed, as failed otherwise.
+    func finish(_ status: RunPodJob?, error: String?) {
+        guard let span else { return }
+        self.span = nil
+        if let status, span.isRecording {
+            span.set("runpod.job_id", status.id)
+            span.set("runpod.queue_delay_ms", Int64(status.delayTimeMs ?? 0))
+            span.set("runpod.execution_ms", Int64(status.executionTimeMs ?? 0))
+            if let worker = status.workerID { span.set("runpod.worker_id", worker) }
+        }
+        if let error { span.fail(error) } else { span.end() }
     }
 }

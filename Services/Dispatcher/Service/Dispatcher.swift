@@ -103,18 +103,19 @@ public actor Dispatcher {
                 if runners[id] == nil { try? await context.store.release(id) }  // for a replica that can drive it
                 continue
             }
-            if !record.chunks.isEmpty || record.status == .running {
+            let resumed = !record.chunks.isEmpty || record.status == .running
+            if resumed {
                 context.logger.info("resuming job", metadata: ["job_id": "\(id)", "status": "\(record.status)"])
             }
-            launch(record)
+            launch(record, resumed: resumed)
         }
     }
 
-    private func launch(_ record: JobRecord) {
+    private func launch(_ record: JobRecord, resumed: Bool = false) {
         let runner = JobRunner(record: record, context: context)
         runners[record.id] = runner
         context.counters.set(driven: runners.count)
-        Task { await runner.start { id in await self.ended(id) } }
+        Task { await runner.start(resumed: resumed) { id in await self.ended(id) } }
     }
 
     private func ended(_ id: String) async {

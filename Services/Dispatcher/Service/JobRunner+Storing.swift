@@ -2,6 +2,7 @@ import Logging
 import TalkMeshBase
 import TalkMeshCore
 import TalkMeshMessages
+import TalkMeshRPC
 
 // Committing a job's changes one at a time, and calling Media and Audio through their brief outages.
 extension JobRunner {
@@ -33,7 +34,12 @@ extension JobRunner {
             }
             do {
                 let previous = record.status
-                record = try await context.store.update(next, asHolder: true)
+                let store = context.store, write = next
+                record = try await TalkMeshTracer.shared.withSpan("jobstore.update") { span in
+                    span.set("db.operation.name", "update")
+                    span.set("talkmesh.job_version", write.job.version)
+                    return try await store.update(write, asHolder: true)
+                }
                 context.events.publish(record.job)
                 if record.status != previous {
                     context.counters.count(job: record.status)

@@ -39,11 +39,19 @@ public actor JobRunner {
     }
 
     /// Starts the workflow; `onEnd` runs once it reached a terminal state or lost the job.
-    func start(onEnd: @escaping @Sendable (String) async -> Void) {
+    /// The workflow is a span of the job's trace (a child of the `CreateJob` call that made it), so
+    /// one trace holds the job however many replicas and restarts drive it: a job resumed after a
+    /// restart or a hand-over gets a `job.resume` span, a child of that call's span (long ended,
+    /// in another process) and linked to it.
+    func start(resumed: Bool = false, onEnd: @escaping @Sendable (String) async -> Void) {
         let trace = TraceContext.parse(traceparent: record.job.traceparent)
+        let id = record.id
         workflow = Task {
-            await TraceContext.$current.withValue(trace) {
+            try? await TalkMeshTracer.shared.withSpan(resumed ? "job.resume" : "job.workflow", parent: trace) { span in
+                span.set("talkmesh.job_id", id)
+                if resumed, let trace { span.addLink(trace, attributes: ["talkmesh.link": "created_by"]) }
                 await self.runToEnd()
+                span.set("talkmesh.job_status", "\(await self.record.status)")
             }
             await onEnd(self.record.id)
         }
@@ -120,7 +128,7 @@ public actor JobRunner {
                 record.update { $0.stage = .stagePreparing }
             }
         }
-        try await prepare()
+        try await TalkMeshTracer.shared.withSpan("job.prepare") { _ in try await prepare() }
         if record.job.options?.dryRun == true {
             try await save { record, now in try record.move(to: .completed, at: now) }
             await deleteIntermediates()
@@ -130,8 +138,12 @@ public actor JobRunner {
         // The original audio becomes AAC while RunPod works, so the stitch after the last chunk
         // only muxes instead of encoding the whole track on the critical path.
         async let encodedAudio = encodeAudioTrack()
-        try await renderChunks()
-        try await stitch(audioKey: await encodedAudio ?? record.job.audioKey)
+        try await TalkMeshTracer.shared.withSpan("job.render") { span in
+            span.set("talkmesh.chunks", Int64(record.chunks.count))
+            try await renderChunks()
+        }
+        let audio = await encodedAudio ?? record.job.audioKey
+        try await TalkMeshTracer.shared.withSpan("job.stitch") { _ in try await stitch(audioKey: audio) }
         await deleteIntermediates()
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import TalkMeshCore
+import TalkMeshRPC
 
 /// RunPod Serverless over libcurl: submit, status, cancel, retry, health, with retries (429 honouring
 /// Retry-After, 5xx and transport errors with jittered exponential backoff), 401 never retried,
@@ -138,9 +139,26 @@ public struct RunPodClient: Sendable {
             attempt += 1
             try await budget.acquire()
             let delay: Double
+            // A client span per HTTP request, named by the route without the job id.
+            let template = ["/status/", "/cancel/", "/retry/"].first(where: path.hasPrefix).map { $0 + "{id}" } ?? path
+            let span = TalkMeshTracer.shared.start("runpod \(method) \(template)", ofKind: .client)
+            if span.isRecording {
+                span.set("http.request.method", method)
+                span.set("url.template", template)
+                span.set("runpod.endpoint_id", configuration.endpointID)
+                span.set("talkmesh.attempt", Int64(attempt))
+            }
             do {
-                let exchange = try await engine.perform(method: method, url: base + path, headers: headers, body: body,
+                let exchange: HTTPExchange
+                do {
+                    exchange = try await engine.perform(method: method, url: base + path, headers: headers, body: body,
                                                         timeoutMilliseconds: configuration.requestTimeoutMs)
+                    span.set("http.response.status_code", Int64(exchange.status))
+                    if exchange.status >= 400 { span.fail("HTTP \(exchange.status)") } else { span.end() }
+                } catch {
+                    span.fail("\(error)")
+                    throw error
+                }
                 switch exchange.status {
                 case 200...299:
                     return exchange

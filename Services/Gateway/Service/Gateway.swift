@@ -124,7 +124,7 @@ public final class Gateway: Sendable {
             response = routerResponse(error)
         }
         response.headers.append(("x-request-id", id))
-        let traceID = request.header("traceparent").flatMap { TraceContext.parse(traceparent: $0)?.traceID } ?? "-"
+        let traceID = TraceContext.current?.traceID ?? "-"
         logger.info("request", metadata: [
             "request_id": "\(id)", "key_id": "\(info.keyID)", "method": "\(request.method)", "route": "\(route)",
             "status": "\(response.status)", "bytes": "\(Self.bodyBytes(response))", "trace_id": "\(traceID)",

@@ -123,9 +123,18 @@ public final class RPCClient: @unchecked Sendable {
     /// One unary call with its retries, as it leaves (after the interceptors).
     private func sendUnary(path: String, frame: [UInt8], options: CallOptions) async throws -> ClientResponse<[UInt8]> {
         let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
-        let traceparent = (TraceContext.current?.child() ?? TraceContext.root()).traceparent
-        return try await withRetries(options: options, deadline: deadline) {
-            try await self.attemptUnary(path: path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
+        // The client span (one per call, around its attempts): the server's span is its child.
+        let span = RPCSpans.client(path: path, target: configuration.target)
+        let traceparent = span.trace.traceparent
+        do {
+            let response = try await withRetries(options: options, deadline: deadline) {
+                try await self.attemptUnary(path: path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
+            }
+            RPCSpans.end(span, code: nil)
+            return response
+        } catch {
+            RPCSpans.end(span, code: (error as? RPCError)?.code ?? .unknown)
+            throw error
         }
     }
 
@@ -164,9 +173,18 @@ public final class RPCClient: @unchecked Sendable {
     /// Opens one server-streaming call with its retries, as it leaves (after the interceptors).
     private func openStream<Response>(path: String, frame: [UInt8], options: CallOptions) async throws -> ResponseStream<Response> {
         let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
-        let traceparent = (TraceContext.current?.child() ?? TraceContext.root()).traceparent
-        return try await withRetries(options: options, deadline: deadline) {
-            try await self.attemptStreaming(path: path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
+        // The client span covers opening the stream (until the server's headers), not its life.
+        let span = RPCSpans.client(path: path, target: configuration.target)
+        let traceparent = span.trace.traceparent
+        do {
+            let stream: ResponseStream<Response> = try await withRetries(options: options, deadline: deadline) {
+                try await self.attemptStreaming(path: path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
+            }
+            RPCSpans.end(span, code: nil)
+            return stream
+        } catch {
+            RPCSpans.end(span, code: (error as? RPCError)?.code ?? .unknown)
+            throw error
         }
     }
 

@@ -1,3 +1,4 @@
+import Instrumentation
 import Logging
 
 /// Routes plain HTTP requests (over HTTP/1.1 or HTTP/2) to async handlers by method and path
@@ -156,12 +157,25 @@ public struct HTTPRouter: Sendable {
             let next = handler
             handler = { request in try await interceptor(request, pattern, next) }
         }
-        do {
-            return (try await handler(request), pattern)
-        } catch {
-            return (response(for: error), pattern)
+        // Probes and scrapes are not traced; every other request gets a server span (a child of
+        // its traceparent) and answers its own traceparent, so a caller can find the trace.
+        guard !Self.untraced.contains(pattern) else {
+            do { return (try await handler(request), pattern) } catch { return (response(for: error), pattern) }
         }
+        let span = RPCSpans.http(method: request.method, route: pattern, traceparent: request.header("traceparent"), peer: "")
+        var answer: HTTPResponse
+        do {
+            let traced = request, run = handler
+            answer = try await InstrumentationContext.$current.withValue(span.context) { try await run(traced) }
+        } catch {
+            answer = response(for: error)
+        }
+        answer.headers.append(("traceparent", span.trace.traceparent))
+        RPCSpans.end(span, httpStatus: answer.status)
+        return (answer, pattern)
     }
+
+    static let untraced: Set<String> = ["/healthz", "/readyz", "/metrics", "/health"]
 
     /// The answer to a thrown error (`thrownResponse`, by default `describe(_:)`).
     public func response(for error: any Error) -> HTTPResponse {

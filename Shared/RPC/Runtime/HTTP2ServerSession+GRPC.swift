@@ -1,6 +1,8 @@
 import CTalkMesh
 import Glibc
+import Instrumentation
 import TalkMeshBase
+import Tracing
 
 // gRPC stream semantics: a call handed to its handler, its response messages and its status
 // (Trailers-Only or trailers after data), counted and, when failed, logged once.
@@ -22,9 +24,9 @@ extension HTTP2ServerSession {
         }
         let deadline = stream.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0, from: stream.startedAt) }
         var context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
-        if let traceparent = stream.traceparent, let parent = TraceContext.parse(traceparent: traceparent) {
-            context.trace = parent.child()
-        }
+        // The server span: a child of the caller's (its traceparent), or the root of a new trace.
+        let span = RPCSpans.server(path: stream.path, traceparent: stream.traceparent, peer: connection.peer)
+        context.trace = span.trace
         let loop = connection.loop
         let connectionID = connection.id
         let streamID = stream.id
@@ -35,14 +37,11 @@ extension HTTP2ServerSession {
         stream.task = Task.immediate {
             let result: Result<[UInt8]?, RPCError>
             do {
-                if let trace = context.trace {
-                    result = .success(try await TraceContext.$current.withValue(trace) { try await run(request, context, writer) })
-                } else {
-                    result = .success(try await run(request, context, writer))
-                }
+                result = .success(try await InstrumentationContext.$current.withValue(span.context) { try await run(request, context, writer) })
             } catch {
                 result = .failure(RPCError(from: error))
             }
+            RPCSpans.end(span, code: result.failureCode)
             if loop.inLoop {
                 // Finished before suspending: still inside dispatchReady on the loop thread,
                 // outside nghttp2's callbacks, so complete directly (no queue, no closure).

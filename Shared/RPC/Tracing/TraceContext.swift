@@ -14,8 +14,8 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
     /// `01` when sampled.
     public var flags: UInt8
 
-    /// The trace context of the running task (set by the server around each handler).
-    @TaskLocal public static var current: TraceContext?
+    /// Whether the trace is sampled (W3C flag 01): its spans are recorded and exported.
+    public var sampled: Bool { flags & 1 == 1 }
 
     /// A new root trace.
     public static func root(sampled: Bool = true) -> TraceContext {

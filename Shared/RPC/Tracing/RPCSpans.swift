@@ -1,0 +1,95 @@
+import Instrumentation
+import TalkMeshBase
+import Tracing
+
+/// The spans of the runtime's own calls, named and attributed after OpenTelemetry's semantic
+/// conventions for RPC and HTTP.
+public enum RPCSpans {
+    /// A gRPC call's server span: `package.Service/Method`, a child of the caller's `traceparent`.
+    static func server(path: String, traceparent: String?, peer: String) -> TalkMeshSpan {
+        var parent = InstrumentationContext.topLevel
+        if let traceparent, let trace = TraceContext.parse(traceparent: traceparent) { parent.traceContext = trace }
+        let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
+        let span = TalkMeshTracer.shared.startSpan(name, context: parent, ofKind: .server, at: DefaultTracerClock.now,
+                                                   function: #function, file: #fileID, line: #line)
+        if span.isRecording { describe(span, rpc: name, peer: peer) }
+        return span
+    }
+
+    /// A gRPC call's client span (one per call, around its attempts), a child of the current span.
+    public static func client(path: String, target: String) -> TalkMeshSpan {
+        let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
+        let span = TalkMeshTracer.shared.startSpan(name, context: InstrumentationContext.current ?? .topLevel, ofKind: .client,
+                                                   at: DefaultTracerClock.now, function: #function, file: #fileID, line: #line)
+        if span.isRecording { describe(span, rpc: name, peer: target) }
+        return span
+    }
+
+    private static func describe(_ span: TalkMeshSpan, rpc name: String, peer: String) {
+        let parts = name.split(separator: "/", maxSplits: 1)
+        span.set("rpc.system", "grpc")
+        if parts.count == 2 {
+            span.set("rpc.service", String(parts[0]))
+            span.set("rpc.method", String(parts[1]))
+        }
+        if !peer.isEmpty { span.set("network.peer.address", peer) }
+    }
+
+    /// Ends an RPC span with its gRPC status (an error status for anything but OK).
+    public static func end(_ span: TalkMeshSpan, code: RPCError.Code?) {
+        guard span.isRecording else { return }
+        span.set("rpc.grpc.status_code", Int64((code ?? .ok).rawValue))
+        if let code, code != .ok { span.setStatus(SpanStatus(code: .error, message: "\(code)")) }
+        span.end()
+    }
+
+    /// An HTTP request's server span: `METHOD route`, a child of the request's `traceparent`.
+    public static func http(method: String, route: String, traceparent: String?, peer: String) -> TalkMeshSpan {
+        var parent = InstrumentationContext.topLevel
+        if let traceparent, let trace = TraceContext.parse(traceparent: traceparent) { parent.traceContext = trace }
+        let span = TalkMeshTracer.shared.startSpan("\(method) \(route)", context: parent, ofKind: .server, at: DefaultTracerClock.now,
+                                                   function: #function, file: #fileID, line: #line)
+        if span.isRecording {
+            span.set("http.request.method", method)
+            span.set("http.route", route)
+            if !peer.isEmpty { span.set("network.peer.address", peer) }
+        }
+        return span
+    }
+
+    /// Ends an HTTP span with its status (5xx is an error, as the conventions have it for servers).
+    public static func end(_ span: TalkMeshSpan, httpStatus: Int) {
+        guard span.isRecording else { return }
+        span.set("http.response.status_code", Int64(httpStatus))
+        if httpStatus >= 500 { span.setStatus(SpanStatus(code: .error)) }
+        span.end()
+    }
+}
+
+extension Result where Failure == RPCError {
+    /// The failure's code, nil on success.
+    var failureCode: RPCError.Code? {
+        if case .failure(let error) = self { return error.code }
+        return nil
+    }
+}
+
+/// Spans of the work a handler does in process (a libav operation, a store call).
+public enum WorkSpans {
+    /// Runs `body` in an internal span `name`; `sizes` (called only when the span records, on
+    /// `body`'s result) gives the input and output sizes in bytes for the span's attributes.
+    public static func run<T: Sendable>(_ name: String, attributes: [String: String] = [:],
+                                        sizes: (@Sendable (T) async -> (input: Int?, output: Int?))? = nil,
+                                        _ body: () async throws -> T) async throws -> T {
+        try await TalkMeshTracer.shared.withSpan(name) { span in
+            for (key, value) in attributes { span.set(key, value) }
+            let result = try await body()
+            if span.isRecording, let sizes {
+                let (input, output) = await sizes(result)
+                if let input { span.set("talkmesh.input_bytes", Int64(input)) }
+                if let output { span.set("talkmesh.output_bytes", Int64(output)) }
+            }
+            return result
+        }
+    }
+}

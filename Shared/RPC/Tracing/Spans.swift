@@ -1,0 +1,262 @@
+import Instrumentation
+import TalkMeshBase
+import Tracing
+
+/// The W3C trace context travels in swift-distributed-tracing's task-local `InstrumentationContext`,
+/// so TalkMesh's own code and any library instrumented with the Tracing API see the same span.
+private enum TraceContextKey: InstrumentationContextKey {
+    typealias Value = TraceContext
+    static var nameOverride: String? { "traceparent" }
+}
+
+extension InstrumentationContext {
+    /// The span this context belongs to.
+    public var traceContext: TraceContext? {
+        get { self[TraceContextKey.self] }
+        set { self[TraceContextKey.self] = newValue }
+    }
+}
+
+extension TraceContext {
+    /// The trace context of the running task: the innermost span started around it.
+    public static var current: TraceContext? { InstrumentationContext.current?.traceContext }
+
+    /// Runs `body` with `trace` as the current trace context.
+    public static func withCurrent<T>(_ trace: TraceContext?, isolation: isolated (any Actor)? = #isolation,
+                                      _ body: () async throws -> T) async rethrows -> T {
+        var context = InstrumentationContext.current ?? .topLevel
+        context.traceContext = trace
+        return try await InstrumentationContext.$current.withValue(context, operation: body, isolation: isolation)
+    }
+}
+
+/// A span that has ended, as exporters take it.
+public struct FinishedSpan: Sendable {
+    public var traceID: String
+    public var spanID: String
+    public var parentSpanID: String?
+    public var name: String
+    public var kind: SpanKind
+    public var startNanoseconds: UInt64
+    public var endNanoseconds: UInt64
+    public var attributes: SpanAttributes
+    public var events: [SpanEvent]
+    /// Linked spans: (trace id, span id, attributes).
+    public var links: [(traceID: String, spanID: String, attributes: SpanAttributes)]
+    public var status: SpanStatus?
+}
+
+/// Where ended spans go (the OTLP exporter). `enqueue` never blocks: a full sink drops and counts.
+public protocol SpanSink: Sendable {
+    func enqueue(_ span: FinishedSpan)
+    /// Exports everything queued (SIGTERM, `forceFlush`).
+    func flush() async
+}
+
+/// Which new traces are recorded (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`): a span with a
+/// parent follows the parent's decision (the `parentbased_*` samplers; the plain ones decide each
+/// root alike), a root is sampled with `ratio` — judged on the trace id, so every service that
+/// starts a root for the same id decides the same.
+public struct TraceSampler: Sendable {
+    public var ratio: Double
+    public var followParent: Bool
+
+    public init(ratio: Double = 1, followParent: Bool = true) {
+        self.ratio = ratio
+        self.followParent = followParent
+    }
+
+    func sampleRoot(traceID: String) -> Bool {
+        if ratio >= 1 { return true }
+        if ratio <= 0 { return false }
+        // The last 14 hex digits as a 56-bit number (W3C's random part of the trace id).
+        let tail = traceID.suffix(14)
+        guard let value = UInt64(tail, radix: 16) else { return false }
+        return Double(value) < ratio * Double(1 << 56)
+    }
+}
+
+/// TalkMesh's tracer on the swift-distributed-tracing API: W3C ids (the `traceparent` every hop
+/// already carries), spans recorded into a `SpanSink` when the trace is sampled and a sink is set,
+/// else only propagated (a span then costs an id and a context, nothing else).
+public final class TalkMeshTracer: Tracer, Sendable {
+    public let sink: (any SpanSink)?
+    public let sampler: TraceSampler
+
+    public init(sink: (any SpanSink)?, sampler: TraceSampler = TraceSampler()) {
+        self.sink = sink
+        self.sampler = sampler
+    }
+
+    /// The tracer every TalkMesh span goes through: the one bootstrapped, else a propagating one
+    /// (tests that run servers in process bootstrap nothing).
+    public static var shared: TalkMeshTracer { (InstrumentationSystem.tracer as? TalkMeshTracer) ?? propagating }
+    private static let propagating = TalkMeshTracer(sink: nil)
+
+    /// Installs `tracer` for the process (once, at start).
+    public static func bootstrap(_ tracer: TalkMeshTracer) {
+        InstrumentationSystem.bootstrap(tracer)
+    }
+
+    public func startSpan<Instant: TracerInstant>(_ operationName: String, context: @autoclosure () -> InstrumentationContext,
+                                                  ofKind kind: SpanKind, at instant: @autoclosure () -> Instant,
+                                                  function: String, file fileID: String, line: UInt) -> TalkMeshSpan {
+        var context = context()
+        let trace: TraceContext
+        if let parent = context.traceContext {
+            var child = parent.child()
+            if !sampler.followParent { child.flags = sampler.sampleRoot(traceID: child.traceID) ? 1 : 0 }
+            trace = child
+        } else {
+            var root = TraceContext.root()
+            root.flags = sampler.sampleRoot(traceID: root.traceID) ? 1 : 0
+            trace = root
+        }
+        context.traceContext = trace
+        let recording = sink != nil && trace.sampled
+        return TalkMeshSpan(name: operationName, kind: kind, context: context, trace: trace,
+                            start: recording ? instant().nanosecondsSinceEpoch : 0, sink: recording ? sink : nil)
+    }
+
+    public func forceFlush() {
+        guard let sink else { return }
+        Task { await sink.flush() }
+    }
+
+    public func extract<Carrier, Extract: Extractor>(_ carrier: Carrier, into context: inout InstrumentationContext, using extractor: Extract)
+    where Extract.Carrier == Carrier {
+        if let header = extractor.extract(key: "traceparent", from: carrier), let parent = TraceContext.parse(traceparent: header) {
+            context.traceContext = parent
+        }
+    }
+
+    public func inject<Carrier, Inject: Injector>(_ context: InstrumentationContext, into carrier: inout Carrier, using injector: Inject)
+    where Inject.Carrier == Carrier {
+        if let trace = context.traceContext { injector.inject(trace.traceparent, forKey: "traceparent", into: &carrier) }
+    }
+
+    /// Starts a span, a child of the current one; the caller ends it.
+    public func start(_ name: String, ofKind kind: SpanKind = .internal) -> TalkMeshSpan {
+        startSpan(name, context: InstrumentationContext.current ?? .topLevel, ofKind: kind, at: DefaultTracerClock.now,
+                  function: #function, file: #fileID, line: #line)
+    }
+
+    /// Runs `body` with `span` as the current span (without ending it).
+    public func within<T>(_ span: TalkMeshSpan?, isolation: isolated (any Actor)? = #isolation, _ body: () async throws -> T) async throws -> T {
+        guard let span else { return try await body() }
+        return try await InstrumentationContext.$current.withValue(span.context, operation: body, isolation: isolation)
+    }
+
+    /// Runs `body` in a new span (a child of the current one, or of `parent` when given).
+    public func withSpan<T>(_ name: String, ofKind kind: SpanKind = .internal, parent: TraceContext? = nil,
+                            isolation: isolated (any Actor)? = #isolation,
+                            _ body: (TalkMeshSpan) async throws -> T) async throws -> T {
+        var context = InstrumentationContext.current ?? .topLevel
+        if let parent { context.traceContext = parent }
+        let span = startSpan(name, context: context, ofKind: kind, at: DefaultTracerClock.now, function: #function, file: #fileID, line: #line)
+        let operation: () async throws -> T = {
+            do {
+                let result = try await body(span)
+                span.end()
+                return result
+            } catch {
+                span.recordError(error)
+                span.setStatus(SpanStatus(code: .error, message: "\(error)"))
+                span.end()
+                throw error
+            }
+        }
+        return try await InstrumentationContext.$current.withValue(span.context, operation: operation, isolation: isolation)
+    }
+}
+
+/// One span. Only a recording span (sampled, with a sink) keeps what is set on it; the others
+/// ignore every call but `context`.
+public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
+    public let context: InstrumentationContext
+    public let trace: TraceContext
+    public let kind: SpanKind
+    private let sink: (any SpanSink)?
+    private let lock = PThreadMutex()
+    private var name: String
+    private let start: UInt64
+    private var storedAttributes = SpanAttributes()
+    private var events: [SpanEvent] = []
+    private var links: [(traceID: String, spanID: String, attributes: SpanAttributes)] = []
+    private var status: SpanStatus?
+    private var ended = false
+
+    init(name: String, kind: SpanKind, context: InstrumentationContext, trace: TraceContext, start: UInt64, sink: (any SpanSink)?) {
+        self.name = name
+        self.kind = kind
+        self.context = context
+        self.trace = trace
+        self.start = start
+        self.sink = sink
+    }
+
+    public var isRecording: Bool { sink != nil && !lock.withLock { ended } }
+
+    public var operationName: String {
+        get { lock.withLock { name } }
+        set { if sink != nil { lock.withLock { name = newValue } } }
+    }
+
+    public var attributes: SpanAttributes {
+        get { lock.withLock { storedAttributes } }
+        set { if sink != nil { lock.withLock { storedAttributes = newValue } } }
+    }
+
+    /// Sets one attribute (cheaper than reading and writing `attributes`).
+    public func set(_ key: String, _ value: any SpanAttributeConvertible) {
+        guard sink != nil else { return }
+        lock.withLock { storedAttributes[key] = value }
+    }
+
+    public func setStatus(_ status: SpanStatus) {
+        guard sink != nil else { return }
+        lock.withLock { self.status = status }
+    }
+
+    public func addEvent(_ event: SpanEvent) {
+        guard sink != nil else { return }
+        lock.withLock { events.append(event) }
+    }
+
+    public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
+        guard sink != nil else { return }
+        var details = attributes
+        details["exception.type"] = String(describing: type(of: error))
+        details["exception.message"] = String(describing: error)
+        addEvent(SpanEvent(name: "exception", at: instant(), attributes: details))
+    }
+
+    public func addLink(_ link: SpanLink) {
+        guard sink != nil, let linked = link.context.traceContext else { return }
+        lock.withLock { links.append((linked.traceID, linked.spanID, link.attributes)) }
+    }
+
+    /// Links the span to another one (a job's original trace, after a restart).
+    public func addLink(_ linked: TraceContext, attributes: SpanAttributes = [:]) {
+        guard sink != nil else { return }
+        lock.withLock { links.append((linked.traceID, linked.spanID, attributes)) }
+    }
+
+    /// Ends the span as failed with `message`.
+    public func fail(_ message: String) {
+        setStatus(SpanStatus(code: .error, message: message))
+        end()
+    }
+
+    public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
+        guard let sink else { return }
+        let finished: FinishedSpan? = lock.withLock {
+            guard !ended else { return nil }
+            ended = true
+            return FinishedSpan(traceID: trace.traceID, spanID: trace.spanID, parentSpanID: trace.parentSpanID, name: name, kind: kind,
+                                startNanoseconds: start, endNanoseconds: instant().nanosecondsSinceEpoch, attributes: storedAttributes,
+                                events: events, links: links, status: status)
+        }
+        if let finished { sink.enqueue(finished) }
+    }
+}
