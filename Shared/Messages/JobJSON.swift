@@ -116,6 +116,25 @@ public enum JobJSON {
         }
     }
 
+    /// `GET /v1/jobs/{id}/timeline`: every state change of the job and its chunks, with times, and
+    /// each chunk's place in the audio and its RunPod timings — what `talkmesh timeline` draws.
+    public static func timeline(_ job: Job) -> [String: Any] {
+        var object: [String: Any] = ["id": job.id, "status": status(job.status), "created_at": time(job.createdAtUnixMs),
+                                     "chunks": chunkList(job)]
+        if job.completedAtUnixMs > 0 { object["completed_at"] = time(job.completedAtUnixMs) }
+        object["events"] = job.timeline.map { event -> [String: Any] in
+            var item: [String: Any] = ["at": time(event.atUnixMs), "from": event.from, "to": event.to]
+            if event.chunk >= 0 {
+                item["chunk"] = Int(event.chunk)
+                item["attempt"] = Int(event.attempt)
+                if !event.runpodJobId.isEmpty { item["runpod_job_id"] = event.runpodJobId }
+            }
+            if !event.errorCode.isEmpty { item["error_code"] = event.errorCode }
+            return item
+        }
+        return object
+    }
+
     /// `pending`, `submitted` (also while submitting), `running`, `completed`, `failed`, `cancelled`.
     public static func chunkStatus(_ status: ChunkStatus) -> String {
         switch status {

@@ -12,7 +12,7 @@ struct TalkMeshCLI: AsyncParsableCommand {
         commandName: "talkmesh",
         abstract: "TalkMesh's command-line tool.",
         subcommands: [UpCommand.self, SubmitCommand.self, StatusCommand.self, JobsCommand.self, CancelCommand.self, WatchCommand.self,
-                      HealthCommand.self, KeysCommand.self, BlobsCommand.self])
+                      TimelineCommand.self, HealthCommand.self, KeysCommand.self, BlobsCommand.self])
 }
 
 /// Client TLS flags shared by the commands that call a service.

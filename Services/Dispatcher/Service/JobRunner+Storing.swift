@@ -22,6 +22,7 @@ extension JobRunner {
             var next = record
             let now = context.clock.nowUnixMs()
             try change(&next, now)
+            next.recordChunkChanges(since: record, at: now)
             if next.job.webhook?.progress == true, next.status == .running, Self.completedChunks(next) > Self.completedChunks(record) {
                 next.queueWebhook(JobRecord.progressEvent, at: now)
             }

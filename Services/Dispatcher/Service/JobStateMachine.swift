@@ -70,6 +70,7 @@ public struct JobRecord: Sendable, Equatable {
         guard JobStateMachine.successors(of: job.status).contains(status) else {
             throw ServiceError(.illegalTransition, "job \(job.id): \(job.status) → \(status) is not a legal transition")
         }
+        record(TimelineEvent(at: now, chunk: -1, from: JobJSON.status(job.status), to: JobJSON.status(status), errorCode: error?.code ?? ""))
         job.status = status
         if let error { job.error = error }
         if JobStateMachine.isTerminal(status) {
@@ -113,6 +114,37 @@ public struct JobRecord: Sendable, Equatable {
         job = fields.job
         job.status = status
         job.chunks = chunks
+    }
+
+    /// The longest timeline kept.
+    public static let timelineLength = 2000
+
+    /// Appends to the job's timeline; past `timelineLength` the oldest chunk event goes.
+    mutating func record(_ event: TimelineEvent) {
+        job.timeline.append(event)
+        if job.timeline.count > Self.timelineLength, let oldest = job.timeline.firstIndex(where: { $0.chunk >= 0 }) {
+            job.timeline.remove(at: oldest)
+        }
+    }
+
+    /// Records in the timeline how each chunk's state changed from `previous` (a write's diff).
+    public mutating func recordChunkChanges(since previous: JobRecord, at now: Int64) {
+        guard previous.chunks.count == job.chunks.count else {
+            // The plan was just set: every chunk starts pending.
+            return
+        }
+        for (before, after) in zip(previous.chunks, job.chunks) where before.status != after.status || before.attempts != after.attempts {
+            record(TimelineEvent(at: now, chunk: after.index, from: Self.chunkState(before.status), to: Self.chunkState(after.status),
+                                 attempt: after.attempts, runpodJobID: after.runpodJobId,
+                                 // A failed attempt: the chunk FAILED, or retried in place (RunPod's /retry) with the error it had.
+                                 errorCode: after.status == .chunkFailed || (after.attempts > before.attempts && after.error != before.error)
+                                     ? after.error?.code ?? "" : ""))
+        }
+    }
+
+    /// `pending`, `submitting`, `submitted`, `running`, `completed`, `failed`, `cancelled`.
+    public static func chunkState(_ status: ChunkStatus) -> String {
+        status == .chunkSubmitting ? "submitting" : JobJSON.chunkStatus(status)
     }
 
     /// Queues the job's webhook (when it has one) for `event`, due at once. An event not yet
@@ -209,4 +241,17 @@ public struct JobFields {
     public var videoKey: String { get { job.videoKey } set { job.videoKey = newValue } }
     public var durationSec: Double { get { job.durationSec } set { job.durationSec = newValue } }
     public var runpodWebhookSecret: String { get { job.runpodWebhookSecret } set { job.runpodWebhookSecret = newValue } }
+}
+
+extension TimelineEvent {
+    init(at: Int64, chunk: Int32, from: String, to: String, attempt: Int32 = 0, runpodJobID: String = "", errorCode: String = "") {
+        self.init()
+        atUnixMs = at
+        self.chunk = chunk
+        self.from = from
+        self.to = to
+        self.attempt = attempt
+        runpodJobId = runpodJobID
+        self.errorCode = errorCode
+    }
 }

@@ -42,6 +42,9 @@ extension Gateway {
             let answer = try await dispatcher.unary(DispatcherService.runPodWebhook, forward, options: CallOptions(timeoutNanoseconds: 10_000_000_000))
             return JobJSON.response(200, ["accepted": answer.accepted])
         }
+        router.add("GET", "/v1/jobs/{id}/timeline") { [self] request in
+            JobJSON.response(200, JobJSON.timeline(try await ownJob(request.pathParameters["id"] ?? "")))
+        }
         router.add("GET", "/v1/jobs") { [self] request in
             try await listJobs(request)
         }

@@ -96,6 +96,18 @@ enum OpenAPIDocument {
           "429": {"$ref": "#/components/responses/RateLimited"}, "503": {"$ref": "#/components/responses/Error"}}
       }
     },
+    "/v1/jobs/{id}/timeline": {
+      "parameters": [{"$ref": "#/components/parameters/JobId"}],
+      "get": {
+        "tags": ["jobs"], "operationId": "jobTimeline", "summary": "Every state change of the job and of each chunk attempt, with times",
+        "parameters": [{"$ref": "#/components/parameters/RequestId"}],
+        "responses": {
+          "200": {"description": "The timeline", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Timeline"}}}},
+          "401": {"$ref": "#/components/responses/Error"}, "404": {"$ref": "#/components/responses/Error"},
+          "410": {"$ref": "#/components/responses/Error"}, "429": {"$ref": "#/components/responses/RateLimited"},
+          "500": {"$ref": "#/components/responses/Error"}, "503": {"$ref": "#/components/responses/Error"}}
+      }
+    },
     "/v1/jobs/{id}/events": {
       "parameters": [{"$ref": "#/components/parameters/JobId"}],
       "get": {
@@ -257,6 +269,15 @@ enum OpenAPIDocument {
             "properties": {"event": {"type": "string", "enum": ["job.completed", "job.failed", "job.cancelled", "job.timed_out", "job.progress"]},
               "attempt": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}, "delivered": {"type": "boolean"},
               "duration_ms": {"type": "integer"}, "http_status": {"type": "integer"}, "error": {"type": "string"}, "abandoned": {"type": "boolean"}}}}}},
+      "Timeline": {"type": "object", "required": ["id", "status", "created_at", "events", "chunks"],
+        "properties": {
+          "id": {"type": "string"}, "status": {"$ref": "#/components/schemas/Status"},
+          "created_at": {"type": "string", "format": "date-time"}, "completed_at": {"type": "string", "format": "date-time"},
+          "events": {"type": "array", "items": {"type": "object", "required": ["at", "from", "to"],
+            "properties": {"at": {"type": "string", "format": "date-time"}, "from": {"type": "string"}, "to": {"type": "string"},
+              "chunk": {"type": "integer", "description": "absent for the job's own transitions"}, "attempt": {"type": "integer"},
+              "runpod_job_id": {"type": "string"}, "error_code": {"type": "string", "description": "a failed attempt's error"}}}},
+          "chunks": {"type": "array", "items": {"$ref": "#/components/schemas/Chunk"}}}},
       "Chunk": {"type": "object", "required": ["index", "start_sec", "duration_sec", "status", "attempts", "queue_delay_ms", "execution_ms"],
         "properties": {
           "index": {"type": "integer"}, "start_sec": {"type": "number"}, "duration_sec": {"type": "number"},

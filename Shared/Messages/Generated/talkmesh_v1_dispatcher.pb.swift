@@ -173,6 +173,19 @@ public struct Job: Hashable, Sendable {
     public var expiredAtUnixMs: Int64 = 0
     public var webhook: JobWebhook? = nil
     public var runpodWebhookSecret: String = ""
+    public var timeline: [TimelineEvent] = []
+    public init() {}
+}
+
+/// `talkmesh.v1.TimelineEvent`
+public struct TimelineEvent: Hashable, Sendable {
+    public var atUnixMs: Int64 = 0
+    public var chunk: Int32 = 0
+    public var from: String = ""
+    public var to: String = ""
+    public var attempt: Int32 = 0
+    public var runpodJobId: String = ""
+    public var errorCode: String = ""
     public init() {}
 }
 
@@ -486,6 +499,7 @@ extension Job: ProtoMessage {
         expiredAtUnixMs = c.expired_at_unix_ms
         webhook = c.webhook.map { JobWebhook(c: $0.pointee) }
         runpodWebhookSecret = ProtoC.string(c.runpod_webhook_secret)
+        timeline = (0..<c.n_timeline).map { TimelineEvent(c: c.timeline[$0]!.pointee) }
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__Job {
         var c = Talkmesh__V1__Job()
@@ -521,6 +535,8 @@ extension Job: ProtoMessage {
         c.expired_at_unix_ms = expiredAtUnixMs
         c.webhook = webhook.map { arena.object($0.toC(arena)) }
         c.runpod_webhook_secret = arena.string(runpodWebhookSecret)
+        c.n_timeline = timeline.count
+        c.timeline = arena.pointers(timeline.map { arena.object($0.toC(arena)) })
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__Job>? {
@@ -534,6 +550,44 @@ extension Job: ProtoMessage {
     }
     public static func cPack(_ message: UnsafePointer<Talkmesh__V1__Job>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
         talkmesh__v1__job__pack(message, out)
+    }
+}
+
+extension TimelineEvent: ProtoMessage {
+    public typealias CMessage = Talkmesh__V1__TimelineEvent
+    public init(c: Talkmesh__V1__TimelineEvent) {
+        self.init()
+        atUnixMs = c.at_unix_ms
+        chunk = c.chunk
+        from = ProtoC.string(c.from)
+        to = ProtoC.string(c.to)
+        attempt = c.attempt
+        runpodJobId = ProtoC.string(c.runpod_job_id)
+        errorCode = ProtoC.string(c.error_code)
+    }
+    public func toC(_ arena: ProtoArena) -> Talkmesh__V1__TimelineEvent {
+        var c = Talkmesh__V1__TimelineEvent()
+        talkmesh__v1__timeline_event__init(&c)
+        c.at_unix_ms = atUnixMs
+        c.chunk = chunk
+        c.from = arena.string(from)
+        c.to = arena.string(to)
+        c.attempt = attempt
+        c.runpod_job_id = arena.string(runpodJobId)
+        c.error_code = arena.string(errorCode)
+        return c
+    }
+    public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__TimelineEvent>? {
+        talkmesh__v1__timeline_event__unpack(nil, count, data)
+    }
+    public static func cFreeUnpacked(_ message: UnsafeMutablePointer<Talkmesh__V1__TimelineEvent>) {
+        talkmesh__v1__timeline_event__free_unpacked(message, nil)
+    }
+    public static func cPackedSize(_ message: UnsafePointer<Talkmesh__V1__TimelineEvent>) -> Int {
+        talkmesh__v1__timeline_event__get_packed_size(message)
+    }
+    public static func cPack(_ message: UnsafePointer<Talkmesh__V1__TimelineEvent>, _ out: UnsafeMutablePointer<UInt8>) -> Int {
+        talkmesh__v1__timeline_event__pack(message, out)
     }
 }
 

@@ -21,6 +21,7 @@ typedef struct Talkmesh__V1__JobWebhook Talkmesh__V1__JobWebhook;
 typedef struct Talkmesh__V1__JobError Talkmesh__V1__JobError;
 typedef struct Talkmesh__V1__JobChunk Talkmesh__V1__JobChunk;
 typedef struct Talkmesh__V1__Job Talkmesh__V1__Job;
+typedef struct Talkmesh__V1__TimelineEvent Talkmesh__V1__TimelineEvent;
 typedef struct Talkmesh__V1__CreateJobRequest Talkmesh__V1__CreateJobRequest;
 typedef struct Talkmesh__V1__CreateJobResponse Talkmesh__V1__CreateJobResponse;
 typedef struct Talkmesh__V1__GetJobRequest Talkmesh__V1__GetJobRequest;
@@ -298,10 +299,44 @@ struct  Talkmesh__V1__Job
    * The secret in the path of this job's RunPod webhooks (RUNPOD_WEBHOOK_BASE_URL); never leaves the Dispatcher.
    */
   char *runpod_webhook_secret;
+  /*
+   * Every state change of the job and of its chunks, oldest first (at most 2000: past it, the
+   * oldest chunk events go first).
+   */
+  size_t n_timeline;
+  Talkmesh__V1__TimelineEvent **timeline;
 };
 #define TALKMESH__V1__JOB__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job__descriptor) \
-    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, NULL, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, NULL, (char *)protobuf_c_empty_string, 0,NULL }
+
+
+/*
+ * One state change, as the job's timeline keeps it.
+ */
+struct  Talkmesh__V1__TimelineEvent
+{
+  ProtobufCMessage base;
+  int64_t at_unix_ms;
+  /*
+   * -1: the job itself
+   */
+  int32_t chunk;
+  /*
+   * the state before (JobStatus or ChunkStatus name)
+   */
+  char *from;
+  char *to;
+  /*
+   * a chunk's attempt number
+   */
+  int32_t attempt;
+  char *runpod_job_id;
+  char *error_code;
+};
+#define TALKMESH__V1__TIMELINE_EVENT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__timeline_event__descriptor) \
+    , 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
 struct  Talkmesh__V1__CreateJobRequest
@@ -532,6 +567,25 @@ Talkmesh__V1__Job *
 void   talkmesh__v1__job__free_unpacked
                      (Talkmesh__V1__Job *message,
                       ProtobufCAllocator *allocator);
+/* Talkmesh__V1__TimelineEvent methods */
+void   talkmesh__v1__timeline_event__init
+                     (Talkmesh__V1__TimelineEvent         *message);
+size_t talkmesh__v1__timeline_event__get_packed_size
+                     (const Talkmesh__V1__TimelineEvent   *message);
+size_t talkmesh__v1__timeline_event__pack
+                     (const Talkmesh__V1__TimelineEvent   *message,
+                      uint8_t             *out);
+size_t talkmesh__v1__timeline_event__pack_to_buffer
+                     (const Talkmesh__V1__TimelineEvent   *message,
+                      ProtobufCBuffer     *buffer);
+Talkmesh__V1__TimelineEvent *
+       talkmesh__v1__timeline_event__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   talkmesh__v1__timeline_event__free_unpacked
+                     (Talkmesh__V1__TimelineEvent *message,
+                      ProtobufCAllocator *allocator);
 /* Talkmesh__V1__CreateJobRequest methods */
 void   talkmesh__v1__create_job_request__init
                      (Talkmesh__V1__CreateJobRequest         *message);
@@ -723,6 +777,9 @@ typedef void (*Talkmesh__V1__JobChunk_Closure)
 typedef void (*Talkmesh__V1__Job_Closure)
                  (const Talkmesh__V1__Job *message,
                   void *closure_data);
+typedef void (*Talkmesh__V1__TimelineEvent_Closure)
+                 (const Talkmesh__V1__TimelineEvent *message,
+                  void *closure_data);
 typedef void (*Talkmesh__V1__CreateJobRequest_Closure)
                  (const Talkmesh__V1__CreateJobRequest *message,
                   void *closure_data);
@@ -831,6 +888,7 @@ extern const ProtobufCMessageDescriptor talkmesh__v1__job_webhook__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job_error__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor;
+extern const ProtobufCMessageDescriptor talkmesh__v1__timeline_event__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__create_job_request__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__create_job_response__descriptor;
 extern const ProtobufCMessageDescriptor talkmesh__v1__get_job_request__descriptor;

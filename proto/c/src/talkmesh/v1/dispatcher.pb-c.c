@@ -277,6 +277,51 @@ void   talkmesh__v1__job__free_unpacked
   assert(message->base.descriptor == &talkmesh__v1__job__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   talkmesh__v1__timeline_event__init
+                     (Talkmesh__V1__TimelineEvent         *message)
+{
+  static const Talkmesh__V1__TimelineEvent init_value = TALKMESH__V1__TIMELINE_EVENT__INIT;
+  *message = init_value;
+}
+size_t talkmesh__v1__timeline_event__get_packed_size
+                     (const Talkmesh__V1__TimelineEvent *message)
+{
+  assert(message->base.descriptor == &talkmesh__v1__timeline_event__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t talkmesh__v1__timeline_event__pack
+                     (const Talkmesh__V1__TimelineEvent *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &talkmesh__v1__timeline_event__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t talkmesh__v1__timeline_event__pack_to_buffer
+                     (const Talkmesh__V1__TimelineEvent *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &talkmesh__v1__timeline_event__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Talkmesh__V1__TimelineEvent *
+       talkmesh__v1__timeline_event__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Talkmesh__V1__TimelineEvent *)
+     protobuf_c_message_unpack (&talkmesh__v1__timeline_event__descriptor,
+                                allocator, len, data);
+}
+void   talkmesh__v1__timeline_event__free_unpacked
+                     (Talkmesh__V1__TimelineEvent *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &talkmesh__v1__timeline_event__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   talkmesh__v1__create_job_request__init
                      (Talkmesh__V1__CreateJobRequest         *message)
 {
@@ -1301,7 +1346,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__job_chunk__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[30] =
+static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[31] =
 {
   {
     "id",
@@ -1663,6 +1708,18 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[30] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "timeline",
+    31,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Talkmesh__V1__Job, n_timeline),
+    offsetof(Talkmesh__V1__Job, timeline),
+    &talkmesh__v1__timeline_event__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   21,   /* field[21] = audio_duration_sec */
@@ -1689,6 +1746,7 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   29,   /* field[29] = runpod_webhook_secret */
   17,   /* field[17] = stage */
   1,   /* field[1] = status */
+  30,   /* field[30] = timeline */
   24,   /* field[24] = traceparent */
   6,   /* field[6] = updated_at_unix_ms */
   23,   /* field[23] = version */
@@ -1699,7 +1757,7 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
 static const ProtobufCIntRange talkmesh__v1__job__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 30 }
+  { 0, 31 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
 {
@@ -1709,11 +1767,127 @@ const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
   "Talkmesh__V1__Job",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__Job),
-  30,
+  31,
   talkmesh__v1__job__field_descriptors,
   talkmesh__v1__job__field_indices_by_name,
   1,  talkmesh__v1__job__number_ranges,
   (ProtobufCMessageInit) talkmesh__v1__job__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor talkmesh__v1__timeline_event__field_descriptors[7] =
+{
+  {
+    "at_unix_ms",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__TimelineEvent, at_unix_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "chunk",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__TimelineEvent, chunk),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "from",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__TimelineEvent, from),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "to",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__TimelineEvent, to),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "attempt",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__TimelineEvent, attempt),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "runpod_job_id",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__TimelineEvent, runpod_job_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "error_code",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__TimelineEvent, error_code),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned talkmesh__v1__timeline_event__field_indices_by_name[] = {
+  0,   /* field[0] = at_unix_ms */
+  4,   /* field[4] = attempt */
+  1,   /* field[1] = chunk */
+  6,   /* field[6] = error_code */
+  2,   /* field[2] = from */
+  5,   /* field[5] = runpod_job_id */
+  3,   /* field[3] = to */
+};
+static const ProtobufCIntRange talkmesh__v1__timeline_event__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 7 }
+};
+const ProtobufCMessageDescriptor talkmesh__v1__timeline_event__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "talkmesh.v1.TimelineEvent",
+  "TimelineEvent",
+  "Talkmesh__V1__TimelineEvent",
+  "talkmesh.v1",
+  sizeof(Talkmesh__V1__TimelineEvent),
+  7,
+  talkmesh__v1__timeline_event__field_descriptors,
+  talkmesh__v1__timeline_event__field_indices_by_name,
+  1,  talkmesh__v1__timeline_event__number_ranges,
+  (ProtobufCMessageInit) talkmesh__v1__timeline_event__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor talkmesh__v1__create_job_request__field_descriptors[9] =
