@@ -35,8 +35,9 @@ public enum BlobSettings {
     /// Opens the blob store (`BLOB_STORE`; the S3 settings from the environment).
     public static func makeStore(_ settings: Settings) throws -> any BlobStore {
         let environment = settings.environment
-        return try BlobStores.open(try settings.string(.blobStore) ?? "file:///var/lib/talkmesh/blobs",
-                                   setting: { environment[$0].flatMap { $0.isEmpty ? nil : $0 } })
+        let url = try settings.string(.blobStore) ?? "file:///var/lib/talkmesh/blobs"
+        let store = try BlobStores.open(url, setting: { environment[$0].flatMap { $0.isEmpty ? nil : $0 } })
+        return MeteredBlobStore(store, kind: url.hasPrefix("s3://") ? "s3" : "file")
     }
 
     /// Starts the work pool (`WORKERS`).

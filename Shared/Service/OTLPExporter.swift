@@ -144,7 +144,12 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
     /// Prometheus text: spans exported, spans dropped by reason, spans queued.
     public func metrics() -> String {
         let (done, full, failed, queued) = lock.withLock { (exported, droppedFull, droppedFailed, queue.count) }
-        return """
+        return Self.metrics(exported: done, droppedFull: full, droppedFailed: failed, queued: queued)
+    }
+
+    /// The same families at zero, for a service that exports no spans (no endpoint set).
+    public static func metrics(exported done: Int = 0, droppedFull full: Int = 0, droppedFailed failed: Int = 0, queued: Int = 0) -> String {
+        """
         # HELP talkmesh_otel_spans_exported_total Spans sent to the OTLP endpoint.
         # TYPE talkmesh_otel_spans_exported_total counter
         talkmesh_otel_spans_exported_total \(done)

@@ -1,6 +1,7 @@
 import Dispatch
 import Glibc
 import Logging
+import TalkMeshCore
 import TalkMeshRPC
 
 /// Starts a TalkMesh service: resolves its settings, sets up logging, binds, serves until SIGTERM
@@ -65,9 +66,12 @@ public enum ServiceRunner {
             let (tracer, exporter) = try TracingSetup.make(settings, serviceName: name, logger: logger)
             TalkMeshTracer.bootstrap(tracer)
             try configure(&setup, settings)
+            setup.metricsSources.append { MeteredBlobStore.render() }
             if let exporter {
                 setup.metricsSources.append { exporter.metrics() }
                 setup.onStop.append { await exporter.flush() }  // last: the other hooks' spans go too
+            } else {
+                setup.metricsSources.append { OTLPExporter.metrics() }
             }
             let server = try RPCServer(configuration: resolved.server, services: setup.services, router: setup.router,
                                        health: health, metricsSources: setup.metricsSources, logger: logger)

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, free_port
-from test_dispatcher import TERMINAL, Mesh
+from test_dispatcher import BLOB_BACKEND, TERMINAL, Mesh
 from test_gateway import Gateway, new_key
 from test_gateway_redis import Redis
 from tmdispatcher import dispatcher_pb2 as pb
@@ -48,9 +48,16 @@ def ran():
         assert job.status == pb.COMPLETED, job
         status, _, _ = gateway.json("GET", "/v1/jobs", key=key)
         assert status == 200
+        # Refusals, so their families have samples: no key, a wrong key, a key over its limit.
+        assert gateway.json("GET", "/v1/jobs")[0] == 401
+        assert gateway.json("GET", "/v1/jobs", key="tmk_wrong")[0] == 401
+        tight = new_key(keys_file, "--rate", "0.01", "--burst", "1")
+        time.sleep(1.2)  # the Gateway rereads the key file each second
+        assert [gateway.json("GET", "/v1/jobs", key=tight)[0] for _ in range(2)] == [200, 429]
+        tight_id = json.loads(open(keys_file).read())["keys"][-1]["id"]
         services = {"gateway": gateway.service, "dispatcher": mesh.dispatcher, "media": mesh.media, "audio": mesh.audio,
                     "runpod-emulator": mesh.emulator}
-        yield {"services": services, "work": work}
+        yield {"services": services, "work": work, "job": job, "tight_id": tight_id}
     finally:
         gateway.stop()
         redis.stop()
@@ -127,3 +134,37 @@ def test_a_real_prometheus_scrapes_every_service_and_counts_the_job(ran):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def samples(service):
+    text = fetch(f"http://{service.address}/metrics")
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_traffic_refusals_runpod_operations_and_blob_calls_are_measured(ran):
+    services, job = ran["services"], ran["job"]
+    for name, service in services.items():
+        values = samples(service)
+        assert values["talkmesh_server_received_bytes_total"] > 0 and values["talkmesh_server_sent_bytes_total"] > 0, name
+        # The scrape itself is the one HTTP request in flight.
+        assert values['talkmesh_server_requests_in_flight{protocol="grpc"}'] == 0, name
+        assert values['talkmesh_server_requests_in_flight{protocol="http"}'] == 1, name
+    gateway = samples(services["gateway"])
+    assert gateway['talkmesh_gateway_auth_failures_total{reason="missing"}'] >= 1
+    assert gateway['talkmesh_gateway_auth_failures_total{reason="invalid"}'] >= 1
+    assert gateway[f'talkmesh_gateway_rate_limited_total{{key_id="{ran["tight_id"]}",reason="requests"}}'] == 1
+    dispatcher = samples(services["dispatcher"])
+    chunks = len(job.chunks)
+    assert dispatcher['talkmesh_runpod_requests_total{route="run",code="200"}'] == chunks
+    assert dispatcher['talkmesh_runpod_requests_total{route="status",code="200"}'] >= chunks
+    assert dispatcher['talkmesh_runpod_request_duration_seconds_count{route="run"}'] == chunks
+    assert dispatcher["talkmesh_dispatcher_job_chunks_count"] == 1 and dispatcher["talkmesh_dispatcher_job_chunks_sum"] == chunks
+    media, audio = samples(services["media"]), samples(services["audio"])
+    for values, operation in ((media, "libav.resize_image"), (media, "libav.stitch_videos"), (audio, "libav.split_audio")):
+        assert values[f'talkmesh_operation_duration_seconds_count{{operation="{operation}",outcome="ok"}}'] == 1, operation
+        assert values[f'talkmesh_operation_input_bytes_sum{{operation="{operation}"}}'] > 0, operation
+        assert values[f'talkmesh_operation_output_bytes_sum{{operation="{operation}"}}'] > 0, operation
+    store = "s3" if BLOB_BACKEND == "s3" else "file"
+    assert dispatcher[f'talkmesh_blob_operations_total{{store="{store}",operation="store",outcome="ok"}}'] == chunks  # each partial video
+    assert media[f'talkmesh_blob_operations_total{{store="{store}",operation="store",outcome="ok"}}'] >= 2  # the image, the video
+    assert dispatcher[f'talkmesh_blob_operation_duration_seconds_count{{store="{store}",operation="delete"}}'] > 0  # intermediates

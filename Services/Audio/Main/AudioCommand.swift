@@ -15,7 +15,9 @@ enum AudioCommand {
             let splitter = AudioSplitter(store: try BlobSettings.makeStore(settings), configuration: configuration)
             let pool = try BlobSettings.makePool(settings)
             setup.metricsSources.append { pool.prometheusText() }
-            AudioHandlers(splitter: splitter, pool: pool).register(into: &setup.services)
+            let handlers = AudioHandlers(splitter: splitter, pool: pool)
+            handlers.register(into: &setup.services)
+            setup.metricsSources.append { handlers.operations.render() }
         }
     }
 }

@@ -13,7 +13,11 @@ public struct AudioHandlers: Sendable {
         self.pool = pool
     }
 
+    /// Each operation's duration and sizes, for `/metrics`.
+    public let operations = OperationMetrics()
+
     public func register(into registry: inout RPCServiceRegistry) {
+        let operations = self.operations
         let splitter = self.splitter
         let pool = self.pool
         // The split is a span with the input's size and the chunks' total (read only when traced).
@@ -22,7 +26,7 @@ public struct AudioHandlers: Sendable {
             try? await pool.run { _ in try keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
         }
         registry.register(AudioService.splitAudio) { request, _ in
-            try await WorkSpans.run("libav.split_audio", attributes: ["talkmesh.input_key": request.audioKey],
+            try await WorkSpans.run("libav.split_audio", attributes: ["talkmesh.input_key": request.audioKey], metrics: operations,
                                     sizes: { (await size([request.audioKey]), await size($0.chunks.map(\.key))) }) {
                 try await pool.run { flag in try splitter.split(request, flag: flag) }
             }

@@ -102,7 +102,7 @@ enum DispatcherCommand {
                                             logger: setup.logger)
             let dispatcher = Dispatcher(context: context)
             DispatcherHandlers(dispatcher: dispatcher).register(into: &setup.services)
-            setup.metricsSources.append { [counters = context.counters] in counters.render() }
+            setup.metricsSources.append { [counters = context.counters, runpod = context.runpod] in counters.render() + runpod.metrics.render() }
             webhooks.videoURLSeconds = Int(min(retention.blobsMs / 1000, 7 * 86_400))
             let sweeper = Task { await RetentionSweeper(context: context, configuration: retention).run() }
             let sender = Task { await WebhookSender(context: context, configuration: webhooks).run() }

@@ -29,6 +29,9 @@ public final class DispatcherCounters: Sendable {
     }
 
     private let state = Locked(State())
+    /// How many chunks each job's audio was split into.
+    public let chunks = HistogramFamily("talkmesh_dispatcher_job_chunks", help: "Chunks per job, counted when its audio is split.",
+                                        labels: [], bounds: [1, 2, 3, 5, 10, 20, 40, 80, 160])
 
     public init() {}
 
@@ -66,6 +69,10 @@ public final class DispatcherCounters: Sendable {
 
     /// The Prometheus text exposition of every counter and histogram.
     public func render() -> String {
+        histogramsText() + chunks.render()
+    }
+
+    private func histogramsText() -> String {
         let (events, histograms, unfinished, driven) = state.withLock { ($0.events, $0.histograms, $0.unfinished, $0.driven) }
         var text = "# HELP talkmesh_dispatcher_jobs Jobs waiting or running in the whole store, by status.\n# TYPE talkmesh_dispatcher_jobs gauge\n"
         for status in [JobStatus.inQueue, .running] {

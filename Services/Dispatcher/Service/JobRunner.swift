@@ -182,6 +182,7 @@ public actor JobRunner {
                 return planned
             }
             try await save { record, _ in try record.setPlan(chunks, audioDurationSec: response.durationSec) }
+            context.counters.chunks.observe([], Double(chunks.count))
         }
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import TalkMeshBase
 import TalkMeshCore
 import TalkMeshRPC
 
@@ -46,6 +47,8 @@ public struct RunPodClient: Sendable {
 
     public let configuration: Configuration
     let engine: CurlEngine
+    /// RunPod requests by route and answer, and their durations.
+    public let metrics = RunPodMetrics()
     let runBudget: any RequestGate
     let statusBudget: any RequestGate
 
@@ -150,12 +153,17 @@ public struct RunPodClient: Sendable {
             }
             do {
                 let exchange: HTTPExchange
+                let route = String(template.dropFirst().prefix { $0 != "/" })
+                let started = MonotonicClock.nanoseconds()
                 do {
                     exchange = try await engine.perform(method: method, url: base + path, headers: headers, body: body,
                                                         timeoutMilliseconds: configuration.requestTimeoutMs)
+                    metrics.record(route: route, code: String(exchange.status), nanoseconds: MonotonicClock.nanoseconds() - started)
                     span.set("http.response.status_code", Int64(exchange.status))
                     if exchange.status >= 400 { span.fail("HTTP \(exchange.status)") } else { span.end() }
                 } catch {
+                    metrics.record(route: route, code: error is CancellationError ? "cancelled" : "transport_error",
+                                   nanoseconds: MonotonicClock.nanoseconds() - started)
                     span.fail("\(error)")
                     throw error
                 }
@@ -198,4 +206,22 @@ public struct RunPodClient: Sendable {
         let cap = min(configuration.backoffMax, configuration.backoffInitial * pow(2, Double(attempt - 1)))
         return Double.random(in: (cap / 2)...cap)
     }
+}
+
+/// RunPod's answers, for Prometheus: requests by route (`run`, `status`, `cancel`, `retry`,
+/// `health`) and HTTP code (or `transport_error`), and request durations by route.
+public final class RunPodMetrics: Sendable {
+    let requests = CounterFamily("talkmesh_runpod_requests_total", help: "Requests to RunPod, by route and HTTP code (transport_error: no answer).",
+                                 labels: ["route", "code"])
+    let durations = HistogramFamily("talkmesh_runpod_request_duration_seconds", help: "Time of each RunPod request, by route.",
+                                    labels: ["route"], bounds: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
+
+    func record(route: String, code: String, nanoseconds: Int64) {
+        requests.increment([route, code])
+        durations.observe([route], Double(nanoseconds) / 1e9)
+    }
+
+    public func count(route: String, code: String) -> Double { requests.value([route, code]) }
+
+    public func render() -> String { requests.render() + durations.render() }
 }

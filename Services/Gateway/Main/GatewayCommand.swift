@@ -76,6 +76,7 @@ enum GatewayCommand {
                                   dispatcher: dispatcher, logger: setup.logger)
             gateway.install(into: &setup.router)
             gateway.installGRPC(into: &setup.services)
+            setup.metricsSources.append { gateway.metrics.render() }
             if keys.count == 0 {
                 setup.logger.warning("no API keys: every /v1 request is refused until `talkmesh keys create` adds one", metadata: ["file": "\(keysPath)"])
             } else {

@@ -25,6 +25,18 @@ public struct GatewayConfiguration: Sendable {
     public init() {}
 }
 
+/// The Gateway's refusals, for Prometheus: authentication failures by reason, and rate-limit
+/// refusals by key id (bounded by the key file) and reason.
+public final class GatewayMetrics: Sendable {
+    public let authFailures = CounterFamily("talkmesh_gateway_auth_failures_total", help: "Requests and calls refused for their API key, by reason.",
+                                            labels: ["reason"], seeded: [["missing"], ["invalid"]])
+    public let rateLimited = CounterFamily("talkmesh_gateway_rate_limited_total",
+                                           help: "Requests refused by a limit, by key id and reason (requests, jobs, active_jobs).",
+                                           labels: ["key_id", "reason"])
+
+    public func render() -> String { authFailures.render() + rateLimited.render() }
+}
+
 /// What one request carries through the interceptor chain: its id, and the key once known.
 final class RequestInfo: @unchecked Sendable {
     let id: String
@@ -52,6 +64,8 @@ public final class Gateway: Sendable {
     let jobCache: JobCache
     /// A completed job's presigned video URL when the store has them (S3).
     let videoURL: JobJSON.VideoURL
+    /// Refusals by reason: authentication failures, and rate limits by key id.
+    public let metrics = GatewayMetrics()
 
     /// Where RunPod posts chunk completions (`RUNPOD_WEBHOOK_BASE_URL` at the Dispatcher).
     static let runpodWebhookPrefix = "/v1/runpod-webhook/"
@@ -175,11 +189,13 @@ public final class Gateway: Sendable {
         let secret = Self.secret(authorization: request.header("authorization"), apiKey: request.header("x-api-key"))
         let challenge: [(name: String, value: String)] = [("www-authenticate", "Bearer")]
         guard let secret, !secret.isEmpty else {
+            metrics.authFailures.increment(["missing"])
             var response = JobJSON.error(401, "UNAUTHORIZED", "an API key is required (Authorization: Bearer KEY or X-API-Key: KEY)")
             response.headers += challenge
             return response
         }
         guard let key = keys.authenticate(secret) else {
+            metrics.authFailures.increment(["invalid"])
             var response = JobJSON.error(401, "UNAUTHORIZED", "the API key is not valid")
             response.headers += challenge
             return response
@@ -192,6 +208,7 @@ public final class Gateway: Sendable {
             await limiter.take("req:" + key.id, rate: key.rate, burst: key.burst)
         }
         guard decision.allowed else {
+            metrics.rateLimited.increment([key.id, "requests"])
             var response = JobJSON.error(429, "RATE_LIMITED", "request rate limit exceeded; retry after \(decision.retryAfterSeconds) s")
             response.headers += decision.headers
             return response

@@ -69,12 +69,17 @@ extension Gateway {
         do {
             let secret = Self.secret(authorization: context.metadata.first("authorization"), apiKey: context.metadata.first("x-api-key"))
             guard let secret, !secret.isEmpty else {
+                metrics.authFailures.increment(["missing"])
                 throw RPCError(code: .unauthenticated, message: "UNAUTHORIZED: an API key is required (authorization: Bearer KEY metadata)")
             }
-            guard let key = keys.authenticate(secret) else { throw RPCError(code: .unauthenticated, message: "UNAUTHORIZED: the API key is not valid") }
+            guard let key = keys.authenticate(secret) else {
+                metrics.authFailures.increment(["invalid"])
+                throw RPCError(code: .unauthenticated, message: "UNAUTHORIZED: the API key is not valid")
+            }
             keyID = key.id
             let decision = await limiter.take("req:" + key.id, rate: key.rate, burst: key.burst)
             guard decision.allowed else {
+                metrics.rateLimited.increment([key.id, "requests"])
                 throw RPCError(code: .resourceExhausted, message: "RATE_LIMITED: request rate limit exceeded; retry after \(decision.retryAfterSeconds) s")
             }
             let given = context.metadata.first("x-request-id") ?? ""

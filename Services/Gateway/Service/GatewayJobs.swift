@@ -123,10 +123,12 @@ extension Gateway {
     func checkJobBudget(_ key: APIKey) async throws {
         let decision = await limiter.take("job:" + key.id, rate: key.jobRate, burst: key.jobBurst)
         guard decision.allowed else {
+            metrics.rateLimited.increment([key.id, "jobs"])
             throw RateLimitRefusal(decision: decision, message: "job creation rate limit exceeded; retry after \(decision.retryAfterSeconds) s")
         }
         let active = try await activeJobs(of: key.id, atMost: key.maxActiveJobs)
         guard active < key.maxActiveJobs else {
+            metrics.rateLimited.increment([key.id, "active_jobs"])
             throw ServiceError(.tooManyActiveJobs, "\(active) jobs are unfinished; this key may have \(key.maxActiveJobs) at once")
         }
     }

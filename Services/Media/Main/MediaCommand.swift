@@ -20,8 +20,9 @@ enum MediaCommand {
             configuration.maxPixels = try settings.integer(.maxImagePixels)
             let pool = try BlobSettings.makePool(settings)
             setup.metricsSources.append { pool.prometheusText() }
-            MediaHandlers(store: store, pool: pool, resizer: ImageResizer(store: store, configuration: configuration))
-                .register(into: &setup.services)
+            let handlers = MediaHandlers(store: store, pool: pool, resizer: ImageResizer(store: store, configuration: configuration))
+            handlers.register(into: &setup.services)
+            setup.metricsSources.append { handlers.operations.render() }
         }
     }
 }

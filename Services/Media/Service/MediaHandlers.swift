@@ -17,27 +17,31 @@ public struct MediaHandlers: Sendable {
         self.stitcher = VideoStitcher(store: store)
     }
 
+    /// Each operation's duration and sizes, for `/metrics`.
+    public let operations = OperationMetrics()
+
     public func register(into registry: inout RPCServiceRegistry) {
+        let operations = self.operations
         let resizer = self.resizer, stitcher = self.stitcher, store = self.store, pool = self.pool
         // Each libav operation is a span with its input and output sizes (read only when traced).
         let size: @Sendable ([String]) async -> Int? = { keys in
             try? await pool.run { _ in try keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
         }
         registry.register(MediaService.resizeImage) { request, _ in
-            try await WorkSpans.run("libav.resize_image", attributes: ["talkmesh.input_key": request.imageKey],
+            try await WorkSpans.run("libav.resize_image", attributes: ["talkmesh.input_key": request.imageKey], metrics: operations,
                                     sizes: { (await size([request.imageKey]), await size([$0.imageKey])) }) {
                 try await pool.run { flag in try resizer.resize(request, flag: flag) }
             }
         }
         registry.register(MediaService.stitchVideos) { request, _ in
-            try await WorkSpans.run("libav.stitch_videos", attributes: ["talkmesh.parts": "\(request.videoKeys.count)"],
+            try await WorkSpans.run("libav.stitch_videos", attributes: ["talkmesh.parts": "\(request.videoKeys.count)"], metrics: operations,
                                     sizes: { (await size(request.videoKeys + (request.audioKey.isEmpty ? [] : [request.audioKey])), await size([$0.videoKey])) }) {
                 try await pool.run { flag in try stitcher.stitch(request, flag: flag) }
             }
         }
         let audioEncoder = AudioEncoder(store: store)
         registry.register(MediaService.encodeAudio) { request, _ in
-            try await WorkSpans.run("libav.encode_audio", sizes: { (await size([request.audioKey]), await size([$0.audioKey])) }) {
+            try await WorkSpans.run("libav.encode_audio", metrics: operations, sizes: { (await size([request.audioKey]), await size([$0.audioKey])) }) {
                 try await pool.run { flag in try audioEncoder.encode(request, flag: flag) }
             }
         }

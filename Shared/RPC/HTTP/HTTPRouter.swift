@@ -157,6 +157,8 @@ public struct HTTPRouter: Sendable {
             let next = handler
             handler = { request in try await interceptor(request, pattern, next) }
         }
+        RequestMetrics.httpInFlight.add(1, ordering: .relaxed)
+        defer { RequestMetrics.httpInFlight.subtract(1, ordering: .relaxed) }
         // Probes and scrapes are not traced; every other request gets a server span (a child of
         // its traceparent) and answers its own traceparent, so a caller can find the trace.
         guard !Self.untraced.contains(pattern) else {

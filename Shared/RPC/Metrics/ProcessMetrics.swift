@@ -24,6 +24,16 @@ enum ProcessMetrics {
         if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 {
             gauge("process_max_fds", "The limit on open file descriptors.", String(limit.rlim_cur))
         }
+        let received = loops.reduce(0) { $0 + $1.bytesReceived.load(ordering: .relaxed) }
+        let sent = loops.reduce(0) { $0 + $1.bytesSent.load(ordering: .relaxed) }
+        out += "# HELP talkmesh_server_received_bytes_total Bytes read from clients (every protocol, TLS records decrypted).\n"
+        out += "# TYPE talkmesh_server_received_bytes_total counter\ntalkmesh_server_received_bytes_total \(received)\n"
+        out += "# HELP talkmesh_server_sent_bytes_total Bytes written to clients (every protocol, before TLS).\n"
+        out += "# TYPE talkmesh_server_sent_bytes_total counter\ntalkmesh_server_sent_bytes_total \(sent)\n"
+        out += "# HELP talkmesh_server_requests_in_flight Requests being handled now, by protocol.\n"
+        out += "# TYPE talkmesh_server_requests_in_flight gauge\n"
+        out += "talkmesh_server_requests_in_flight{protocol=\"grpc\"} \(RequestMetrics.grpcInFlight.load(ordering: .relaxed))\n"
+        out += "talkmesh_server_requests_in_flight{protocol=\"http\"} \(RequestMetrics.httpInFlight.load(ordering: .relaxed))\n"
         out += "# HELP talkmesh_event_loop_lag_seconds How late the loop's last one-second housekeeping tick ran: the time a ready event waits.\n"
         out += "# TYPE talkmesh_event_loop_lag_seconds gauge\n"
         for loop in loops { out += "talkmesh_event_loop_lag_seconds{loop=\"\(loop.index)\"} \(Double(loop.lagNanoseconds.load(ordering: .relaxed)) / 1e9)\n" }

@@ -84,11 +84,14 @@ final class Connection {
         if case .sniffing = mode {
             guard decideMode(input) else { return }
         }
+        let available = evbuffer_get_length(input)
         switch mode {
         case .http2(let session): session.receive(input)
         case .http1(let session): session.receive(input)
         case .sniffing: break
         }
+        let consumed = available - min(available, evbuffer_get_length(input))
+        loop.bytesReceived.add(UInt64(consumed), ordering: .relaxed)
         loop.afterWork()
         finishIfRequested()
     }
@@ -138,6 +141,7 @@ final class Connection {
     func write(_ pointer: UnsafeRawPointer, _ count: Int) {
         guard let bev, count > 0 else { return }
         bufferevent_write(bev, pointer, count)
+        loop.bytesSent.add(UInt64(count), ordering: .relaxed)
     }
 
     /// Asks the loop to flush this connection's HTTP/2 output once the current batch is done.

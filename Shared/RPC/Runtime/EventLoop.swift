@@ -55,6 +55,9 @@ public final class EventLoop: @unchecked Sendable {
     /// read by /metrics from any thread.
     let lagNanoseconds = Atomic<Int64>(0)
     let maxLagNanoseconds = Atomic<Int64>(0)
+    /// Bytes this loop's server connections read (consumed) and queued for writing, for /metrics.
+    let bytesReceived = Atomic<UInt64>(0)
+    let bytesSent = Atomic<UInt64>(0)
 
     func startHousekeeping(every period: Int64) {
         var due = MonotonicClock.nanoseconds() + period

@@ -29,7 +29,10 @@ extension HTTP2ServerSession {
         var callbacks: OpaquePointer?
         nghttp2_session_callbacks_new(&callbacks)
         nghttp2_session_callbacks_set_send_callback(callbacks) { _, data, length, _, userData in
-            NGHTTP2IO.send(from(userData).connection.bev, data, length)
+            let connection = from(userData).connection
+            let sent = NGHTTP2IO.send(connection.bev, data, length)
+            if sent > 0 { connection.loop.bytesSent.add(UInt64(sent), ordering: .relaxed) }
+            return sent
         }
         nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks) { _, frame, userData in
             let frame = frame!.pointee

@@ -34,7 +34,9 @@ extension HTTP2ServerSession {
         let run = method.run
         // Runs inline on the loop thread until the handler first suspends: a handler that does
         // not suspend (health, echo) completes without a thread hop.
+        RequestMetrics.grpcInFlight.add(1, ordering: .relaxed)
         stream.task = Task.immediate {
+            defer { RequestMetrics.grpcInFlight.subtract(1, ordering: .relaxed) }
             let result: Result<[UInt8]?, RPCError>
             do {
                 result = .success(try await InstrumentationContext.$current.withValue(span.context) { try await run(request, context, writer) })

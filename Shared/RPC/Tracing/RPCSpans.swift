@@ -74,20 +74,49 @@ extension Result where Failure == RPCError {
     }
 }
 
-/// Spans of the work a handler does in process (a libav operation, a store call).
+/// The work a handler does in process (a libav operation), for Prometheus: durations, and input
+/// and output sizes, by operation and outcome.
+public final class OperationMetrics: Sendable {
+    let durations = HistogramFamily("talkmesh_operation_duration_seconds", help: "Time of each media or audio operation, by operation and outcome.",
+                                    labels: ["operation", "outcome"], bounds: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800])
+    let inputs = HistogramFamily("talkmesh_operation_input_bytes", help: "Input size of each media or audio operation that succeeded, in bytes.",
+                                 labels: ["operation"], bounds: [1e4, 1e5, 1e6, 5e6, 1e7, 5e7, 1e8, 5e8, 1e9])
+    let outputs = HistogramFamily("talkmesh_operation_output_bytes", help: "Output size of each media or audio operation that succeeded, in bytes.",
+                                  labels: ["operation"], bounds: [1e4, 1e5, 1e6, 5e6, 1e7, 5e7, 1e8, 5e8, 1e9])
+
+    public init() {}
+
+    public func render() -> String { durations.render() + inputs.render() + outputs.render() }
+}
+
+/// Spans of the work a handler does in process (a libav operation), with its metrics.
 public enum WorkSpans {
-    /// Runs `body` in an internal span `name`; `sizes` (called only when the span records, on
-    /// `body`'s result) gives the input and output sizes in bytes for the span's attributes.
-    public static func run<T: Sendable>(_ name: String, attributes: [String: String] = [:],
+    /// Runs `body` in an internal span `name` and records its duration in `metrics`; `sizes` (on
+    /// `body`'s result) gives the input and output sizes in bytes for the span and the metrics.
+    public static func run<T: Sendable>(_ name: String, attributes: [String: String] = [:], metrics: OperationMetrics? = nil,
                                         sizes: (@Sendable (T) async -> (input: Int?, output: Int?))? = nil,
                                         _ body: () async throws -> T) async throws -> T {
         try await TalkMeshTracer.shared.withSpan(name) { span in
             for (key, value) in attributes { span.set(key, value) }
-            let result = try await body()
-            if span.isRecording, let sizes {
+            let started = MonotonicClock.nanoseconds()
+            let result: T
+            do {
+                result = try await body()
+            } catch {
+                metrics?.durations.observe([name, "error"], Double(MonotonicClock.nanoseconds() - started) / 1e9)
+                throw error
+            }
+            metrics?.durations.observe([name, "ok"], Double(MonotonicClock.nanoseconds() - started) / 1e9)
+            if span.isRecording || metrics != nil, let sizes {
                 let (input, output) = await sizes(result)
-                if let input { span.set("talkmesh.input_bytes", Int64(input)) }
-                if let output { span.set("talkmesh.output_bytes", Int64(output)) }
+                if let input {
+                    span.set("talkmesh.input_bytes", Int64(input))
+                    metrics?.inputs.observe([name], Double(input))
+                }
+                if let output {
+                    span.set("talkmesh.output_bytes", Int64(output))
+                    metrics?.outputs.observe([name], Double(output))
+                }
             }
             return result
         }
