@@ -52,6 +52,12 @@ def test_the_timeline_holds_every_transition_and_the_cli_draws_it(inputs):  # no
                 assert any(e.get("error_code") == "RUNPOD_JOB_FAILED" for e in mine), mine
         assert retried >= 1, "the seeded failures hit a chunk"
         assert job["chunks"]["completed"] == len(chunks)
+        # Only asked for: GetJob, the poll and the list leave the timeline out.
+        from tmdispatcher import dispatcher_pb2 as pb
+        assert len(mesh.stub.GetJob(pb.GetJobRequest(id=created["id"]), timeout=10).timeline) == 0
+        full = mesh.stub.GetJob(pb.GetJobRequest(id=created["id"], include_timeline=True), timeout=10)
+        assert len(full.timeline) == len(events) and full.timeline[-1].to == "completed"
+        assert "timeline" not in job and "events" not in job
         # Another key sees no timeline of this job.
         other = new_key(keys_file, "--rate", "1000", "--burst", "1000")
         time.sleep(1.2)

@@ -297,13 +297,16 @@ public actor Dispatcher {
 }
 
 extension Job {
-    /// The job without its secrets: what leaves the Dispatcher.
-    public var redacted: Job {
+    /// The job without its secrets, and without its timeline unless asked: what leaves the Dispatcher.
+    public func redacted(keepingTimeline: Bool = false) -> Job {
         var job = self
         job.runpodWebhookSecret = ""
         if job.webhook != nil { job.webhook!.secret = "" }
+        if !keepingTimeline { job.timeline = [] }
         return job
     }
+
+    public var redacted: Job { redacted() }
 }
 
 /// `talkmesh.v1.DispatcherService` on the RPC runtime.
@@ -324,7 +327,9 @@ public struct DispatcherHandlers: Sendable {
             return response
         }
         // Every job leaves with its secrets removed (the webhook key, the RunPod webhook path's secret).
-        registry.register(DispatcherService.getJob) { request, _ in try await dispatcher.get(request.id).redacted }
+        registry.register(DispatcherService.getJob) { request, _ in
+            try await dispatcher.get(request.id).redacted(keepingTimeline: request.includeTimeline)
+        }
         registry.register(DispatcherService.listJobs) { request, _ in
             var page = try await dispatcher.list(request)
             page.jobs = page.jobs.map(\.redacted)

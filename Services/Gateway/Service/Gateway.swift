@@ -262,9 +262,9 @@ public final class Gateway: Sendable {
 
     /// The caller's job, or NOT_FOUND — also for another key's job (never 403: ids are not confirmed);
     /// EXPIRED once retention deleted it.
-    func ownJob(_ id: String) async throws -> Job {
+    func ownJob(_ id: String, includingTimeline: Bool = false) async throws -> Job {
         let key = try Self.caller()
-        let job = try await fetchJob(id)
+        let job = try await fetchJob(id, includingTimeline: includingTimeline)
         guard job.owner == key.id else { throw ServiceError(.jobNotFound, "no job \(id)") }
         try Self.requireStored(job)
         return job
@@ -295,9 +295,10 @@ public final class Gateway: Sendable {
     }
 
     /// `GetJob`, whoever owns the job.
-    private func fetchJob(_ id: String) async throws -> Job {
+    private func fetchJob(_ id: String, includingTimeline: Bool = false) async throws -> Job {
         var request = GetJobRequest()
         request.id = id
+        request.includeTimeline = includingTimeline
         let job: Job
         do {
             job = try await dispatcher.unary(DispatcherService.getJob, request, options: CallOptions(timeoutNanoseconds: 10_000_000_000))

@@ -32,7 +32,7 @@ extension Gateway {
             return try await dispatcher.unary(DispatcherService.createJob, create, options: timeout)
         }
         registry.register(DispatcherService.getJob) { [self] request, _ in
-            try await ownJob(request.id)
+            try await ownJob(request.id, includingTimeline: request.includeTimeline)
         }
         registry.register(DispatcherService.listJobs) { [self] request, _ in
             var list = request

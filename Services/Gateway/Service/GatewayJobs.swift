@@ -43,7 +43,7 @@ extension Gateway {
             return JobJSON.response(200, ["accepted": answer.accepted])
         }
         router.add("GET", "/v1/jobs/{id}/timeline") { [self] request in
-            JobJSON.response(200, JobJSON.timeline(try await ownJob(request.pathParameters["id"] ?? "")))
+            JobJSON.response(200, JobJSON.timeline(try await ownJob(request.pathParameters["id"] ?? "", includingTimeline: true)))
         }
         router.add("GET", "/v1/jobs") { [self] request in
             try await listJobs(request)

@@ -75,13 +75,14 @@ public final class HistogramFamily: @unchecked Sendable {
     }
 }
 
-enum MetricText {
+/// Prometheus text helpers: label sets, escaped values, numbers.
+public enum MetricText {
     static func labels(_ names: [String], _ values: [String]) -> String {
         guard !names.isEmpty else { return "" }
         return "{" + zip(names, values).map { "\($0)=\"\(escape($1))\"" }.joined(separator: ",") + "}"
     }
 
-    static func escape(_ text: String) -> String {
+    public static func escape(_ text: String) -> String {
         var out = ""
         for character in text {
             switch character {

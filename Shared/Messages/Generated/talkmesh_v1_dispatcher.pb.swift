@@ -212,6 +212,7 @@ public struct CreateJobResponse: Hashable, Sendable {
 /// `talkmesh.v1.GetJobRequest`
 public struct GetJobRequest: Hashable, Sendable {
     public var id: String = ""
+    public var includeTimeline: Bool = false
     public init() {}
 }
 
@@ -664,11 +665,13 @@ extension GetJobRequest: ProtoMessage {
     public init(c: Talkmesh__V1__GetJobRequest) {
         self.init()
         id = ProtoC.string(c.id)
+        includeTimeline = (c.include_timeline != 0)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__GetJobRequest {
         var c = Talkmesh__V1__GetJobRequest()
         talkmesh__v1__get_job_request__init(&c)
         c.id = arena.string(id)
+        c.include_timeline = (includeTimeline ? 1 : 0)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__GetJobRequest>? {

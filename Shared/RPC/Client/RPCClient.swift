@@ -123,18 +123,10 @@ public final class RPCClient: @unchecked Sendable {
     /// One unary call with its retries, as it leaves (after the interceptors).
     private func sendUnary(path: String, frame: [UInt8], options: CallOptions) async throws -> ClientResponse<[UInt8]> {
         let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
-        // The client span (one per call, around its attempts): the server's span is its child.
-        let span = RPCSpans.client(path: path, target: configuration.target)
-        let traceparent = span.trace.traceparent
-        do {
-            let response = try await withRetries(options: options, deadline: deadline) {
+        return try await withClientSpan(path) { traceparent in
+            try await withRetries(options: options, deadline: deadline) {
                 try await self.attemptUnary(path: path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
             }
-            RPCSpans.end(span, code: nil)
-            return response
-        } catch {
-            RPCSpans.end(span, code: (error as? RPCError)?.code ?? .unknown)
-            throw error
         }
     }
 
@@ -174,17 +166,10 @@ public final class RPCClient: @unchecked Sendable {
     private func openStream<Response>(path: String, frame: [UInt8], options: CallOptions) async throws -> ResponseStream<Response> {
         let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
         // The client span covers opening the stream (until the server's headers), not its life.
-        let span = RPCSpans.client(path: path, target: configuration.target)
-        let traceparent = span.trace.traceparent
-        do {
-            let stream: ResponseStream<Response> = try await withRetries(options: options, deadline: deadline) {
+        return try await withClientSpan(path) { traceparent in
+            try await withRetries(options: options, deadline: deadline) {
                 try await self.attemptStreaming(path: path, frame: frame, options: options, deadline: deadline, traceparent: traceparent)
             }
-            RPCSpans.end(span, code: nil)
-            return stream
-        } catch {
-            RPCSpans.end(span, code: (error as? RPCError)?.code ?? .unknown)
-            throw error
         }
     }
 
@@ -213,6 +198,20 @@ public final class RPCClient: @unchecked Sendable {
     }
 
     // MARK: Shared
+
+    /// Runs `body` in the call's client span (one per call, around its attempts), giving it the
+    /// `traceparent` to send: the server's span is the client span's child.
+    private func withClientSpan<T>(_ path: String, _ body: (String) async throws -> T) async throws -> T {
+        let span = RPCSpans.client(path: path, target: configuration.target)
+        do {
+            let result = try await body(span.trace.traceparent)
+            RPCSpans.end(span, code: nil)
+            return result
+        } catch {
+            RPCSpans.end(span, code: (error as? RPCError)?.code ?? .unknown)
+            throw error
+        }
+    }
 
     /// Runs the configured interceptors around `send`, which makes the call as it leaves with the
     /// options they settled on and returns its result with the server's initial metadata. With no

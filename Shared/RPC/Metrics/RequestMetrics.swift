@@ -153,18 +153,7 @@ public final class RequestMetrics: @unchecked Sendable {
         return out
     }
 
-    private static func escape(_ text: String) -> String {
-        var out = ""
-        for character in text {
-            switch character {
-            case "\\": out += "\\\\"
-            case "\"": out += "\\\""
-            case "\n": out += "\\n"
-            default: out.append(character)
-            }
-        }
-        return out
-    }
+    private static func escape(_ text: String) -> String { MetricText.escape(text) }
 }
 
 extension String {

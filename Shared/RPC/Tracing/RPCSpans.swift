@@ -9,6 +9,9 @@ public enum RPCSpans {
     static func server(path: String, traceparent: String?, peer: String) -> TalkMeshSpan {
         var parent = InstrumentationContext.topLevel
         if let traceparent, let trace = TraceContext.parse(traceparent: traceparent) { parent.traceContext = trace }
+        // Health probes (every few seconds from every kubelet) are not traced: their span only
+        // carries the caller's context.
+        if path.hasPrefix("/grpc.health.v1.Health/") { return TalkMeshTracer.propagating.span(path, context: parent, kind: .server) }
         let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
         let span = TalkMeshTracer.shared.startSpan(name, context: parent, ofKind: .server, at: DefaultTracerClock.now,
                                                    function: #function, file: #fileID, line: #line)

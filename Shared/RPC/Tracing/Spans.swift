@@ -89,12 +89,22 @@ public final class TalkMeshTracer: Tracer, Sendable {
     }
 
     /// The tracer every TalkMesh span goes through: the one bootstrapped, else a propagating one
-    /// (tests that run servers in process bootstrap nothing).
-    public static var shared: TalkMeshTracer { (InstrumentationSystem.tracer as? TalkMeshTracer) ?? propagating }
-    private static let propagating = TalkMeshTracer(sink: nil)
+    /// (tests that run servers in process bootstrap nothing). Read on every request: a plain load,
+    /// not InstrumentationSystem's lock and a cast.
+    /// Written once, by `bootstrap`, before the process starts any thread that reads it.
+    public static var shared: TalkMeshTracer { installed }
+    nonisolated(unsafe) private static var installed = propagating
+    /// A tracer that records nothing: context only.
+    static let propagating = TalkMeshTracer(sink: nil)
 
-    /// Installs `tracer` for the process (once, at start).
+    /// A span from `context` (not the task's), as `startSpan` makes it.
+    func span(_ name: String, context: InstrumentationContext, kind: SpanKind) -> TalkMeshSpan {
+        startSpan(name, context: context, ofKind: kind, at: DefaultTracerClock.now, function: #function, file: #fileID, line: #line)
+    }
+
+    /// Installs `tracer` for the process (once, at start), also as swift-distributed-tracing's.
     public static func bootstrap(_ tracer: TalkMeshTracer) {
+        installed = tracer
         InstrumentationSystem.bootstrap(tracer)
     }
 
@@ -171,60 +181,72 @@ public final class TalkMeshTracer: Tracer, Sendable {
 }
 
 /// One span. Only a recording span (sampled, with a sink) keeps what is set on it; the others
-/// ignore every call but `context`.
+/// ignore every call but `context`, and cost one allocation.
 public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     public let context: InstrumentationContext
     public let trace: TraceContext
     public let kind: SpanKind
-    private let sink: (any SpanSink)?
-    private let lock = PThreadMutex()
-    private var name: String
-    private let start: UInt64
-    private var storedAttributes = SpanAttributes()
-    private var events: [SpanEvent] = []
-    private var links: [(traceID: String, spanID: String, attributes: SpanAttributes)] = []
-    private var status: SpanStatus?
-    private var ended = false
+    /// What a recording span keeps; nil for the others.
+    private let recorder: Recorder?
+
+    final class Recorder: @unchecked Sendable {
+        let sink: any SpanSink
+        let lock = PThreadMutex()
+        var name: String
+        let start: UInt64
+        var attributes = SpanAttributes()
+        var events: [SpanEvent] = []
+        var links: [(traceID: String, spanID: String, attributes: SpanAttributes)] = []
+        var status: SpanStatus?
+        var ended = false
+
+        init(sink: any SpanSink, name: String, start: UInt64) {
+            self.sink = sink
+            self.name = name
+            self.start = start
+        }
+    }
+
+    private let fixedName: String
 
     init(name: String, kind: SpanKind, context: InstrumentationContext, trace: TraceContext, start: UInt64, sink: (any SpanSink)?) {
-        self.name = name
+        fixedName = name
         self.kind = kind
         self.context = context
         self.trace = trace
-        self.start = start
-        self.sink = sink
+        recorder = sink.map { Recorder(sink: $0, name: name, start: start) }
     }
 
-    public var isRecording: Bool { sink != nil && !lock.withLock { ended } }
+    public var isRecording: Bool { recorder.map { recorder in !recorder.lock.withLock { recorder.ended } } ?? false }
 
     public var operationName: String {
-        get { lock.withLock { name } }
-        set { if sink != nil { lock.withLock { name = newValue } } }
+        get { recorder.map { recorder in recorder.lock.withLock { recorder.name } } ?? fixedName }
+        set { if let recorder { recorder.lock.withLock { recorder.name = newValue } } }
     }
 
     public var attributes: SpanAttributes {
-        get { lock.withLock { storedAttributes } }
-        set { if sink != nil { lock.withLock { storedAttributes = newValue } } }
+        get { recorder.map { recorder in recorder.lock.withLock { recorder.attributes } } ?? [:] }
+        set { if let recorder { recorder.lock.withLock { recorder.attributes = newValue } } }
     }
 
     /// Sets one attribute (cheaper than reading and writing `attributes`).
     public func set(_ key: String, _ value: any SpanAttributeConvertible) {
-        guard sink != nil else { return }
-        lock.withLock { storedAttributes[key] = value }
+        guard let recorder else { return }
+        recorder.lock.withLock { recorder.attributes[key] = value }
     }
 
     public func setStatus(_ status: SpanStatus) {
-        guard sink != nil else { return }
-        lock.withLock { self.status = status }
+        guard let recorder else { return }
+        recorder.lock.withLock { recorder.status = status }
     }
 
     public func addEvent(_ event: SpanEvent) {
-        guard sink != nil else { return }
-        lock.withLock { events.append(event) }
+        guard let recorder else { return }
+        recorder.lock.withLock { recorder.events.append(event) }
     }
 
     public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
-        guard sink != nil else { return }
+        guard recorder != nil else { return }
         var details = attributes
         details["exception.type"] = String(describing: type(of: error))
         details["exception.message"] = String(describing: error)
@@ -232,14 +254,14 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     }
 
     public func addLink(_ link: SpanLink) {
-        guard sink != nil, let linked = link.context.traceContext else { return }
-        lock.withLock { links.append((linked.traceID, linked.spanID, link.attributes)) }
+        guard let recorder, let linked = link.context.traceContext else { return }
+        recorder.lock.withLock { recorder.links.append((linked.traceID, linked.spanID, link.attributes)) }
     }
 
     /// Links the span to another one (a job's original trace, after a restart).
     public func addLink(_ linked: TraceContext, attributes: SpanAttributes = [:]) {
-        guard sink != nil else { return }
-        lock.withLock { links.append((linked.traceID, linked.spanID, attributes)) }
+        guard let recorder else { return }
+        recorder.lock.withLock { recorder.links.append((linked.traceID, linked.spanID, attributes)) }
     }
 
     /// Ends the span as failed with `message`.
@@ -249,14 +271,14 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     }
 
     public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
-        guard let sink else { return }
-        let finished: FinishedSpan? = lock.withLock {
-            guard !ended else { return nil }
-            ended = true
-            return FinishedSpan(traceID: trace.traceID, spanID: trace.spanID, parentSpanID: trace.parentSpanID, name: name, kind: kind,
-                                startNanoseconds: start, endNanoseconds: instant().nanosecondsSinceEpoch, attributes: storedAttributes,
-                                events: events, links: links, status: status)
+        guard let recorder else { return }
+        let finished: FinishedSpan? = recorder.lock.withLock {
+            guard !recorder.ended else { return nil }
+            recorder.ended = true
+            return FinishedSpan(traceID: trace.traceID, spanID: trace.spanID, parentSpanID: trace.parentSpanID, name: recorder.name, kind: kind,
+                                startNanoseconds: recorder.start, endNanoseconds: instant().nanosecondsSinceEpoch,
+                                attributes: recorder.attributes, events: recorder.events, links: recorder.links, status: recorder.status)
         }
-        if let finished { sink.enqueue(finished) }
+        if let finished { recorder.sink.enqueue(finished) }
     }
 }

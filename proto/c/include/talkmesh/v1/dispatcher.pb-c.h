@@ -374,10 +374,14 @@ struct  Talkmesh__V1__GetJobRequest
 {
   ProtobufCMessage base;
   char *id;
+  /*
+   * the job's timeline too (every other answer leaves it out)
+   */
+  protobuf_c_boolean include_timeline;
 };
 #define TALKMESH__V1__GET_JOB_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__get_job_request__descriptor) \
-    , (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Talkmesh__V1__ListJobsRequest

@@ -2070,7 +2070,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__create_job_response__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__create_job_response__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__get_job_request__field_descriptors[1] =
+static const ProtobufCFieldDescriptor talkmesh__v1__get_job_request__field_descriptors[2] =
 {
   {
     "id",
@@ -2084,14 +2084,27 @@ static const ProtobufCFieldDescriptor talkmesh__v1__get_job_request__field_descr
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "include_timeline",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__GetJobRequest, include_timeline),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__get_job_request__field_indices_by_name[] = {
   0,   /* field[0] = id */
+  1,   /* field[1] = include_timeline */
 };
 static const ProtobufCIntRange talkmesh__v1__get_job_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 2 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__get_job_request__descriptor =
 {
@@ -2101,7 +2114,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__get_job_request__descriptor =
   "Talkmesh__V1__GetJobRequest",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__GetJobRequest),
-  1,
+  2,
   talkmesh__v1__get_job_request__field_descriptors,
   talkmesh__v1__get_job_request__field_indices_by_name,
   1,  talkmesh__v1__get_job_request__number_ranges,
