@@ -190,6 +190,7 @@ enum OTLPEncoding {
     static func encode(_ span: FinishedSpan, into writer: inout ProtoWriter) {
         writer.bytes(1, Hex.bytes(span.traceID) ?? [])
         writer.bytes(2, Hex.bytes(span.spanID) ?? [])
+        if let state = span.traceState { writer.string(3, state) }
         if let parent = span.parentSpanID { writer.bytes(4, Hex.bytes(parent) ?? []) }
         writer.string(5, span.name)
         writer.varint(6, kind(span.kind))

@@ -104,11 +104,12 @@ def start(world, emulator_args=()):
     return mesh, gateway
 
 
-def create(world, gateway, traceparent, **fields):
+def create(world, gateway, traceparent, tracestate=None, **fields):
     form = {"image": "@" + world["inputs"]["dir"] + "/face.png", "audio": "@" + world["inputs"]["dir"] + "/short.wav",
             "width": "128", "height": "128", "chunk_target_sec": "8"}
     form.update(fields)
-    return gateway.json("POST", "/v1/jobs", key=world["key"], form=form, headers=[f"traceparent: {traceparent}"])
+    headers = [f"traceparent: {traceparent}"] + ([f"tracestate: {tracestate}"] if tracestate else [])
+    return gateway.json("POST", "/v1/jobs", key=world["key"], form=form, headers=headers)
 
 
 def check_connected(spans, root_parent):
@@ -121,7 +122,7 @@ def check_connected(spans, root_parent):
 def test_one_job_is_one_trace_from_the_gateway_to_every_chunk_and_the_stitch(world):
     mesh, gateway = start(world)
     trace_id, caller = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    status, headers, created = create(world, gateway, f"00-{trace_id}-{caller}-01")
+    status, headers, created = create(world, gateway, f"00-{trace_id}-{caller}-01", tracestate="vendor=abc,other=1")
     assert status == 202, created
     assert headers["traceparent"].split("-")[1] == trace_id, "the Gateway answers the request's own span in the caller's trace"
     job = mesh.wait(created["id"])
@@ -177,6 +178,8 @@ def test_one_job_is_one_trace_from_the_gateway_to_every_chunk_and_the_stitch(wor
     assert len(runs) == chunks and {span.parent_span_id for span in runs} == {span.span_id for span in attempts}
     assert all(attributes(span)["http.response.status_code"] == 200 for span in runs)
     assert by_name.get("jobstore.update"), "store writes are spans too"
+    # The caller's tracestate travels with the trace, through every service and the job's workflow.
+    assert {span.trace_state for _, span in spans} == {"vendor=abc,other=1"}
     for _, span in spans:
         assert span.end_time_unix_nano >= span.start_time_unix_nano > 0
 

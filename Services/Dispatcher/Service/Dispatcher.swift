@@ -131,7 +131,7 @@ public actor Dispatcher {
     // MARK: API
 
     /// Stores a new job (or finds the one with the same idempotency key) and starts it.
-    public func create(_ request: CreateJobRequest, traceparent: String, requestID: String? = nil) async throws -> Job {
+    public func create(_ request: CreateJobRequest, traceparent: String, tracestate: String? = nil, requestID: String? = nil) async throws -> Job {
         try Self.validate(request)
         let webhookURL = request.options?.webhookUrl ?? ""
         if !webhookURL.isEmpty {
@@ -158,6 +158,7 @@ public actor Dispatcher {
         job.createdAtUnixMs = now
         job.deadlineUnixMs = now + context.configuration.jobTimeoutMs
         job.traceparent = traceparent
+        job.tracestate = tracestate ?? ""
         if !webhookURL.isEmpty {
             var webhook = JobWebhook()
             webhook.url = webhookURL
@@ -323,7 +324,8 @@ public struct DispatcherHandlers: Sendable {
             var response = CreateJobResponse()
             let trace = context.trace ?? TraceContext.root()
             // The Gateway's request id comes along as metadata (its client interceptor adds it).
-            response.job = try await dispatcher.create(request, traceparent: trace.traceparent, requestID: context.metadata.first("x-request-id")).redacted
+            response.job = try await dispatcher.create(request, traceparent: trace.traceparent, tracestate: trace.traceState,
+                                                       requestID: context.metadata.first("x-request-id")).redacted
             return response
         }
         // Every job leaves with its secrets removed (the webhook key, the RunPod webhook path's secret).

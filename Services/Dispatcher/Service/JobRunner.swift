@@ -44,7 +44,8 @@ public actor JobRunner {
     /// restart or a hand-over gets a `job.resume` span, a child of that call's span (long ended,
     /// in another process) and linked to it.
     func start(resumed: Bool = false, onEnd: @escaping @Sendable (String) async -> Void) {
-        let trace = TraceContext.parse(traceparent: record.job.traceparent)
+        var trace = TraceContext.parse(traceparent: record.job.traceparent)
+        trace?.traceState = TraceContext.validTraceState(record.job.tracestate)
         let id = record.id
         workflow = Task {
             try? await TalkMeshTracer.shared.withSpan(resumed ? "job.resume" : "job.workflow", parent: trace) { span in

@@ -174,6 +174,7 @@ public struct Job: Hashable, Sendable {
     public var webhook: JobWebhook? = nil
     public var runpodWebhookSecret: String = ""
     public var timeline: [TimelineEvent] = []
+    public var tracestate: String = ""
     public init() {}
 }
 
@@ -501,6 +502,7 @@ extension Job: ProtoMessage {
         webhook = c.webhook.map { JobWebhook(c: $0.pointee) }
         runpodWebhookSecret = ProtoC.string(c.runpod_webhook_secret)
         timeline = (0..<c.n_timeline).map { TimelineEvent(c: c.timeline[$0]!.pointee) }
+        tracestate = ProtoC.string(c.tracestate)
     }
     public func toC(_ arena: ProtoArena) -> Talkmesh__V1__Job {
         var c = Talkmesh__V1__Job()
@@ -538,6 +540,7 @@ extension Job: ProtoMessage {
         c.runpod_webhook_secret = arena.string(runpodWebhookSecret)
         c.n_timeline = timeline.count
         c.timeline = arena.pointers(timeline.map { arena.object($0.toC(arena)) })
+        c.tracestate = arena.string(tracestate)
         return c
     }
     public static func cUnpack(_ data: UnsafePointer<UInt8>?, _ count: Int) -> UnsafeMutablePointer<Talkmesh__V1__Job>? {

@@ -122,6 +122,7 @@ public final class RPCClient: @unchecked Sendable {
 
     /// One unary call with its retries, as it leaves (after the interceptors).
     private func sendUnary(path: String, frame: [UInt8], options: CallOptions) async throws -> ClientResponse<[UInt8]> {
+        let options = Self.passingTraceState(options)
         let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
         return try await withClientSpan(path) { traceparent in
             try await withRetries(options: options, deadline: deadline) {
@@ -164,6 +165,7 @@ public final class RPCClient: @unchecked Sendable {
 
     /// Opens one server-streaming call with its retries, as it leaves (after the interceptors).
     private func openStream<Response>(path: String, frame: [UInt8], options: CallOptions) async throws -> ResponseStream<Response> {
+        let options = Self.passingTraceState(options)
         let deadline = options.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0) }
         // The client span covers opening the stream (until the server's headers), not its life.
         return try await withClientSpan(path) { traceparent in
@@ -198,6 +200,14 @@ public final class RPCClient: @unchecked Sendable {
     }
 
     // MARK: Shared
+
+    /// The options with the current trace's `tracestate` in the metadata (unless already there).
+    static func passingTraceState(_ options: CallOptions) -> CallOptions {
+        guard let state = TraceContext.current?.traceState, options.metadata.first("tracestate") == nil else { return options }
+        var options = options
+        options.metadata.add("tracestate", .string(state))
+        return options
+    }
 
     /// Runs `body` in the call's client span (one per call, around its attempts), giving it the
     /// `traceparent` to send: the server's span is the client span's child.

@@ -164,7 +164,9 @@ public struct HTTPRouter: Sendable {
         guard !Self.untraced.contains(pattern) else {
             do { return (try await handler(request), pattern) } catch { return (response(for: error), pattern) }
         }
-        let span = RPCSpans.http(method: request.method, route: pattern, traceparent: request.header("traceparent"), peer: "")
+        let traceparent = request.header("traceparent")
+        let span = RPCSpans.http(method: request.method, route: pattern, traceparent: traceparent,
+                                 tracestate: traceparent == nil ? nil : request.header("tracestate"), peer: "")
         var answer: HTTPResponse
         do {
             let traced = request, run = handler

@@ -6,9 +6,8 @@ import Tracing
 /// conventions for RPC and HTTP.
 public enum RPCSpans {
     /// A gRPC call's server span: `package.Service/Method`, a child of the caller's `traceparent`.
-    static func server(path: String, traceparent: String?, peer: String) -> TalkMeshSpan {
-        var parent = InstrumentationContext.topLevel
-        if let traceparent, let trace = TraceContext.parse(traceparent: traceparent) { parent.traceContext = trace }
+    static func server(path: String, traceparent: String?, tracestate: String? = nil, peer: String) -> TalkMeshSpan {
+        let parent = incoming(traceparent: traceparent, tracestate: tracestate)
         // Health probes (every few seconds from every kubelet) are not traced: their span only
         // carries the caller's context.
         if path.hasPrefix("/grpc.health.v1.Health/") { return TalkMeshTracer.propagating.span(path, context: parent, kind: .server) }
@@ -17,6 +16,16 @@ public enum RPCSpans {
                                                    function: #function, file: #fileID, line: #line)
         if span.isRecording { describe(span, rpc: name, peer: peer) }
         return span
+    }
+
+    /// The caller's context: its `traceparent` (and `tracestate`, kept when valid), or none.
+    private static func incoming(traceparent: String?, tracestate: String?) -> InstrumentationContext {
+        var parent = InstrumentationContext.topLevel
+        if let traceparent, var trace = TraceContext.parse(traceparent: traceparent) {
+            trace.traceState = TraceContext.validTraceState(tracestate)
+            parent.traceContext = trace
+        }
+        return parent
     }
 
     /// A gRPC call's client span (one per call, around its attempts), a child of the current span.
@@ -47,9 +56,8 @@ public enum RPCSpans {
     }
 
     /// An HTTP request's server span: `METHOD route`, a child of the request's `traceparent`.
-    public static func http(method: String, route: String, traceparent: String?, peer: String) -> TalkMeshSpan {
-        var parent = InstrumentationContext.topLevel
-        if let traceparent, let trace = TraceContext.parse(traceparent: traceparent) { parent.traceContext = trace }
+    public static func http(method: String, route: String, traceparent: String?, tracestate: String? = nil, peer: String) -> TalkMeshSpan {
+        let parent = incoming(traceparent: traceparent, tracestate: tracestate)
         let span = TalkMeshTracer.shared.startSpan("\(method) \(route)", context: parent, ofKind: .server, at: DefaultTracerClock.now,
                                                    function: #function, file: #fileID, line: #line)
         if span.isRecording {

@@ -35,6 +35,7 @@ public struct FinishedSpan: Sendable {
     public var traceID: String
     public var spanID: String
     public var parentSpanID: String?
+    public var traceState: String?
     public var name: String
     public var kind: SpanKind
     public var startNanoseconds: UInt64
@@ -275,7 +276,8 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
         let finished: FinishedSpan? = recorder.lock.withLock {
             guard !recorder.ended else { return nil }
             recorder.ended = true
-            return FinishedSpan(traceID: trace.traceID, spanID: trace.spanID, parentSpanID: trace.parentSpanID, name: recorder.name, kind: kind,
+            return FinishedSpan(traceID: trace.traceID, spanID: trace.spanID, parentSpanID: trace.parentSpanID, traceState: trace.traceState,
+                                name: recorder.name, kind: kind,
                                 startNanoseconds: recorder.start, endNanoseconds: instant().nanosecondsSinceEpoch,
                                 attributes: recorder.attributes, events: recorder.events, links: recorder.links, status: recorder.status)
         }

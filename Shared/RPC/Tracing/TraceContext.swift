@@ -13,6 +13,8 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
     public var parentSpanID: String?
     /// `01` when sampled.
     public var flags: UInt8
+    /// The W3C `tracestate` that came with the trace (vendors' entries), passed on unchanged.
+    public var traceState: String? = nil
 
     /// Whether the trace is sampled (W3C flag 01): its spans are recorded and exported.
     public var sampled: Bool { flags & 1 == 1 }
@@ -24,7 +26,14 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
 
     /// A child span of this one: same trace, new span id.
     public func child() -> TraceContext {
-        TraceContext(traceID: traceID, spanID: Self.randomHex(bytes: 8), parentSpanID: spanID, flags: flags)
+        TraceContext(traceID: traceID, spanID: Self.randomHex(bytes: 8), parentSpanID: spanID, flags: flags, traceState: traceState)
+    }
+
+    /// A `tracestate` header worth passing on: at most 512 visible ASCII characters (W3C's limit);
+    /// nil for anything else.
+    public static func validTraceState(_ header: String?) -> String? {
+        guard let header, (1...512).contains(header.utf8.count), header.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) else { return nil }
+        return header
     }
 
     /// Parses a `traceparent` header (version 00; unknown future versions are read the same way);

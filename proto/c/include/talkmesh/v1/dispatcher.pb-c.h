@@ -305,10 +305,14 @@ struct  Talkmesh__V1__Job
    */
   size_t n_timeline;
   Talkmesh__V1__TimelineEvent **timeline;
+  /*
+   * the W3C tracestate that came with the CreateJob call, passed on with its trace
+   */
+  char *tracestate;
 };
 #define TALKMESH__V1__JOB__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&talkmesh__v1__job__descriptor) \
-    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, NULL, (char *)protobuf_c_empty_string, 0,NULL }
+    , (char *)protobuf_c_empty_string, TALKMESH__V1__JOB_STATUS__JOB_STATUS_UNSPECIFIED, 0, 0,NULL, NULL, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string, 0, NULL, TALKMESH__V1__JOB_STAGE__STAGE_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, NULL, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string }
 
 
 /*

@@ -1346,7 +1346,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job_chunk__descriptor =
   (ProtobufCMessageInit) talkmesh__v1__job_chunk__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[31] =
+static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[32] =
 {
   {
     "id",
@@ -1720,6 +1720,18 @@ static const ProtobufCFieldDescriptor talkmesh__v1__job__field_descriptors[31] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "tracestate",
+    32,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Talkmesh__V1__Job, tracestate),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   21,   /* field[21] = audio_duration_sec */
@@ -1748,6 +1760,7 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
   1,   /* field[1] = status */
   30,   /* field[30] = timeline */
   24,   /* field[24] = traceparent */
+  31,   /* field[31] = tracestate */
   6,   /* field[6] = updated_at_unix_ms */
   23,   /* field[23] = version */
   8,   /* field[8] = video_key */
@@ -1757,7 +1770,7 @@ static const unsigned talkmesh__v1__job__field_indices_by_name[] = {
 static const ProtobufCIntRange talkmesh__v1__job__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 31 }
+  { 0, 32 }
 };
 const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
 {
@@ -1767,7 +1780,7 @@ const ProtobufCMessageDescriptor talkmesh__v1__job__descriptor =
   "Talkmesh__V1__Job",
   "talkmesh.v1",
   sizeof(Talkmesh__V1__Job),
-  31,
+  32,
   talkmesh__v1__job__field_descriptors,
   talkmesh__v1__job__field_indices_by_name,
   1,  talkmesh__v1__job__number_ranges,
