@@ -20,15 +20,16 @@ public struct AudioHandlers: Sendable {
         let operations = self.operations
         let splitter = self.splitter
         let pool = self.pool
-        // The split is a span with the input's size and the chunks' total (read only when traced).
+        // The split is a span and a metric with the input's size and the chunks' total, read by
+        // the split's own pool job.
         let store = splitter.store
-        let size: @Sendable ([String]) async -> Int? = { keys in
-            try? await pool.run { _ in try keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
-        }
+        let size: @Sendable ([String]) -> Int? = { keys in try? keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
         registry.register(AudioService.splitAudio) { request, _ in
-            try await WorkSpans.run("libav.split_audio", attributes: ["talkmesh.input_key": request.audioKey], metrics: operations,
-                                    sizes: { (await size([request.audioKey]), await size($0.chunks.map(\.key))) }) {
-                try await pool.run { flag in try splitter.split(request, flag: flag) }
+            try await WorkSpans.run("libav.split_audio", attributes: ["talkmesh.input_key": request.audioKey], metrics: operations) {
+                try await pool.run { flag in
+                    let response = try splitter.split(request, flag: flag)
+                    return (response, size([request.audioKey]), size(response.chunks.map(\.key)))
+                }
             }
         }
         registry.register(AudioService.probeAudio) { request, _ in

@@ -23,26 +23,32 @@ public struct MediaHandlers: Sendable {
     public func register(into registry: inout RPCServiceRegistry) {
         let operations = self.operations
         let resizer = self.resizer, stitcher = self.stitcher, store = self.store, pool = self.pool
-        // Each libav operation is a span with its input and output sizes (read only when traced).
-        let size: @Sendable ([String]) async -> Int? = { keys in
-            try? await pool.run { _ in try keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
-        }
+        // Each libav operation is a span and a metric with its input and output sizes, read from
+        // the store by the operation's own pool job (no second job, no wait behind other work).
+        let size: @Sendable ([String]) -> Int? = { keys in try? keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
         registry.register(MediaService.resizeImage) { request, _ in
-            try await WorkSpans.run("libav.resize_image", attributes: ["talkmesh.input_key": request.imageKey], metrics: operations,
-                                    sizes: { (await size([request.imageKey]), await size([$0.imageKey])) }) {
-                try await pool.run { flag in try resizer.resize(request, flag: flag) }
+            try await WorkSpans.run("libav.resize_image", attributes: ["talkmesh.input_key": request.imageKey], metrics: operations) {
+                try await pool.run { flag in
+                    let response = try resizer.resize(request, flag: flag)
+                    return (response, size([request.imageKey]), size([response.imageKey]))
+                }
             }
         }
         registry.register(MediaService.stitchVideos) { request, _ in
-            try await WorkSpans.run("libav.stitch_videos", attributes: ["talkmesh.parts": "\(request.videoKeys.count)"], metrics: operations,
-                                    sizes: { (await size(request.videoKeys + (request.audioKey.isEmpty ? [] : [request.audioKey])), await size([$0.videoKey])) }) {
-                try await pool.run { flag in try stitcher.stitch(request, flag: flag) }
+            try await WorkSpans.run("libav.stitch_videos", attributes: ["talkmesh.parts": "\(request.videoKeys.count)"], metrics: operations) {
+                try await pool.run { flag in
+                    let response = try stitcher.stitch(request, flag: flag)
+                    return (response, size(request.videoKeys + (request.audioKey.isEmpty ? [] : [request.audioKey])), size([response.videoKey]))
+                }
             }
         }
         let audioEncoder = AudioEncoder(store: store)
         registry.register(MediaService.encodeAudio) { request, _ in
-            try await WorkSpans.run("libav.encode_audio", metrics: operations, sizes: { (await size([request.audioKey]), await size([$0.audioKey])) }) {
-                try await pool.run { flag in try audioEncoder.encode(request, flag: flag) }
+            try await WorkSpans.run("libav.encode_audio", metrics: operations) {
+                try await pool.run { flag in
+                    let response = try audioEncoder.encode(request, flag: flag)
+                    return (response, size([request.audioKey]), size([response.audioKey]))
+                }
             }
         }
         registry.register(MediaService.probeMedia) { request, _ in

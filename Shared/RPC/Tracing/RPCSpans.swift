@@ -102,34 +102,31 @@ public final class OperationMetrics: Sendable {
 
 /// Spans of the work a handler does in process (a libav operation), with its metrics.
 public enum WorkSpans {
-    /// Runs `body` in an internal span `name` and records its duration in `metrics`; `sizes` (on
-    /// `body`'s result) gives the input and output sizes in bytes for the span and the metrics.
+    /// Runs `body` in an internal span `name` and records its duration in `metrics`; `body` returns
+    /// its result with the input and output sizes in bytes (nil when unknown), which go to the
+    /// span's attributes and the metrics.
     public static func run<T: Sendable>(_ name: String, attributes: [String: String] = [:], metrics: OperationMetrics? = nil,
-                                        sizes: (@Sendable (T) async -> (input: Int?, output: Int?))? = nil,
-                                        _ body: () async throws -> T) async throws -> T {
+                                        _ body: () async throws -> (result: T, input: Int?, output: Int?)) async throws -> T {
         try await TalkMeshTracer.shared.withSpan(name) { span in
             for (key, value) in attributes { span.set(key, value) }
             let started = MonotonicClock.nanoseconds()
-            let result: T
+            let done: (result: T, input: Int?, output: Int?)
             do {
-                result = try await body()
+                done = try await body()
             } catch {
                 metrics?.durations.observe([name, "error"], Double(MonotonicClock.nanoseconds() - started) / 1e9)
                 throw error
             }
             metrics?.durations.observe([name, "ok"], Double(MonotonicClock.nanoseconds() - started) / 1e9)
-            if span.isRecording || metrics != nil, let sizes {
-                let (input, output) = await sizes(result)
-                if let input {
-                    span.set("talkmesh.input_bytes", Int64(input))
-                    metrics?.inputs.observe([name], Double(input))
-                }
-                if let output {
-                    span.set("talkmesh.output_bytes", Int64(output))
-                    metrics?.outputs.observe([name], Double(output))
-                }
+            if let input = done.input {
+                span.set("talkmesh.input_bytes", Int64(input))
+                metrics?.inputs.observe([name], Double(input))
             }
-            return result
+            if let output = done.output {
+                span.set("talkmesh.output_bytes", Int64(output))
+                metrics?.outputs.observe([name], Double(output))
+            }
+            return done.result
         }
     }
 }
