@@ -214,7 +214,7 @@ public final class RPCClient: @unchecked Sendable {
     private func withClientSpan<T>(_ path: String, _ body: (String) async throws -> T) async throws -> T {
         let span = RPCSpans.client(path: path, target: configuration.target)
         do {
-            let result = try await body(span.trace.traceparent)
+            let result = try await body((span?.trace ?? TraceContext.current?.child() ?? TraceContext.root()).traceparent)
             RPCSpans.end(span, code: nil)
             return result
         } catch {

@@ -18,6 +18,8 @@ public struct HTTPRouter: Sendable {
         /// The handler starts once the head arrived and reads the body as it comes (`bodyStream`).
         let streamsBody: Bool
         let handler: Handler
+        /// Probes and scrapes (`/healthz`, `/readyz`, `/metrics`, `/health`) get no span.
+        let traced: Bool
     }
 
     private var routes: [Route] = []
@@ -56,7 +58,7 @@ public struct HTTPRouter: Sendable {
         let names = parts.map { $0.first == "{" && $0.last == "}" ? String($0.dropFirst().dropLast()) : nil }
         return Route(method: method.uppercased(), pattern: pattern,
                      segments: zip(parts, names).map { $1 == nil ? Array($0.utf8) : nil }, parameterNames: names,
-                     maxBodyBytes: maxBodyBytes, streamsBody: streamsBody, handler: handler)
+                     maxBodyBytes: maxBodyBytes, streamsBody: streamsBody, handler: handler, traced: !untraced.contains(pattern))
     }
 
     /// Adds a route whose handler starts as soon as the request's head arrived and reads the body
@@ -144,10 +146,12 @@ public struct HTTPRouter: Sendable {
         var request = request
         let pattern: String
         var handler: Handler
+        var traced = true
         if case .found(let route, let parameters) = match {
             request.pathParameters = parameters
             pattern = route.pattern
             handler = route.handler
+            traced = route.traced
         } else {
             let unmatched = unmatchedResponse(match)
             pattern = "other"
@@ -157,20 +161,20 @@ public struct HTTPRouter: Sendable {
             let next = handler
             handler = { request in try await interceptor(request, pattern, next) }
         }
-        RequestMetrics.httpInFlight.add(1, ordering: .relaxed)
-        defer { RequestMetrics.httpInFlight.subtract(1, ordering: .relaxed) }
-        // Probes and scrapes are not traced; every other request gets a server span (a child of
-        // its traceparent) and answers its own traceparent, so a caller can find the trace.
-        guard !Self.untraced.contains(pattern) else {
+        // Probes and scrapes are not traced. Every other request gets a server span, a child of its
+        // traceparent, and answers its own traceparent so a caller can find the trace; while the
+        // process records no spans (no exporter), a request without a traceparent starts none:
+        // there would be nothing to find.
+        let traceparent = request.header("traceparent")
+        guard traced, traceparent != nil || TalkMeshTracer.shared.records else {
             do { return (try await handler(request), pattern) } catch { return (response(for: error), pattern) }
         }
-        let traceparent = request.header("traceparent")
         let span = RPCSpans.http(method: request.method, route: pattern, traceparent: traceparent,
                                  tracestate: traceparent == nil ? nil : request.header("tracestate"), peer: "")
         var answer: HTTPResponse
         do {
             let traced = request, run = handler
-            answer = try await InstrumentationContext.$current.withValue(span.context) { try await run(traced) }
+            answer = try await TalkMeshTracer.shared.within(span) { try await run(traced) }
         } catch {
             answer = response(for: error)
         }

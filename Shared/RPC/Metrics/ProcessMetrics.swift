@@ -32,8 +32,8 @@ enum ProcessMetrics {
         out += "# TYPE talkmesh_server_sent_bytes_total counter\ntalkmesh_server_sent_bytes_total \(sent)\n"
         out += "# HELP talkmesh_server_requests_in_flight Requests being handled now, by protocol.\n"
         out += "# TYPE talkmesh_server_requests_in_flight gauge\n"
-        out += "talkmesh_server_requests_in_flight{protocol=\"grpc\"} \(RequestMetrics.grpcInFlight.load(ordering: .relaxed))\n"
-        out += "talkmesh_server_requests_in_flight{protocol=\"http\"} \(RequestMetrics.httpInFlight.load(ordering: .relaxed))\n"
+        out += "talkmesh_server_requests_in_flight{protocol=\"grpc\"} \(loops.reduce(0) { $0 + $1.grpcInFlight.load(ordering: .relaxed) })\n"
+        out += "talkmesh_server_requests_in_flight{protocol=\"http\"} \(loops.reduce(0) { $0 + $1.httpInFlight.load(ordering: .relaxed) })\n"
         out += "# HELP talkmesh_event_loop_lag_seconds How late the loop's last one-second housekeeping tick ran: the time a ready event waits.\n"
         out += "# TYPE talkmesh_event_loop_lag_seconds gauge\n"
         for loop in loops { out += "talkmesh_event_loop_lag_seconds{loop=\"\(loop.index)\"} \(Double(loop.lagNanoseconds.load(ordering: .relaxed)) / 1e9)\n" }

@@ -1,4 +1,3 @@
-import Synchronization
 import TalkMeshBase
 
 /// Request counts and latency histograms by protocol, method and status, in Prometheus text format.
@@ -36,10 +35,6 @@ public final class RequestMetrics: @unchecked Sendable {
             grpcBuckets = Array(repeating: 0, count: methods * RequestMetrics.codes * RequestMetrics.buckets.count)
         }
     }
-
-    /// Calls and HTTP requests in their handlers now, in this process.
-    static let grpcInFlight = Atomic<Int>(0)
-    static let httpInFlight = Atomic<Int>(0)
 
     /// gRPC status codes 0…16.
     static let codes = 17

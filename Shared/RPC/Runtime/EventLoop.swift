@@ -58,6 +58,10 @@ public final class EventLoop: @unchecked Sendable {
     /// Bytes this loop's server connections read (consumed) and queued for writing, for /metrics.
     let bytesReceived = Atomic<UInt64>(0)
     let bytesSent = Atomic<UInt64>(0)
+    /// Calls and HTTP requests this loop's connections have in their handlers now (a handler may
+    /// finish on another thread: atomic, but each loop's own line, not one shared by all).
+    let grpcInFlight = Atomic<Int>(0)
+    let httpInFlight = Atomic<Int>(0)
 
     func startHousekeeping(every period: Int64) {
         var due = MonotonicClock.nanoseconds() + period

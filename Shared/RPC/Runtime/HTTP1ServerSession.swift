@@ -229,8 +229,10 @@ final class HTTP1ServerSession {
         let loop = connection.loop
         let connectionID = connection.id
         let request = pending.request
+        loop.httpInFlight.add(1, ordering: .relaxed)
         _ = Task.immediate {
             let (response, route) = await router.respond(to: request)
+            loop.httpInFlight.subtract(1, ordering: .relaxed)
             loop.execute {
                 loop.http1Session(connectionID)?.complete(response, route: route, pending: pending)
             }
@@ -246,8 +248,10 @@ final class HTTP1ServerSession {
         let loop = connection.loop
         let connectionID = connection.id
         let request = pending.request
+        loop.httpInFlight.add(1, ordering: .relaxed)
         Task {
             let (response, route) = await router.respond(to: request)
+            loop.httpInFlight.subtract(1, ordering: .relaxed)
             loop.execute {
                 loop.http1Session(connectionID)?.complete(response, route: route, pending: pending)
             }

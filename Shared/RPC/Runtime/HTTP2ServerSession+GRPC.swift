@@ -27,7 +27,7 @@ extension HTTP2ServerSession {
         // The server span: a child of the caller's (its traceparent), or the root of a new trace.
         let span = RPCSpans.server(path: stream.path, traceparent: stream.traceparent,
                                    tracestate: stream.traceparent == nil ? nil : stream.metadata.first("tracestate"), peer: connection.peer)
-        context.trace = span.trace
+        context.trace = span?.trace
         let loop = connection.loop
         let connectionID = connection.id
         let streamID = stream.id
@@ -35,12 +35,12 @@ extension HTTP2ServerSession {
         let run = method.run
         // Runs inline on the loop thread until the handler first suspends: a handler that does
         // not suspend (health, echo) completes without a thread hop.
-        RequestMetrics.grpcInFlight.add(1, ordering: .relaxed)
+        loop.grpcInFlight.add(1, ordering: .relaxed)
         stream.task = Task.immediate {
-            defer { RequestMetrics.grpcInFlight.subtract(1, ordering: .relaxed) }
+            defer { loop.grpcInFlight.subtract(1, ordering: .relaxed) }
             let result: Result<[UInt8]?, RPCError>
             do {
-                result = .success(try await InstrumentationContext.$current.withValue(span.context) { try await run(request, context, writer) })
+                result = .success(try await TalkMeshTracer.shared.within(span) { try await run(request, context, writer) })
             } catch {
                 result = .failure(RPCError(from: error))
             }

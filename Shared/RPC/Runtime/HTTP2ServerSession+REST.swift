@@ -15,8 +15,10 @@ extension HTTP2ServerSession {
         let loop = connection.loop
         let connectionID = connection.id
         let streamID = stream.id
+        loop.httpInFlight.add(1, ordering: .relaxed)
         stream.task = Task.immediate {
             let (response, route) = await router.respond(to: request)
+            loop.httpInFlight.subtract(1, ordering: .relaxed)
             loop.execute {
                 loop.http2Session(connectionID)?.completeREST(streamID, response, route: route)
             }

@@ -6,33 +6,34 @@ import Tracing
 /// conventions for RPC and HTTP.
 public enum RPCSpans {
     /// A gRPC call's server span: `package.Service/Method`, a child of the caller's `traceparent`.
-    static func server(path: String, traceparent: String?, tracestate: String? = nil, peer: String) -> TalkMeshSpan {
+    /// Nil when spans are not recorded and the call brought no trace (as before tracing: nothing to
+    /// carry). Health probes (every few seconds from every kubelet) only carry the caller's context.
+    static func server(path: String, traceparent: String?, tracestate: String? = nil, peer: String) -> TalkMeshSpan? {
         let parent = incoming(traceparent: traceparent, tracestate: tracestate)
-        // Health probes (every few seconds from every kubelet) are not traced: their span only
-        // carries the caller's context.
-        if path.hasPrefix("/grpc.health.v1.Health/") { return TalkMeshTracer.propagating.span(path, context: parent, kind: .server) }
+        let tracer = TalkMeshTracer.shared
         let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
-        let span = TalkMeshTracer.shared.startSpan(name, context: parent, ofKind: .server, at: DefaultTracerClock.now,
-                                                   function: #function, file: #fileID, line: #line)
+        if !tracer.records || path.hasPrefix("/grpc.health.v1.Health/") {
+            return parent.map { TalkMeshTracer.propagating.span(name, parent: $0, kind: .server) }
+        }
+        let span = tracer.span(name, parent: parent, kind: .server)
         if span.isRecording { describe(span, rpc: name, peer: peer) }
         return span
     }
 
-    /// The caller's context: its `traceparent` (and `tracestate`, kept when valid), or none.
-    private static func incoming(traceparent: String?, tracestate: String?) -> InstrumentationContext {
-        var parent = InstrumentationContext.topLevel
-        if let traceparent, var trace = TraceContext.parse(traceparent: traceparent) {
-            trace.traceState = TraceContext.validTraceState(tracestate)
-            parent.traceContext = trace
-        }
-        return parent
+    /// The caller's trace: its `traceparent` (and `tracestate`, kept when valid), or nil.
+    private static func incoming(traceparent: String?, tracestate: String?) -> TraceContext? {
+        guard let traceparent, var trace = TraceContext.parse(traceparent: traceparent) else { return nil }
+        trace.traceState = TraceContext.validTraceState(tracestate)
+        return trace
     }
 
-    /// A gRPC call's client span (one per call, around its attempts), a child of the current span.
-    public static func client(path: String, target: String) -> TalkMeshSpan {
+    /// A gRPC call's client span (one per call, around its attempts), a child of the current span;
+    /// nil when spans are not recorded (the call then sends a child of the current trace).
+    public static func client(path: String, target: String) -> TalkMeshSpan? {
+        let tracer = TalkMeshTracer.shared
+        guard tracer.records else { return nil }
         let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
-        let span = TalkMeshTracer.shared.startSpan(name, context: InstrumentationContext.current ?? .topLevel, ofKind: .client,
-                                                   at: DefaultTracerClock.now, function: #function, file: #fileID, line: #line)
+        let span = tracer.span(name, parent: TraceContext.current, kind: .client)
         if span.isRecording { describe(span, rpc: name, peer: target) }
         return span
     }
@@ -48,8 +49,8 @@ public enum RPCSpans {
     }
 
     /// Ends an RPC span with its gRPC status (an error status for anything but OK).
-    public static func end(_ span: TalkMeshSpan, code: RPCError.Code?) {
-        guard span.isRecording else { return }
+    public static func end(_ span: TalkMeshSpan?, code: RPCError.Code?) {
+        guard let span, span.isRecording else { return }
         span.set("rpc.grpc.status_code", Int64((code ?? .ok).rawValue))
         if let code, code != .ok { span.setStatus(SpanStatus(code: .error, message: "\(code)")) }
         span.end()
@@ -57,9 +58,7 @@ public enum RPCSpans {
 
     /// An HTTP request's server span: `METHOD route`, a child of the request's `traceparent`.
     public static func http(method: String, route: String, traceparent: String?, tracestate: String? = nil, peer: String) -> TalkMeshSpan {
-        let parent = incoming(traceparent: traceparent, tracestate: tracestate)
-        let span = TalkMeshTracer.shared.startSpan("\(method) \(route)", context: parent, ofKind: .server, at: DefaultTracerClock.now,
-                                                   function: #function, file: #fileID, line: #line)
+        let span = TalkMeshTracer.shared.span("\(method) \(route)", parent: incoming(traceparent: traceparent, tracestate: tracestate), kind: .server)
         if span.isRecording {
             span.set("http.request.method", method)
             span.set("http.route", route)

@@ -19,11 +19,19 @@ extension InstrumentationContext {
 
 extension TraceContext {
     /// The trace context of the running task: the innermost span started around it.
-    public static var current: TraceContext? { InstrumentationContext.current?.traceContext }
+    public static var current: TraceContext? { InstrumentationContext.current?.traceContext ?? untraced }
+
+    /// The current trace while the process records no spans (no exporter): one plain task-local,
+    /// which costs a request far less than an `InstrumentationContext` (a dictionary and a boxed
+    /// value each time). The mode is the process's, so the two are never mixed in one task.
+    @TaskLocal static var untraced: TraceContext?
 
     /// Runs `body` with `trace` as the current trace context.
     public static func withCurrent<T>(_ trace: TraceContext?, isolation: isolated (any Actor)? = #isolation,
                                       _ body: () async throws -> T) async rethrows -> T {
+        guard TalkMeshTracer.shared.records else {
+            return try await $untraced.withValue(trace, operation: body, isolation: isolation)
+        }
         var context = InstrumentationContext.current ?? .topLevel
         context.traceContext = trace
         return try await InstrumentationContext.$current.withValue(context, operation: body, isolation: isolation)
@@ -89,6 +97,9 @@ public final class TalkMeshTracer: Tracer, Sendable {
         self.sampler = sampler
     }
 
+    /// Whether spans may be recorded (an exporter is set): else only trace context travels.
+    public var records: Bool { sink != nil }
+
     /// The tracer every TalkMesh span goes through: the one bootstrapped, else a propagating one
     /// (tests that run servers in process bootstrap nothing). Read on every request: a plain load,
     /// not InstrumentationSystem's lock and a cast.
@@ -98,10 +109,7 @@ public final class TalkMeshTracer: Tracer, Sendable {
     /// A tracer that records nothing: context only.
     static let propagating = TalkMeshTracer(sink: nil)
 
-    /// A span from `context` (not the task's), as `startSpan` makes it.
-    func span(_ name: String, context: InstrumentationContext, kind: SpanKind) -> TalkMeshSpan {
-        startSpan(name, context: context, ofKind: kind, at: DefaultTracerClock.now, function: #function, file: #fileID, line: #line)
-    }
+
 
     /// Installs `tracer` for the process (once, at start), also as swift-distributed-tracing's.
     public static func bootstrap(_ tracer: TalkMeshTracer) {
@@ -112,9 +120,16 @@ public final class TalkMeshTracer: Tracer, Sendable {
     public func startSpan<Instant: TracerInstant>(_ operationName: String, context: @autoclosure () -> InstrumentationContext,
                                                   ofKind kind: SpanKind, at instant: @autoclosure () -> Instant,
                                                   function: String, file fileID: String, line: UInt) -> TalkMeshSpan {
-        var context = context()
+        let context = context()
+        return span(operationName, parent: context.traceContext ?? TraceContext.untraced, context: context, kind: kind,
+                    start: { instant().nanosecondsSinceEpoch })
+    }
+
+    /// A span, a child of `parent` (none: the root of a new trace, sampled as the sampler says).
+    func span(_ name: @autoclosure () -> String, parent: TraceContext?, context: InstrumentationContext = .topLevel, kind: SpanKind,
+              start: () -> UInt64 = { DefaultTracerClock.now.nanosecondsSinceEpoch }) -> TalkMeshSpan {
         let trace: TraceContext
-        if let parent = context.traceContext {
+        if let parent {
             var child = parent.child()
             if !sampler.followParent { child.flags = sampler.sampleRoot(traceID: child.traceID) ? 1 : 0 }
             trace = child
@@ -123,10 +138,10 @@ public final class TalkMeshTracer: Tracer, Sendable {
             root.flags = sampler.sampleRoot(traceID: root.traceID) ? 1 : 0
             trace = root
         }
-        context.traceContext = trace
         let recording = sink != nil && trace.sampled
-        return TalkMeshSpan(name: operationName, kind: kind, context: context, trace: trace,
-                            start: recording ? instant().nanosecondsSinceEpoch : 0, sink: recording ? sink : nil)
+        // The name is built only for a span that records it.
+        return TalkMeshSpan(name: recording ? name() : "", kind: kind, parentContext: context, trace: trace, start: recording ? start() : 0,
+                            sink: recording ? sink : nil)
     }
 
     public func forceFlush() {
@@ -155,6 +170,7 @@ public final class TalkMeshTracer: Tracer, Sendable {
     /// Runs `body` with `span` as the current span (without ending it).
     public func within<T>(_ span: TalkMeshSpan?, isolation: isolated (any Actor)? = #isolation, _ body: () async throws -> T) async throws -> T {
         guard let span else { return try await body() }
+        guard records else { return try await TraceContext.$untraced.withValue(span.trace, operation: body, isolation: isolation) }
         return try await InstrumentationContext.$current.withValue(span.context, operation: body, isolation: isolation)
     }
 
@@ -177,6 +193,7 @@ public final class TalkMeshTracer: Tracer, Sendable {
                 throw error
             }
         }
+        guard records else { return try await TraceContext.$untraced.withValue(span.trace, operation: operation, isolation: isolation) }
         return try await InstrumentationContext.$current.withValue(span.context, operation: operation, isolation: isolation)
     }
 }
@@ -184,7 +201,14 @@ public final class TalkMeshTracer: Tracer, Sendable {
 /// One span. Only a recording span (sampled, with a sink) keeps what is set on it; the others
 /// ignore every call but `context`, and cost one allocation.
 public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
-    public let context: InstrumentationContext
+    /// The context the span was started in; `context` adds the span itself (built when asked, so
+    /// a span nobody hands to the Tracing API costs no dictionary).
+    private let parentContext: InstrumentationContext
+    public var context: InstrumentationContext {
+        var context = parentContext
+        context.traceContext = trace
+        return context
+    }
     public let trace: TraceContext
     public let kind: SpanKind
     /// What a recording span keeps; nil for the others.
@@ -210,10 +234,10 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
 
     private let fixedName: String
 
-    init(name: String, kind: SpanKind, context: InstrumentationContext, trace: TraceContext, start: UInt64, sink: (any SpanSink)?) {
+    init(name: String, kind: SpanKind, parentContext: InstrumentationContext, trace: TraceContext, start: UInt64, sink: (any SpanSink)?) {
         fixedName = name
         self.kind = kind
-        self.context = context
+        self.parentContext = parentContext
         self.trace = trace
         recorder = sink.map { Recorder(sink: $0, name: name, start: start) }
     }
