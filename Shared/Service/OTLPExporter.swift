@@ -44,7 +44,7 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         var resource = ProtoWriter()
         for (key, value) in [("service.name", configuration.serviceName), ("telemetry.sdk.name", "talkmesh"),
                              ("telemetry.sdk.language", "swift")] + configuration.resource {
-            resource.message(1) { OTLPEncoding.keyValue(&$0, key, .string(value)) }
+            resource.keyValue(1, key, .string(value))  // Resource.attributes = 1
         }
         resourceBytes = resource.bytes
         loop = Task.detached { [weak self] in await self?.run() }
@@ -166,53 +166,60 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
 }
 
 /// OTLP's protobuf messages, written by hand (opentelemetry-proto's field numbers): a few dozen
-/// lines instead of a generated copy of the whole schema.
+/// lines instead of a generated copy of the whole schema. Spans arrive with their attributes
+/// already encoded; each span is written into one reused scratch buffer, then framed.
 enum OTLPEncoding {
     /// `ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1, scope_spans = 2:
     /// ScopeSpans { scope = 1, spans = 2 } } }`.
     static func request(_ spans: [FinishedSpan], resource: [UInt8]) -> [UInt8] {
-        var root = ProtoWriter()
-        root.message(1) { resourceSpans in
-            resourceSpans.bytes(1, resource)
-            resourceSpans.message(2) { scopeSpans in
-                scopeSpans.message(1) { scope in
-                    scope.string(1, "talkmesh")
-                    scope.string(2, "1")
-                }
-                for span in spans { scopeSpans.message(2) { encode(span, into: &$0) } }
-            }
+        var scope = ProtoWriter(capacity: spans.count * 200 + 64)
+        scope.message(1) { scope in
+            scope.string(1, "talkmesh")
+            scope.string(2, "1")
         }
+        var scratch = ProtoWriter(capacity: 512)
+        var nested = ProtoWriter(capacity: 64)
+        for span in spans {
+            scratch.bytes.removeAll(keepingCapacity: true)
+            encode(span, into: &scratch, nested: &nested)
+            scope.bytes(2, scratch.bytes)
+        }
+        var resourceSpans = ProtoWriter(capacity: scope.bytes.count + resource.count + 16)
+        resourceSpans.bytes(1, resource)
+        resourceSpans.bytes(2, scope.bytes)
+        var root = ProtoWriter(capacity: resourceSpans.bytes.count + 8)
+        root.bytes(1, resourceSpans.bytes)
         return root.bytes
     }
 
-    /// `Span`: trace_id 1, span_id 2, parent_span_id 4, name 5, kind 6, start 7 and end 8 (fixed64),
-    /// attributes 9, events 11, links 13, status 15.
-    static func encode(_ span: FinishedSpan, into writer: inout ProtoWriter) {
-        writer.bytes(1, Hex.bytes(span.traceID) ?? [])
-        writer.bytes(2, Hex.bytes(span.spanID) ?? [])
+    /// `Span`: trace_id 1, span_id 2, trace_state 3, parent_span_id 4, name 5, kind 6, start 7 and
+    /// end 8 (fixed64), attributes 9, events 11, links 13, status 15.
+    static func encode(_ span: FinishedSpan, into writer: inout ProtoWriter, nested: inout ProtoWriter) {
+        writer.hexBytes(1, span.traceID)
+        writer.hexBytes(2, span.spanID)
         if let state = span.traceState { writer.string(3, state) }
-        if let parent = span.parentSpanID { writer.bytes(4, Hex.bytes(parent) ?? []) }
+        if let parent = span.parentSpanID { writer.hexBytes(4, parent) }
         writer.string(5, span.name)
         writer.varint(6, kind(span.kind))
         writer.fixed64(7, span.startNanoseconds)
         writer.fixed64(8, span.endNanoseconds)
-        span.attributes.forEach { key, value in writer.message(9) { keyValue(&$0, key, value) } }
+        writer.bytes.append(contentsOf: span.encodedAttributes)
         for event in span.events {
-            writer.message(11) { message in
+            writer.message(11, scratch: &nested) { message in
                 message.fixed64(1, event.nanosecondsSinceEpoch)
                 message.string(2, event.name)
-                event.attributes.forEach { key, value in message.message(3) { keyValue(&$0, key, value) } }
+                event.attributes.forEach { key, value in message.keyValue(3, key, value) }
             }
         }
         for link in span.links {
-            writer.message(13) { message in
-                message.bytes(1, Hex.bytes(link.traceID) ?? [])
-                message.bytes(2, Hex.bytes(link.spanID) ?? [])
-                link.attributes.forEach { key, value in message.message(4) { keyValue(&$0, key, value) } }
+            writer.message(13, scratch: &nested) { message in
+                message.hexBytes(1, link.traceID)
+                message.hexBytes(2, link.spanID)
+                link.attributes.forEach { key, value in message.keyValue(4, key, value) }
             }
         }
         if let status = span.status {
-            writer.message(15) { message in
+            writer.message(15, scratch: &nested) { message in
                 if let text = status.message { message.string(2, text) }
                 message.varint(3, status.code == .ok ? 1 : 2)
             }
@@ -228,60 +235,5 @@ enum OTLPEncoding {
         case .producer: return 4
         case .consumer: return 5
         }
-    }
-
-    /// `KeyValue { key = 1, value = 2: AnyValue { string 1, bool 2, int 3, double 4 } }`.
-    static func keyValue(_ writer: inout ProtoWriter, _ key: String, _ value: SpanAttribute) {
-        writer.string(1, key)
-        writer.message(2) { any in
-            switch value {
-            case .string(let text): any.string(1, text)
-            case .bool(let flag): any.varint(2, flag ? 1 : 0)
-            case .int64(let number): any.varint(3, UInt64(bitPattern: number))
-            case .int32(let number): any.varint(3, UInt64(bitPattern: Int64(number)))
-            case .double(let number): any.fixed64(4, number.bitPattern)
-            default: any.string(1, "\(value)")
-            }
-        }
-    }
-}
-
-/// Protocol-buffer wire format, just what OTLP needs: varints, fixed64, length-delimited fields.
-struct ProtoWriter {
-    var bytes: [UInt8] = []
-
-    mutating func tag(_ field: Int, _ wireType: UInt8) { rawVarint(UInt64(field) << 3 | UInt64(wireType)) }
-
-    mutating func rawVarint(_ value: UInt64) {
-        var value = value
-        while value >= 0x80 {
-            bytes.append(UInt8(value & 0x7F) | 0x80)
-            value >>= 7
-        }
-        bytes.append(UInt8(value))
-    }
-
-    mutating func varint(_ field: Int, _ value: UInt64) {
-        tag(field, 0)
-        rawVarint(value)
-    }
-
-    mutating func fixed64(_ field: Int, _ value: UInt64) {
-        tag(field, 1)
-        withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
-    }
-
-    mutating func bytes(_ field: Int, _ value: [UInt8]) {
-        tag(field, 2)
-        rawVarint(UInt64(value.count))
-        bytes.append(contentsOf: value)
-    }
-
-    mutating func string(_ field: Int, _ value: String) { bytes(field, Array(value.utf8)) }
-
-    mutating func message(_ field: Int, _ body: (inout ProtoWriter) -> Void) {
-        var nested = ProtoWriter()
-        body(&nested)
-        bytes(field, nested.bytes)
     }
 }

@@ -9,6 +9,9 @@ public struct RPCServiceRegistry: Sendable {
         let kind: MethodKind
         /// Index into the metrics tables (0 is reserved for unknown methods).
         var index = 0
+        /// The server span's constant attributes (`rpc.system`, `rpc.service`, `rpc.method`),
+        /// encoded once here rather than on every call.
+        var spanAttributes: [UInt8] = []
         /// Runs the handler; a unary call returns its framed response, a streaming one writes
         /// through the writer and returns nil.
         var run: @Sendable (RequestBody, ServerContext, RawResponseWriter) async throws -> [UInt8]?
@@ -44,6 +47,9 @@ public struct RPCServiceRegistry: Sendable {
         metricNames = ["unknown"] + sorted
         for (offset, path) in sorted.enumerated() where methods[path]!.index != offset + 1 {
             methods[path]!.index = offset + 1
+        }
+        for path in sorted where methods[path]!.spanAttributes.isEmpty {
+            methods[path]!.spanAttributes = RPCSpans.attributes(rpc: path)
         }
     }
 

@@ -8,7 +8,7 @@ public enum RPCSpans {
     /// A gRPC call's server span: `package.Service/Method`, a child of the caller's `traceparent`.
     /// Nil when spans are not recorded and the call brought no trace (as before tracing: nothing to
     /// carry). Health probes (every few seconds from every kubelet) only carry the caller's context.
-    static func server(path: String, traceparent: String?, tracestate: String? = nil, peer: String) -> TalkMeshSpan? {
+    static func server(path: String, attributes: [UInt8] = [], traceparent: String?, tracestate: String? = nil, peer: String) -> TalkMeshSpan? {
         let parent = incoming(traceparent: traceparent, tracestate: tracestate)
         let tracer = TalkMeshTracer.shared
         let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
@@ -16,8 +16,24 @@ public enum RPCSpans {
             return parent.map { TalkMeshTracer.propagating.span(name, parent: $0, kind: .server) }
         }
         let span = tracer.span(name, parent: parent, kind: .server)
-        if span.isRecording { describe(span, rpc: name, peer: peer) }
+        if span.isRecording {
+            span.setEncoded(attributes.isEmpty ? Self.attributes(rpc: path) : attributes)
+            if !peer.isEmpty { span.set("network.peer.address", peer) }
+        }
         return span
+    }
+
+    /// `rpc.system`, `rpc.service` and `rpc.method` of a method path, encoded (once per method).
+    static func attributes(rpc path: String) -> [UInt8] {
+        let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
+        let parts = name.split(separator: "/", maxSplits: 1)
+        var writer = ProtoWriter()
+        writer.keyValue(9, "rpc.system", .string("grpc"))
+        if parts.count == 2 {
+            writer.keyValue(9, "rpc.service", .string(String(parts[0])))
+            writer.keyValue(9, "rpc.method", .string(String(parts[1])))
+        }
+        return writer.bytes
     }
 
     /// The caller's trace: its `traceparent` (and `tracestate`, kept when valid), or nil.
@@ -34,18 +50,11 @@ public enum RPCSpans {
         guard tracer.records else { return nil }
         let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
         let span = tracer.span(name, parent: TraceContext.current, kind: .client)
-        if span.isRecording { describe(span, rpc: name, peer: target) }
-        return span
-    }
-
-    private static func describe(_ span: TalkMeshSpan, rpc name: String, peer: String) {
-        let parts = name.split(separator: "/", maxSplits: 1)
-        span.set("rpc.system", "grpc")
-        if parts.count == 2 {
-            span.set("rpc.service", String(parts[0]))
-            span.set("rpc.method", String(parts[1]))
+        if span.isRecording {
+            span.setEncoded(Self.attributes(rpc: path))
+            if !target.isEmpty { span.set("network.peer.address", target) }
         }
-        if !peer.isEmpty { span.set("network.peer.address", peer) }
+        return span
     }
 
     /// Ends an RPC span with its gRPC status (an error status for anything but OK).

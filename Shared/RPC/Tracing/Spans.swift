@@ -1,3 +1,4 @@
+import Synchronization
 import Instrumentation
 import TalkMeshBase
 import Tracing
@@ -48,7 +49,8 @@ public struct FinishedSpan: Sendable {
     public var kind: SpanKind
     public var startNanoseconds: UInt64
     public var endNanoseconds: UInt64
-    public var attributes: SpanAttributes
+    /// The attributes as OTLP `KeyValue`s, each framed as field 9 of `Span` (`ProtoWriter.keyValue`).
+    public var encodedAttributes: [UInt8]
     public var events: [SpanEvent]
     /// Linked spans: (trace id, span id, attributes).
     public var links: [(traceID: String, spanID: String, attributes: SpanAttributes)]
@@ -214,60 +216,71 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     /// What a recording span keeps; nil for the others.
     private let recorder: Recorder?
 
-    final class Recorder: @unchecked Sendable {
+    final class Recorder: Sendable {
+        struct State {
+            var name: String
+            /// Attributes already in OTLP's wire form: setting one is an append.
+            var attributes = ProtoWriter(capacity: 256)
+            var events: [SpanEvent] = []
+            var links: [(traceID: String, spanID: String, attributes: SpanAttributes)] = []
+            var status: SpanStatus?
+            var ended = false
+        }
+
         let sink: any SpanSink
-        let lock = PThreadMutex()
-        var name: String
         let start: UInt64
-        var attributes = SpanAttributes()
-        var events: [SpanEvent] = []
-        var links: [(traceID: String, spanID: String, attributes: SpanAttributes)] = []
-        var status: SpanStatus?
-        var ended = false
+        let state: Mutex<State>
 
         init(sink: any SpanSink, name: String, start: UInt64) {
             self.sink = sink
-            self.name = name
             self.start = start
+            state = Mutex(State(name: name))
         }
     }
 
-    private let fixedName: String
-
     init(name: String, kind: SpanKind, parentContext: InstrumentationContext, trace: TraceContext, start: UInt64, sink: (any SpanSink)?) {
-        fixedName = name
         self.kind = kind
         self.parentContext = parentContext
         self.trace = trace
         recorder = sink.map { Recorder(sink: $0, name: name, start: start) }
     }
 
-    public var isRecording: Bool { recorder.map { recorder in !recorder.lock.withLock { recorder.ended } } ?? false }
+    public var isRecording: Bool { recorder.map { recorder in !recorder.state.withLock { $0.ended } } ?? false }
 
     public var operationName: String {
-        get { recorder.map { recorder in recorder.lock.withLock { recorder.name } } ?? fixedName }
-        set { if let recorder { recorder.lock.withLock { recorder.name = newValue } } }
+        get { recorder.map { recorder in recorder.state.withLock { $0.name } } ?? "" }
+        set { recorder?.state.withLock { $0.name = newValue } }
     }
 
+    /// Write-only here: a set adds each attribute (as `set` does); reading gives nothing back,
+    /// since the span keeps them encoded.
     public var attributes: SpanAttributes {
-        get { recorder.map { recorder in recorder.lock.withLock { recorder.attributes } } ?? [:] }
-        set { if let recorder { recorder.lock.withLock { recorder.attributes = newValue } } }
+        get { [:] }
+        set { newValue.forEach { key, value in set(key, value) } }
     }
 
-    /// Sets one attribute (cheaper than reading and writing `attributes`).
-    public func set(_ key: String, _ value: any SpanAttributeConvertible) {
-        guard let recorder else { return }
-        recorder.lock.withLock { recorder.attributes[key] = value }
+    /// Sets one attribute.
+    public func set(_ key: String, _ value: SpanAttribute) {
+        recorder?.state.withLock { $0.attributes.keyValue(9, key, value) }
+    }
+
+    public func set(_ key: String, _ value: String) { set(key, .string(value)) }
+    public func set(_ key: String, _ value: Int64) { set(key, .int64(value)) }
+    public func set(_ key: String, _ value: Bool) { set(key, .bool(value)) }
+    public func set(_ key: String, _ value: Double) { set(key, .double(value)) }
+
+    /// Adds attributes already encoded (`ProtoWriter.keyValue` with field 9): constant ones,
+    /// encoded once (a method's `rpc.*`).
+    public func setEncoded(_ bytes: [UInt8]) {
+        recorder?.state.withLock { $0.attributes.bytes.append(contentsOf: bytes) }
     }
 
     public func setStatus(_ status: SpanStatus) {
-        guard let recorder else { return }
-        recorder.lock.withLock { recorder.status = status }
+        recorder?.state.withLock { $0.status = status }
     }
 
     public func addEvent(_ event: SpanEvent) {
-        guard let recorder else { return }
-        recorder.lock.withLock { recorder.events.append(event) }
+        recorder?.state.withLock { $0.events.append(event) }
     }
 
     public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
@@ -279,14 +292,13 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     }
 
     public func addLink(_ link: SpanLink) {
-        guard let recorder, let linked = link.context.traceContext else { return }
-        recorder.lock.withLock { recorder.links.append((linked.traceID, linked.spanID, link.attributes)) }
+        guard let linked = link.context.traceContext else { return }
+        recorder?.state.withLock { $0.links.append((linked.traceID, linked.spanID, link.attributes)) }
     }
 
     /// Links the span to another one (a job's original trace, after a restart).
     public func addLink(_ linked: TraceContext, attributes: SpanAttributes = [:]) {
-        guard let recorder else { return }
-        recorder.lock.withLock { recorder.links.append((linked.traceID, linked.spanID, attributes)) }
+        recorder?.state.withLock { $0.links.append((linked.traceID, linked.spanID, attributes)) }
     }
 
     /// Ends the span as failed with `message`.
@@ -297,13 +309,13 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
 
     public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
         guard let recorder else { return }
-        let finished: FinishedSpan? = recorder.lock.withLock {
-            guard !recorder.ended else { return nil }
-            recorder.ended = true
+        let trace = self.trace, kind = self.kind
+        let finished: FinishedSpan? = recorder.state.withLock { state in
+            guard !state.ended else { return nil }
+            state.ended = true
             return FinishedSpan(traceID: trace.traceID, spanID: trace.spanID, parentSpanID: trace.parentSpanID, traceState: trace.traceState,
-                                name: recorder.name, kind: kind,
-                                startNanoseconds: recorder.start, endNanoseconds: instant().nanosecondsSinceEpoch,
-                                attributes: recorder.attributes, events: recorder.events, links: recorder.links, status: recorder.status)
+                                name: state.name, kind: kind, startNanoseconds: recorder.start, endNanoseconds: instant().nanosecondsSinceEpoch,
+                                encodedAttributes: state.attributes.bytes, events: state.events, links: state.links, status: state.status)
         }
         if let finished { recorder.sink.enqueue(finished) }
     }

@@ -1,0 +1,134 @@
+import TalkMeshBase
+import Tracing
+
+/// Protocol-buffer wire format, just what OTLP needs: varints, fixed64, length-delimited fields.
+/// Spans keep their attributes already in this form (OTLP `KeyValue`s, field 9 of `Span`), so a
+/// set attribute costs an append, and export copies bytes instead of walking a dictionary.
+public struct ProtoWriter: Sendable {
+    public var bytes: [UInt8] = []
+
+    public init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+
+    public mutating func tag(_ field: Int, _ wireType: UInt8) { rawVarint(UInt64(field) << 3 | UInt64(wireType)) }
+
+    public mutating func rawVarint(_ value: UInt64) {
+        var value = value
+        while value >= 0x80 {
+            bytes.append(UInt8(value & 0x7F) | 0x80)
+            value >>= 7
+        }
+        bytes.append(UInt8(value))
+    }
+
+    public mutating func varint(_ field: Int, _ value: UInt64) {
+        tag(field, 0)
+        rawVarint(value)
+    }
+
+    public mutating func fixed64(_ field: Int, _ value: UInt64) {
+        tag(field, 1)
+        withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
+    }
+
+    public mutating func bytes(_ field: Int, _ value: some Collection<UInt8>) {
+        tag(field, 2)
+        rawVarint(UInt64(value.count))
+        bytes.append(contentsOf: value)
+    }
+
+    public mutating func string(_ field: Int, _ value: String) {
+        var value = value
+        value.withUTF8 { bytes(field, $0) }
+    }
+
+    /// Hex text (a trace or span id) as the bytes it spells, without an intermediate array.
+    public mutating func hexBytes(_ field: Int, _ hex: String) {
+        var hex = hex
+        hex.withUTF8 { digits in
+            tag(field, 2)
+            rawVarint(UInt64(digits.count / 2))
+            var index = 0
+            while index + 1 < digits.count {
+                bytes.append(Self.nibble[Int(digits[index])] << 4 | Self.nibble[Int(digits[index + 1])])
+                index += 2
+            }
+        }
+    }
+
+    /// Each ASCII byte's hex value (0 for anything that is not a hex digit).
+    private static let nibble: [UInt8] = (0..<256).map { byte in
+        switch byte {
+        case 0x30...0x39: UInt8(byte - 0x30)
+        case 0x61...0x66: UInt8(byte - 0x61 + 10)
+        case 0x41...0x46: UInt8(byte - 0x41 + 10)
+        default: 0
+        }
+    }
+
+    /// A nested message: written into `scratch` (reused, so its storage is kept between calls),
+    /// then framed here.
+    public mutating func message(_ field: Int, scratch: inout ProtoWriter, _ body: (inout ProtoWriter) -> Void) {
+        scratch.bytes.removeAll(keepingCapacity: true)
+        body(&scratch)
+        bytes(field, scratch.bytes)
+    }
+
+    /// A nested message in a writer of its own (cold paths).
+    public mutating func message(_ field: Int, _ body: (inout ProtoWriter) -> Void) {
+        var nested = ProtoWriter()
+        body(&nested)
+        bytes(field, nested.bytes)
+    }
+
+    /// `KeyValue { key = 1, value = 2: AnyValue { string 1 | bool 2 | int 3 | double 4 } }` as
+    /// field `field`, its lengths computed up front (no nested buffer).
+    public mutating func keyValue(_ field: Int, _ key: String, _ value: SpanAttribute) {
+        var key = key
+        key.withUTF8 { keyBytes in
+            switch value {
+            case .string(let text):
+                var text = text
+                text.withUTF8 { textBytes in
+                    let any = 1 + Self.varintSize(UInt64(textBytes.count)) + textBytes.count
+                    frameKeyValue(field, keyBytes, anySize: any) {
+                        $0.tag(1, 2)
+                        $0.rawVarint(UInt64(textBytes.count))
+                        $0.bytes.append(contentsOf: textBytes)
+                    }
+                }
+            case .bool(let flag):
+                frameKeyValue(field, keyBytes, anySize: 2) { $0.varint(2, flag ? 1 : 0) }
+            case .int64(let number):
+                frameKeyValue(field, keyBytes, anySize: 1 + Self.varintSize(UInt64(bitPattern: number))) { $0.varint(3, UInt64(bitPattern: number)) }
+            case .int32(let number):
+                let wide = UInt64(bitPattern: Int64(number))
+                frameKeyValue(field, keyBytes, anySize: 1 + Self.varintSize(wide)) { $0.varint(3, wide) }
+            case .double(let number):
+                frameKeyValue(field, keyBytes, anySize: 9) { $0.fixed64(4, number.bitPattern) }
+            default:
+                keyValue(field, String(decoding: keyBytes, as: UTF8.self), .string("\(value)"))
+            }
+        }
+    }
+
+    private mutating func frameKeyValue(_ field: Int, _ key: UnsafeBufferPointer<UInt8>, anySize: Int, _ any: (inout ProtoWriter) -> Void) {
+        let inner = 1 + Self.varintSize(UInt64(key.count)) + key.count + 1 + Self.varintSize(UInt64(anySize)) + anySize
+        tag(field, 2)
+        rawVarint(UInt64(inner))
+        tag(1, 2)
+        rawVarint(UInt64(key.count))
+        bytes.append(contentsOf: key)
+        tag(2, 2)
+        rawVarint(UInt64(anySize))
+        any(&self)
+    }
+
+    static func varintSize(_ value: UInt64) -> Int {
+        var value = value, size = 1
+        while value >= 0x80 {
+            value >>= 7
+            size += 1
+        }
+        return size
+    }
+}
