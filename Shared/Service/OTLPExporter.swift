@@ -195,10 +195,10 @@ enum OTLPEncoding {
     /// `Span`: trace_id 1, span_id 2, trace_state 3, parent_span_id 4, name 5, kind 6, start 7 and
     /// end 8 (fixed64), attributes 9, events 11, links 13, status 15.
     static func encode(_ span: FinishedSpan, into writer: inout ProtoWriter, nested: inout ProtoWriter) {
-        writer.hexBytes(1, span.traceID)
-        writer.hexBytes(2, span.spanID)
-        if let state = span.traceState { writer.string(3, state) }
-        if let parent = span.parentSpanID { writer.hexBytes(4, parent) }
+        writer.id(1, span.trace.traceIDHigh, span.trace.traceIDLow)
+        writer.id(2, span.trace.spanIDValue)
+        if let state = span.trace.traceState { writer.string(3, state) }
+        if span.trace.parentSpanIDValue != 0 { writer.id(4, span.trace.parentSpanIDValue) }
         writer.string(5, span.name)
         writer.varint(6, kind(span.kind))
         writer.fixed64(7, span.startNanoseconds)
@@ -213,8 +213,8 @@ enum OTLPEncoding {
         }
         for link in span.links {
             writer.message(13, scratch: &nested) { message in
-                message.hexBytes(1, link.traceID)
-                message.hexBytes(2, link.spanID)
+                message.id(1, link.trace.traceIDHigh, link.trace.traceIDLow)
+                message.id(2, link.trace.spanIDValue)
                 link.attributes.forEach { key, value in message.keyValue(4, key, value) }
             }
         }

@@ -12,6 +12,8 @@ public struct RPCServiceRegistry: Sendable {
         /// The server span's constant attributes (`rpc.system`, `rpc.service`, `rpc.method`),
         /// encoded once here rather than on every call.
         var spanAttributes: [UInt8] = []
+        /// The server span's name, `package.Service/Method`.
+        var spanName = ""
         /// Runs the handler; a unary call returns its framed response, a streaming one writes
         /// through the writer and returns nil.
         var run: @Sendable (RequestBody, ServerContext, RawResponseWriter) async throws -> [UInt8]?
@@ -50,6 +52,7 @@ public struct RPCServiceRegistry: Sendable {
         }
         for path in sorted where methods[path]!.spanAttributes.isEmpty {
             methods[path]!.spanAttributes = RPCSpans.attributes(rpc: path)
+            methods[path]!.spanName = path.hasPrefix("/") ? String(path.dropFirst()) : path
         }
     }
 

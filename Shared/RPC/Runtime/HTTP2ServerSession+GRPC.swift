@@ -25,7 +25,7 @@ extension HTTP2ServerSession {
         let deadline = stream.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0, from: stream.startedAt) }
         var context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
         // The server span: a child of the caller's (its traceparent), or the root of a new trace.
-        let span = RPCSpans.server(path: stream.path, attributes: method.spanAttributes, traceparent: stream.traceparent,
+        let span = RPCSpans.server(path: stream.path, name: method.spanName, attributes: method.spanAttributes, traceparent: stream.traceparent,
                                    tracestate: stream.traceparent == nil ? nil : stream.metadata.first("tracestate"), peer: connection.peer)
         context.trace = span?.trace
         let loop = connection.loop

@@ -41,28 +41,12 @@ public struct ProtoWriter: Sendable {
         value.withUTF8 { bytes(field, $0) }
     }
 
-    /// Hex text (a trace or span id) as the bytes it spells, without an intermediate array.
-    public mutating func hexBytes(_ field: Int, _ hex: String) {
-        var hex = hex
-        hex.withUTF8 { digits in
-            tag(field, 2)
-            rawVarint(UInt64(digits.count / 2))
-            var index = 0
-            while index + 1 < digits.count {
-                bytes.append(Self.nibble[Int(digits[index])] << 4 | Self.nibble[Int(digits[index + 1])])
-                index += 2
-            }
-        }
-    }
-
-    /// Each ASCII byte's hex value (0 for anything that is not a hex digit).
-    private static let nibble: [UInt8] = (0..<256).map { byte in
-        switch byte {
-        case 0x30...0x39: UInt8(byte - 0x30)
-        case 0x61...0x66: UInt8(byte - 0x61 + 10)
-        case 0x41...0x46: UInt8(byte - 0x41 + 10)
-        default: 0
-        }
+    /// An id as OTLP's bytes field: big-endian, 8 bytes (a span id) or 16 (`high` then `low`, a trace id).
+    public mutating func id(_ field: Int, _ high: UInt64, _ low: UInt64? = nil) {
+        tag(field, 2)
+        rawVarint(low == nil ? 8 : 16)
+        withUnsafeBytes(of: high.bigEndian) { bytes.append(contentsOf: $0) }
+        if let low { withUnsafeBytes(of: low.bigEndian) { bytes.append(contentsOf: $0) } }
     }
 
     /// A nested message: written into `scratch` (reused, so its storage is kept between calls),

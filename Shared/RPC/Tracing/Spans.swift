@@ -41,10 +41,8 @@ extension TraceContext {
 
 /// A span that has ended, as exporters take it.
 public struct FinishedSpan: Sendable {
-    public var traceID: String
-    public var spanID: String
-    public var parentSpanID: String?
-    public var traceState: String?
+    /// The span's ids (`trace.parentSpanIDValue` 0: a root) and tracestate.
+    public var trace: TraceContext
     public var name: String
     public var kind: SpanKind
     public var startNanoseconds: UInt64
@@ -52,8 +50,8 @@ public struct FinishedSpan: Sendable {
     /// The attributes as OTLP `KeyValue`s, each framed as field 9 of `Span` (`ProtoWriter.keyValue`).
     public var encodedAttributes: [UInt8]
     public var events: [SpanEvent]
-    /// Linked spans: (trace id, span id, attributes).
-    public var links: [(traceID: String, spanID: String, attributes: SpanAttributes)]
+    /// Linked spans and the link's attributes.
+    public var links: [(trace: TraceContext, attributes: SpanAttributes)]
     public var status: SpanStatus?
 }
 
@@ -77,13 +75,11 @@ public struct TraceSampler: Sendable {
         self.followParent = followParent
     }
 
-    func sampleRoot(traceID: String) -> Bool {
+    func sampleRoot(_ trace: TraceContext) -> Bool {
         if ratio >= 1 { return true }
         if ratio <= 0 { return false }
-        // The last 14 hex digits as a 56-bit number (W3C's random part of the trace id).
-        let tail = traceID.suffix(14)
-        guard let value = UInt64(tail, radix: 16) else { return false }
-        return Double(value) < ratio * Double(1 << 56)
+        // The trace id's last 56 bits (W3C's random part).
+        return Double(trace.traceIDLow & 0x00FF_FFFF_FFFF_FFFF) < ratio * Double(1 << 56)
     }
 }
 
@@ -133,11 +129,11 @@ public final class TalkMeshTracer: Tracer, Sendable {
         let trace: TraceContext
         if let parent {
             var child = parent.child()
-            if !sampler.followParent { child.flags = sampler.sampleRoot(traceID: child.traceID) ? 1 : 0 }
+            if !sampler.followParent { child.flags = sampler.sampleRoot(child) ? 1 : 0 }
             trace = child
         } else {
             var root = TraceContext.root()
-            root.flags = sampler.sampleRoot(traceID: root.traceID) ? 1 : 0
+            root.flags = sampler.sampleRoot(root) ? 1 : 0
             trace = root
         }
         let recording = sink != nil && trace.sampled
@@ -213,43 +209,39 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     }
     public let trace: TraceContext
     public let kind: SpanKind
-    /// What a recording span keeps; nil for the others.
-    private let recorder: Recorder?
+    /// Where the span goes when it ends; nil for a span that records nothing.
+    private let sink: (any SpanSink)?
+    private let start: UInt64
 
-    final class Recorder: Sendable {
-        struct State {
-            var name: String
-            /// Attributes already in OTLP's wire form: setting one is an append.
-            var attributes = ProtoWriter(capacity: 256)
-            var events: [SpanEvent] = []
-            var links: [(traceID: String, spanID: String, attributes: SpanAttributes)] = []
-            var status: SpanStatus?
-            var ended = false
-        }
-
-        let sink: any SpanSink
-        let start: UInt64
-        let state: Mutex<State>
-
-        init(sink: any SpanSink, name: String, start: UInt64) {
-            self.sink = sink
-            self.start = start
-            state = Mutex(State(name: name))
-        }
+    struct State {
+        var name: String
+        /// Attributes already in OTLP's wire form: setting one is an append.
+        var attributes = ProtoWriter()
+        var events: [SpanEvent] = []
+        var links: [(trace: TraceContext, attributes: SpanAttributes)] = []
+        var status: SpanStatus?
+        var ended = false
     }
+
+    /// Inline in the span (no second allocation); untouched when the span records nothing.
+    private let state: Mutex<State>
 
     init(name: String, kind: SpanKind, parentContext: InstrumentationContext, trace: TraceContext, start: UInt64, sink: (any SpanSink)?) {
         self.kind = kind
         self.parentContext = parentContext
         self.trace = trace
-        recorder = sink.map { Recorder(sink: $0, name: name, start: start) }
+        self.sink = sink
+        self.start = start
+        var initial = State(name: name)
+        if sink != nil { initial.attributes.bytes.reserveCapacity(192) }
+        state = Mutex(initial)
     }
 
-    public var isRecording: Bool { recorder.map { recorder in !recorder.state.withLock { $0.ended } } ?? false }
+    public var isRecording: Bool { sink != nil && !state.withLock { $0.ended } }
 
     public var operationName: String {
-        get { recorder.map { recorder in recorder.state.withLock { $0.name } } ?? "" }
-        set { recorder?.state.withLock { $0.name = newValue } }
+        get { sink == nil ? "" : state.withLock { $0.name } }
+        set { if sink != nil { state.withLock { $0.name = newValue } } }
     }
 
     /// Write-only here: a set adds each attribute (as `set` does); reading gives nothing back,
@@ -261,7 +253,8 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
 
     /// Sets one attribute.
     public func set(_ key: String, _ value: SpanAttribute) {
-        recorder?.state.withLock { $0.attributes.keyValue(9, key, value) }
+        guard sink != nil else { return }
+        state.withLock { $0.attributes.keyValue(9, key, value) }
     }
 
     public func set(_ key: String, _ value: String) { set(key, .string(value)) }
@@ -272,19 +265,22 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     /// Adds attributes already encoded (`ProtoWriter.keyValue` with field 9): constant ones,
     /// encoded once (a method's `rpc.*`).
     public func setEncoded(_ bytes: [UInt8]) {
-        recorder?.state.withLock { $0.attributes.bytes.append(contentsOf: bytes) }
+        guard sink != nil else { return }
+        state.withLock { $0.attributes.bytes.append(contentsOf: bytes) }
     }
 
     public func setStatus(_ status: SpanStatus) {
-        recorder?.state.withLock { $0.status = status }
+        guard sink != nil else { return }
+        state.withLock { $0.status = status }
     }
 
     public func addEvent(_ event: SpanEvent) {
-        recorder?.state.withLock { $0.events.append(event) }
+        guard sink != nil else { return }
+        state.withLock { $0.events.append(event) }
     }
 
     public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
-        guard recorder != nil else { return }
+        guard sink != nil else { return }
         var details = attributes
         details["exception.type"] = String(describing: type(of: error))
         details["exception.message"] = String(describing: error)
@@ -292,13 +288,14 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     }
 
     public func addLink(_ link: SpanLink) {
-        guard let linked = link.context.traceContext else { return }
-        recorder?.state.withLock { $0.links.append((linked.traceID, linked.spanID, link.attributes)) }
+        guard sink != nil, let linked = link.context.traceContext else { return }
+        state.withLock { $0.links.append((linked, link.attributes)) }
     }
 
     /// Links the span to another one (a job's original trace, after a restart).
     public func addLink(_ linked: TraceContext, attributes: SpanAttributes = [:]) {
-        recorder?.state.withLock { $0.links.append((linked.traceID, linked.spanID, attributes)) }
+        guard sink != nil else { return }
+        state.withLock { $0.links.append((linked, attributes)) }
     }
 
     /// Ends the span as failed with `message`.
@@ -308,15 +305,14 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     }
 
     public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
-        guard let recorder else { return }
-        let trace = self.trace, kind = self.kind
-        let finished: FinishedSpan? = recorder.state.withLock { state in
+        guard let sink else { return }
+        let trace = self.trace, kind = self.kind, start = self.start
+        let finished: FinishedSpan? = state.withLock { state in
             guard !state.ended else { return nil }
             state.ended = true
-            return FinishedSpan(traceID: trace.traceID, spanID: trace.spanID, parentSpanID: trace.parentSpanID, traceState: trace.traceState,
-                                name: state.name, kind: kind, startNanoseconds: recorder.start, endNanoseconds: instant().nanosecondsSinceEpoch,
+            return FinishedSpan(trace: trace, name: state.name, kind: kind, startNanoseconds: start, endNanoseconds: instant().nanosecondsSinceEpoch,
                                 encodedAttributes: state.attributes.bytes, events: state.events, links: state.links, status: state.status)
         }
-        if let finished { recorder.sink.enqueue(finished) }
+        if let finished { sink.enqueue(finished) }
     }
 }

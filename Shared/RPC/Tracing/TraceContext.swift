@@ -5,28 +5,55 @@ import Synchronization
 /// every hop. The server makes the incoming one the parent of the handler's span; the client sends
 /// the current span's trace id with a new span id.
 public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
-    /// 16 bytes, hex-encoded (32 characters).
-    public var traceID: String
-    /// 8 bytes, hex-encoded (16 characters): this span.
-    public var spanID: String
-    /// The span that caused this one, if any.
-    public var parentSpanID: String?
+    /// The ids as numbers (the hex forms below are made when asked): a new span costs a random
+    /// number, not a string.
+    public var traceIDHigh: UInt64
+    public var traceIDLow: UInt64
+    public var spanIDValue: UInt64
+    /// 0: no parent.
+    public var parentSpanIDValue: UInt64
     /// `01` when sampled.
     public var flags: UInt8
     /// The W3C `tracestate` that came with the trace (vendors' entries), passed on unchanged.
     public var traceState: String? = nil
+
+    init(high: UInt64, low: UInt64, span: UInt64, parent: UInt64, flags: UInt8, traceState: String? = nil) {
+        traceIDHigh = high
+        traceIDLow = low
+        spanIDValue = span
+        parentSpanIDValue = parent
+        self.flags = flags
+        self.traceState = traceState
+    }
+
+    /// From hex ids (32 and 16 lower-case hex digits); ids that do not parse become 0.
+    public init(traceID: String, spanID: String, parentSpanID: String?, flags: UInt8, traceState: String? = nil) {
+        let trace = Array(traceID.utf8)
+        self.init(high: trace.count == 32 ? Self.hexValue(trace[0..<16]) ?? 0 : 0, low: trace.count == 32 ? Self.hexValue(trace[16..<32]) ?? 0 : 0,
+                  span: Self.hexValue(Array(spanID.utf8)[...]) ?? 0, parent: parentSpanID.flatMap { Self.hexValue(Array($0.utf8)[...]) } ?? 0,
+                  flags: flags, traceState: traceState)
+    }
+
+    /// 16 bytes, hex-encoded (32 characters).
+    public var traceID: String { Self.hex(traceIDHigh) + Self.hex(traceIDLow) }
+    /// 8 bytes, hex-encoded (16 characters): this span.
+    public var spanID: String { Self.hex(spanIDValue) }
+    /// The span that caused this one, if any.
+    public var parentSpanID: String? { parentSpanIDValue == 0 ? nil : Self.hex(parentSpanIDValue) }
 
     /// Whether the trace is sampled (W3C flag 01): its spans are recorded and exported.
     public var sampled: Bool { flags & 1 == 1 }
 
     /// A new root trace.
     public static func root(sampled: Bool = true) -> TraceContext {
-        TraceContext(traceID: randomHex(bytes: 16), spanID: randomHex(bytes: 8), parentSpanID: nil, flags: sampled ? 1 : 0)
+        var generator = IDGenerator()
+        return TraceContext(high: generator.nonZero(), low: generator.nonZero(), span: generator.nonZero(), parent: 0, flags: sampled ? 1 : 0)
     }
 
     /// A child span of this one: same trace, new span id.
     public func child() -> TraceContext {
-        TraceContext(traceID: traceID, spanID: Self.randomHex(bytes: 8), parentSpanID: spanID, flags: flags, traceState: traceState)
+        var generator = IDGenerator()
+        return TraceContext(high: traceIDHigh, low: traceIDLow, span: generator.nonZero(), parent: spanIDValue, flags: flags, traceState: traceState)
     }
 
     /// A `tracestate` header worth passing on: at most 512 visible ASCII characters (W3C's limit);
@@ -37,22 +64,62 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// Parses a `traceparent` header (version 00; unknown future versions are read the same way);
-    /// nil when malformed or all-zero.
+    /// nil when malformed or all-zero. Byte by byte: it runs for every request that carries one.
     public static func parse(traceparent: String) -> TraceContext? {
-        let parts = traceparent.split(separator: "-", omittingEmptySubsequences: false)
-        guard parts.count >= 4, parts[0].count == 2, parts[1].count == 32, parts[2].count == 16, parts[3].count == 2,
-              parts[0] != "ff", parts.allSatisfy({ $0.allSatisfy(\.isHexDigit) && $0 == $0.lowercased() }),
-              parts[1] != Substring(String(repeating: "0", count: 32)), parts[2] != Substring(String(repeating: "0", count: 16)),
-              let flags = UInt8(parts[3], radix: 16)
-        else { return nil }
-        if parts[0] == "00" && parts.count != 4 { return nil }
-        return TraceContext(traceID: String(parts[1]), spanID: String(parts[2]), parentSpanID: nil, flags: flags)
+        var text = traceparent
+        return text.withUTF8 { bytes -> TraceContext? in
+            // vv-<32>-<16>-ff, and for a future version possibly "-…" after it.
+            guard bytes.count >= 55, bytes[2] == 0x2D, bytes[35] == 0x2D, bytes[52] == 0x2D else { return nil }
+            guard let version = hexValue(bytes[0..<2]), version != 0xFF, let high = hexValue(bytes[3..<19]), let low = hexValue(bytes[19..<35]),
+                  let span = hexValue(bytes[36..<52]), let flags = hexValue(bytes[53..<55]) else { return nil }
+            if version == 0 && bytes.count != 55 { return nil }
+            if bytes.count > 55 && bytes[55] != 0x2D { return nil }
+            guard high | low != 0, span != 0 else { return nil }
+            return TraceContext(high: high, low: low, span: span, parent: 0, flags: UInt8(flags))
+        }
+    }
+
+    /// The value of up to 16 lower-case hex digits; nil for anything else (upper case included,
+    /// as W3C requires).
+    static func hexValue(_ digits: some Collection<UInt8>) -> UInt64? {
+        guard !digits.isEmpty, digits.count <= 16 else { return nil }
+        var value: UInt64 = 0
+        for digit in digits {
+            let nibble: UInt64
+            switch digit {
+            case 0x30...0x39: nibble = UInt64(digit - 0x30)
+            case 0x61...0x66: nibble = UInt64(digit - 0x61 + 10)
+            default: return nil
+            }
+            value = value << 4 | nibble
+        }
+        return value
+    }
+
+    /// 16 lower-case hex digits.
+    static func hex(_ value: UInt64) -> String {
+        String(unsafeUninitializedCapacity: 16) { buffer in
+            for index in 0..<16 { buffer[index] = hexDigits[Int((value >> (60 - 4 * UInt64(index))) & 0xF)] }
+            return 16
+        }
     }
 
     /// The `traceparent` header value for this span.
     public var traceparent: String {
-        let hex = String(flags, radix: 16)
-        return "00-\(traceID)-\(spanID)-\(hex.count == 1 ? "0" + hex : hex)"
+        String(unsafeUninitializedCapacity: 55) { buffer in
+            func put(_ value: UInt64, at offset: Int) {
+                for index in 0..<16 { buffer[offset + index] = Self.hexDigits[Int((value >> (60 - 4 * UInt64(index))) & 0xF)] }
+            }
+            buffer[0] = 0x30; buffer[1] = 0x30; buffer[2] = 0x2D
+            put(traceIDHigh, at: 3)
+            put(traceIDLow, at: 19)
+            buffer[35] = 0x2D
+            put(spanIDValue, at: 36)
+            buffer[52] = 0x2D
+            buffer[53] = Self.hexDigits[Int(flags >> 4)]
+            buffer[54] = Self.hexDigits[Int(flags & 0xF)]
+            return 55
+        }
     }
 
     public var description: String { traceparent }
@@ -70,6 +137,14 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
             z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
             z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
             return z ^ (z >> 31)
+        }
+
+        /// Never 0 (W3C forbids all-zero ids; 0 also means "no parent" here).
+        mutating func nonZero() -> UInt64 {
+            while true {
+                let value = next()
+                if value != 0 { return value }
+            }
         }
     }
 
