@@ -22,20 +22,17 @@ extension TraceContext {
     /// The trace context of the running task: the innermost span started around it.
     public static var current: TraceContext? { InstrumentationContext.current?.traceContext ?? untraced }
 
-    /// The current trace while the process records no spans (no exporter): one plain task-local,
-    /// which costs a request far less than an `InstrumentationContext` (a dictionary and a boxed
-    /// value each time). The mode is the process's, so the two are never mixed in one task.
+    /// TalkMesh's own spans are made current in one plain task-local, which costs a request far
+    /// less than an `InstrumentationContext` (a dictionary and a boxed value each time). Code on
+    /// the Tracing API still interoperates both ways: its `withSpan` reaches `TalkMeshTracer`,
+    /// whose spans take this as their parent when its context carries none, and `current` reads
+    /// its context first.
     @TaskLocal static var untraced: TraceContext?
 
     /// Runs `body` with `trace` as the current trace context.
     public static func withCurrent<T>(_ trace: TraceContext?, isolation: isolated (any Actor)? = #isolation,
                                       _ body: () async throws -> T) async rethrows -> T {
-        guard TalkMeshTracer.shared.records else {
-            return try await $untraced.withValue(trace, operation: body, isolation: isolation)
-        }
-        var context = InstrumentationContext.current ?? .topLevel
-        context.traceContext = trace
-        return try await InstrumentationContext.$current.withValue(context, operation: body, isolation: isolation)
+        try await $untraced.withValue(trace, operation: body, isolation: isolation)
     }
 }
 
@@ -56,7 +53,7 @@ public struct FinishedSpan: Sendable {
 }
 
 /// Where ended spans go (the OTLP exporter). `enqueue` never blocks: a full sink drops and counts.
-public protocol SpanSink: Sendable {
+public protocol SpanSink: AnyObject, Sendable {
     func enqueue(_ span: FinishedSpan)
     /// Exports everything queued (SIGTERM, `forceFlush`).
     func flush() async
@@ -168,8 +165,7 @@ public final class TalkMeshTracer: Tracer, Sendable {
     /// Runs `body` with `span` as the current span (without ending it).
     public func within<T>(_ span: TalkMeshSpan?, isolation: isolated (any Actor)? = #isolation, _ body: () async throws -> T) async throws -> T {
         guard let span else { return try await body() }
-        guard records else { return try await TraceContext.$untraced.withValue(span.trace, operation: body, isolation: isolation) }
-        return try await InstrumentationContext.$current.withValue(span.context, operation: body, isolation: isolation)
+        return try await TraceContext.$untraced.withValue(span.trace, operation: body, isolation: isolation)
     }
 
     /// Runs `body` in a new span (a child of the current one, or of `parent` when given).
@@ -191,8 +187,7 @@ public final class TalkMeshTracer: Tracer, Sendable {
                 throw error
             }
         }
-        guard records else { return try await TraceContext.$untraced.withValue(span.trace, operation: operation, isolation: isolation) }
-        return try await InstrumentationContext.$current.withValue(span.context, operation: operation, isolation: isolation)
+        return try await TraceContext.$untraced.withValue(span.trace, operation: operation, isolation: isolation)
     }
 }
 
