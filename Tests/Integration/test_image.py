@@ -49,6 +49,10 @@ def direct_libraries(binary):
     ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
     assert "not found" not in ldd, ldd
     paths = dict(re.findall(r"^\s*(\S+) => (/\S+)", ldd, re.MULTILINE))
+    # The dynamic loader, when a binary names it (Swift's Synchronization module makes them do),
+    # is listed by its path alone: `/lib64/ld-linux-x86-64.so.2 (0x…)`.
+    for path in re.findall(r"^\s*(/\S+) \(0x", ldd, re.MULTILINE):
+        paths.setdefault(os.path.basename(path), path)
     return tuple((name, paths.get(name)) for name in needed)
 
 

@@ -4,6 +4,7 @@ Dispatcher → Media/Audio → each RunPod chunk → stitch, also across a Dispa
 collector that is down costs requests nothing and is counted."""
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -252,3 +253,21 @@ def test_an_always_off_sampler_exports_nothing_and_still_answers_a_traceparent(w
         assert response.headers["traceparent"].endswith("-00"), "a root the sampler declined is marked unsampled"
     time.sleep(0.5)
     assert collector.trace(trace_id) == [] and collector.requests == 0
+
+
+def test_sigterm_flushes_the_spans_still_queued(world):
+    collector = world["collector"]
+    # A schedule delay of ten minutes: only the flush at SIGTERM can send these spans.
+    emulator = Service("talkmesh-runpod-emulator", env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "600000"})
+    world["cleanup"].append(emulator.stop)
+    for _ in range(5):
+        with urllib.request.urlopen(f"http://{emulator.address}/v2/ep/health", timeout=5) as response:
+            assert response.status == 200
+    time.sleep(0.5)
+    assert collector.requests == 0, "nothing is exported before the schedule delay"
+    emulator.proc.send_signal(signal.SIGTERM)
+    assert emulator.proc.wait(timeout=30) == 0
+    deadline = time.time() + 5
+    while time.time() < deadline and len(collector.spans) < 5:
+        time.sleep(0.05)
+    assert [span.name for _, span in collector.spans] == ["GET /v2/{endpoint}/health"] * 5
