@@ -51,6 +51,15 @@ public enum JobJSON {
     /// A presigned video URL and when it expires (S3 stores).
     public typealias VideoURL = @Sendable (Job) -> (url: String, expiresUnixMs: Int64)?
 
+    /// The `VideoURL` of a store that presigns (`presign(key, seconds)`, nil when it cannot): the
+    /// job's video while retention has not deleted it, valid for `seconds`.
+    public static func presignedVideoURL(seconds: Int, _ presign: @escaping @Sendable (String, Int) -> String?) -> VideoURL {
+        { job in
+            guard job.blobsDeletedAtUnixMs == 0, !job.videoKey.isEmpty, let url = presign(job.videoKey, seconds) else { return nil }
+            return (url, (Int64(Glibc.time(nil)) + Int64(seconds)) * 1000)
+        }
+    }
+
     /// `GET /v1/jobs/{id}`'s body (and each item of the list, and each SSE event).
     public static func object(_ job: Job, videoURL: VideoURL? = nil) -> [String: Any] {
         var chunks = ["total": job.chunks.count, "completed": 0, "running": 0, "failed": 0]

@@ -23,12 +23,11 @@ public struct AudioHandlers: Sendable {
         // The split is a span and a metric with the input's size and the chunks' total, read by
         // the split's own pool job.
         let store = splitter.store
-        let size: @Sendable ([String]) -> Int? = { keys in try? keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
         registry.register(AudioService.splitAudio) { request, _ in
             try await WorkSpans.run("libav.split_audio", attributes: ["talkmesh.input_key": request.audioKey], metrics: operations) {
                 try await pool.run { flag in
                     let response = try splitter.split(request, flag: flag)
-                    return (response, size([request.audioKey]), size(response.chunks.map(\.key)))
+                    return (response, store.totalSize([request.audioKey]), store.totalSize(response.chunks.map(\.key)))
                 }
             }
         }

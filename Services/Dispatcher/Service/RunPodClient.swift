@@ -221,7 +221,5 @@ public final class RunPodMetrics: Sendable {
         durations.observe([route], Double(nanoseconds) / 1e9)
     }
 
-    public func count(route: String, code: String) -> Double { requests.value([route, code]) }
-
     public func render() -> String { requests.render() + durations.render() }
 }

@@ -158,8 +158,9 @@ public struct WebhookSender: Sendable {
     /// One POST: the status (0 without an answer), an error unless 2xx, and whether the target was refused.
     private func post(_ job: Job, event: String, delivery: String) async -> (status: Int, error: String?, refused: Bool) {
         guard let webhook = job.webhook else { return (0, "no webhook", true) }
-        let body = Self.body(job, event: event, at: context.clock.nowUnixMs(), videoURL: videoURL)
-        let timestamp = context.clock.nowUnixMs() / 1000
+        let now = context.clock.nowUnixMs()
+        let body = Self.body(job, event: event, at: now, videoURL: videoURL)
+        let timestamp = now / 1000
         let headers = [
             "Content-Type: application/json", "User-Agent: TalkMesh-Webhooks/1",
             "TalkMesh-Event: \(event)", "TalkMesh-Delivery: \(delivery)",
@@ -181,11 +182,9 @@ public struct WebhookSender: Sendable {
     }
 
     private var videoURL: JobJSON.VideoURL {
-        let blobs = context.blobs, seconds = configuration.videoURLSeconds
-        return { job in
-            guard job.blobsDeletedAtUnixMs == 0, let key = try? BlobKey(job.videoKey),
-                  let url = blobs.presignedURL(key, expiresSeconds: seconds) else { return nil }
-            return (url, (Int64(time(nil)) + Int64(seconds)) * 1000)
+        let blobs = context.blobs
+        return JobJSON.presignedVideoURL(seconds: configuration.videoURLSeconds) { key, seconds in
+            (try? BlobKey(key)).flatMap { blobs.presignedURL($0, expiresSeconds: seconds) }
         }
     }
 

@@ -82,11 +82,8 @@ public final class Gateway: Sendable {
         blobIO = BlockingWorkPool(threads: configuration.blobThreads)
         self.dispatcher = dispatcher
         self.logger = logger
-        let seconds = configuration.videoURLSeconds
-        videoURL = { job in
-            guard job.blobsDeletedAtUnixMs == 0, let key = try? BlobKey(job.videoKey),
-                  let url = blobs.presignedURL(key, expiresSeconds: seconds) else { return nil }
-            return (url, (Int64(time(nil)) + Int64(seconds)) * 1000)
+        videoURL = JobJSON.presignedVideoURL(seconds: configuration.videoURLSeconds) { key, seconds in
+            (try? BlobKey(key)).flatMap { blobs.presignedURL($0, expiresSeconds: seconds) }
         }
         jobCache = JobCache(ttlNanoseconds: configuration.jobCacheTTLNanoseconds, videoURL: videoURL)
     }

@@ -82,24 +82,22 @@ extension Gateway {
             try await read(request, into: form)
             let create = try validated(form, request: request, key: key, defaultSize: defaultSize)
             try await storeUploads(form, image: try BlobKey(create.imageKey), audio: try BlobKey(create.audioKey))
+            let deleteUploads = { [blobIO, blobs] in
+                _ = try? await blobIO.run { _ in
+                    try blobs.delete(try BlobKey(create.imageKey))
+                    try blobs.delete(try BlobKey(create.audioKey))
+                }
+            }
             var response: CreateJobResponse
             do {
                 response = try await dispatcher.unary(DispatcherService.createJob, create, options: CallOptions(timeoutNanoseconds: 30_000_000_000))
             } catch {
-                // Refused (an invalid webhook_url) or the Dispatcher unreachable: the uploads go.
-                _ = try? await blobIO.run { [blobs] _ in
-                    try blobs.delete(try BlobKey(create.imageKey))
-                    try blobs.delete(try BlobKey(create.audioKey))
-                }
+                await deleteUploads()  // refused (an invalid webhook_url) or the Dispatcher unreachable
                 throw error
             }
             guard let job = response.job.take() else { throw ServiceError(.internalError, "CreateJob answered without a job") }
             if job.imageKey != create.imageKey {
-                // The idempotency key named an existing job: it keeps its own inputs.
-                _ = try? await blobIO.run { [blobs] _ in
-                    try blobs.delete(try BlobKey(create.imageKey))
-                    try blobs.delete(try BlobKey(create.audioKey))
-                }
+                await deleteUploads()  // the idempotency key named an existing job: it keeps its own inputs
             }
             return job
         } catch {

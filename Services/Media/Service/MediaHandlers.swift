@@ -25,12 +25,11 @@ public struct MediaHandlers: Sendable {
         let resizer = self.resizer, stitcher = self.stitcher, store = self.store, pool = self.pool
         // Each libav operation is a span and a metric with its input and output sizes, read from
         // the store by the operation's own pool job (no second job, no wait behind other work).
-        let size: @Sendable ([String]) -> Int? = { keys in try? keys.reduce(0) { $0 + (try store.info(try BlobKey($1))?.size ?? 0) } }
         registry.register(MediaService.resizeImage) { request, _ in
             try await WorkSpans.run("libav.resize_image", attributes: ["talkmesh.input_key": request.imageKey], metrics: operations) {
                 try await pool.run { flag in
                     let response = try resizer.resize(request, flag: flag)
-                    return (response, size([request.imageKey]), size([response.imageKey]))
+                    return (response, store.totalSize([request.imageKey]), store.totalSize([response.imageKey]))
                 }
             }
         }
@@ -38,7 +37,7 @@ public struct MediaHandlers: Sendable {
             try await WorkSpans.run("libav.stitch_videos", attributes: ["talkmesh.parts": "\(request.videoKeys.count)"], metrics: operations) {
                 try await pool.run { flag in
                     let response = try stitcher.stitch(request, flag: flag)
-                    return (response, size(request.videoKeys + (request.audioKey.isEmpty ? [] : [request.audioKey])), size([response.videoKey]))
+                    return (response, store.totalSize(request.videoKeys + (request.audioKey.isEmpty ? [] : [request.audioKey])), store.totalSize([response.videoKey]))
                 }
             }
         }
@@ -47,7 +46,7 @@ public struct MediaHandlers: Sendable {
             try await WorkSpans.run("libav.encode_audio", metrics: operations) {
                 try await pool.run { flag in
                     let response = try audioEncoder.encode(request, flag: flag)
-                    return (response, size([request.audioKey]), size([response.audioKey]))
+                    return (response, store.totalSize([request.audioKey]), store.totalSize([response.audioKey]))
                 }
             }
         }

@@ -19,8 +19,6 @@ public final class CounterFamily: @unchecked Sendable {
         lock.withLock { values[labels, default: 0] += amount }
     }
 
-    public func value(_ labels: [String]) -> Double { lock.withLock { values[labels] ?? 0 } }
-
     public func render() -> String {
         let rows = lock.withLock { values }.sorted { $0.key.lexicographicallyPrecedes($1.key) }
         var text = "# HELP \(name) \(help)\n# TYPE \(name) counter\n"
@@ -55,8 +53,6 @@ public final class HistogramFamily: @unchecked Sendable {
             series[labels] = entry
         }
     }
-
-    public func count(_ labels: [String]) -> UInt64 { lock.withLock { series[labels]?.count ?? 0 } }
 
     public func render() -> String {
         let rows = lock.withLock { series }.sorted { $0.key.lexicographicallyPrecedes($1.key) }

@@ -52,6 +52,12 @@ public protocol BlobStore: Sendable {
 }
 
 extension BlobStore {
+    /// The total size of the blobs `keys` name (an absent one counts 0); nil when a key is invalid
+    /// or the store cannot answer. Blocks.
+    public func totalSize(_ keys: [String]) -> Int? {
+        try? keys.reduce(0) { $0 + (try info(try BlobKey($1))?.size ?? 0) }
+    }
+
     /// Local paths for several blobs at once, all valid inside `body` only.
     public func withLocalFiles<T>(_ keys: [BlobKey], _ body: ([String]) throws -> T) throws -> T {
         func nest(_ index: Int, _ paths: [String]) throws -> T {

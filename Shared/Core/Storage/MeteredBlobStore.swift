@@ -29,7 +29,7 @@ public final class MeteredBlobStore: BlobStore {
             Self.durations.observe([kind, operation], Double(MonotonicClock.nanoseconds() - started) / 1e9)
             return result
         } catch {
-            Self.operations.increment([kind, operation, (error as? ServiceErrorCodeCarrying)?.metricOutcome ?? "error"])
+            Self.operations.increment([kind, operation, (error as? ServiceError)?.code.rawValue.lowercased() ?? "error"])
             Self.durations.observe([kind, operation], Double(MonotonicClock.nanoseconds() - started) / 1e9)
             throw error
         }
@@ -52,13 +52,4 @@ public final class MeteredBlobStore: BlobStore {
     }
     public func list(prefix: String) throws -> [BlobListing] { try measured("list") { try inner.list(prefix: prefix) } }
     public func presignedURL(_ key: BlobKey, expiresSeconds: Int) -> String? { inner.presignedURL(key, expiresSeconds: expiresSeconds) }
-}
-
-/// An error that names its outcome for the blob metrics (`not_found`, `unavailable`…).
-protocol ServiceErrorCodeCarrying {
-    var metricOutcome: String { get }
-}
-
-extension ServiceError: ServiceErrorCodeCarrying {
-    var metricOutcome: String { code.rawValue.lowercased() }
 }

@@ -8,16 +8,17 @@ public enum RPCSpans {
     /// A gRPC call's server span: `package.Service/Method`, a child of the caller's `traceparent`.
     /// Nil when spans are not recorded and the call brought no trace (as before tracing: nothing to
     /// carry). Health probes (every few seconds from every kubelet) only carry the caller's context.
-    static func server(path: String, name: String = "", attributes: [UInt8] = [], traceparent: String?, tracestate: String? = nil,
+    /// `name` and `attributes`: the method's, made once at registration.
+    static func server(path: String, name: String, attributes: [UInt8], traceparent: String?, tracestate: String?,
                        peer: String) -> TalkMeshSpan? {
         let parent = incoming(traceparent: traceparent, tracestate: tracestate)
         let tracer = TalkMeshTracer.shared
         if !tracer.records || path.hasPrefix("/grpc.health.v1.Health/") {
             return parent.map { TalkMeshTracer.propagating.span("", parent: $0, kind: .server) }
         }
-        let span = tracer.span(name.isEmpty ? (path.hasPrefix("/") ? String(path.dropFirst()) : path) : name, parent: parent, kind: .server)
+        let span = tracer.span(name, parent: parent, kind: .server)
         if span.isRecording {
-            span.setEncoded(attributes.isEmpty ? Self.attributes(rpc: path) : attributes)
+            span.setEncoded(attributes)
             if !peer.isEmpty { span.set("network.peer.address", peer) }
         }
         return span
