@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import Logging
 import TalkMeshBase
 import TalkMeshCore
@@ -25,13 +26,18 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
 
     let configuration: Configuration
     private let engine: CurlEngine
-    private let lock = PThreadMutex()
-    private var queue: [FinishedSpan] = []
-    private var wake: CheckedContinuation<Void, Never>?
-    private var exported = 0
-    private var droppedFull = 0
-    private var droppedFailed = 0
-    private var exports = (ok: 0, failed: 0)
+    private struct State {
+        var queue: [TalkMeshSpan] = []
+        var wake: CheckedContinuation<Void, Never>?
+        /// The schedule rang while an export ran: export again without waiting.
+        var due = false
+        var exported = 0
+        var droppedFull = 0
+        var droppedFailed = 0
+        var exports = (ok: 0, failed: 0)
+    }
+    /// Taken by every span that ends: an inline futex lock, not a call into a lock object.
+    private let state = Mutex(State())
     private var loop: Task<Void, Never>?
     private let logger: Logger
     /// The encoded resource (service name, attributes), the same in every request.
@@ -47,18 +53,21 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
             resource.keyValue(1, key, .string(value))  // Resource.attributes = 1
         }
         resourceBytes = resource.bytes
-        loop = Task.detached { [weak self] in await self?.run() }
+        // Captured strongly: the exporter lives as long as the process. A weak reference would
+        // give it a side table, and every span's retain of its sink would take the slow path.
+        loop = Task.detached { await self.run() }
     }
 
-    public func enqueue(_ span: FinishedSpan) {
-        let waiter: CheckedContinuation<Void, Never>? = lock.withLock {
-            guard queue.count < configuration.maxQueue else {
-                droppedFull += 1
+    public func enqueue(_ span: TalkMeshSpan) {
+        let maxQueue = configuration.maxQueue, maxBatch = configuration.maxBatch
+        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+            guard state.queue.count < maxQueue else {
+                state.droppedFull += 1
                 return nil
             }
-            queue.append(span)
-            guard queue.count >= configuration.maxBatch, let waiter = wake else { return nil }
-            wake = nil
+            state.queue.append(span)
+            guard state.queue.count >= maxBatch, let waiter = state.wake else { return nil }
+            state.wake = nil
             return waiter
         }
         waiter?.resume()
@@ -72,48 +81,63 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         }
     }
 
-    private func take() -> [FinishedSpan] {
-        lock.withLock {
-            let batch = Array(queue.prefix(configuration.maxBatch))
-            queue.removeFirst(batch.count)
+    private func take() -> [TalkMeshSpan] {
+        let maxBatch = configuration.maxBatch
+        return state.withLock { state in
+            if state.queue.count <= maxBatch {
+                // The whole queue (the usual case): handed over, not copied.
+                defer { state.queue = [] }
+                return state.queue
+            }
+            let batch = Array(state.queue.prefix(maxBatch))
+            state.queue.removeFirst(batch.count)
             return batch
         }
     }
 
+    /// Exports whenever a batch is full, and every `scheduleDelayMs` what is queued. One ticker
+    /// for the exporter's life rings the schedule (not a timer per batch: at a few hundred batches
+    /// a second, arming and cancelling timers cost more thread wake-ups than the exports).
     private func run() async {
-        while !Task.isCancelled {
-            let delay = UInt64(configuration.scheduleDelayMs) * 1_000_000
-            let timer = Task { [weak self] in
+        let delay = UInt64(configuration.scheduleDelayMs) * 1_000_000
+        let ticker = Task.detached {
+            while !Task.isCancelled {
                 try? await Task.sleep(nanoseconds: delay)
-                self?.ring()
+                self.ring()
             }
+        }
+        defer { ticker.cancel() }
+        let maxBatch = configuration.maxBatch
+        while !Task.isCancelled {
             await withCheckedContinuation { continuation in
-                let ready: Bool = lock.withLock {
-                    if queue.count >= configuration.maxBatch { return true }
-                    wake = continuation
+                let ready: Bool = state.withLock { state in
+                    if state.queue.count >= maxBatch || state.due { return true }
+                    state.wake = continuation
                     return false
                 }
                 if ready { continuation.resume() }
             }
-            timer.cancel()
+            state.withLock { $0.due = false }
             while true {
                 let batch = take()
                 if batch.isEmpty { break }
                 await export(batch)
-                if lock.withLock({ queue.count < configuration.maxBatch }) { break }
+                if state.withLock({ $0.queue.count < maxBatch }) { break }
             }
         }
     }
 
+    /// The schedule's tick: wakes the exporter, or marks the export due if it is busy.
     private func ring() {
-        let waiter: CheckedContinuation<Void, Never>? = lock.withLock {
-            defer { wake = nil }
-            return wake
+        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+            defer { state.wake = nil }
+            if state.wake == nil { state.due = true }
+            return state.wake
         }
         waiter?.resume()
     }
 
-    private func export(_ batch: [FinishedSpan]) async {
+    private func export(_ batch: [TalkMeshSpan]) async {
         let body = OTLPEncoding.request(batch, resource: resourceBytes)
         do {
             let exchange = try await engine.perform(method: "POST", url: configuration.url,
@@ -123,9 +147,9 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
                 failed(batch.count, "the collector answered HTTP \(exchange.status)")
                 return
             }
-            lock.withLock {
-                exported += batch.count
-                exports.ok += 1
+            state.withLock { state in
+                state.exported += batch.count
+                state.exports.ok += 1
             }
         } catch {
             failed(batch.count, "\(error)")
@@ -133,17 +157,17 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
     }
 
     private func failed(_ count: Int, _ reason: String) {
-        let first: Bool = lock.withLock {
-            droppedFailed += count
-            exports.failed += 1
-            return exports.failed == 1 || exports.failed % 100 == 0
+        let first: Bool = state.withLock { state in
+            state.droppedFailed += count
+            state.exports.failed += 1
+            return state.exports.failed == 1 || state.exports.failed % 100 == 0
         }
         if first { logger.warning("could not export spans; they are dropped", metadata: ["spans": "\(count)", "error": "\(reason)"]) }
     }
 
     /// Prometheus text: spans exported, spans dropped by reason, spans queued.
     public func metrics() -> String {
-        let (done, full, failed, queued) = lock.withLock { (exported, droppedFull, droppedFailed, queue.count) }
+        let (done, full, failed, queued) = state.withLock { ($0.exported, $0.droppedFull, $0.droppedFailed, $0.queue.count) }
         return Self.metrics(exported: done, droppedFull: full, droppedFailed: failed, queued: queued)
     }
 
@@ -166,74 +190,35 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
 }
 
 /// OTLP's protobuf messages, written by hand (opentelemetry-proto's field numbers): a few dozen
-/// lines instead of a generated copy of the whole schema. Spans arrive with their attributes
-/// already encoded; each span is written into one reused scratch buffer, then framed.
+/// lines instead of a generated copy of the whole schema. Each span writes itself in place
+/// (`TalkMeshSpan.writeOTLP`), its attributes already encoded.
 enum OTLPEncoding {
     /// `ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1, scope_spans = 2:
-    /// ScopeSpans { scope = 1, spans = 2 } } }`.
-    static func request(_ spans: [FinishedSpan], resource: [UInt8]) -> [UInt8] {
-        var scope = ProtoWriter(capacity: spans.count * 200 + 64)
-        scope.message(1) { scope in
-            scope.string(1, "talkmesh")
-            scope.string(2, "1")
-        }
-        var scratch = ProtoWriter(capacity: 512)
-        var nested = ProtoWriter(capacity: 64)
-        for span in spans {
-            scratch.bytes.removeAll(keepingCapacity: true)
-            encode(span, into: &scratch, nested: &nested)
-            scope.bytes(2, scratch.bytes)
-        }
-        var resourceSpans = ProtoWriter(capacity: scope.bytes.count + resource.count + 16)
-        resourceSpans.bytes(1, resource)
-        resourceSpans.bytes(2, scope.bytes)
-        var root = ProtoWriter(capacity: resourceSpans.bytes.count + 8)
-        root.bytes(1, resourceSpans.bytes)
-        return root.bytes
-    }
-
-    /// `Span`: trace_id 1, span_id 2, trace_state 3, parent_span_id 4, name 5, kind 6, start 7 and
-    /// end 8 (fixed64), attributes 9, events 11, links 13, status 15.
-    static func encode(_ span: FinishedSpan, into writer: inout ProtoWriter, nested: inout ProtoWriter) {
-        writer.id(1, span.trace.traceIDHigh, span.trace.traceIDLow)
-        writer.id(2, span.trace.spanIDValue)
-        if let state = span.trace.traceState { writer.string(3, state) }
-        if span.trace.parentSpanIDValue != 0 { writer.id(4, span.trace.parentSpanIDValue) }
-        writer.string(5, span.name)
-        writer.varint(6, kind(span.kind))
-        writer.fixed64(7, span.startNanoseconds)
-        writer.fixed64(8, span.endNanoseconds)
-        writer.bytes.append(contentsOf: span.encodedAttributes)
-        for event in span.events {
-            writer.message(11, scratch: &nested) { message in
-                message.fixed64(1, event.nanosecondsSinceEpoch)
-                message.string(2, event.name)
-                event.attributes.forEach { key, value in message.keyValue(3, key, value) }
+    /// ScopeSpans { scope = 1, spans = 2 } } }`: the spans are written once, then the envelope
+    /// (whose lengths they settle) before them.
+    static func request(_ spans: [TalkMeshSpan], resource: [UInt8]) -> [UInt8] {
+        var scope = ProtoWriter()
+        scope.string(1, "talkmesh")
+        scope.string(2, "1")
+        let sizes = spans.map { $0.otlpSize() }
+        let scopeSpans = ProtoCursor.fieldSize(scope.bytes.count) + sizes.reduce(0) { $0 + ProtoCursor.fieldSize($1.size) }
+        let resourceSpans = ProtoCursor.fieldSize(resource.count) + ProtoCursor.fieldSize(scopeSpans)
+        let total = ProtoCursor.fieldSize(resourceSpans)
+        return [UInt8](unsafeUninitializedCapacity: total) { buffer, count in
+            var cursor = ProtoCursor(buffer.baseAddress!)
+            cursor.tag(1, 2)
+            cursor.rawVarint(UInt64(resourceSpans))
+            cursor.bytes(1, resource)
+            cursor.tag(2, 2)
+            cursor.rawVarint(UInt64(scopeSpans))
+            cursor.bytes(1, scope.bytes)
+            for (span, (size, tail)) in zip(spans, sizes) {
+                cursor.tag(2, 2)
+                cursor.rawVarint(UInt64(size))
+                span.writeOTLP(into: &cursor, tail: tail)
             }
-        }
-        for link in span.links {
-            writer.message(13, scratch: &nested) { message in
-                message.id(1, link.trace.traceIDHigh, link.trace.traceIDLow)
-                message.id(2, link.trace.spanIDValue)
-                link.attributes.forEach { key, value in message.keyValue(4, key, value) }
-            }
-        }
-        if let status = span.status {
-            writer.message(15, scratch: &nested) { message in
-                if let text = status.message { message.string(2, text) }
-                message.varint(3, status.code == .ok ? 1 : 2)
-            }
-        }
-    }
-
-    /// SPAN_KIND_INTERNAL 1, SERVER 2, CLIENT 3, PRODUCER 4, CONSUMER 5.
-    static func kind(_ kind: SpanKind) -> UInt64 {
-        switch kind {
-        case .internal: return 1
-        case .server: return 2
-        case .client: return 3
-        case .producer: return 4
-        case .consumer: return 5
+            count = cursor.end - buffer.baseAddress!
+            precondition(count == total, "an OTLP export's size was miscounted")
         }
     }
 }

@@ -66,11 +66,14 @@ public final class RPCClient: @unchecked Sendable {
     public let configuration: Configuration
     let loop: EventLoop
     private let balancer: LoadBalancer
+    /// The target as a client span's `network.peer.address`, encoded once.
+    private let targetSpanAttribute: [UInt8]
 
     /// Creates a client on `loop` (a server's loop in a service) or on a loop thread of its own.
     public init(configuration: Configuration, loop: EventLoop? = nil) throws {
         let target = try ClientTarget(configuration.target)
         self.configuration = configuration
+        targetSpanAttribute = RPCSpans.peerAttribute(configuration.target)
         self.loop = loop ?? EventLoop.startThread()
         let balancer = LoadBalancer(target: target, configuration: configuration, loop: self.loop)
         self.balancer = balancer
@@ -212,7 +215,7 @@ public final class RPCClient: @unchecked Sendable {
     /// Runs `body` in the call's client span (one per call, around its attempts), giving it the
     /// `traceparent` to send: the server's span is the client span's child.
     private func withClientSpan<T>(_ path: String, _ body: (String) async throws -> T) async throws -> T {
-        let span = RPCSpans.client(path: path, target: configuration.target)
+        let span = RPCSpans.client(path: path, target: targetSpanAttribute)
         do {
             let result = try await body((span?.trace ?? TraceContext.current?.child() ?? TraceContext.root()).traceparent)
             RPCSpans.end(span, code: nil)

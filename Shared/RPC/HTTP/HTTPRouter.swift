@@ -20,6 +20,8 @@ public struct HTTPRouter: Sendable {
         let handler: Handler
         /// Probes and scrapes (`/healthz`, `/readyz`, `/metrics`, `/health`) get no span.
         let traced: Bool
+        /// The span name and encoded attributes of the route's requests.
+        let span: (name: String, attributes: [UInt8])
     }
 
     private var routes: [Route] = []
@@ -58,7 +60,8 @@ public struct HTTPRouter: Sendable {
         let names = parts.map { $0.first == "{" && $0.last == "}" ? String($0.dropFirst().dropLast()) : nil }
         return Route(method: method.uppercased(), pattern: pattern,
                      segments: zip(parts, names).map { $1 == nil ? Array($0.utf8) : nil }, parameterNames: names,
-                     maxBodyBytes: maxBodyBytes, streamsBody: streamsBody, handler: handler, traced: !untraced.contains(pattern))
+                     maxBodyBytes: maxBodyBytes, streamsBody: streamsBody, handler: handler, traced: !untraced.contains(pattern),
+                     span: RPCSpans.httpRoute(method: method.uppercased(), route: pattern))
     }
 
     /// Adds a route whose handler starts as soon as the request's head arrived and reads the body
@@ -147,11 +150,13 @@ public struct HTTPRouter: Sendable {
         let pattern: String
         var handler: Handler
         var traced = true
+        var spanOfRoute: (name: String, attributes: [UInt8])?
         if case .found(let route, let parameters) = match {
             request.pathParameters = parameters
             pattern = route.pattern
             handler = route.handler
             traced = route.traced
+            spanOfRoute = route.span
         } else {
             let unmatched = unmatchedResponse(match)
             pattern = "other"
@@ -169,8 +174,9 @@ public struct HTTPRouter: Sendable {
         guard traced, traceparent != nil || TalkMeshTracer.shared.records else {
             do { return (try await handler(request), pattern) } catch { return (response(for: error), pattern) }
         }
-        let span = RPCSpans.http(method: request.method, route: pattern, traceparent: traceparent,
-                                 tracestate: traceparent == nil ? nil : request.header("tracestate"), peer: "")
+        let named = spanOfRoute ?? RPCSpans.httpRoute(method: request.method, route: pattern)
+        let span = RPCSpans.http(name: named.name, attributes: named.attributes, traceparent: traceparent,
+                                 tracestate: traceparent == nil ? nil : request.header("tracestate"))
         var answer: HTTPResponse
         do {
             let traced = request, run = handler

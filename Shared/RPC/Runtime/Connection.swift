@@ -19,6 +19,8 @@ final class Connection {
     unowned let loop: EventLoop
     let core: ServerCore
     let peer: String
+    /// `peer` as a span attribute, encoded at the connection's first traced call (loop thread only).
+    lazy var peerSpanAttribute = RPCSpans.peerAttribute(peer)
     private(set) var bev: OpaquePointer?
     var mode: Mode = .sniffing
     private(set) var closed = false

@@ -26,7 +26,8 @@ extension HTTP2ServerSession {
         var context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
         // The server span: a child of the caller's (its traceparent), or the root of a new trace.
         let span = RPCSpans.server(path: stream.path, name: method.spanName, attributes: method.spanAttributes, traceparent: stream.traceparent,
-                                   tracestate: stream.traceparent == nil ? nil : stream.metadata.first("tracestate"), peer: connection.peer)
+                                   tracestate: stream.traceparent == nil ? nil : stream.metadata.first("tracestate"),
+                                   peer: connection.peerSpanAttribute)
         context.trace = span?.trace
         let loop = connection.loop
         let connectionID = connection.id

@@ -107,7 +107,7 @@ public struct ProtoWriter: Sendable {
         any(&self)
     }
 
-    static func varintSize(_ value: UInt64) -> Int {
+    public static func varintSize(_ value: UInt64) -> Int {
         var value = value, size = 1
         while value >= 0x80 {
             value >>= 7
@@ -115,4 +115,79 @@ public struct ProtoWriter: Sendable {
         }
         return size
     }
+}
+
+/// Writes protocol-buffer fields into memory sized in advance (an export's body, whose every
+/// length is computed first): no capacity or uniqueness check per byte, as `ProtoWriter` has.
+/// The caller guarantees the room; `end` says how far it wrote.
+public struct ProtoCursor {
+    public private(set) var end: UnsafeMutablePointer<UInt8>
+
+    public init(_ start: UnsafeMutablePointer<UInt8>) { end = start }
+
+    @inline(__always) public mutating func rawVarint(_ value: UInt64) {
+        var value = value
+        while value >= 0x80 {
+            end.pointee = UInt8(truncatingIfNeeded: value) | 0x80
+            end += 1
+            value >>= 7
+        }
+        end.pointee = UInt8(value)
+        end += 1
+    }
+
+    @inline(__always) public mutating func tag(_ field: Int, _ wireType: UInt8) { rawVarint(UInt64(field) << 3 | UInt64(wireType)) }
+
+    public mutating func varint(_ field: Int, _ value: UInt64) {
+        tag(field, 0)
+        rawVarint(value)
+    }
+
+    public mutating func fixed64(_ field: Int, _ value: UInt64) {
+        tag(field, 1)
+        UnsafeMutableRawPointer(end).storeBytes(of: value.littleEndian, as: UInt64.self)
+        end += 8
+    }
+
+    /// An id: 8 bytes big-endian (a span id), or 16 (`high` then `low`, a trace id).
+    public mutating func id(_ field: Int, _ high: UInt64, _ low: UInt64? = nil) {
+        tag(field, 2)
+        rawVarint(low == nil ? 8 : 16)
+        UnsafeMutableRawPointer(end).storeBytes(of: high.bigEndian, as: UInt64.self)
+        end += 8
+        if let low {
+            UnsafeMutableRawPointer(end).storeBytes(of: low.bigEndian, as: UInt64.self)
+            end += 8
+        }
+    }
+
+    /// Bytes as they are (already framed).
+    public mutating func raw(_ bytes: [UInt8]) {
+        bytes.withUnsafeBufferPointer { raw($0) }
+    }
+
+    public mutating func raw(_ bytes: UnsafeBufferPointer<UInt8>) {
+        guard let base = bytes.baseAddress, !bytes.isEmpty else { return }
+        end.update(from: base, count: bytes.count)
+        end += bytes.count
+    }
+
+    /// A length-delimited field.
+    public mutating func bytes(_ field: Int, _ bytes: [UInt8]) {
+        tag(field, 2)
+        rawVarint(UInt64(bytes.count))
+        raw(bytes)
+    }
+
+    public mutating func string(_ field: Int, _ text: String) {
+        var text = text
+        text.withUTF8 { utf8 in
+            tag(field, 2)
+            rawVarint(UInt64(utf8.count))
+            raw(utf8)
+        }
+    }
+
+    /// The size of a length-delimited field of `count` bytes (field numbers below 16).
+    public static func fieldSize(_ count: Int) -> Int { 1 + ProtoWriter.varintSize(UInt64(count)) + count }
 }

@@ -1,3 +1,4 @@
+import Synchronization
 import Instrumentation
 import TalkMeshBase
 import Tracing
@@ -8,20 +9,24 @@ public enum RPCSpans {
     /// A gRPC call's server span: `package.Service/Method`, a child of the caller's `traceparent`.
     /// Nil when spans are not recorded and the call brought no trace (as before tracing: nothing to
     /// carry). Health probes (every few seconds from every kubelet) only carry the caller's context.
-    /// `name` and `attributes`: the method's, made once at registration.
+    /// `name` and `attributes`: the method's, made once at registration; `peer`: the connection's
+    /// `network.peer.address`, encoded once per connection (`peerAttribute`).
     static func server(path: String, name: String, attributes: [UInt8], traceparent: String?, tracestate: String?,
-                       peer: String) -> TalkMeshSpan? {
+                       peer: @autoclosure () -> [UInt8]) -> TalkMeshSpan? {
         let parent = incoming(traceparent: traceparent, tracestate: tracestate)
         let tracer = TalkMeshTracer.shared
         if !tracer.records || path.hasPrefix("/grpc.health.v1.Health/") {
             return parent.map { TalkMeshTracer.propagating.span("", parent: $0, kind: .server) }
         }
-        let span = tracer.span(name, parent: parent, kind: .server)
-        if span.isRecording {
-            span.setEncoded(attributes)
-            if !peer.isEmpty { span.set("network.peer.address", peer) }
-        }
-        return span
+        return tracer.span(name, parent: parent, kind: .server, attributes: SharedAttributes(attributes, peer()))
+    }
+
+    /// `network.peer.address` encoded for spans; empty for no address.
+    public static func peerAttribute(_ peer: String) -> [UInt8] {
+        guard !peer.isEmpty else { return [] }
+        var writer = ProtoWriter()
+        writer.keyValue(9, "network.peer.address", .string(peer))
+        return writer.bytes
     }
 
     /// `rpc.system`, `rpc.service` and `rpc.method` of a method path, encoded (once per method).
@@ -46,44 +51,66 @@ public enum RPCSpans {
 
     /// A gRPC call's client span (one per call, around its attempts), a child of the current span;
     /// nil when spans are not recorded (the call then sends a child of the current trace).
-    public static func client(path: String, target: String) -> TalkMeshSpan? {
+    /// `target`: the client's `network.peer.address`, encoded once (`peerAttribute`).
+    public static func client(path: String, target: @autoclosure () -> [UInt8]) -> TalkMeshSpan? {
         let tracer = TalkMeshTracer.shared
         guard tracer.records else { return nil }
         let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
-        let span = tracer.span(name, parent: TraceContext.current, kind: .client)
-        if span.isRecording {
-            span.setEncoded(Self.attributes(rpc: path))
-            if !target.isEmpty { span.set("network.peer.address", target) }
-        }
-        return span
+        return tracer.span(name, parent: TraceContext.current, kind: .client, attributes: SharedAttributes(clientAttributes(path), target()))
+    }
+
+    /// The `rpc.*` attributes of the methods clients call, encoded once each. Bounded: past 512
+    /// paths (a proxy forwarding what its callers name) the rest are encoded per call.
+    private static let clientPaths = Mutex<[String: [UInt8]]>([:])
+
+    private static func clientAttributes(_ path: String) -> [UInt8] {
+        if let known = clientPaths.withLock({ $0[path] }) { return known }
+        let encoded = attributes(rpc: path)
+        clientPaths.withLock { if $0.count < 512 { $0[path] = encoded } }
+        return encoded
     }
 
     /// Ends an RPC span with its gRPC status (an error status for anything but OK).
     public static func end(_ span: TalkMeshSpan?, code: RPCError.Code?) {
-        guard let span, span.isRecording else { return }
-        span.set("rpc.grpc.status_code", Int64((code ?? .ok).rawValue))
-        if let code, code != .ok { span.setStatus(SpanStatus(code: .error, message: "\(code)")) }
-        span.end()
+        guard let span, span.records else { return }
+        let code = code ?? .ok, raw = Int(code.rawValue)
+        span.end(adding: grpcStatusAttributes.indices.contains(raw) ? grpcStatusAttributes[raw] : statusAttribute("rpc.grpc.status_code", raw),
+                 status: code == .ok ? nil : SpanStatus(code: .error, message: "\(code)"))
+    }
+
+    /// `rpc.grpc.status_code` for each gRPC code, encoded once.
+    private static let grpcStatusAttributes: [[UInt8]] = (0...16).map { statusAttribute("rpc.grpc.status_code", $0) }
+
+    private static func statusAttribute(_ key: String, _ code: Int) -> [UInt8] {
+        var writer = ProtoWriter()
+        writer.keyValue(9, key, .int64(Int64(code)))
+        return writer.bytes
     }
 
     /// An HTTP request's server span: `METHOD route`, a child of the request's `traceparent`.
-    public static func http(method: String, route: String, traceparent: String?, tracestate: String? = nil, peer: String) -> TalkMeshSpan {
-        let span = TalkMeshTracer.shared.span("\(method) \(route)", parent: incoming(traceparent: traceparent, tracestate: tracestate), kind: .server)
-        if span.isRecording {
-            span.set("http.request.method", method)
-            span.set("http.route", route)
-            if !peer.isEmpty { span.set("network.peer.address", peer) }
-        }
-        return span
+    /// `name` and `attributes`: the route's (`httpRoute`), made once.
+    public static func http(name: String, attributes: [UInt8], traceparent: String?, tracestate: String? = nil) -> TalkMeshSpan {
+        TalkMeshTracer.shared.span(name, parent: incoming(traceparent: traceparent, tracestate: tracestate), kind: .server,
+                                   attributes: SharedAttributes(attributes))
+    }
+
+    /// A route's span name and encoded `http.request.method` and `http.route`.
+    public static func httpRoute(method: String, route: String) -> (name: String, attributes: [UInt8]) {
+        var writer = ProtoWriter()
+        writer.keyValue(9, "http.request.method", .string(method))
+        writer.keyValue(9, "http.route", .string(route))
+        return ("\(method) \(route)", writer.bytes)
     }
 
     /// Ends an HTTP span with its status (5xx is an error, as the conventions have it for servers).
     public static func end(_ span: TalkMeshSpan, httpStatus: Int) {
-        guard span.isRecording else { return }
-        span.set("http.response.status_code", Int64(httpStatus))
-        if httpStatus >= 500 { span.setStatus(SpanStatus(code: .error)) }
-        span.end()
+        guard span.records else { return }
+        span.end(adding: (100..<600).contains(httpStatus) ? httpStatusAttributes[httpStatus - 100] : statusAttribute("http.response.status_code", httpStatus),
+                 status: httpStatus >= 500 ? SpanStatus(code: .error) : nil)
     }
+
+    /// `http.response.status_code` for 100–599, encoded once.
+    private static let httpStatusAttributes: [[UInt8]] = (100..<600).map { statusAttribute("http.response.status_code", $0) }
 }
 
 extension Result where Failure == RPCError {

@@ -36,25 +36,10 @@ extension TraceContext {
     }
 }
 
-/// A span that has ended, as exporters take it.
-public struct FinishedSpan: Sendable {
-    /// The span's ids (`trace.parentSpanIDValue` 0: a root) and tracestate.
-    public var trace: TraceContext
-    public var name: String
-    public var kind: SpanKind
-    public var startNanoseconds: UInt64
-    public var endNanoseconds: UInt64
-    /// The attributes as OTLP `KeyValue`s, each framed as field 9 of `Span` (`ProtoWriter.keyValue`).
-    public var encodedAttributes: [UInt8]
-    public var events: [SpanEvent]
-    /// Linked spans and the link's attributes.
-    public var links: [(trace: TraceContext, attributes: SpanAttributes)]
-    public var status: SpanStatus?
-}
-
 /// Where ended spans go (the OTLP exporter). `enqueue` never blocks: a full sink drops and counts.
 public protocol SpanSink: AnyObject, Sendable {
-    func enqueue(_ span: FinishedSpan)
+    /// Takes an ended span (by reference: nothing is copied); it changes no more.
+    func enqueue(_ span: TalkMeshSpan)
     /// Exports everything queued (SIGTERM, `forceFlush`).
     func flush() async
 }
@@ -121,7 +106,9 @@ public final class TalkMeshTracer: Tracer, Sendable {
     }
 
     /// A span, a child of `parent` (none: the root of a new trace, sampled as the sampler says).
+    /// `attributes`: encoded ones the span starts with (`SharedAttributes`), kept by reference.
     func span(_ name: @autoclosure () -> String, parent: TraceContext?, context: InstrumentationContext = .topLevel, kind: SpanKind,
+              attributes: SharedAttributes = SharedAttributes(),
               start: () -> UInt64 = { DefaultTracerClock.now.nanosecondsSinceEpoch }) -> TalkMeshSpan {
         let trace: TraceContext
         if let parent {
@@ -136,7 +123,7 @@ public final class TalkMeshTracer: Tracer, Sendable {
         let recording = sink != nil && trace.sampled
         // The name is built only for a span that records it.
         return TalkMeshSpan(name: recording ? name() : "", kind: kind, parentContext: context, trace: trace, start: recording ? start() : 0,
-                            sink: recording ? sink : nil)
+                            sink: recording ? sink : nil, shared: recording ? attributes : SharedAttributes())
     }
 
     public func forceFlush() {
@@ -191,8 +178,31 @@ public final class TalkMeshTracer: Tracer, Sendable {
     }
 }
 
+/// Attributes already in OTLP's wire form (`ProtoWriter.keyValue`, field 9 of `Span`) that many
+/// spans share: a method's `rpc.*`, a connection's peer, a status code. A span keeps up to three of
+/// them by reference, so starting and ending a call's span copies no attribute bytes.
+public struct SharedAttributes: Sendable {
+    var first: [UInt8] = []
+    var second: [UInt8] = []
+    var third: [UInt8] = []
+
+    public init(_ first: [UInt8] = [], _ second: [UInt8] = []) {
+        self.first = first
+        self.second = second
+    }
+
+    /// Keeps `bytes` in a free slot; false when all three are taken.
+    mutating func add(_ bytes: [UInt8]) -> Bool {
+        if first.isEmpty { first = bytes } else if second.isEmpty { second = bytes } else if third.isEmpty { third = bytes } else { return false }
+        return true
+    }
+
+    var count: Int { first.count + second.count + third.count }
+}
+
 /// One span. Only a recording span (sampled, with a sink) keeps what is set on it; the others
-/// ignore every call but `context`, and cost one allocation.
+/// ignore every call but `context`, and cost one allocation. An ended span goes to the sink as it
+/// is: the exporter encodes it from here.
 public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     /// The context the span was started in; `context` adds the span itself (built when asked, so
     /// a span nobody hands to the Tracing API costs no dictionary).
@@ -206,37 +216,42 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     public let kind: SpanKind
     /// Where the span goes when it ends; nil for a span that records nothing.
     private let sink: (any SpanSink)?
-    private let start: UInt64
+    let start: UInt64
 
     struct State {
         var name: String
-        /// Attributes already in OTLP's wire form: setting one is an append.
+        /// Encoded attributes shared with other spans, kept by reference.
+        var shared: SharedAttributes
+        /// The span's own attributes, encoded as they are set (storage allocated at the first).
         var attributes = ProtoWriter()
         var events: [SpanEvent] = []
         var links: [(trace: TraceContext, attributes: SpanAttributes)] = []
         var status: SpanStatus?
-        var ended = false
+        /// 0 until the span ends.
+        var end: UInt64 = 0
     }
 
     /// Inline in the span (no second allocation); untouched when the span records nothing.
     private let state: Mutex<State>
 
-    init(name: String, kind: SpanKind, parentContext: InstrumentationContext, trace: TraceContext, start: UInt64, sink: (any SpanSink)?) {
+    init(name: String, kind: SpanKind, parentContext: InstrumentationContext, trace: TraceContext, start: UInt64, sink: (any SpanSink)?,
+         shared: SharedAttributes = SharedAttributes()) {
         self.kind = kind
         self.parentContext = parentContext
         self.trace = trace
         self.sink = sink
         self.start = start
-        var initial = State(name: name)
-        if sink != nil { initial.attributes.bytes.reserveCapacity(192) }
-        state = Mutex(initial)
+        state = Mutex(State(name: name, shared: shared))
     }
 
-    public var isRecording: Bool { sink != nil && !state.withLock { $0.ended } }
+    public var isRecording: Bool { sink != nil && state.withLock { $0.end == 0 } }
+
+    /// Whether the span records at all (sampled, with a sink), ended or not: no lock taken.
+    public var records: Bool { sink != nil }
 
     public var operationName: String {
         get { sink == nil ? "" : state.withLock { $0.name } }
-        set { if sink != nil { state.withLock { $0.name = newValue } } }
+        set { if sink != nil { state.withLock { if $0.end == 0 { $0.name = newValue } } } }
     }
 
     /// Write-only here: a set adds each attribute (as `set` does); reading gives nothing back,
@@ -249,7 +264,7 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     /// Sets one attribute.
     public func set(_ key: String, _ value: SpanAttribute) {
         guard sink != nil else { return }
-        state.withLock { $0.attributes.keyValue(9, key, value) }
+        state.withLock { if $0.end == 0 { $0.attributes.keyValue(9, key, value) } }
     }
 
     public func set(_ key: String, _ value: String) { set(key, .string(value)) }
@@ -257,21 +272,24 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     public func set(_ key: String, _ value: Bool) { set(key, .bool(value)) }
     public func set(_ key: String, _ value: Double) { set(key, .double(value)) }
 
-    /// Adds attributes already encoded (`ProtoWriter.keyValue` with field 9): constant ones,
-    /// encoded once (a method's `rpc.*`).
+    /// Adds attributes already encoded (`ProtoWriter.keyValue` with field 9), kept by reference
+    /// while a shared slot is free.
     public func setEncoded(_ bytes: [UInt8]) {
         guard sink != nil else { return }
-        state.withLock { $0.attributes.bytes.append(contentsOf: bytes) }
+        state.withLock { state in
+            guard state.end == 0, !state.shared.add(bytes) else { return }
+            state.attributes.bytes.append(contentsOf: bytes)
+        }
     }
 
     public func setStatus(_ status: SpanStatus) {
         guard sink != nil else { return }
-        state.withLock { $0.status = status }
+        state.withLock { if $0.end == 0 { $0.status = status } }
     }
 
     public func addEvent(_ event: SpanEvent) {
         guard sink != nil else { return }
-        state.withLock { $0.events.append(event) }
+        state.withLock { if $0.end == 0 { $0.events.append(event) } }
     }
 
     public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
@@ -284,13 +302,13 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
 
     public func addLink(_ link: SpanLink) {
         guard sink != nil, let linked = link.context.traceContext else { return }
-        state.withLock { $0.links.append((linked, link.attributes)) }
+        state.withLock { if $0.end == 0 { $0.links.append((linked, link.attributes)) } }
     }
 
     /// Links the span to another one (a job's original trace, after a restart).
     public func addLink(_ linked: TraceContext, attributes: SpanAttributes = [:]) {
         guard sink != nil else { return }
-        state.withLock { $0.links.append((linked, attributes)) }
+        state.withLock { if $0.end == 0 { $0.links.append((linked, attributes)) } }
     }
 
     /// Ends the span as failed with `message`.
@@ -300,14 +318,86 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     }
 
     public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
+        end(adding: [], status: nil, at: instant().nanosecondsSinceEpoch)
+    }
+
+    /// Ends the span with `encoded` attributes (shared, as `setEncoded` keeps them) and `status`,
+    /// in one step: a call's span ends with its status code this way.
+    public func end(adding encoded: [UInt8], status: SpanStatus?, at nanoseconds: UInt64 = DefaultTracerClock.now.nanosecondsSinceEpoch) {
         guard let sink else { return }
-        let trace = self.trace, kind = self.kind, start = self.start
-        let finished: FinishedSpan? = state.withLock { state in
-            guard !state.ended else { return nil }
-            state.ended = true
-            return FinishedSpan(trace: trace, name: state.name, kind: kind, startNanoseconds: start, endNanoseconds: instant().nanosecondsSinceEpoch,
-                                encodedAttributes: state.attributes.bytes, events: state.events, links: state.links, status: state.status)
+        let ended: Bool = state.withLock { state in
+            guard state.end == 0 else { return false }
+            if !encoded.isEmpty, !state.shared.add(encoded) { state.attributes.bytes.append(contentsOf: encoded) }
+            if let status { state.status = status }
+            state.end = max(nanoseconds, 1)
+            return true
         }
-        if let finished { sink.enqueue(finished) }
+        if ended { sink.enqueue(self) }
+    }
+
+    /// The ended span's size as an OTLP `Span` message, and the part of it written ahead: events,
+    /// links and a status (rare: failures), encoded here; `writeOTLP` takes both back.
+    /// `Span`: trace_id 1, span_id 2, trace_state 3, parent_span_id 4, name 5, kind 6, start 7 and
+    /// end 8 (fixed64), attributes 9, events 11, links 13, status 15.
+    public func otlpSize() -> (size: Int, tail: [UInt8]) {
+        state.withLock { state in
+            var tail = ProtoWriter()
+            for event in state.events {
+                tail.message(11) { message in
+                    message.fixed64(1, event.nanosecondsSinceEpoch)
+                    message.string(2, event.name)
+                    event.attributes.forEach { key, value in message.keyValue(3, key, value) }
+                }
+            }
+            for link in state.links {
+                tail.message(13) { message in
+                    message.id(1, link.trace.traceIDHigh, link.trace.traceIDLow)
+                    message.id(2, link.trace.spanIDValue)
+                    link.attributes.forEach { key, value in message.keyValue(4, key, value) }
+                }
+            }
+            if let status = state.status {
+                tail.message(15) { message in
+                    if let text = status.message { message.string(2, text) }
+                    message.varint(3, status.code == .ok ? 1 : 2)
+                }
+            }
+            // Ids 18 and 10 bytes framed, kind 2, start and end 9 each.
+            var size = 18 + 10 + 2 + 9 + 9 + ProtoCursor.fieldSize(state.name.utf8.count)
+            if trace.parentSpanIDValue != 0 { size += 10 }
+            if let traceState = trace.traceState { size += ProtoCursor.fieldSize(traceState.utf8.count) }
+            size += state.shared.count + state.attributes.bytes.count + tail.bytes.count
+            return (size, tail.bytes)
+        }
+    }
+
+    /// Writes the ended span's OTLP `Span` fields (`otlpSize` bytes, with its `tail`).
+    public func writeOTLP(into cursor: inout ProtoCursor, tail: [UInt8]) {
+        state.withLock { state in
+            cursor.id(1, trace.traceIDHigh, trace.traceIDLow)
+            cursor.id(2, trace.spanIDValue)
+            if let traceState = trace.traceState { cursor.string(3, traceState) }
+            if trace.parentSpanIDValue != 0 { cursor.id(4, trace.parentSpanIDValue) }
+            cursor.string(5, state.name)
+            cursor.varint(6, Self.otlpKind(kind))
+            cursor.fixed64(7, start)
+            cursor.fixed64(8, state.end)
+            cursor.raw(state.shared.first)
+            cursor.raw(state.shared.second)
+            cursor.raw(state.shared.third)
+            cursor.raw(state.attributes.bytes)
+            cursor.raw(tail)
+        }
+    }
+
+    /// SPAN_KIND_INTERNAL 1, SERVER 2, CLIENT 3, PRODUCER 4, CONSUMER 5.
+    static func otlpKind(_ kind: SpanKind) -> UInt64 {
+        switch kind {
+        case .internal: return 1
+        case .server: return 2
+        case .client: return 3
+        case .producer: return 4
+        case .consumer: return 5
+        }
     }
 }

@@ -52,7 +52,7 @@ struct  Talkmesh__Testing__V1__EchoResponse
    */
   char *server;
   /*
-   * the handler's trace context, for tracing tests
+   * the handler's trace context when the call sent a traceparent, for tracing tests
    */
   char *traceparent;
 };
