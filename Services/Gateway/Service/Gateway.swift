@@ -95,9 +95,12 @@ public final class Gateway: Sendable {
         router.interceptors = [
             { [self] request, route, next in try await logged(request, route, next) },
             { [self] request, route, next in try await seedErrors(request, route, next) },
-            { [self] request, _, next in try await cors(request, next) },
-            { [self] request, _, next in try await authenticated(request, next) },
         ]
+        // Every request passes each layer: CORS is one only when origins are configured.
+        if !configuration.corsOrigins.isEmpty {
+            router.interceptors.append { [self] request, _, next in try await cors(request, next) }
+        }
+        router.interceptors.append { [self] request, _, next in try await authenticated(request, next) }
         installJobRoutes(into: &router)
         installSeedRoutes(into: &router)
         installDownloadRoutes(into: &router)
@@ -135,10 +138,10 @@ public final class Gateway: Sendable {
             response = routerResponse(error)
         }
         response.headers.append(("x-request-id", id))
-        let traceID = TraceContext.current?.traceID ?? "-"
+        // The metadata is built only when the line is logged (LOG_LEVEL).
         logger.info("request", metadata: [
             "request_id": "\(id)", "key_id": "\(info.keyID)", "method": "\(request.method)", "route": "\(route)",
-            "status": "\(response.status)", "bytes": "\(Self.bodyBytes(response))", "trace_id": "\(traceID)",
+            "status": "\(response.status)", "bytes": "\(Self.bodyBytes(response))", "trace_id": "\(TraceContext.current?.traceID ?? "-")",
             "duration_ms": "\(Double((MonotonicClock.nanoseconds() - started) / 10_000) / 100)",
         ])
         return response
@@ -218,14 +221,17 @@ public final class Gateway: Sendable {
     /// The key a request or call presents: `Authorization: Bearer KEY` wins over `X-API-Key: KEY`.
     static func secret(authorization: String?, apiKey: String?) -> String? {
         // Byte by byte: every request passes here (Foundation's trimming costs microseconds).
-        if let authorization {
-            let bytes = Array(authorization.utf8)
-            let scheme = Array("bearer ".utf8)
-            if bytes.count > scheme.count, bytes[6] == 0x20, zip(bytes.prefix(6), scheme).allSatisfy({ $0 | 0x20 == $1 }) {
+        if var authorization {
+            let token: String? = authorization.withUTF8 { bytes in
+                // "Bearer " in any case, then the token without surrounding blanks.
+                guard bytes.count > 7, bytes[6] == 0x20, zip(bytes.prefix(6), "bearer".utf8).allSatisfy({ $0 | 0x20 == $1 }) else { return nil }
                 let isSpace: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x09 }
-                let token = bytes[scheme.count...].drop(while: isSpace).reversed().drop(while: isSpace).reversed()
-                return String(decoding: token, as: UTF8.self)
+                var start = 7, end = bytes.count
+                while start < end, isSpace(bytes[start]) { start += 1 }
+                while end > start, isSpace(bytes[end - 1]) { end -= 1 }
+                return String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<end]), as: UTF8.self)
             }
+            if let token { return token }
         }
         return apiKey
     }

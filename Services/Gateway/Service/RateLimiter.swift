@@ -55,14 +55,17 @@ public final class LocalRateLimiter: RateLimiter, @unchecked Sendable {
         let time = now()
         return lock.withLock {
             sweep(time)
-            var bucket = buckets[name] ?? Bucket(tokens: burst, updated: time)
-            bucket.tokens = min(burst, bucket.tokens + Double(time - bucket.updated) / 1e9 * rate)
-            bucket.updated = time
-            let allowed = bucket.tokens >= 1
-            if allowed { bucket.tokens -= 1 }
-            buckets[name] = bucket
-            return Self.decision(allowed: allowed, tokens: bucket.tokens, rate: rate, burst: burst)
+            // One lookup: the bucket is updated in place.
+            return Self.refill(&buckets[name, default: Bucket(tokens: burst, updated: time)], time: time, rate: rate, burst: burst)
         }
+    }
+
+    private static func refill(_ bucket: inout Bucket, time: Int64, rate: Double, burst: Double) -> RateDecision {
+        bucket.tokens = min(burst, bucket.tokens + Double(time - bucket.updated) / 1e9 * rate)
+        bucket.updated = time
+        let allowed = bucket.tokens >= 1
+        if allowed { bucket.tokens -= 1 }
+        return decision(allowed: allowed, tokens: bucket.tokens, rate: rate, burst: burst)
     }
 
     static func decision(allowed: Bool, tokens: Double, rate: Double, burst: Double) -> RateDecision {

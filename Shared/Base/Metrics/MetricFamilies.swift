@@ -45,13 +45,17 @@ public final class HistogramFamily: @unchecked Sendable {
     public func observe(_ labels: [String], _ value: Double) {
         guard value.isFinite else { return }
         let index = bounds.firstIndex { value <= $0 }
+        let width = bounds.count
         lock.withLock {
-            var entry = series[labels] ?? ([UInt64](repeating: 0, count: bounds.count), 0, 0)
-            if let index { entry.buckets[index] += 1 }
-            entry.count += 1
-            entry.sum += value
-            series[labels] = entry
+            // In place: one hash lookup, and the buckets' storage is not copied.
+            Self.add(&series[labels, default: ([UInt64](repeating: 0, count: width), 0, 0)], index, value)
         }
+    }
+
+    private static func add(_ entry: inout (buckets: [UInt64], count: UInt64, sum: Double), _ index: Int?, _ value: Double) {
+        if let index { entry.buckets[index] += 1 }
+        entry.count += 1
+        entry.sum += value
     }
 
     public func render() -> String {

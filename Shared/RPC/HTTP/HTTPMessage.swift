@@ -18,6 +18,8 @@ public struct HTTPRequest: Sendable {
     public var isSecure = false
     /// The body as it arrives, for a route added with `addStreaming` (`body` is empty then).
     public var bodyStream: HTTPBodyStream?
+    /// The route matched when the head arrived (the server's router), so it is matched once.
+    var routeMatch: HTTPRouter.RouteMatch?
 
     /// Creates a request.
     public init(method: String, path: String, query: String = "", headers: [(name: String, value: String)] = [], body: [UInt8] = []) {
@@ -40,7 +42,7 @@ public struct HTTPRequest: Sendable {
 
     /// The first value of a header (case-insensitive name).
     public func header(_ name: String) -> String? {
-        let lowered = name.lowercased()
+        let lowered = HTTPHeaderName.lowercased(name)
         return headers.first { $0.name == lowered }?.value
     }
 }
@@ -106,5 +108,14 @@ public struct HTTPResponse: Sendable {
         case 504: return "Gateway Timeout"
         default: return "Status \(status)"
         }
+    }
+}
+
+/// Header names, lower-cased as HTTP/2 has them (and HTTP/1.1 headers are kept).
+enum HTTPHeaderName {
+    /// `name` lower-cased; the same string, not a copy, when it has no upper-case letter
+    /// (nearly always: names are written lower-case in the code).
+    static func lowercased(_ name: String) -> String {
+        name.utf8.contains(where: { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }) ? name.lowercased() : name
     }
 }

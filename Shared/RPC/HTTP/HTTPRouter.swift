@@ -1,3 +1,4 @@
+import Synchronization
 import Instrumentation
 import Logging
 
@@ -25,6 +26,11 @@ public struct HTTPRouter: Sendable {
     }
 
     private var routes: [Route] = []
+    /// Names this router's routes as they are: a match made by another router, or before a
+    /// route was added, is not taken (`respond` matches again).
+    private var generation = HTTPRouter.nextGeneration()
+    private static let generations = Atomic<Int>(0)
+    private static func nextGeneration() -> Int { generations.add(1, ordering: .relaxed).newValue }
 
     /// The answer to what the router itself refuses (404, 405, 413) and to a thrown error: a
     /// status, a stable code and a message. Plain text unless a service sets its own format.
@@ -53,6 +59,7 @@ public struct HTTPRouter: Sendable {
     /// from the request's head or its first byte over, before anything is buffered or dispatched.
     public mutating func add(_ method: String, _ pattern: String, maxBodyBytes: Int? = nil, _ handler: @escaping Handler) {
         routes.append(Self.route(method, pattern, maxBodyBytes: maxBodyBytes, streamsBody: false, handler: handler))
+        generation = Self.nextGeneration()
     }
 
     private static func route(_ method: String, _ pattern: String, maxBodyBytes: Int?, streamsBody: Bool, handler: @escaping Handler) -> Route {
@@ -71,20 +78,30 @@ public struct HTTPRouter: Sendable {
     /// HTTP/2 stream) once it is out.
     public mutating func addStreaming(_ method: String, _ pattern: String, maxBodyBytes: Int, _ handler: @escaping Handler) {
         routes.append(Self.route(method, pattern, maxBodyBytes: maxBodyBytes, streamsBody: true, handler: handler))
+        generation = Self.nextGeneration()
     }
 
     /// What a request may carry, decided from its head alone: the body limit, and the answer when
     /// the body goes past it (413 for a route; the 404 or 405 itself when nothing matches, as such
     /// a request is answered without reading its body). The refusal is built only when needed.
-    func bodyPolicy(method: String, target: String, serverLimit: Int) -> (limit: Int, refusal: @Sendable () -> HTTPResponse, streams: Bool) {
+    /// `match`: the request's match, kept for `respond` (a request is matched once).
+    func bodyPolicy(method: String, target: String, serverLimit: Int)
+        -> (limit: Int, refusal: @Sendable () -> HTTPResponse, streams: Bool, match: RouteMatch) {
         let match = match(method: method, path: target)  // stops at a `?`
+        let kept = RouteMatch(match: match, generation: generation)
         guard case .found(let route, _) = match else {
             let response = unmatchedResponse(match)
-            return (0, { response }, false)
+            return (0, { response }, false, kept)
         }
         let limit = route.maxBodyBytes ?? (["POST", "PUT", "PATCH"].contains(method) ? serverLimit : 0)
         let router = self
-        return (limit, { router.tooLarge(limit: limit) }, route.streamsBody)
+        return (limit, { router.tooLarge(limit: limit) }, route.streamsBody, kept)
+    }
+
+    /// A request's match, made when its head arrived, and the router it came from.
+    struct RouteMatch: Sendable {
+        let match: Match
+        let generation: Int
     }
 
     /// The 413 for a body past `limit`.
@@ -93,7 +110,7 @@ public struct HTTPRouter: Sendable {
     }
 
     /// The outcome of matching a request.
-    enum Match {
+    enum Match: Sendable {
         case found(Route, parameters: [String: String])
         case methodNotAllowed(allowed: [String])
         case notFound
@@ -145,8 +162,14 @@ public struct HTTPRouter: Sendable {
     /// Runs the matching handler, answering 404/405 itself; a thrown error becomes
     /// `thrownResponse` (by default 500).
     func respond(to request: HTTPRequest) async -> (HTTPResponse, route: String) {
-        let match = match(method: request.method, path: request.path)
+        let match: Match
+        if let kept = request.routeMatch, kept.generation == generation {
+            match = kept.match
+        } else {
+            match = self.match(method: request.method, path: request.path)
+        }
         var request = request
+        request.routeMatch = nil
         let pattern: String
         var handler: Handler
         var traced = true

@@ -73,14 +73,17 @@ public final class RequestMetrics: @unchecked Sendable {
         let shard = shards[shard % shards.count]
         let key = Key(kind: kind, method: method, status: status)
         shard.lock.withLock {
-            var entry = shard.series[key] ?? Series()
-            entry.count += 1
-            entry.sum += seconds
-            for (index, bound) in Self.buckets.enumerated() where seconds <= bound {
-                entry.buckets[index] += 1
-                break
-            }
-            shard.series[key] = entry
+            // In place: one hash lookup, and the buckets' storage is not copied.
+            Self.observe(&shard.series[key, default: Series()], seconds)
+        }
+    }
+
+    private static func observe(_ entry: inout Series, _ seconds: Double) {
+        entry.count += 1
+        entry.sum += seconds
+        for (index, bound) in buckets.enumerated() where seconds <= bound {
+            entry.buckets[index] += 1
+            break
         }
     }
 

@@ -70,7 +70,7 @@ extension HTTP1ServerSession {
             let methodName = String(cString: http_method_str(http_method(rawValue: parser!.pointee.method)))
             let target = String(decoding: session.url, as: UTF8.self)
             let policy = session.core.router.bodyPolicy(method: methodName, target: target, serverLimit: configuration.maxBodyBytes)
-            (session.bodyLimit, session.bodyRefusal) = (policy.limit, policy.refusal)
+            (session.bodyLimit, session.bodyRefusal, session.routeMatch) = (policy.limit, policy.refusal, policy.match)
             session.inBody = true
             let declared = parser!.pointee.content_length
             let chunked = parser!.pointee.flags & UInt32(F_CHUNKED.rawValue) != 0
@@ -137,6 +137,8 @@ extension HTTP1ServerSession {
             var request = HTTPRequest(method: methodName, target: target, headers: session.headers, body: session.body)
             request.peer = session.connection.peer
             request.isSecure = session.connection.core.tls != nil
+            request.routeMatch = session.routeMatch
+            session.routeMatch = nil
             session.body = []
             session.inBody = false
             session.inMessage = false
@@ -169,6 +171,8 @@ extension HTTP1ServerSession {
         var request = HTTPRequest(method: method, target: target, headers: headers)
         request.peer = connection.peer
         request.isSecure = connection.core.tls != nil
+        request.routeMatch = routeMatch
+        routeMatch = nil
         let loop = connection.loop
         let connectionID = connection.id
         let stream = HTTPBodyStream { _ in

@@ -58,6 +58,8 @@ final class HTTP1ServerSession {
     /// The current request's body limit and the answer past it, decided from its head.
     var bodyLimit = 0
     var bodyRefusal: @Sendable () -> HTTPResponse = { HTTPResponse.text(413, "request body too large\n") }
+    /// The router's match for the current request's head, handed to `respond`.
+    var routeMatch: HTTPRouter.RouteMatch?
     /// Between the end of a request's head and the end of its body.
     var inBody = false
     /// Between a request's first byte and its end.

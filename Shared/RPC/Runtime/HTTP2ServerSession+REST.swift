@@ -10,6 +10,8 @@ extension HTTP2ServerSession {
         request.peer = connection.peer
         request.isSecure = connection.core.tls != nil
         request.bodyStream = stream.bodyStream
+        request.routeMatch = stream.routeMatch
+        stream.routeMatch = nil
         stream.body = []
         let router = core.router
         let loop = connection.loop
@@ -46,7 +48,7 @@ extension HTTP2ServerSession {
         stream.deadlineTimer = nil
         stream.trailers = nil
         var headers: [(name: String, value: String)] = [(":status", String(response.status))]
-        headers += response.headers.map { ($0.name.lowercased(), $0.value) }
+        headers += response.headers.map { (HTTPHeaderName.lowercased($0.name), $0.value) }
         let block = HeaderBlock(headers)
         var provider = nghttp2_data_provider(source: nghttp2_data_source(ptr: nil), read_callback: HTTP2ServerSession.readCallback)
         block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, &provider) }
@@ -101,7 +103,7 @@ extension HTTP2ServerSession {
         stream.responseStarted = true
         stream.deadlineTimer = nil
         var headers: [(name: String, value: String)] = [(":status", String(response.status))]
-        headers += response.headers.map { ($0.name.lowercased(), $0.value) }
+        headers += response.headers.map { (HTTPHeaderName.lowercased($0.name), $0.value) }
         if response.streamBody == nil { headers.append(("content-length", String(response.body.count))) }
         let block = HeaderBlock(headers)
         if response.body.isEmpty || stream.method == "HEAD" || response.streamBody != nil {

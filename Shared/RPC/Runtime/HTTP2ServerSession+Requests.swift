@@ -138,6 +138,7 @@ extension HTTP2ServerSession {
             let policy = core.router.bodyPolicy(method: stream.method, target: stream.path, serverLimit: core.configuration.maxBodyBytes)
             stream.bodyLimit = policy.limit
             stream.bodyRefusal = policy.refusal
+            stream.routeMatch = policy.match
             if let declared = stream.declaredLength, declared > policy.limit {
                 respondPlain(stream, policy.refusal())
                 resetAfterResponse(stream)

@@ -35,7 +35,13 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// 16 bytes, hex-encoded (32 characters).
-    public var traceID: String { Self.hex(traceIDHigh) + Self.hex(traceIDLow) }
+    public var traceID: String {
+        String(unsafeUninitializedCapacity: 32) { buffer in
+            Self.putHex(traceIDHigh, buffer, at: 0)
+            Self.putHex(traceIDLow, buffer, at: 16)
+            return 32
+        }
+    }
     /// 8 bytes, hex-encoded (16 characters): this span.
     public var spanID: String { Self.hex(spanIDValue) }
     /// The span that caused this one, if any.
@@ -99,32 +105,39 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
     /// 16 lower-case hex digits.
     static func hex(_ value: UInt64) -> String {
         String(unsafeUninitializedCapacity: 16) { buffer in
-            for index in 0..<16 { buffer[index] = hexDigits[Int((value >> (60 - 4 * UInt64(index))) & 0xF)] }
+            putHex(value, buffer, at: 0)
             return 16
         }
+    }
+
+    /// `value` as 16 lower-case hex digits at `offset`.
+    @inline(__always) static func putHex(_ value: UInt64, _ buffer: UnsafeMutableBufferPointer<UInt8>, at offset: Int) {
+        for index in 0..<16 { buffer[offset + index] = hexDigit(UInt8(truncatingIfNeeded: value >> (60 - 4 * UInt64(index)))) }
+    }
+
+    /// The low nibble of `value` as a lower-case hex digit.
+    @inline(__always) static func hexDigit(_ value: UInt8) -> UInt8 {
+        let nibble = value & 0xF
+        return nibble < 10 ? 0x30 + nibble : 0x57 + nibble
     }
 
     /// The `traceparent` header value for this span.
     public var traceparent: String {
         String(unsafeUninitializedCapacity: 55) { buffer in
-            func put(_ value: UInt64, at offset: Int) {
-                for index in 0..<16 { buffer[offset + index] = Self.hexDigits[Int((value >> (60 - 4 * UInt64(index))) & 0xF)] }
-            }
             buffer[0] = 0x30; buffer[1] = 0x30; buffer[2] = 0x2D
-            put(traceIDHigh, at: 3)
-            put(traceIDLow, at: 19)
+            Self.putHex(traceIDHigh, buffer, at: 3)
+            Self.putHex(traceIDLow, buffer, at: 19)
             buffer[35] = 0x2D
-            put(spanIDValue, at: 36)
+            Self.putHex(spanIDValue, buffer, at: 36)
             buffer[52] = 0x2D
-            buffer[53] = Self.hexDigits[Int(flags >> 4)]
-            buffer[54] = Self.hexDigits[Int(flags & 0xF)]
+            buffer[53] = Self.hexDigit(flags >> 4)
+            buffer[54] = Self.hexDigit(flags)
             return 55
         }
     }
 
     public var description: String { traceparent }
 
-    private static let hexDigits: [UInt8] = Array("0123456789abcdef".utf8)
 
     /// Ids need to be unique, not secret: SplitMix64 over a random seed and a counter is enough,
     /// and avoids a getrandom() system call per id.
@@ -161,8 +174,8 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
                         let byte = UInt8(truncatingIfNeeded: word)
                         word >>= 8
                         nonZero = nonZero || byte != 0
-                        buffer[index] = hexDigits[Int(byte >> 4)]
-                        buffer[index + 1] = hexDigits[Int(byte & 0x0F)]
+                        buffer[index] = hexDigit(byte >> 4)
+                        buffer[index + 1] = hexDigit(byte)
                         index += 2
                     }
                 }
