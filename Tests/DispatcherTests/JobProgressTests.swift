@@ -50,9 +50,15 @@ import TalkMeshMessages
             waits.append(wait)
         }
         #expect(waits.first == 0.1 && waits.max()! <= 1.0 && waits == waits.sorted())
-        // Unknown throughput, or still queued: a short growing ladder capped at 2 s.
+        // Still queued: a short growing ladder capped at 2 s.
         #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: known, previous: 0) == 0.25)
-        #expect(planner.next(running: true, executionMs: 100, audioSeconds: 20, estimate: Throughput.Estimate(), previous: 1.9) == 2)
+        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: known, previous: 1.9) == 2)
+        // Running at an unknown throughput: a tenth of the time run so far, within 0.25–2 s,
+        // whatever the previous wait (the poll that finds it done is at most 10 % late).
+        let unknown = Throughput.Estimate()
+        #expect(planner.next(running: true, executionMs: 100, audioSeconds: 20, estimate: unknown, previous: 1.9) == 0.25)
+        #expect(planner.next(running: true, executionMs: 8000, audioSeconds: 20, estimate: unknown, previous: 2) == 0.8)
+        #expect(planner.next(running: true, executionMs: 60_000, audioSeconds: 20, estimate: unknown, previous: 0.25) == 2)
         // Never longer than `longest`, however long the chunk.
         #expect(planner.next(running: true, executionMs: 0, audioSeconds: 600, estimate: known, previous: 0) == 10)
     }

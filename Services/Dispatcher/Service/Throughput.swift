@@ -45,9 +45,14 @@ public struct PollPlanner: Sendable {
     public var overdueFirst = 0.1
     public var growth = 1.5
     public var overdueLongest = 1.0
-    /// Unknown throughput: this first, growing up to `unknownLongest`.
+    /// Unknown throughput: this first, growing up to `unknownLongest`; a running chunk waits
+    /// `unknownFraction` of the time it has run (within those bounds), so the poll that finds it
+    /// done comes at most that fraction of its run late. (A ladder of ×1.5 steps started alike
+    /// for every chunk of a job: a fresh Dispatcher's first chunks, which all end together, were
+    /// found up to 2 s late.)
     public var unknownFirst = 0.25
     public var unknownLongest = 2.0
+    public var unknownFraction = 0.1
 
     public init() {}
 
@@ -55,6 +60,9 @@ public struct PollPlanner: Sendable {
     /// `executionMs` what RunPod reports the job has run so far.
     public func next(running: Bool, executionMs: Int64?, audioSeconds: Double, estimate: Throughput.Estimate, previous: Double) -> Double {
         guard running, let rate = estimate.secondsPerAudioSecond else {
+            if running, let executionMs {
+                return min(unknownLongest, max(unknownFirst, unknownFraction * Double(executionMs) / 1000))
+            }
             return min(unknownLongest, previous <= 0 ? unknownFirst : previous * growth)
         }
         let remaining = rate * audioSeconds - Double(executionMs ?? 0) / 1000
