@@ -8,7 +8,8 @@ public struct HTTPRouter: Sendable {
     /// A REST handler.
     public typealias Handler = @Sendable (HTTPRequest) async throws -> HTTPResponse
 
-    struct Route: Sendable {
+    /// A class: a match hands it on by one reference (each request's match is kept and copied).
+    final class Route: Sendable {
         let method: String
         let pattern: String
         /// Each segment's bytes, or nil where a `{name}` captures (names in `parameterNames`).
@@ -23,6 +24,19 @@ public struct HTTPRouter: Sendable {
         let traced: Bool
         /// The span name and encoded attributes of the route's requests.
         let span: (name: String, attributes: [UInt8])
+
+        init(method: String, pattern: String, segments: [[UInt8]?], parameterNames: [String?], maxBodyBytes: Int?, streamsBody: Bool,
+             handler: @escaping Handler, traced: Bool, span: (name: String, attributes: [UInt8])) {
+            self.method = method
+            self.pattern = pattern
+            self.segments = segments
+            self.parameterNames = parameterNames
+            self.maxBodyBytes = maxBodyBytes
+            self.streamsBody = streamsBody
+            self.handler = handler
+            self.traced = traced
+            self.span = span
+        }
     }
 
     private var routes: [Route] = []
@@ -93,9 +107,10 @@ public struct HTTPRouter: Sendable {
             let response = unmatchedResponse(match)
             return (0, { response }, false, kept)
         }
-        let limit = route.maxBodyBytes ?? (["POST", "PUT", "PATCH"].contains(method) ? serverLimit : 0)
-        let router = self
-        return (limit, { router.tooLarge(limit: limit) }, route.streamsBody, kept)
+        let limit = route.maxBodyBytes ?? (method == "POST" || method == "PUT" || method == "PATCH" ? serverLimit : 0)
+        // The refusal keeps the error format, not a copy of the whole router.
+        let errorResponse = self.errorResponse
+        return (limit, { Self.tooLarge(limit: limit, errorResponse) }, route.streamsBody, kept)
     }
 
     /// A request's match, made when its head arrived, and the router it came from.
@@ -105,7 +120,9 @@ public struct HTTPRouter: Sendable {
     }
 
     /// The 413 for a body past `limit`.
-    public func tooLarge(limit: Int) -> HTTPResponse {
+    public func tooLarge(limit: Int) -> HTTPResponse { Self.tooLarge(limit: limit, errorResponse) }
+
+    static func tooLarge(limit: Int, _ errorResponse: (_ status: Int, _ code: String, _ message: String) -> HTTPResponse) -> HTTPResponse {
         errorResponse(413, "PAYLOAD_TOO_LARGE", limit == 0 ? "this route takes no request body" : "request body too large (limit \(limit) bytes)")
     }
 
