@@ -227,13 +227,14 @@ final class HTTP1ServerSession {
         let pending = queue.removeFirst()
         queuedBytes -= pending.request.body.count
         inFlight = true
-        let router = core.router
+        // The core, not a copy of its router: one reference to retain, not every field of the router.
+        let core = self.core
         let loop = connection.loop
         let connectionID = connection.id
         let request = pending.request
         loop.httpInFlight.add(1, ordering: .relaxed)
         _ = Task.immediate {
-            let (response, route) = await router.respond(to: request)
+            let (response, route) = await core.router.respond(to: request)
             loop.httpInFlight.subtract(1, ordering: .relaxed)
             loop.execute {
                 loop.http1Session(connectionID)?.complete(response, route: route, pending: pending)
@@ -246,13 +247,14 @@ final class HTTP1ServerSession {
     func startStreaming(_ pending: PendingRequest) {
         inFlight = true
         bodyOpen = bodyStream != nil
-        let router = core.router
+        // The core, not a copy of its router: one reference to retain, not every field of the router.
+        let core = self.core
         let loop = connection.loop
         let connectionID = connection.id
         let request = pending.request
         loop.httpInFlight.add(1, ordering: .relaxed)
         Task {
-            let (response, route) = await router.respond(to: request)
+            let (response, route) = await core.router.respond(to: request)
             loop.httpInFlight.subtract(1, ordering: .relaxed)
             loop.execute {
                 loop.http1Session(connectionID)?.complete(response, route: route, pending: pending)

@@ -13,13 +13,14 @@ extension HTTP2ServerSession {
         request.routeMatch = stream.routeMatch
         stream.routeMatch = nil
         stream.body = []
-        let router = core.router
+        // The core, not a copy of its router: one reference to retain, not every field of the router.
+        let core = self.core
         let loop = connection.loop
         let connectionID = connection.id
         let streamID = stream.id
         loop.httpInFlight.add(1, ordering: .relaxed)
         stream.task = Task.immediate {
-            let (response, route) = await router.respond(to: request)
+            let (response, route) = await core.router.respond(to: request)
             loop.httpInFlight.subtract(1, ordering: .relaxed)
             loop.execute {
                 loop.http2Session(connectionID)?.completeREST(streamID, response, route: route)

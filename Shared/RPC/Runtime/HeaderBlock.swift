@@ -25,7 +25,19 @@ struct HeaderBlock: ~Copyable {
             let valuePointer = storage + offset
             copy(value, to: &offset, storage: storage)
             fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: name.utf8.count,
-                                     valuelen: value.utf8.count, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
+                                     valuelen: value.utf8.count, flags: Self.indexing(name)))
+        }
+    }
+
+    /// Fields whose value is new in every response (ids, counters) are sent never-indexed: in
+    /// HPACK's dynamic table they would only push out the fields that repeat, which the encoder
+    /// and every client would then handle in full again.
+    static func indexing(_ name: String) -> UInt8 {
+        switch name {
+        case "traceparent", "tracestate", "x-request-id", "ratelimit-remaining", "ratelimit-reset", "retry-after", "date", "last-modified":
+            return UInt8(NGHTTP2_NV_FLAG_NO_INDEX.rawValue)
+        default:
+            return UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
         }
     }
 
