@@ -8,10 +8,17 @@ import TalkMeshMessages
 /// versions only; any other change shows within `ttl`. Bounded: at most `capacity`
 /// answers, expired ones dropped first.
 final class JobCache: Sendable {
-    struct Answer: Sendable {
+    /// A class: a poll hands on one reference, not a copy of the whole job.
+    final class Answer: Sendable {
         let job: Job
         let body: [UInt8]
         let expires: Int64
+
+        init(job: Job, body: [UInt8], expires: Int64) {
+            self.job = job
+            self.body = body
+            self.expires = expires
+        }
     }
 
     private let entries = Locked<[String: Answer]>([:])
