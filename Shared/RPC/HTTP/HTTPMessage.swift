@@ -18,8 +18,9 @@ public struct HTTPRequest: Sendable {
     public var isSecure = false
     /// The body as it arrives, for a route added with `addStreaming` (`body` is empty then).
     public var bodyStream: HTTPBodyStream?
-    /// The route matched when the head arrived (the server's router), so it is matched once.
-    var routeMatch: HTTPRouter.RouteMatch?
+    /// The route the server's router matched when the head arrived, so it is matched once;
+    /// `respond` clears it before a handler sees the request.
+    var routeMatch: HTTPRouter.Match?
 
     /// Creates a request.
     public init(method: String, path: String, query: String = "", headers: [(name: String, value: String)] = [], body: [UInt8] = []) {

@@ -1,4 +1,3 @@
-import Synchronization
 import Instrumentation
 import Logging
 
@@ -40,11 +39,6 @@ public struct HTTPRouter: Sendable {
     }
 
     private var routes: [Route] = []
-    /// Names this router's routes as they are: a match made by another router, or before a
-    /// route was added, is not taken (`respond` matches again).
-    private var generation = HTTPRouter.nextGeneration()
-    private static let generations = Atomic<Int>(0)
-    private static func nextGeneration() -> Int { generations.add(1, ordering: .relaxed).newValue }
 
     /// The answer to what the router itself refuses (404, 405, 413) and to a thrown error: a
     /// status, a stable code and a message. Plain text unless a service sets its own format.
@@ -73,7 +67,6 @@ public struct HTTPRouter: Sendable {
     /// from the request's head or its first byte over, before anything is buffered or dispatched.
     public mutating func add(_ method: String, _ pattern: String, maxBodyBytes: Int? = nil, _ handler: @escaping Handler) {
         routes.append(Self.route(method, pattern, maxBodyBytes: maxBodyBytes, streamsBody: false, handler: handler))
-        generation = Self.nextGeneration()
     }
 
     private static func route(_ method: String, _ pattern: String, maxBodyBytes: Int?, streamsBody: Bool, handler: @escaping Handler) -> Route {
@@ -92,7 +85,6 @@ public struct HTTPRouter: Sendable {
     /// HTTP/2 stream) once it is out.
     public mutating func addStreaming(_ method: String, _ pattern: String, maxBodyBytes: Int, _ handler: @escaping Handler) {
         routes.append(Self.route(method, pattern, maxBodyBytes: maxBodyBytes, streamsBody: true, handler: handler))
-        generation = Self.nextGeneration()
     }
 
     /// What a request may carry, decided from its head alone: the body limit, and the answer when
@@ -100,23 +92,16 @@ public struct HTTPRouter: Sendable {
     /// a request is answered without reading its body). The refusal is built only when needed.
     /// `match`: the request's match, kept for `respond` (a request is matched once).
     func bodyPolicy(method: String, target: String, serverLimit: Int)
-        -> (limit: Int, refusal: @Sendable () -> HTTPResponse, streams: Bool, match: RouteMatch) {
+        -> (limit: Int, refusal: @Sendable () -> HTTPResponse, streams: Bool, match: Match) {
         let match = match(method: method, path: target)  // stops at a `?`
-        let kept = RouteMatch(match: match, generation: generation)
         guard case .found(let route, _) = match else {
             let response = unmatchedResponse(match)
-            return (0, { response }, false, kept)
+            return (0, { response }, false, match)
         }
         let limit = route.maxBodyBytes ?? (method == "POST" || method == "PUT" || method == "PATCH" ? serverLimit : 0)
         // The refusal keeps the error format, not a copy of the whole router.
         let errorResponse = self.errorResponse
-        return (limit, { Self.tooLarge(limit: limit, errorResponse) }, route.streamsBody, kept)
-    }
-
-    /// A request's match, made when its head arrived, and the router it came from.
-    struct RouteMatch: Sendable {
-        let match: Match
-        let generation: Int
+        return (limit, { Self.tooLarge(limit: limit, errorResponse) }, route.streamsBody, match)
     }
 
     /// The 413 for a body past `limit`.
@@ -179,12 +164,9 @@ public struct HTTPRouter: Sendable {
     /// Runs the matching handler, answering 404/405 itself; a thrown error becomes
     /// `thrownResponse` (by default 500).
     func respond(to request: HTTPRequest) async -> (HTTPResponse, route: String) {
-        let match: Match
-        if let kept = request.routeMatch, kept.generation == generation {
-            match = kept.match
-        } else {
-            match = self.match(method: request.method, path: request.path)
-        }
+        // The server matched the head with this same router (`bodyPolicy`); a request built
+        // elsewhere, or handed on by a handler (which never carries one), is matched here.
+        let match = request.routeMatch ?? self.match(method: request.method, path: request.path)
         var request = request
         request.routeMatch = nil
         let pattern: String

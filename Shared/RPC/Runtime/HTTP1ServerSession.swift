@@ -59,7 +59,7 @@ final class HTTP1ServerSession {
     var bodyLimit = 0
     var bodyRefusal: @Sendable () -> HTTPResponse = { HTTPResponse.text(413, "request body too large\n") }
     /// The router's match for the current request's head, handed to `respond`.
-    var routeMatch: HTTPRouter.RouteMatch?
+    var routeMatch: HTTPRouter.Match?
     /// Between the end of a request's head and the end of its body.
     var inBody = false
     /// Between a request's first byte and its end.

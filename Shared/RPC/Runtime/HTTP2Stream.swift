@@ -37,7 +37,7 @@ final class HTTP2Stream {
     var bodyLimit = 0
     var bodyRefusal: (@Sendable () -> HTTPResponse)?
     /// The router's match for the request's head, handed to `respond`.
-    var routeMatch: HTTPRouter.RouteMatch?
+    var routeMatch: HTTPRouter.Match?
     /// Request bytes this stream holds toward the connection's buffer budget.
     var bufferedRequestBytes = 0
     /// A streaming route's body; open (taking DATA) until its end or until it is stopped;

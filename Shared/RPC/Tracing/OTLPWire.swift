@@ -49,14 +49,6 @@ public struct ProtoWriter: Sendable {
         if let low { withUnsafeBytes(of: low.bigEndian) { bytes.append(contentsOf: $0) } }
     }
 
-    /// A nested message: written into `scratch` (reused, so its storage is kept between calls),
-    /// then framed here.
-    public mutating func message(_ field: Int, scratch: inout ProtoWriter, _ body: (inout ProtoWriter) -> Void) {
-        scratch.bytes.removeAll(keepingCapacity: true)
-        body(&scratch)
-        bytes(field, scratch.bytes)
-    }
-
     /// A nested message in a writer of its own (cold paths).
     public mutating func message(_ field: Int, _ body: (inout ProtoWriter) -> Void) {
         var nested = ProtoWriter()

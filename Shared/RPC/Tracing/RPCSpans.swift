@@ -23,22 +23,21 @@ public enum RPCSpans {
 
     /// `network.peer.address` encoded for spans; empty for no address.
     public static func peerAttribute(_ peer: String) -> [UInt8] {
-        guard !peer.isEmpty else { return [] }
-        var writer = ProtoWriter()
-        writer.keyValue(9, "network.peer.address", .string(peer))
-        return writer.bytes
+        peer.isEmpty ? [] : encoded(["network.peer.address": .string(peer)])
     }
 
     /// `rpc.system`, `rpc.service` and `rpc.method` of a method path, encoded (once per method).
     static func attributes(rpc path: String) -> [UInt8] {
         let name = path.hasPrefix("/") ? String(path.dropFirst()) : path
         let parts = name.split(separator: "/", maxSplits: 1)
+        guard parts.count == 2 else { return encoded(["rpc.system": .string("grpc")]) }
+        return encoded(["rpc.system": .string("grpc"), "rpc.service": .string(String(parts[0])), "rpc.method": .string(String(parts[1]))])
+    }
+
+    /// Attributes in the form a span keeps them (`ProtoWriter.keyValue`, field 9 of `Span`), in order.
+    static func encoded(_ attributes: KeyValuePairs<String, SpanAttribute>) -> [UInt8] {
         var writer = ProtoWriter()
-        writer.keyValue(9, "rpc.system", .string("grpc"))
-        if parts.count == 2 {
-            writer.keyValue(9, "rpc.service", .string(String(parts[0])))
-            writer.keyValue(9, "rpc.method", .string(String(parts[1])))
-        }
+        for (key, value) in attributes { writer.keyValue(9, key, value) }
         return writer.bytes
     }
 
@@ -82,9 +81,7 @@ public enum RPCSpans {
     private static let grpcStatusAttributes: [[UInt8]] = (0...16).map { statusAttribute("rpc.grpc.status_code", $0) }
 
     private static func statusAttribute(_ key: String, _ code: Int) -> [UInt8] {
-        var writer = ProtoWriter()
-        writer.keyValue(9, key, .int64(Int64(code)))
-        return writer.bytes
+        encoded([key: .int64(Int64(code))])
     }
 
     /// An HTTP request's server span: `METHOD route`, a child of the request's `traceparent`.
@@ -96,10 +93,7 @@ public enum RPCSpans {
 
     /// A route's span name and encoded `http.request.method` and `http.route`.
     public static func httpRoute(method: String, route: String) -> (name: String, attributes: [UInt8]) {
-        var writer = ProtoWriter()
-        writer.keyValue(9, "http.request.method", .string(method))
-        writer.keyValue(9, "http.route", .string(route))
-        return ("\(method) \(route)", writer.bytes)
+        ("\(method) \(route)", encoded(["http.request.method": .string(method), "http.route": .string(route)]))
     }
 
     /// Ends an HTTP span with its status (5xx is an error, as the conventions have it for servers).

@@ -272,16 +272,6 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     public func set(_ key: String, _ value: Bool) { set(key, .bool(value)) }
     public func set(_ key: String, _ value: Double) { set(key, .double(value)) }
 
-    /// Adds attributes already encoded (`ProtoWriter.keyValue` with field 9), kept by reference
-    /// while a shared slot is free.
-    public func setEncoded(_ bytes: [UInt8]) {
-        guard sink != nil else { return }
-        state.withLock { state in
-            guard state.end == 0, !state.shared.add(bytes) else { return }
-            state.attributes.bytes.append(contentsOf: bytes)
-        }
-    }
-
     public func setStatus(_ status: SpanStatus) {
         guard sink != nil else { return }
         state.withLock { if $0.end == 0 { $0.status = status } }
@@ -321,8 +311,9 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
         end(adding: [], status: nil, at: instant().nanosecondsSinceEpoch)
     }
 
-    /// Ends the span with `encoded` attributes (shared, as `setEncoded` keeps them) and `status`,
-    /// in one step: a call's span ends with its status code this way.
+    /// Ends the span with `encoded` attributes (`ProtoWriter.keyValue` with field 9, kept by
+    /// reference while a shared slot is free) and `status`, in one step: a call's span ends with
+    /// its status code this way.
     public func end(adding encoded: [UInt8], status: SpanStatus?, at nanoseconds: UInt64 = DefaultTracerClock.now.nanosecondsSinceEpoch) {
         guard let sink else { return }
         let ended: Bool = state.withLock { state in
