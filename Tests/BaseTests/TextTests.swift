@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import TalkMeshBase
 
@@ -14,6 +15,55 @@ struct TextTests {
         }
         #expect(Base64.encode(Array("foobar".utf8)) == "Zm9vYmFy")
         #expect(Base64.decode("not base64!") == nil)
+    }
+
+    @Test("base64 appended into a buffer and decoded as a stream in pieces of any size match Foundation")
+    func base64Stream() throws {
+        var generator = SystemRandomNumberGenerator()
+        for length in [0, 1, 2, 3, 4, 5, 57, 1000, 65_537] {
+            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            var out = Array("prefix:".utf8)
+            bytes.withUnsafeBytes { Base64.append($0, to: &out) }
+            #expect(String(decoding: out.dropFirst(7), as: UTF8.self) == Data(bytes).base64EncodedString())
+            for piece in [1, 3, 4, 7, 4096] {
+                var stream = Base64Stream()
+                var decoded: [UInt8] = []
+                let text = Array(("data:application/octet-stream;base64," + Data(bytes).base64EncodedString()).utf8)
+                var start = 0
+                while start < text.count {
+                    let end = min(text.count, start + piece)
+                    try text[start..<end].withUnsafeBufferPointer { try stream.feed($0, into: &decoded) }
+                    start = end
+                }
+                try stream.finish(into: &decoded)
+                #expect(decoded == bytes)
+            }
+        }
+        for bad in ["AB*D", "A", "AB=C", "=AAA"] {
+            var stream = Base64Stream()
+            var decoded: [UInt8] = []
+            #expect(throws: Base64Stream.Failure.self) {
+                try Array(bad.utf8).withUnsafeBufferPointer { try stream.feed($0, into: &decoded) }
+                try stream.finish(into: &decoded)
+            }
+        }
+    }
+
+    @Test("JSONDocument reads every kind, resolves escapes and surrogates, and refuses what is not JSON")
+    func jsonReader() throws {
+        let document = try JSONDocument(Array(#" {"a": [1, -2.5e3, true, false, null, {}], "s": "x\"\u00e9\ud83d\ude42\/", "a": 7} "#.utf8))
+        #expect(document.int(document.member("a", of: document.root)) == 7)
+        #expect(document.string(document.member("s", of: document.root)) == "x\"é🙂/")
+        #expect(document.utf8(document.member("s", of: document.root)).map(Array.init) == Array("x\"é🙂/".utf8))
+        #expect(document.member("missing", of: document.root) == nil)
+        #expect(document.int(document.member("s", of: document.root)) == nil)
+        let deep = String(repeating: "[", count: JSONDocument.maxDepth + 1) + String(repeating: "]", count: JSONDocument.maxDepth + 1)
+        #expect(throws: JSONDocument.Failure.tooDeep) { try JSONDocument(Array(deep.utf8)) }
+        let nested = String(repeating: "[", count: JSONDocument.maxDepth) + String(repeating: "]", count: JSONDocument.maxDepth)
+        #expect(throws: Never.self) { try JSONDocument(Array(nested.utf8)) }
+        for bad in ["", "{", "{\"a\"}", "[1,]", "01", "1.", "-", "tru", "\"\\u12\"", "\"a\u{01}\"", "{} {}", "\"\\x\""] {
+            #expect(throws: JSONDocument.Failure.self, "\(bad)") { try JSONDocument(Array(bad.utf8)) }
+        }
     }
 
     @Test("hex encodes lower-case and decodes either case, rejecting odd or foreign digits")

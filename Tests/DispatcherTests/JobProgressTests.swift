@@ -50,9 +50,20 @@ import TalkMeshMessages
             waits.append(wait)
         }
         #expect(waits.first == 0.1 && waits.max()! <= 1.0 && waits == waits.sorted())
-        // Still queued: a short growing ladder capped at 2 s.
-        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: known, previous: 0) == 0.25)
-        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: known, previous: 1.9) == 2)
+        // Still queued: not before 80 % of the run the throughput predicts (it cannot be done sooner),
+        let queued = planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: known, previous: 0)
+        #expect(queued == 8)
+        // nor before 75 % of the queue delay RunPod's recent chunks saw; past both, a short growing
+        // ladder capped at 2 s.
+        let busy = Throughput.Estimate(secondsPerAudioSecond: 0.01, queueDelaySeconds: 8)
+        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: busy, previous: 0, queuedSeconds: 1) == 5)
+        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: busy, previous: 0.25, queuedSeconds: 6.5) == 0.375)
+        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: busy, previous: 1.9, queuedSeconds: 9) == 2)
+        let fresh = Throughput.Estimate()
+        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: fresh, previous: 0) == 0.25)
+        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: fresh, previous: 1.9) == 2)
+        // Never past `longest`.
+        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 600, estimate: known, previous: 0) == 10)
         // Running at an unknown throughput: a tenth of the time run so far, within 0.25–2 s,
         // whatever the previous wait (the poll that finds it done is at most 10 % late).
         let unknown = Throughput.Estimate()

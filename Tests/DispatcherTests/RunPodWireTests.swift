@@ -22,8 +22,8 @@ struct RunPodWireTests {
 
     @Test("raw base64 and data: URIs, URLs and volume paths")
     func outputs() throws {
-        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"AAECAw=="}}"#).video == .base64("AAECAw=="))
-        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"data:video/mp4;base64,AAECAw=="}}"#).video == .base64("AAECAw=="))
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"AAECAw=="}}"#).video == .base64(Array("AAECAw==".utf8)[...]))
+        #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"data:video/mp4;base64,AAECAw=="}}"#).video == .base64(Array("AAECAw==".utf8)[...]))
         #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video_url":"https://x/y.mp4"}}"#).video == .url("https://x/y.mp4"))
         #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"status":"success","video":{"url":"https://x/z.mp4","mime":"video/mp4"}}}"#).video == .url("https://x/z.mp4"))
         #expect(try parse(#"{"id":"a","status":"COMPLETED","output":{"video_path":"/runpod-volume/out.mp4"}}"#).video == .volumePath("/runpod-volume/out.mp4"))
@@ -40,6 +40,45 @@ struct RunPodWireTests {
         let failed = try parse(#"{"id":"a","status":"FAILED","error":"\#(sdk)"}"#)
         #expect(failed.failure?.code == .runpodJobFailed && failed.failure?.message == "CUDA out of memory")
         #expect(try parse(#"{"id":"a","status":"FAILED","error":"plain text"}"#).failure?.message == "plain text")
+        #expect(try parse(#"{"id":"a","status":"FAILED","error":{"message":"out of memory"}}"#).failure?.message == "out of memory")
+        #expect(try parse(#"{"id":"a","status":"FAILED","error":null}"#).failure?.message == "the job failed without a message")
+        #expect(try parse(#"{"id":"a","status":"FAILED","error":[1, 2]}"#).failure?.message == "[1, 2]")
+    }
+
+    @Test("timings, the worker, escapes and a video with escapes or line breaks")
+    func fields() throws {
+        let job = try parse(#" {"delayTime": 1200, "executionTime": 3.4e3, "workerId": "w\u00e9", "id": "j\"1", "status": "IN_PROGRESS"} "#)
+        #expect(job.id == "j\"1" && job.delayTimeMs == 1200 && job.executionTimeMs == 3400 && job.workerID == "wé")
+        #expect(try parse(#"{"id":"a","status":"RUNNING","executionTime":1.5}"#).executionTimeMs == nil)
+        // "\/" is "/" and a JSON "\n" in base64 is a line break, which the decoder skips.
+        let escaped = try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"AA\/B\nCw=="}}"#)
+        #expect(escaped.video == .base64(Array("AA/B\nCw==".utf8)[...]))
+        for bad in [#"{"id":"a","status":"RUNNING""#, #"{"id":"a","status":"RUNNING"} x"#, #"{"id":"a\x","status":"RUNNING"}"#,
+                    #"{"id":1,"status":"RUNNING"}"#, #"{"id":"a","status":"RUNNING","delayTime":01}"#, "[]", ""] {
+            #expect(throws: ServiceError.self) { try parse(bad) }
+        }
+    }
+
+    @Test("a base64 video is decoded in slices into the store, line breaks skipped; other bytes are RUNPOD_BAD_RESPONSE")
+    func storesBase64() async throws {
+        let store = try FileBlobStore(root: NSTemporaryDirectory() + "talkmesh-wire-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        defer { try? FileManager.default.removeItem(atPath: store.root) }
+        let client = RunPodClient(configuration: .init(endpointID: "e"))
+        // Over 3 MB: several 1 MB slices, groups of four split across them.
+        let video = (0..<3_000_001).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
+        let encoded = Array(Base64.encode(video).utf8)
+        var wrapped = ""
+        for start in stride(from: 0, to: encoded.count, by: 76) {
+            wrapped += String(decoding: encoded[start..<min(encoded.count, start + 76)], as: UTF8.self) + "\\n"
+        }
+        let body = #"{"id":"a","status":"COMPLETED","output":{"video":"data:video/mp4;base64,\#(wrapped)"}}"#
+        try await client.storeVideo(of: try parse(body), in: store, as: try BlobKey("v.mp4"))
+        #expect(try store.get(try BlobKey("v.mp4")) == video)
+        for bad in ["AAA*", "A", "AA=A"] {
+            let job = try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"\#(bad)"}}"#)
+            await #expect(throws: ServiceError.self) { try await client.storeVideo(of: job, in: store, as: try BlobKey("bad.mp4")) }
+            #expect(try store.exists(try BlobKey("bad.mp4")) == false)
+        }
     }
 
     @Test("the /run body carries raw base64, the policy and the worker's fields")

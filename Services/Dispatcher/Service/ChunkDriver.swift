@@ -46,7 +46,11 @@ struct ChunkDriver {
                 return
             case .chunkPending, .chunkFailed, .chunkSubmitting:
                 submitRefused = try await submit(chunk, job: record.job, again: submitRefused)
-                wait = webhook(for: record.job) == nil ? 0 : context.configuration.runpodWebhookPollSeconds
+                // The /run answer said IN_QUEUE: the first poll is planned like any queued one.
+                wait = webhook(for: record.job) != nil ? context.configuration.runpodWebhookPollSeconds
+                    : submitRefused ? 0
+                    : context.planner.next(running: false, executionMs: nil, audioSeconds: chunk.durationSec,
+                                           estimate: context.throughput.estimate, previous: 0)
             case .chunkSubmitted, .chunkRunning:
                 if webhook(for: record.job) != nil {
                     try await runner.wait(chunk: index, seconds: wait)
@@ -156,8 +160,10 @@ struct ChunkDriver {
             }
             // With RunPod's webhook the poll is only the safety net.
             if webhook(for: await runner.record.job) != nil { return context.configuration.runpodWebhookPollSeconds }
+            let queued = chunk.submittedAtUnixMs > 0 ? Double(context.clock.nowUnixMs() - chunk.submittedAtUnixMs) / 1000 : 0
             return context.planner.next(running: running, executionMs: status.executionTimeMs.map(Int64.init),
-                                        audioSeconds: chunk.durationSec, estimate: context.throughput.estimate, previous: previousWait)
+                                        audioSeconds: chunk.durationSec, estimate: context.throughput.estimate, previous: previousWait,
+                                        queuedSeconds: max(0, queued))
         case .completed where status.failure == nil:
             let key = "jobs/\((await runner.record).id)/parts/\(String(format: "%04d", index)).mp4"
             try await context.runpod.storeVideo(of: status, in: context.blobs, as: try BlobKey(key), io: context.blobIO)

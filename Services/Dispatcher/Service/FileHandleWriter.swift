@@ -1,12 +1,13 @@
-import Foundation
 import Glibc
 import TalkMeshCore
 
 /// Writes a new file piece by piece (decoded bytes as they come). Its one owner closes the
-/// descriptor when it goes, thrown out of or not.
+/// descriptor when it goes, thrown out of or not. A failed write is kept and thrown again by
+/// every later `write` and by `check`.
 final class FileHandleWriter {
     private let fd: Int32
     let path: String
+    private var failure: ServiceError?
 
     init(path: String) throws {
         self.path = path
@@ -16,17 +17,25 @@ final class FileHandleWriter {
 
     deinit { Glibc.close(fd) }
 
-    func write(_ data: Data) throws {
-        try data.withUnsafeBytes { raw in
+    func write(_ bytes: [UInt8]) throws(ServiceError) {
+        if let failure { throw failure }
+        bytes.withUnsafeBytes { raw in
             var offset = 0
             while offset < raw.count {
                 let written = Glibc.write(fd, raw.baseAddress! + offset, raw.count - offset)
                 if written < 0 {
                     if errno == EINTR { continue }
-                    throw FileBlobStore.failure("write", path)
+                    failure = FileBlobStore.failure("write", path)
+                    return
                 }
                 offset += written
             }
         }
+        if let failure { throw failure }
+    }
+
+    /// Throws the first write's failure, if any.
+    func check() throws(ServiceError) {
+        if let failure { throw failure }
     }
 }

@@ -103,17 +103,26 @@ public struct RunPodClient: Sendable {
         switch video {
         case .base64(let text):
             let handle = try FileHandleWriter(path: scratch)
-            // Sliced on the UTF-8 view: offsetting it is O(1), a Character walk over megabytes is not.
-            let utf8 = text.utf8
-            var index = utf8.startIndex
-            while index < utf8.endIndex {
-                let end = utf8.index(index, offsetBy: 4 * 1024 * 1024, limitedBy: utf8.endIndex) ?? utf8.endIndex
-                guard let bytes = Data(base64Encoded: Data(utf8[index..<end])) else {
-                    throw ServiceError(.runpodBadResponse, "output.video is not valid base64")
+            var decoder = Base64Stream()
+            var decoded: [UInt8] = []
+            do {
+                try text.withUnsafeBufferPointer { (text) throws(Base64Stream.Failure) in
+                    var start = 0
+                    while start < text.count {
+                        let end = min(text.count, start + (1 << 20))
+                        decoded.removeAll(keepingCapacity: true)
+                        try decoder.feed(UnsafeBufferPointer(rebasing: text[start..<end]), into: &decoded)
+                        try? handle.write(decoded)
+                        start = end
+                    }
                 }
-                try handle.write(bytes)
-                index = end
+                decoded.removeAll(keepingCapacity: true)
+                try decoder.finish(into: &decoded)
+            } catch {
+                throw ServiceError(.runpodBadResponse, "output.video is not valid base64")
             }
+            try handle.write(decoded)
+            try handle.check()
         case .url(let url):
             let exchange = try await engine.perform(method: "GET", url: url, timeoutMilliseconds: configuration.requestTimeoutMs, bodyLimit: 2 << 30)
             guard exchange.status == 200 else { throw ServiceError(.runpodResultMissing, "downloading \(url) answered \(exchange.status)") }

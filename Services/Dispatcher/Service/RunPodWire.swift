@@ -14,7 +14,8 @@ public enum RunPodStatus: String, Sendable, Hashable {
 public struct InfiniteTalkInput: Sendable {
     public var prompt: String
     public var imageBase64: String?
-    public var wavBase64: String?
+    /// The chunk's audio, base64-encoded straight into the `/run` body.
+    public var wav: [UInt8]?
     public var imageURL: String?
     public var wavURL: String?
     public var width: Int
@@ -22,14 +23,14 @@ public struct InfiniteTalkInput: Sendable {
     public var forceOffload = true
 
     public init(prompt: String, image: [UInt8], wav: [UInt8], width: Int, height: Int) {
-        self.init(prompt: prompt, imageBase64: Data(image).base64EncodedString(), wav: wav, width: width, height: height)
+        self.init(prompt: prompt, imageBase64: Base64.encode(image), wav: wav, width: width, height: height)
     }
 
     /// With an image already in base64 (one job's chunks all send the same image).
     public init(prompt: String, imageBase64: String, wav: [UInt8], width: Int, height: Int) {
         self.prompt = prompt
         self.imageBase64 = imageBase64
-        wavBase64 = Data(wav).base64EncodedString()
+        self.wav = wav
         self.width = width
         self.height = height
     }
@@ -47,20 +48,27 @@ public struct InfiniteTalkInput: Sendable {
     /// escaping megabytes of it character by character (bench/dispatcher).
     public func runBody(executionTimeoutMs: Int, ttlMs: Int, webhook: String?) throws -> [UInt8] {
         var body: [UInt8] = []
-        body.reserveCapacity((imageBase64?.utf8.count ?? 0) + (wavBase64?.utf8.count ?? 0) + prompt.utf8.count + 512)
+        body.reserveCapacity((imageBase64?.utf8.count ?? 0) + ((wav?.count ?? 0) + 2) / 3 * 4 + prompt.utf8.count + 512)
         func append(_ text: String) { body.append(contentsOf: text.utf8) }
         append("{\"input\":{\"input_type\":\"image\",\"person_count\":\"single\",\"prompt\":")
         JSONText.appendQuoted(prompt, to: &body)
         append(",\"width\":\(width),\"height\":\(height),\"network_volume\":false,\"force_offload\":\(forceOffload)")
-        for (name, base64, url) in [("image", imageBase64, imageURL), ("wav", wavBase64, wavURL)] {
-            if let base64 {
-                append(",\"\(name)_base64\":\"")
-                append(base64)  // A–Z a–z 0–9 + / = only: nothing to escape.
-                append("\"")
-            } else if let url {
-                append(",\"\(name)_url\":")
-                JSONText.appendQuoted(url, to: &body)
-            }
+        // Base64 is A–Z a–z 0–9 + / = only: nothing to escape.
+        if let imageBase64 {
+            append(",\"image_base64\":\"")
+            append(imageBase64)
+            append("\"")
+        } else if let imageURL {
+            append(",\"image_url\":")
+            JSONText.appendQuoted(imageURL, to: &body)
+        }
+        if let wav {
+            append(",\"wav_base64\":\"")
+            wav.withUnsafeBytes { Base64.append($0, to: &body) }
+            append("\"")
+        } else if let wavURL {
+            append(",\"wav_url\":")
+            JSONText.appendQuoted(wavURL, to: &body)
         }
         append("},\"policy\":{\"executionTimeout\":\(executionTimeoutMs),\"ttl\":\(ttlMs)}")
         if let webhook {
@@ -85,45 +93,53 @@ public struct RunPodJob: Sendable {
     public var failure: ServiceError?
 
     public enum VideoResult: Sendable, Equatable {
-        /// Base64 text (raw or from a `data:` URI), not yet decoded.
-        case base64(Substring)
+        /// Base64 text (raw or from a `data:` URI, the prefix removed), not yet decoded: a slice
+        /// of the answer's bytes.
+        case base64(ArraySlice<UInt8>)
         case url(String)
         case volumePath(String)
     }
 
     /// Parses a status response. A COMPLETED job without a usable video is RUNPOD_RESULT_MISSING;
     /// an error in the output, or FAILED (the SDK's JSON-string `error`), is RUNPOD_JOB_FAILED.
+    /// Read by `JSONDocument`: the video stays in the body it came in (Foundation's parser copied
+    /// it into a string, and that was most of a poll's cost).
     public static func parse(_ body: [UInt8]) throws(ServiceError) -> RunPodJob {
-        guard let object = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any],
-              let id = object["id"] as? String, let statusText = object["status"] as? String else {
-            throw ServiceError(.runpodBadResponse, "not a RunPod job", cause: String(decoding: body.prefix(200), as: UTF8.self))
+        let notAJob = ServiceError(.runpodBadResponse, "not a RunPod job", cause: String(decoding: body.prefix(200), as: UTF8.self))
+        guard let document = try? JSONDocument(body), let id = document.string(document.member("id", of: document.root)),
+              let statusText = document.string(document.member("status", of: document.root)) else {
+            throw notAJob
         }
         guard let status = RunPodStatus(rawValue: statusText) else {
             throw ServiceError(.runpodBadResponse, "unknown RunPod status \(statusText)")
         }
-        var job = RunPodJob(id: id, status: status, delayTimeMs: object["delayTime"] as? Int, executionTimeMs: object["executionTime"] as? Int,
-                            workerID: object["workerId"] as? String)
+        let root = document.root
+        var job = RunPodJob(id: id, status: status, delayTimeMs: document.int(document.member("delayTime", of: root)),
+                            executionTimeMs: document.int(document.member("executionTime", of: root)),
+                            workerID: document.string(document.member("workerId", of: root)))
         switch status {
         case .failed:
-            job.failure = ServiceError(.runpodJobFailed, failureMessage(object["error"]))
+            job.failure = ServiceError(.runpodJobFailed, failureMessage(document.member("error", of: root), in: document))
         case .completed:
-            guard let output = object["output"], !(output is NSNull) else {
+            guard let output = document.member("output", of: root), !output.isNull else {
                 job.failure = ServiceError(.runpodResultMissing, "the job completed without output")
                 return job
             }
-            guard let map = output as? [String: Any] else {
+            guard case .object = output.kind else {
                 job.failure = ServiceError(.runpodResultMissing, "the job's output holds no video")
                 return job
             }
-            if (map["status"] as? String)?.lowercased() == "error" || map["error"] != nil {
-                job.failure = ServiceError(.runpodJobFailed, failureMessage(map["error"] ?? map["message"] ?? "the worker reported an error"))
-            } else if let video = map["video"] as? String, !video.isEmpty {
-                job.video = .base64(stripDataPrefix(video))
-            } else if let video = map["video"] as? [String: Any], let url = video["url"] as? String {
+            let video = document.member("video", of: output)
+            if document.string(document.member("status", of: output))?.lowercased() == "error" || document.member("error", of: output) != nil {
+                let error = document.member("error", of: output) ?? document.member("message", of: output)
+                job.failure = ServiceError(.runpodJobFailed, error.map { failureMessage($0, in: document) } ?? "the worker reported an error")
+            } else if let text = document.utf8(video), !text.isEmpty {
+                job.video = .base64(stripDataPrefix(text))
+            } else if let video, let url = document.string(document.member("url", of: video)) {
                 job.video = .url(url)
-            } else if let url = map["video_url"] as? String {
+            } else if let url = document.string(document.member("video_url", of: output)) {
                 job.video = .url(url)
-            } else if let path = map["video_path"] as? String {
+            } else if let path = document.string(document.member("video_path", of: output)) {
                 job.video = .volumePath(path)
             } else {
                 job.failure = ServiceError(.runpodResultMissing, "the job's output holds no video")
@@ -134,22 +150,24 @@ public struct RunPodJob: Sendable {
         return job
     }
 
-    static func stripDataPrefix(_ text: String) -> Substring {
-        if text.hasPrefix("data:"), let comma = text.firstIndex(of: ",") { return text[text.index(after: comma)...] }
-        return text[...]
+    static func stripDataPrefix(_ text: ArraySlice<UInt8>) -> ArraySlice<UInt8> {
+        guard text.starts(with: "data:".utf8), let comma = text.firstIndex(of: UInt8(ascii: ",")) else { return text }
+        return text[(comma + 1)...]
     }
 
     /// The SDK sends handler exceptions as a JSON *string* with `error_message`.
-    static func failureMessage(_ value: Any?) -> String {
-        if let text = value as? String {
-            if let data = text.data(using: .utf8), let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
-               let message = object["error_message"] as? String {
+    static func failureMessage(_ value: JSONDocument.Value?, in document: JSONDocument) -> String {
+        guard let value, !value.isNull else { return "the job failed without a message" }
+        if let text = document.string(value) {
+            if let inner = try? JSONDocument(Array(text.utf8)), let message = inner.string(inner.member("error_message", of: inner.root)) {
                 return message
             }
             return text
         }
-        if let object = value as? [String: Any], let message = (object["error_message"] ?? object["message"]) as? String { return message }
-        return value.map { String(describing: $0) } ?? "the job failed without a message"
+        if let message = document.string(document.member("error_message", of: value) ?? document.member("message", of: value)) {
+            return message
+        }
+        return document.text(value)
     }
 }
 

@@ -6,6 +6,10 @@ import TalkMeshCore
 final class SQLiteDatabase {
     private var handle: OpaquePointer?
     let path: String
+    /// Prepared statements not in use, by their SQL: a statement is compiled once, not per call
+    /// (compiling an UPDATE cost more than running it). At most `idleLimit` are kept.
+    private var idle: [String: OpaquePointer] = [:]
+    private static let idleLimit = 64
 
     /// Opens (creating) the database with WAL and `synchronous=NORMAL`: a committed transaction
     /// survives a killed process; only a power loss may roll back the last commits.
@@ -24,7 +28,10 @@ final class SQLiteDatabase {
         try execute("PRAGMA foreign_keys=ON")
     }
 
-    deinit { sqlite3_close_v2(handle) }
+    deinit {
+        for statement in idle.values { sqlite3_finalize(statement) }
+        sqlite3_close_v2(handle)
+    }
 
     /// Runs statements that return nothing.
     func execute(_ sql: String) throws(ServiceError) {
@@ -34,12 +41,26 @@ final class SQLiteDatabase {
         guard rc == SQLITE_OK else { throw failure(rc, message.map { String(cString: $0) } ?? "") }
     }
 
-    /// Prepares one statement.
+    /// One statement, compiled or taken from the idle ones; it comes back (reset, its bindings
+    /// cleared, so it holds no read snapshot) when its `SQLiteStatement` goes.
     func prepare(_ sql: String) throws(ServiceError) -> SQLiteStatement {
+        if let statement = idle.removeValue(forKey: sql) { return SQLiteStatement(statement, sql: sql, database: self) }
         var statement: OpaquePointer?
         let rc = sqlite3_prepare_v2(handle, sql, -1, &statement, nil)
         guard rc == SQLITE_OK, let statement else { throw failure(rc, errorMessage) }
-        return SQLiteStatement(statement, database: self)
+        return SQLiteStatement(statement, sql: sql, database: self)
+    }
+
+    /// A statement its user is done with: kept for the next `prepare` of the same SQL (one per
+    /// SQL, up to `idleLimit`), else finalized.
+    fileprivate func giveBack(_ statement: OpaquePointer, sql: String) {
+        sqlite3_reset(statement)
+        sqlite3_clear_bindings(statement)
+        if idle[sql] == nil && idle.count < Self.idleLimit {
+            idle[sql] = statement
+        } else {
+            sqlite3_finalize(statement)
+        }
     }
 
     /// Runs `body` in one transaction (BEGIN IMMEDIATE: the write lock is taken at once).
@@ -64,18 +85,20 @@ final class SQLiteDatabase {
     }
 }
 
-/// A prepared statement, finalized when released.
+/// A prepared statement in use, given back to its database (reset) when released.
 final class SQLiteStatement {
     private let statement: OpaquePointer
+    private let sql: String
     private let database: SQLiteDatabase
     private static let transient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
 
-    init(_ statement: OpaquePointer, database: SQLiteDatabase) {
+    init(_ statement: OpaquePointer, sql: String, database: SQLiteDatabase) {
         self.statement = statement
+        self.sql = sql
         self.database = database
     }
 
-    deinit { sqlite3_finalize(statement) }
+    deinit { database.giveBack(statement, sql: sql) }
 
     /// Binds positional values (1-based): String, Int64, Int, [UInt8], or nil for NULL.
     func bind(_ values: [Any?]) throws(ServiceError) {

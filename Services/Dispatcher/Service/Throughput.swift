@@ -53,17 +53,27 @@ public struct PollPlanner: Sendable {
     public var unknownFirst = 0.25
     public var unknownLongest = 2.0
     public var unknownFraction = 0.1
+    /// A queued chunk is not asked again before this fraction of the execution the throughput
+    /// predicts for it (it cannot be done sooner, even if it started at once), nor before this
+    /// fraction of the queue delay RunPod's recent chunks saw has passed since its submission.
+    public var queuedExecutionFraction = 0.8
+    public var queuedDelayFraction = 0.75
 
     public init() {}
 
     /// The wait before the next poll. `previous` is the last wait (0 at first);
-    /// `executionMs` what RunPod reports the job has run so far.
-    public func next(running: Bool, executionMs: Int64?, audioSeconds: Double, estimate: Throughput.Estimate, previous: Double) -> Double {
+    /// `executionMs` what RunPod reports the job has run so far; `queuedSeconds` how long ago
+    /// the chunk was submitted.
+    public func next(running: Bool, executionMs: Int64?, audioSeconds: Double, estimate: Throughput.Estimate, previous: Double,
+                     queuedSeconds: Double = 0) -> Double {
         guard running, let rate = estimate.secondsPerAudioSecond else {
             if running, let executionMs {
                 return min(unknownLongest, max(unknownFirst, unknownFraction * Double(executionMs) / 1000))
             }
-            return min(unknownLongest, previous <= 0 ? unknownFirst : previous * growth)
+            var wait = min(unknownLongest, previous <= 0 ? unknownFirst : previous * growth)
+            if let rate = estimate.secondsPerAudioSecond { wait = max(wait, queuedExecutionFraction * rate * audioSeconds) }
+            if let delay = estimate.queueDelaySeconds { wait = max(wait, queuedDelayFraction * delay - queuedSeconds) }
+            return min(longest, wait)
         }
         let remaining = rate * audioSeconds - Double(executionMs ?? 0) / 1000
         if remaining > shortest { return min(longest, remaining) }

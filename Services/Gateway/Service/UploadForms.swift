@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import TalkMeshBase
 import TalkMeshCore
 
 /// A job-creation request's body as read: the two files (in scratch files, sniffed) and the

@@ -1,30 +1,52 @@
-/// RFC 4648 base64 (the `-bin` metadata encoding); decoding accepts missing padding.
+/// RFC 4648 base64 (the `-bin` metadata encoding, RunPod's inputs and videos); decoding accepts
+/// missing padding.
 public enum Base64 {
-    private static let alphabet: [UInt8] = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
-    private static let reverse: [UInt8] = {
-        var table = [UInt8](repeating: 0xFF, count: 256)
-        for (index, byte) in alphabet.enumerated() { table[Int(byte)] = UInt8(index) }
+    static let alphabet: [UInt8] = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+    /// Each byte's value in the alphabet (the URL-safe `-` and `_` too), or -1.
+    static let values: [Int8] = {
+        var table = [Int8](repeating: -1, count: 256)
+        for (index, byte) in alphabet.enumerated() { table[Int(byte)] = Int8(index) }
+        table[Int(UInt8(ascii: "-"))] = 62
+        table[Int(UInt8(ascii: "_"))] = 63
         return table
     }()
 
     /// Encodes with padding.
     public static func encode(_ bytes: [UInt8]) -> String {
         var out: [UInt8] = []
-        out.reserveCapacity((bytes.count + 2) / 3 * 4)
-        var index = 0
-        while index + 3 <= bytes.count {
-            let n = UInt32(bytes[index]) << 16 | UInt32(bytes[index + 1]) << 8 | UInt32(bytes[index + 2])
-            out += [alphabet[Int(n >> 18 & 63)], alphabet[Int(n >> 12 & 63)], alphabet[Int(n >> 6 & 63)], alphabet[Int(n & 63)]]
-            index += 3
-        }
-        let rest = bytes.count - index
-        if rest > 0 {
-            var n = UInt32(bytes[index]) << 16
-            if rest == 2 { n |= UInt32(bytes[index + 1]) << 8 }
-            out += [alphabet[Int(n >> 18 & 63)], alphabet[Int(n >> 12 & 63)]]
-            out += rest == 2 ? [alphabet[Int(n >> 6 & 63)], UInt8(ascii: "=")] : [UInt8(ascii: "="), UInt8(ascii: "=")]
-        }
+        bytes.withUnsafeBytes { append($0, to: &out) }
         return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Appends `input` encoded (with padding) to `out`: a megabyte of audio goes into a request
+    /// body directly, with no intermediate string.
+    public static func append(_ input: UnsafeRawBufferPointer, to out: inout [UInt8]) {
+        let count = input.count
+        let start = out.count
+        out.append(contentsOf: repeatElement(0, count: (count + 2) / 3 * 4))
+        out.withUnsafeMutableBufferPointer { output in
+            alphabet.withUnsafeBufferPointer { alphabet in
+                var index = 0
+                var write = start
+                while index + 3 <= count {
+                    let n = UInt32(input[index]) << 16 | UInt32(input[index + 1]) << 8 | UInt32(input[index + 2])
+                    output[write] = alphabet[Int(n >> 18)]
+                    output[write + 1] = alphabet[Int(n >> 12 & 63)]
+                    output[write + 2] = alphabet[Int(n >> 6 & 63)]
+                    output[write + 3] = alphabet[Int(n & 63)]
+                    index += 3
+                    write += 4
+                }
+                let rest = count - index
+                guard rest > 0 else { return }
+                var n = UInt32(input[index]) << 16
+                if rest == 2 { n |= UInt32(input[index + 1]) << 8 }
+                output[write] = alphabet[Int(n >> 18)]
+                output[write + 1] = alphabet[Int(n >> 12 & 63)]
+                output[write + 2] = rest == 2 ? alphabet[Int(n >> 6 & 63)] : UInt8(ascii: "=")
+                output[write + 3] = UInt8(ascii: "=")
+            }
+        }
     }
 
     /// Decodes, or nil on a character outside the alphabet.
@@ -34,8 +56,8 @@ public enum Base64 {
         var bits = 0
         for byte in text.utf8 {
             if byte == UInt8(ascii: "=") { break }
-            let value = reverse[Int(byte)]
-            if value == 0xFF { return nil }
+            let value = values[Int(byte)]
+            if value < 0 || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_") { return nil }
             accumulator = accumulator << 6 | UInt32(value)
             bits += 6
             if bits >= 8 {
@@ -44,5 +66,134 @@ public enum Base64 {
             }
         }
         return out
+    }
+}
+
+/// Decodes base64 as it arrives, in pieces of any size: whitespace is skipped, a `data:…;base64,`
+/// prefix is allowed, the URL-safe alphabet too, and anything else is an error. Whole groups of
+/// four go through a fast path; the rest byte by byte.
+public struct Base64Stream {
+    public enum Failure: Error { case invalid }
+
+    private var quad: UInt32 = 0
+    private var count = 0
+    private var padding = 0
+    private var prefix: [UInt8] = []
+    private var prefixDecided = false
+    public private(set) var sawAny = false
+
+    public init() {}
+
+    /// Decodes `bytes`, appending the output to `out`.
+    public mutating func feed(_ bytes: UnsafeBufferPointer<UInt8>, into out: inout [UInt8]) throws(Failure) {
+        var start = 0
+        if !prefixDecided {
+            // "data:image/png;base64," — at most 200 bytes of it, then the base64 itself.
+            let data = Array("data:".utf8)
+            while start < bytes.count && !prefixDecided {
+                prefix.append(bytes[start])
+                start += 1
+                if prefix.count <= data.count {
+                    if prefix != Array(data.prefix(prefix.count)) {
+                        prefixDecided = true
+                        let held = prefix
+                        prefix = []
+                        try held.withUnsafeBufferPointer { (held) throws(Failure) in try decode(held, into: &out) }
+                    }
+                } else if bytes[start - 1] == UInt8(ascii: ",") {
+                    prefixDecided = true
+                    prefix = []
+                } else if prefix.count > 200 {
+                    throw Failure.invalid
+                }
+            }
+        }
+        guard start < bytes.count else { return }
+        try decode(UnsafeBufferPointer(rebasing: bytes[start...]), into: &out)
+    }
+
+    private mutating func decode(_ bytes: UnsafeBufferPointer<UInt8>, into out: inout [UInt8]) throws(Failure) {
+        let start = out.count
+        out.append(contentsOf: repeatElement(0, count: bytes.count / 4 * 3 + 3))
+        var written = start
+        defer { out.removeSubrange(written...) }
+        var failed = false
+        Base64.values.withUnsafeBufferPointer { table in
+            out.withUnsafeMutableBufferPointer { output in
+                var index = 0
+                let end = bytes.count
+                while index < end {
+                    if count == 0 && padding == 0 && index + 4 <= end {
+                        let a = table[Int(bytes[index])], b = table[Int(bytes[index + 1])]
+                        let c = table[Int(bytes[index + 2])], d = table[Int(bytes[index + 3])]
+                        if a | b | c | d >= 0 {
+                            let n = UInt32(a) << 18 | UInt32(b) << 12 | UInt32(c) << 6 | UInt32(d)
+                            output[written] = UInt8(truncatingIfNeeded: n >> 16)
+                            output[written + 1] = UInt8(truncatingIfNeeded: n >> 8)
+                            output[written + 2] = UInt8(truncatingIfNeeded: n)
+                            written += 3
+                            index += 4
+                            sawAny = true
+                            continue
+                        }
+                    }
+                    let byte = bytes[index]
+                    index += 1
+                    let value = table[Int(byte)]
+                    if value >= 0 {
+                        guard padding == 0 else { failed = true; return }
+                        quad = quad << 6 | UInt32(value)
+                        count += 1
+                        sawAny = true
+                        if count == 4 {
+                            output[written] = UInt8(truncatingIfNeeded: quad >> 16)
+                            output[written + 1] = UInt8(truncatingIfNeeded: quad >> 8)
+                            output[written + 2] = UInt8(truncatingIfNeeded: quad)
+                            written += 3
+                            quad = 0
+                            count = 0
+                        }
+                    } else if byte == UInt8(ascii: "=") {
+                        guard count >= 2 else { failed = true; return }
+                        padding += 1
+                        quad = quad << 6
+                        count += 1
+                        if count == 4 {
+                            output[written] = UInt8(truncatingIfNeeded: quad >> 16)
+                            written += 1
+                            if padding == 1 {
+                                output[written] = UInt8(truncatingIfNeeded: quad >> 8)
+                                written += 1
+                            }
+                            quad = 0
+                            count = 0
+                        }
+                    } else if byte == 0x20 || byte == 0x0A || byte == 0x0D || byte == 0x09 {
+                        continue
+                    } else {
+                        failed = true
+                        return
+                    }
+                }
+            }
+        }
+        if failed { throw Failure.invalid }
+    }
+
+    /// The end of the input: a last group without padding is accepted (2 or 3 characters).
+    public mutating func finish(into out: inout [UInt8]) throws(Failure) {
+        if !prefixDecided && !prefix.isEmpty {
+            prefixDecided = true
+            let held = prefix
+            prefix = []
+            try held.withUnsafeBufferPointer { (held) throws(Failure) in try decode(held, into: &out) }
+        }
+        switch count {
+        case 0: return
+        case 2: out.append(UInt8(truncatingIfNeeded: quad >> 4))
+        case 3: out += [UInt8(truncatingIfNeeded: quad >> 10), UInt8(truncatingIfNeeded: quad >> 2)]
+        default: throw Failure.invalid
+        }
+        count = 0
     }
 }
