@@ -1,4 +1,5 @@
 import Testing
+import TalkMeshBase
 import TalkMeshMessages
 @testable import TalkMeshDispatcherService
 
@@ -72,6 +73,34 @@ import TalkMeshMessages
         #expect(planner.next(running: true, executionMs: 60_000, audioSeconds: 20, estimate: unknown, previous: 0.25) == 2)
         // Never longer than `longest`, however long the chunk.
         #expect(planner.next(running: true, executionMs: 0, audioSeconds: 600, estimate: known, previous: 0) == 10)
+    }
+
+    @Test func pollWaitsEndOnTimeInDeadlineOrderAndACancelEndsOneAtOnce() async throws {
+        let timer = PollTimer()
+        let order = Locked<[Int]>([])
+        let start = MonotonicClock.nanoseconds()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (index, seconds) in [0.3, 0.1, 0.2, 0.1].enumerated() {
+                group.addTask {
+                    try await timer.sleep(seconds: seconds)
+                    #expect(MonotonicClock.nanoseconds() - start >= Int64(seconds * 1e9))
+                    order.withLock { $0.append(index) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(order.withLock { $0 }.last == 0 && order.withLock { $0 }[2] == 2)
+        let sleeper = Task { try await timer.sleep(seconds: 60) }
+        try await Task.sleep(nanoseconds: 50_000_000)
+        let cancelled = MonotonicClock.nanoseconds()
+        sleeper.cancel()
+        await #expect(throws: CancellationError.self) { try await sleeper.value }
+        #expect(MonotonicClock.nanoseconds() - cancelled < 5_000_000_000)
+        let already = Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            try await timer.sleep(seconds: 60)
+        }
+        await #expect(throws: CancellationError.self) { try await already.value }
     }
 
     @Test func theInFlightLimitNeverExceedsItsCapacity() async throws {

@@ -220,6 +220,27 @@ import TalkMeshMessages
         #expect(times.last! - times.first! >= Double(50 - limit) / Double(limit) * window)
     }
 
+    @Test func aReplicaTakesBudgetTokensInBatchesAndOneRoundTripServesThem() async throws {
+        let url = try database()
+        // RunPod's /status limit: a bucket of 180 − 162 × 0.5 = 99 tokens, taken 8 at a time.
+        let gate = try replica(url).requestGate(route: "status", limit: 1800, window: 10)
+        let db = try PostgresConnection(url: url)
+        func row() throws -> (tokens: Double, updated: String) {
+            let result = try db.execute("SELECT tokens, updated::text FROM runpod_budget WHERE route = 'status'")
+            return (result.double(0, 0), result.text(0, 1))
+        }
+        #expect(try row().tokens == 99)
+        try await gate.acquire()
+        let first = try row()
+        #expect(first.tokens == 91)
+        for _ in 0..<7 { try await gate.acquire() }
+        // Seven more requests, no write: the row is as the first fetch left it.
+        let after = try row()
+        #expect(after.tokens == first.tokens && after.updated == first.updated)
+        try await gate.acquire()
+        #expect(try row().updated != first.updated)
+    }
+
     @Test func retentionDeletesBlobsThenJobsAndKeepsTombstones() async throws {
         let clock = ManualClock()
         clock.now = 9_000

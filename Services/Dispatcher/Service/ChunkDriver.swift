@@ -55,7 +55,7 @@ struct ChunkDriver {
                 if webhook(for: record.job) != nil {
                     try await runner.wait(chunk: index, seconds: wait)
                 } else {
-                    try await Task.sleep(nanoseconds: UInt64(wait * 1e9))
+                    try await PollTimer.shared.sleep(seconds: wait)
                 }
                 let status: RunPodJob
                 if attempt.span == nil { attempt.begin(index: index, number: chunk.attempts, runpodJobID: chunk.runpodJobId, resumed: true) }
@@ -144,7 +144,7 @@ struct ChunkDriver {
         }
         let image = try await runner.imageBase64()
         let key = try BlobKey(chunk.audioKey)
-        let wav = try await context.blobIO.run { [blobs = context.blobs] _ in try blobs.get(key) }
+        let wav = try await context.blobCall { try $0.get(key) }
         return InfiniteTalkInput(prompt: job.prompt, imageBase64: image, wav: wav, width: Int(job.width), height: Int(job.height))
     }
 
@@ -166,7 +166,7 @@ struct ChunkDriver {
                                         queuedSeconds: max(0, queued))
         case .completed where status.failure == nil:
             let key = "jobs/\((await runner.record).id)/parts/\(String(format: "%04d", index)).mp4"
-            try await context.runpod.storeVideo(of: status, in: context.blobs, as: try BlobKey(key), io: context.blobIO)
+            try await context.runpod.storeVideo(of: status, in: context.blobs, as: try BlobKey(key), io: context.blobs.isLocal ? nil : context.blobIO)
             let delay = Int64(status.delayTimeMs ?? 0), execution = Int64(status.executionTimeMs ?? 0)
             context.throughput.record(audioSeconds: chunk.durationSec, queueDelayMs: delay, executionMs: execution)
             context.counters.count(event: "chunks_completed")

@@ -140,7 +140,7 @@ public actor Dispatcher {
         }
         for key in [request.imageKey, request.audioKey] {
             let blob = try BlobKey(key)
-            guard try await context.blobIO.run({ [blobs = context.blobs] _ in try blobs.exists(blob) }) else {
+            guard try await context.blobCall({ try $0.exists(blob) }) else {
                 throw ServiceError(.notFound, "no blob \(key)")
             }
         }

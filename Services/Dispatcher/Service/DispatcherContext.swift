@@ -57,6 +57,14 @@ public struct DispatcherContext: Sendable {
     public var counters = DispatcherCounters()
     public var logger: Logger
 
+    /// Runs a blob call: in place for a local directory (reading a chunk's audio from the page
+    /// cache or renaming a video in takes microseconds, less than the hop to a pool thread and
+    /// back), on `blobIO` for a network store.
+    func blobCall<T: Sendable>(_ body: @escaping @Sendable (any BlobStore) throws -> T) async throws -> T {
+        if blobs.isLocal { return try body(blobs) }
+        return try await blobIO.run { [blobs] _ in try body(blobs) }
+    }
+
     public init(configuration: DispatcherConfiguration, store: any JobStore, blobs: any BlobStore, media: RPCClient, audio: RPCClient,
                 runpod: RunPodClient, slots: (any InFlightSlots)? = nil, clock: any WallClock = SystemWallClock(), logger: Logger) {
         self.configuration = configuration

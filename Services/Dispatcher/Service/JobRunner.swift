@@ -216,7 +216,7 @@ public actor JobRunner {
     private func encodeAudioTrack() async -> String? {
         let job = record.job
         if !job.encodedAudioKey.isEmpty, let key = try? BlobKey(job.encodedAudioKey),
-           (try? await context.blobIO.run({ [blobs = context.blobs] _ in try blobs.exists(key) })) == true {
+           (try? await context.blobCall({ try $0.exists(key) })) == true {
             return job.encodedAudioKey
         }
         var request = EncodeAudioRequest()
@@ -337,7 +337,7 @@ public actor JobRunner {
             for key in keys where !key.isEmpty {
                 do {
                     let blob = try BlobKey(key)
-                    try await context.blobIO.run { [blobs = context.blobs] _ in try blobs.delete(blob) }
+                    try await context.blobCall { try $0.delete(blob) }
                 } catch {
                     logger.warning("could not delete an intermediate blob", metadata: ["key": "\(key)", "error": "\(error)"])
                 }
@@ -381,7 +381,7 @@ public actor JobRunner {
         let key = record.job.resizedImageKey
         if let encodedImage, encodedImage.key == key { return encodedImage.base64 }
         let blob = try BlobKey(key)
-        let base64 = try await context.blobIO.run { [blobs = context.blobs] _ in Data(try blobs.get(blob)).base64EncodedString() }
+        let base64 = try await context.blobCall { Base64.encode(try $0.get(blob)) }
         encodedImage = (key, base64)
         return base64
     }

@@ -59,8 +59,9 @@ public protocol JobStore: Sendable {
     func inFlightSlots(capacity: Int) throws -> any InFlightSlots
     /// The deployment-wide budget of one RunPod route: `limit` requests per `window` seconds.
     func requestGate(route: String, limit: Int, window: Double) throws -> any RequestGate
-    /// Calls `handler` for every change other replicas make (and this one: the handler tells
-    /// them apart by version).
+    /// Calls `handler` for every change other replicas make. This replica's own job writes are
+    /// left out where the store can tell (PostgreSQL: a version this replica wrote); otherwise the
+    /// handler tells them apart by version.
     func observe(_ handler: @escaping @Sendable (StoreChange) -> Void)
 }
 

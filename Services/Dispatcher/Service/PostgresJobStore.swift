@@ -24,6 +24,8 @@ public final class PostgresJobStore: JobStore {
     /// Rows leased to this replica that no runner here held at the last heartbeat (id → epoch).
     private let unheldLeases = Locked<[String: Int64]>([:])
     private let listener: PostgresListener
+    /// The version this replica last wrote of each job it holds and has not ended.
+    private let ownWrites = Locked<[String: Int64]>([:])
 
     /// The schema, one migration per version; all run under one advisory lock, so replicas that
     /// start together do not race.
@@ -200,8 +202,10 @@ public final class PostgresJobStore: JobStore {
             }
         } catch let error as ServiceError where error.code == .leaseLost {
             held.withLock { $0[stamped.id] = nil }
+            ownWrites.withLock { $0[stamped.id] = nil }
             throw error
         }
+        ownWrites.withLock { $0[stamped.id] = stamped.isTerminal ? nil : stamped.job.version }
         return stamped
     }
 
@@ -318,6 +322,7 @@ public final class PostgresJobStore: JobStore {
     }
 
     public func release(_ id: String) async throws {
+        ownWrites.withLock { $0[id] = nil }
         guard let epoch = held.withLock({ $0.removeValue(forKey: id) }) else { return }
         try await releaseLease(id, epoch: epoch)
     }
@@ -353,6 +358,7 @@ public final class PostgresJobStore: JobStore {
         let (lost, orphans) = held.withLock { held -> ([String], [String: Int64]) in
             let lost = before.filter { id, epoch in held[id] == epoch && renewed[id] != epoch }.map(\.key)
             for id in lost { held[id] = nil }
+            ownWrites.withLock { writes in for id in lost { writes[id] = nil } }
             return (lost, renewed.filter { held[$0.key] == nil })
         }
         let stale = unheldLeases.withLock { previous -> [String: Int64] in
@@ -369,6 +375,7 @@ public final class PostgresJobStore: JobStore {
     public func releaseAll() async throws {
         let replica = self.replica
         held.withLock { $0.removeAll() }
+        ownWrites.withLock { $0.removeAll() }
         try await pool.with { db in
             _ = try db.execute("""
                 WITH released AS (UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1 RETURNING status)
@@ -399,7 +406,20 @@ public final class PostgresJobStore: JobStore {
         try PostgresRequestGate(pool: pool, route: route, limit: limit, window: window)
     }
 
+    /// Leaves out the notices of this replica's own writes (five or so per chunk, each of which
+    /// cost a task and two actor hops to be told apart by version) and of freed slots (the slots
+    /// have their own handler).
     public func observe(_ handler: @escaping @Sendable (StoreChange) -> Void) {
-        listener.add(handler)
+        listener.add { [ownWrites] change in
+            switch change {
+            case .slotsFreed:
+                return
+            case .job(let id, let version):
+                if let written = ownWrites.withLock({ $0[id] }), written >= version { return }
+            default:
+                break
+            }
+            handler(change)
+        }
     }
 }

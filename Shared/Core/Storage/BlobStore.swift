@@ -49,9 +49,14 @@ public protocol BlobStore: Sendable {
     /// A URL anyone may GET the blob from until it expires, or nil when the store has none
     /// (a local directory).
     func presignedURL(_ key: BlobKey, expiresSeconds: Int) -> String?
+    /// True when calls are local file operations (microseconds from the page cache), which a
+    /// caller may make in place rather than on a work pool; false for a network store.
+    var isLocal: Bool { get }
 }
 
 extension BlobStore {
+    public var isLocal: Bool { false }
+
     /// The total size of the blobs `keys` name (an absent one counts 0); nil when a key is invalid
     /// or the store cannot answer. Blocks.
     public func totalSize(_ keys: [String]) -> Int? {

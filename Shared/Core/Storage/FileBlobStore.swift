@@ -138,6 +138,7 @@ public struct FileBlobStore: BlobStore {
 
     /// A directory has no URL of its own: the Gateway streams the blob instead.
     public func presignedURL(_ key: BlobKey, expiresSeconds: Int) -> String? { nil }
+    public var isLocal: Bool { true }
 
     // MARK: Files
 

@@ -52,4 +52,5 @@ public final class MeteredBlobStore: BlobStore {
     }
     public func list(prefix: String) throws -> [BlobListing] { try measured("list") { try inner.list(prefix: prefix) } }
     public func presignedURL(_ key: BlobKey, expiresSeconds: Int) -> String? { inner.presignedURL(key, expiresSeconds: expiresSeconds) }
+    public var isLocal: Bool { inner.isLocal }
 }

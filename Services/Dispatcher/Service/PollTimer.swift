@@ -1,0 +1,139 @@
+import Glibc
+import TalkMeshBase
+
+/// The waits between a chunk's polls, on one thread: a heap of deadlines, and every wait due
+/// within `slack` of the earliest is resumed in the same wake-up. `Task.sleep` armed a libdispatch
+/// timer source per wait and woke its manager thread to program it and again to fire it; with
+/// thousands of chunks polling, those wake-ups were a tenth of the Dispatcher's CPU
+/// (bench/dispatcher). Registering a wait wakes the thread only when it is the new earliest.
+final class PollTimer: @unchecked Sendable {
+    static let shared = PollTimer()
+
+    /// One wait; its state changes under the timer's mutex.
+    private final class Waiter: @unchecked Sendable {
+        let deadline: Int64
+        var continuation: CheckedContinuation<Void, any Error>?
+        var cancelled = false
+        var done = false
+
+        init(deadline: Int64) {
+            self.deadline = deadline
+        }
+    }
+
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    /// A min-heap on `deadline`.
+    private var heap: [Waiter] = []
+    /// The deadline the thread sleeps until (Int64.max: until signalled).
+    private var sleepingUntil = Int64.max
+    /// Waits due this close to each other are resumed together.
+    let slackNanoseconds: Int64
+
+    init(slackNanoseconds: Int64 = 2_000_000) {
+        self.slackNanoseconds = slackNanoseconds
+        pthread_mutex_init(mutex, nil)
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
+        var thread = pthread_t()
+        pthread_create(&thread, nil, pollTimerThread, Unmanaged.passRetained(self).toOpaque())
+        pthread_detach(thread)
+    }
+
+    /// Returns after `seconds` (at once for 0 or less); throws CancellationError as soon as the
+    /// calling task is cancelled.
+    func sleep(seconds: Double) async throws {
+        guard seconds > 0 else { return try Task.checkCancellation() }
+        let waiter = Waiter(deadline: MonotonicClock.deadline(after: Int64(min(seconds, 86_400) * 1e9)))
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                pthread_mutex_lock(mutex)
+                if waiter.cancelled {
+                    pthread_mutex_unlock(mutex)
+                    continuation.resume(throwing: CancellationError())
+                    return
+                }
+                waiter.continuation = continuation
+                push(waiter)
+                let wake = waiter.deadline < sleepingUntil
+                pthread_mutex_unlock(mutex)
+                if wake { pthread_cond_signal(condition) }
+            }
+        } onCancel: {
+            pthread_mutex_lock(mutex)
+            waiter.cancelled = true
+            // Still in the heap: resumed here; it is skipped when its deadline comes.
+            let continuation = waiter.done ? nil : waiter.continuation
+            waiter.done = true
+            pthread_mutex_unlock(mutex)
+            continuation?.resume(throwing: CancellationError())
+        }
+    }
+
+    fileprivate func run() -> Never {
+        var due: [CheckedContinuation<Void, any Error>] = []
+        pthread_mutex_lock(mutex)
+        while true {
+            let now = MonotonicClock.nanoseconds()
+            while let first = heap.first, first.deadline <= now + slackNanoseconds {
+                popFirst()
+                if !first.done, let continuation = first.continuation {
+                    first.done = true
+                    due.append(continuation)
+                }
+            }
+            if !due.isEmpty {
+                pthread_mutex_unlock(mutex)
+                for continuation in due { continuation.resume() }
+                due.removeAll(keepingCapacity: true)
+                pthread_mutex_lock(mutex)
+                continue
+            }
+            if let first = heap.first {
+                sleepingUntil = first.deadline
+                var until = timespec(tv_sec: Int(first.deadline / 1_000_000_000), tv_nsec: Int(first.deadline % 1_000_000_000))
+                pthread_cond_timedwait(condition, mutex, &until)
+            } else {
+                sleepingUntil = Int64.max
+                pthread_cond_wait(condition, mutex)
+            }
+            sleepingUntil = Int64.max
+        }
+    }
+
+    // MARK: The heap (under the mutex)
+
+    private func push(_ waiter: Waiter) {
+        heap.append(waiter)
+        var child = heap.count - 1
+        while child > 0 {
+            let parent = (child - 1) / 2
+            guard heap[child].deadline < heap[parent].deadline else { break }
+            heap.swapAt(child, parent)
+            child = parent
+        }
+    }
+
+    private func popFirst() {
+        let last = heap.removeLast()
+        guard !heap.isEmpty else { return }
+        heap[0] = last
+        var parent = 0
+        while true {
+            let left = 2 * parent + 1, right = left + 1
+            var smallest = parent
+            if left < heap.count && heap[left].deadline < heap[smallest].deadline { smallest = left }
+            if right < heap.count && heap[right].deadline < heap[smallest].deadline { smallest = right }
+            guard smallest != parent else { return }
+            heap.swapAt(parent, smallest)
+            parent = smallest
+        }
+    }
+}
+
+private func pollTimerThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    Unmanaged<PollTimer>.fromOpaque(context!).takeUnretainedValue().run()
+}
