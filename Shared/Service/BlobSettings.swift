@@ -42,6 +42,6 @@ public enum BlobSettings {
 
     /// Starts the work pool (`WORKERS`).
     public static func makePool(_ settings: Settings) throws -> BlockingWorkPool {
-        BlockingWorkPool(threads: try settings.integer(.workers))
+        BlockingWorkPool(threads: try settings.integer(.workers), name: "work-pool")
     }
 }

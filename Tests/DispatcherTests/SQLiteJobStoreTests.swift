@@ -39,6 +39,30 @@ final class ManualClock: WallClock, @unchecked Sendable {
         #expect(try await store.get(created.id)?.status == .running)
     }
 
+    @Test func writesLandInTheWALAndTheBackgroundCheckpointMovesThemIntoTheFile() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try store()
+        func size(_ suffix: String) -> Int {
+            ((try? FileManager.default.attributesOfItem(atPath: directory + "/nested/jobs.db" + suffix))?[.size] as? Int) ?? 0
+        }
+        let before = size("")
+        for index in 0..<200 {
+            var record = try await store.create(newJob(created: Int64(index))).record
+            try record.move(to: .running, at: 2)
+            _ = try await store.update(record)
+        }
+        // The writer never checkpoints: right after the writes, the rows are in the WAL only
+        // (a checkpoint may have started, but 200 rows of several pages are not copied yet).
+        #expect(size("-wal") > 200 * 1024)
+        var grown = false
+        for _ in 0..<100 where !grown {
+            try await Task.sleep(nanoseconds: 50_000_000)
+            grown = size("") > before + 32 * 1024
+        }
+        #expect(grown)
+        #expect(try await store.list(JobQuery(owner: "o", status: .running, pageSize: 500)).jobs.count == 200)
+    }
+
     @Test func pendingWebhooksAreFoundWhenDue() async throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         try await checkWebhookQueue(try store())

@@ -44,7 +44,7 @@ public struct DispatcherContext: Sendable {
     public var store: any JobStore
     public var blobs: any BlobStore
     /// Blob calls block (S3 is a network call): they run on these threads, off Swift's pool.
-    public var blobIO = BlockingWorkPool(threads: 4)
+    public var blobIO = BlockingWorkPool(threads: 4, name: "blob-io")
     public var media: RPCClient
     public var audio: RPCClient
     public var runpod: RunPodClient

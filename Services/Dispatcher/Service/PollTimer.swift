@@ -135,5 +135,6 @@ final class PollTimer: @unchecked Sendable {
 }
 
 private func pollTimerThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    ThreadName.set("poll-timer")
     Unmanaged<PollTimer>.fromOpaque(context!).takeUnretainedValue().run()
 }

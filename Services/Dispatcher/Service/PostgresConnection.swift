@@ -172,7 +172,7 @@ final class PostgresPool: Sendable {
         var opened: [PostgresConnection] = []
         for _ in 0..<size { opened.append(try PostgresConnection(url: url)) }
         connections = Locked(opened)
-        threads = BlockingWorkPool(threads: size)
+        threads = BlockingWorkPool(threads: size, name: "postgres")
     }
 
     /// Runs `body` with a connection of its own, on a pool thread.

@@ -12,7 +12,7 @@ final class PostgresListener: Sendable {
 
     private let handlers = Handlers()
     private let stopped = CancellationFlag()
-    private let thread = BlockingWorkPool(threads: 1)
+    private let thread = BlockingWorkPool(threads: 1, name: "pg-listen")
 
     init(url: String, channels: [String]) throws(ServiceError) {
         let first = try Self.connect(url, channels)

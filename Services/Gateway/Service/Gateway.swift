@@ -79,7 +79,7 @@ public final class Gateway: Sendable {
         self.keys = keys
         self.limiter = limiter
         self.blobs = blobs
-        blobIO = BlockingWorkPool(threads: configuration.blobThreads)
+        blobIO = BlockingWorkPool(threads: configuration.blobThreads, name: "blob-io")
         self.dispatcher = dispatcher
         self.logger = logger
         videoURL = JobJSON.presignedVideoURL(seconds: configuration.videoURLSeconds) { key, seconds in

@@ -200,5 +200,6 @@ public struct CurlError: Error, Sendable, CustomStringConvertible {
 
 private func curlEngineThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     let engine = Unmanaged<CurlEngine>.fromOpaque(context!).takeRetainedValue()
+    ThreadName.set("curl")
     engine.loop()
 }

@@ -36,9 +36,12 @@ public final class BlockingWorkPool: @unchecked Sendable {
     private var finished: UInt64 = 0
     private var stopped: UInt64 = 0
     public let threads: Int
+    /// The threads' name, as `top -H` and perf show it (at most 15 bytes).
+    public let name: String
 
     /// `threads` 0: one per core.
-    public init(threads: Int = 0) {
+    public init(threads: Int = 0, name: String = "work-pool") {
+        self.name = name
         self.threads = threads > 0 ? threads : max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(condition, nil)
@@ -153,5 +156,6 @@ private final class ResultBox<T: Sendable>: @unchecked Sendable {
 
 private func workPoolThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     let pool = Unmanaged<BlockingWorkPool>.fromOpaque(context!).takeRetainedValue()
+    ThreadName.set(pool.name)
     pool.work()
 }

@@ -350,6 +350,7 @@ extension EventLoop {
 
 private func runStandaloneLoop(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     let loop = Unmanaged<EventLoop>.fromOpaque(context!).takeRetainedValue()
+    ThreadName.set("rpc-client")
     loop.run()
     return nil
 }

@@ -338,6 +338,7 @@ final class ListenerContext {
 /// could be inferred main-actor isolated and trap on the new thread).
 private func runLoopThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     let loop = Unmanaged<EventLoop>.fromOpaque(context!).takeRetainedValue()
+    ThreadName.set("event-loop")
     loop.run()
     return nil
 }
