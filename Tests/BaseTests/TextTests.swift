@@ -57,6 +57,17 @@ struct TextTests {
         #expect(document.utf8(document.member("s", of: document.root)).map(Array.init) == Array("x\"é🙂/".utf8))
         #expect(document.member("missing", of: document.root) == nil)
         #expect(document.int(document.member("s", of: document.root)) == nil)
+        // A quote, an escape or a control byte at every offset of a long string (the scan reads
+        // eight bytes at a time and must stop at each).
+        for offset in 0..<20 {
+            let head = String(repeating: "a", count: offset), tail = String(repeating: "b", count: 20 - offset)
+            let escaped = try JSONDocument(Array("\"\(head)\\n\(tail)\"".utf8))
+            #expect(escaped.string(escaped.root) == head + "\n" + tail)
+            let short = try JSONDocument(Array("[\"\(head)\", \"\(tail)\"]".utf8))
+            if case .array(let items) = short.root.kind { #expect(items.map { short.string($0) } == [head, tail]) } else { Issue.record("not an array") }
+            #expect(throws: JSONDocument.Failure.self) { try JSONDocument(Array("\"\(head)\u{1F}\(tail)\"".utf8)) }
+            #expect(throws: JSONDocument.Failure.self) { try JSONDocument(Array("\"\(head)\(tail)".utf8)) }
+        }
         let deep = String(repeating: "[", count: JSONDocument.maxDepth + 1) + String(repeating: "]", count: JSONDocument.maxDepth + 1)
         #expect(throws: JSONDocument.Failure.tooDeep) { try JSONDocument(Array(deep.utf8)) }
         let nested = String(repeating: "[", count: JSONDocument.maxDepth) + String(repeating: "]", count: JSONDocument.maxDepth)

@@ -11,6 +11,10 @@ public enum Base64 {
         return table
     }()
 
+    /// Two output characters for each 12 bits of input, as one little-endian UInt16: an
+    /// encoder's inner loop then does two lookups per three bytes instead of four.
+    static let pairs: [UInt16] = (0..<4096).map { UInt16(alphabet[$0 >> 6]) | UInt16(alphabet[$0 & 63]) << 8 }
+
     /// Encodes with padding.
     public static func encode(_ bytes: [UInt8]) -> String {
         var out: [UInt8] = []
@@ -28,14 +32,15 @@ public enum Base64 {
             alphabet.withUnsafeBufferPointer { alphabet in
                 var index = 0
                 var write = start
-                while index + 3 <= count {
-                    let n = UInt32(input[index]) << 16 | UInt32(input[index + 1]) << 8 | UInt32(input[index + 2])
-                    output[write] = alphabet[Int(n >> 18)]
-                    output[write + 1] = alphabet[Int(n >> 12 & 63)]
-                    output[write + 2] = alphabet[Int(n >> 6 & 63)]
-                    output[write + 3] = alphabet[Int(n & 63)]
-                    index += 3
-                    write += 4
+                pairs.withUnsafeBufferPointer { pairs in
+                    let raw = UnsafeMutableRawPointer(output.baseAddress!)
+                    while index + 3 <= count {
+                        let n = Int(input[index]) << 16 | Int(input[index + 1]) << 8 | Int(input[index + 2])
+                        raw.storeBytes(of: pairs[n >> 12].littleEndian, toByteOffset: write, as: UInt16.self)
+                        raw.storeBytes(of: pairs[n & 4095].littleEndian, toByteOffset: write + 2, as: UInt16.self)
+                        index += 3
+                        write += 4
+                    }
                 }
                 let rest = count - index
                 guard rest > 0 else { return }
