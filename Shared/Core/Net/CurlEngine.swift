@@ -132,11 +132,17 @@ public final class CurlEngine: @unchecked Sendable {
             _ = tm_curl_easy_setopt_write(easy, CURLOPT_HEADERFUNCTION) { data, size, count, context in
                 let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
                 let length = size * count
-                let line = data!.withMemoryRebound(to: UInt8.self, capacity: length) { String(decoding: UnsafeBufferPointer(start: $0, count: length), as: UTF8.self) }
-                if let colon = line.firstIndex(of: ":") {
-                    let name = line[..<colon].lowercased()
-                    let value = line[line.index(after: colon)...].trimmingWhitespace
-                    transfer.responseHeaders[name] = value
+                // On the bytes: a name lower-cased in ASCII, a value without the blanks and CRLF
+                // around it (a String and Character walk per header line cost more than the request).
+                data!.withMemoryRebound(to: UInt8.self, capacity: length) { base in
+                    let line = UnsafeBufferPointer(start: base, count: length)
+                    guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else { return }
+                    func blank(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 || byte == 0x0D || byte == 0x0A }
+                    var start = colon + 1, end = length
+                    while start < end && blank(line[start]) { start += 1 }
+                    while end > start && blank(line[end - 1]) { end -= 1 }
+                    let name = String(decoding: line[..<colon].map { $0 >= 0x41 && $0 <= 0x5A ? $0 | 0x20 : $0 }, as: UTF8.self)
+                    transfer.responseHeaders[name] = String(decoding: UnsafeBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
                 }
                 return length
             }
