@@ -70,6 +70,10 @@ struct TextTests {
         }
         let deep = String(repeating: "[", count: JSONDocument.maxDepth + 1) + String(repeating: "]", count: JSONDocument.maxDepth + 1)
         #expect(throws: JSONDocument.Failure.tooDeep) { try JSONDocument(Array(deep.utf8)) }
+        let many = "[" + Array(repeating: "1", count: JSONDocument.maxValues).joined(separator: ",") + "]"
+        #expect(throws: JSONDocument.Failure.tooManyValues) { try JSONDocument(Array(many.utf8)) }
+        let enough = "[" + Array(repeating: "1", count: JSONDocument.maxValues - 1).joined(separator: ",") + "]"
+        #expect(throws: Never.self) { try JSONDocument(Array(enough.utf8)) }
         let nested = String(repeating: "[", count: JSONDocument.maxDepth) + String(repeating: "]", count: JSONDocument.maxDepth)
         #expect(throws: Never.self) { try JSONDocument(Array(nested.utf8)) }
         for bad in ["", "{", "{\"a\"}", "[1,]", "01", "1.", "-", "tru", "\"\\u12\"", "\"a\u{01}\"", "{} {}", "\"\\x\""] {

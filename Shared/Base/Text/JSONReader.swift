@@ -2,7 +2,7 @@
 /// so a string of megabytes (a RunPod video in base64) stays a slice of the bytes received
 /// instead of becoming a `String` first; strings are unescaped only when asked for.
 public struct JSONDocument: Sendable {
-    public enum Failure: Error, Equatable { case invalid(offset: Int), tooDeep }
+    public enum Failure: Error, Equatable { case invalid(offset: Int), tooDeep, tooManyValues }
 
     /// One value: its kind, and where it is in `bytes` (a string's range excludes its quotes).
     public struct Value: Sendable {
@@ -27,6 +27,9 @@ public struct JSONDocument: Sendable {
     public let root: Value
     /// Arrays and objects nest at most this deep.
     public static let maxDepth = 64
+    /// A document holds at most this many values: the tree costs about 40 bytes a value, so
+    /// ten megabytes of `[1,1,1,…]` cannot become hundreds of megabytes of it.
+    public static let maxValues = 100_000
 
     public init(_ bytes: [UInt8]) throws(Failure) {
         self.bytes = bytes
@@ -115,6 +118,7 @@ public struct JSONDocument: Sendable {
     private struct Reader {
         let bytes: [UInt8]
         var index = 0
+        var values = 0
 
         init(bytes: [UInt8]) {
             self.bytes = bytes
@@ -130,6 +134,8 @@ public struct JSONDocument: Sendable {
 
         mutating func value(depth: Int) throws(Failure) -> Value {
             guard index < bytes.count else { throw fail() }
+            values += 1
+            guard values <= JSONDocument.maxValues else { throw .tooManyValues }
             let start = index
             switch bytes[index] {
             case UInt8(ascii: "{"):
