@@ -53,9 +53,9 @@ public struct PollPlanner: Sendable {
     public var unknownFirst = 0.25
     public var unknownLongest = 2.0
     public var unknownFraction = 0.1
-    /// A queued chunk is not asked again before this fraction of the execution the throughput
-    /// predicts for it (it cannot be done sooner, even if it started at once), nor before this
-    /// fraction of the queue delay RunPod's recent chunks saw has passed since its submission.
+    /// A queued chunk is not asked again before it could be done: what is left of this fraction
+    /// of the queue delay RunPod's recent chunks saw (counted from its submission), then this
+    /// fraction of the run the throughput predicts for it.
     public var queuedExecutionFraction = 0.8
     public var queuedDelayFraction = 0.75
 
@@ -70,10 +70,10 @@ public struct PollPlanner: Sendable {
             if running, let executionMs {
                 return min(unknownLongest, max(unknownFirst, unknownFraction * Double(executionMs) / 1000))
             }
-            var wait = min(unknownLongest, previous <= 0 ? unknownFirst : previous * growth)
-            if let rate = estimate.secondsPerAudioSecond { wait = max(wait, queuedExecutionFraction * rate * audioSeconds) }
-            if let delay = estimate.queueDelaySeconds { wait = max(wait, queuedDelayFraction * delay - queuedSeconds) }
-            return min(longest, wait)
+            let ladder = min(unknownLongest, previous <= 0 ? unknownFirst : previous * growth)
+            let queue = estimate.queueDelaySeconds.map { max(0, queuedDelayFraction * $0 - queuedSeconds) } ?? 0
+            let run = estimate.secondsPerAudioSecond.map { queuedExecutionFraction * $0 * audioSeconds } ?? 0
+            return min(longest, max(ladder, queue + run))
         }
         let remaining = rate * audioSeconds - Double(executionMs ?? 0) / 1000
         if remaining > shortest { return min(longest, remaining) }
