@@ -142,7 +142,13 @@ public final class CurlEngine: @unchecked Sendable {
                     while start < end && blank(line[start]) { start += 1 }
                     while end > start && blank(line[end - 1]) { end -= 1 }
                     let name = String(decoding: line[..<colon].map { $0 >= 0x41 && $0 <= 0x5A ? $0 | 0x20 : $0 }, as: UTF8.self)
-                    transfer.responseHeaders[name] = String(decoding: UnsafeBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
+                    let value = String(decoding: UnsafeBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
+                    transfer.responseHeaders[name] = value
+                    // The body's room at once (a video answer grew by doubling, copied each time),
+                    // within its limit and at most 16 MB on a peer's word.
+                    if name == "content-length", let declared = Int(value), declared > transfer.body.capacity {
+                        transfer.body.reserveCapacity(min(declared, transfer.bodyLimit, 16 << 20))
+                    }
                 }
                 return length
             }
