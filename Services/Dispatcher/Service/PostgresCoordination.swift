@@ -237,10 +237,10 @@ private actor TokenReservoir {
                 task = Task {
                     do {
                         let (granted, wait) = try await fetch()
-                        await self.filled(granted, hold: hold)
+                        self.filled(granted, hold: hold)
                         return granted > 0 ? 0 : wait
                     } catch {
-                        await self.filled(0, hold: hold)
+                        self.filled(0, hold: hold)
                         throw error
                     }
                 }
