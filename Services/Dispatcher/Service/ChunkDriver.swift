@@ -166,7 +166,7 @@ struct ChunkDriver {
                                         queuedSeconds: max(0, queued))
         case .completed where status.failure == nil:
             let key = "jobs/\((await runner.record).id)/parts/\(String(format: "%04d", index)).mp4"
-            try await context.runpod.storeVideo(of: status, in: context.blobs, as: try BlobKey(key), io: context.blobs.isLocal ? nil : context.blobIO)
+            try await context.runpod.storeVideo(of: status, in: context.blobs, as: try BlobKey(key), io: context.blobIO)
             let delay = Int64(status.delayTimeMs ?? 0), execution = Int64(status.executionTimeMs ?? 0)
             context.throughput.record(audioSeconds: chunk.durationSec, queueDelayMs: delay, executionMs: execution)
             context.counters.count(event: "chunks_completed")

@@ -3,7 +3,7 @@ import TalkMeshCore
 
 /// Writes a new file piece by piece (decoded bytes as they come). Its one owner closes the
 /// descriptor when it goes, thrown out of or not. A failed write is kept and thrown again by
-/// every later `write` and by `check`.
+/// every later `write`.
 final class FileHandleWriter {
     private let fd: Int32
     let path: String
@@ -31,11 +31,6 @@ final class FileHandleWriter {
                 offset += written
             }
         }
-        if let failure { throw failure }
-    }
-
-    /// Throws the first write's failure, if any.
-    func check() throws(ServiceError) {
         if let failure { throw failure }
     }
 }

@@ -358,9 +358,9 @@ public final class PostgresJobStore: JobStore {
         let (lost, orphans) = held.withLock { held -> ([String], [String: Int64]) in
             let lost = before.filter { id, epoch in held[id] == epoch && renewed[id] != epoch }.map(\.key)
             for id in lost { held[id] = nil }
-            ownWrites.withLock { writes in for id in lost { writes[id] = nil } }
             return (lost, renewed.filter { held[$0.key] == nil })
         }
+        ownWrites.withLock { writes in for id in lost { writes[id] = nil } }
         let stale = unheldLeases.withLock { previous -> [String: Int64] in
             defer { previous = orphans }
             return orphans.filter { previous[$0.key] == $0.value }

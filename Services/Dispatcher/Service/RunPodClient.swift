@@ -94,7 +94,8 @@ public struct RunPodClient: Sendable {
     }
 
     /// Stores a COMPLETED job's video under `key`: base64 decoded in slices into a scratch file (the
-    /// decoded video is never whole in memory), a URL downloaded, a volume path read.
+    /// decoded video is never whole in memory), a URL downloaded, a volume path read. The blob is
+    /// moved in on `io` when given, unless the store is a local directory (a rename).
     public func storeVideo(of job: RunPodJob, in store: any BlobStore, as key: BlobKey, io: BlockingWorkPool? = nil) async throws {
         if let failure = job.failure { throw failure }
         guard let video = job.video else { throw ServiceError(.runpodResultMissing, "job \(job.id) has no video") }
@@ -121,8 +122,7 @@ public struct RunPodClient: Sendable {
             } catch {
                 throw ServiceError(.runpodBadResponse, "output.video is not valid base64")
             }
-            try handle.write(decoded)
-            try handle.check()
+            try handle.write(decoded)  // throws the first failed write, if one failed in the loop
         case .url(let url):
             let exchange = try await engine.perform(method: "GET", url: url, timeoutMilliseconds: configuration.requestTimeoutMs, bodyLimit: 2 << 30)
             guard exchange.status == 200 else { throw ServiceError(.runpodResultMissing, "downloading \(url) answered \(exchange.status)") }
@@ -134,7 +134,7 @@ public struct RunPodClient: Sendable {
             let local = volume + "/" + path.split(separator: "/").dropFirst(path.hasPrefix("/runpod-volume") ? 1 : 0).joined(separator: "/")
             try FileBlobStore.writeAll(scratch, try FileBlobStore.readAll(local))
         }
-        if let io {
+        if let io, !store.isLocal {
             try await io.run { _ in try store.store(key, fromFile: scratch) }
         } else {
             try store.store(key, fromFile: scratch)

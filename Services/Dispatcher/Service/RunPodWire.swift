@@ -105,10 +105,9 @@ public struct RunPodJob: Sendable {
     /// Read by `JSONDocument`: the video stays in the body it came in (Foundation's parser copied
     /// it into a string, and that was most of a poll's cost).
     public static func parse(_ body: [UInt8]) throws(ServiceError) -> RunPodJob {
-        let notAJob = ServiceError(.runpodBadResponse, "not a RunPod job", cause: String(decoding: body.prefix(200), as: UTF8.self))
         guard let document = try? JSONDocument(body), let id = document.string(document.member("id", of: document.root)),
               let statusText = document.string(document.member("status", of: document.root)) else {
-            throw notAJob
+            throw ServiceError(.runpodBadResponse, "not a RunPod job", cause: String(decoding: body.prefix(200), as: UTF8.self))
         }
         guard let status = RunPodStatus(rawValue: statusText) else {
             throw ServiceError(.runpodBadResponse, "unknown RunPod status \(statusText)")

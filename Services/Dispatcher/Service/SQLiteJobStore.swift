@@ -104,7 +104,7 @@ public final class SQLiteJobStore: JobStore {
         }
     }
 
-    private func withDatabase<T: Sendable>(_ body: @escaping @Sendable (SQLiteDatabase) throws -> T) async throws -> T {
+    private func withDatabase<T>(_ body: (SQLiteDatabase) throws -> T) throws -> T {
         lock.lock()
         defer { lock.unlock() }
         return try body(connection.db)
@@ -115,7 +115,7 @@ public final class SQLiteJobStore: JobStore {
         var record = record
         record.stamp(version: 1, at: now)
         let stamped = record
-        return try await withDatabase { db in
+        return try withDatabase { db in
             try db.transaction {
                 let job = stamped.job
                 let key: String? = job.idempotencyKey.isEmpty ? nil : job.idempotencyKey
@@ -135,7 +135,7 @@ public final class SQLiteJobStore: JobStore {
     }
 
     public func get(_ id: String) async throws -> JobRecord? {
-        try await withDatabase { db in
+        try withDatabase { db in
             let statement = try db.prepare("SELECT data FROM jobs WHERE id = ? UNION ALL SELECT data FROM expired_jobs WHERE id = ? LIMIT 1")
             try statement.bind([id, id])
             return try statement.step() ? JobRecord(stored: try Job(serializedBytes: statement.blob(0))) : nil
@@ -148,7 +148,7 @@ public final class SQLiteJobStore: JobStore {
         var record = record
         record.stamp(version: expected + 1, at: clock.nowUnixMs())
         let stamped = record
-        return try await withDatabase { db in
+        return try withDatabase { db in
             let job = stamped.job
             let data = job.serializedBytes()
             let ended: Int64? = job.completedAtUnixMs > 0 ? job.completedAtUnixMs : nil
@@ -176,7 +176,7 @@ public final class SQLiteJobStore: JobStore {
     }
 
     public func list(_ query: JobQuery) async throws -> (jobs: [Job], nextPageToken: String) {
-        try await withDatabase { db in
+        try withDatabase { db in
             var sql = "SELECT data FROM jobs WHERE owner = ?"
             var values: [Any?] = [query.owner]
             if let status = query.status {
@@ -201,7 +201,7 @@ public final class SQLiteJobStore: JobStore {
     }
 
     public func claimUnfinished(limit: Int, running: Set<String>) async throws -> [String] {
-        try await withDatabase { db in
+        try withDatabase { db in
             let statement = try db.prepare("SELECT id FROM jobs WHERE status IN (1, 2) ORDER BY created_ms LIMIT ?")
             try statement.bind([limit + running.count])
             var ids: [String] = []
@@ -216,7 +216,7 @@ public final class SQLiteJobStore: JobStore {
     public func release(_ id: String) async throws {}
 
     public func jobsWithBlobs(endedBefore: Int64, limit: Int) async throws -> [JobRecord] {
-        try await withDatabase { db in
+        try withDatabase { db in
             let statement = try db.prepare("SELECT data FROM jobs WHERE ended_ms < ? AND blobs_deleted = 0 ORDER BY ended_ms LIMIT ?")
             try statement.bind([endedBefore, limit])
             var records: [JobRecord] = []
@@ -226,7 +226,7 @@ public final class SQLiteJobStore: JobStore {
     }
 
     public func webhooksDue(at now: Int64, limit: Int) async throws -> [JobRecord] {
-        try await withDatabase { db in
+        try withDatabase { db in
             let statement = try db.prepare("SELECT data FROM jobs WHERE webhook_due_ms <= ? ORDER BY webhook_due_ms LIMIT ?")
             try statement.bind([now, limit])
             var records: [JobRecord] = []
@@ -236,7 +236,7 @@ public final class SQLiteJobStore: JobStore {
     }
 
     public func inputInUse(_ key: String, except id: String) async throws -> Bool {
-        try await withDatabase { db in
+        try withDatabase { db in
             let statement = try db.prepare("""
                 SELECT 1 FROM jobs WHERE id <> ?1 AND blobs_deleted = 0 AND (image_key = ?2 OR audio_key = ?2 OR image_key IS NULL) LIMIT 1
                 """)
@@ -247,7 +247,7 @@ public final class SQLiteJobStore: JobStore {
 
     public func expireJobs(endedBefore: Int64, tombstonesBefore: Int64, limit: Int) async throws -> Int {
         let now = clock.nowUnixMs()
-        return try await withDatabase { db in
+        return try withDatabase { db in
             try db.transaction {
                 try db.prepare("DELETE FROM expired_jobs WHERE expired_ms < ?").run([tombstonesBefore])
                 let due = try db.prepare("SELECT data FROM jobs WHERE ended_ms < ? AND blobs_deleted = 1 ORDER BY ended_ms LIMIT ?")
@@ -265,7 +265,7 @@ public final class SQLiteJobStore: JobStore {
     }
 
     public func unfinishedCounts() async throws -> [JobStatus: Int] {
-        try await withDatabase { db in
+        try withDatabase { db in
             let statement = try db.prepare("SELECT status, count(*) FROM jobs WHERE status IN (1, 2) GROUP BY status")
             var counts: [JobStatus: Int] = [:]
             while try statement.step() { counts[JobStatus(rawValue: Int32(statement.int64(0)))] = Int(statement.int64(1)) }
