@@ -127,7 +127,8 @@ let package = Package(
         .testTarget(name: "TalkMeshBaseTests", dependencies: ["TalkMeshBase"], path: "Tests/BaseTests"),
         .testTarget(name: "TalkMeshCoreTests", dependencies: ["TalkMeshCore", "TalkMeshBase"], path: "Tests/CoreTests"),
         .testTarget(name: "TalkMeshLibAVTests", dependencies: ["TalkMeshLibAV", "TalkMeshCore", "CTalkMesh"], path: "Tests/LibAVTests"),
-        .testTarget(name: "TalkMeshServiceTests", dependencies: ["TalkMeshService", "TalkMeshRPC"], path: "Tests/ServiceTests"),
+        .testTarget(name: "TalkMeshServiceTests", dependencies: ["TalkMeshService", "TalkMeshRPC", "TalkMeshCore", .product(name: "Logging", package: "swift-log")],
+                    path: "Tests/ServiceTests"),
         .testTarget(
             name: "TalkMeshAudioTests",
             dependencies: ["TalkMeshAudioService", "TalkMeshCore", "TalkMeshLibAV", "TalkMeshMessages", "CTalkMesh"],

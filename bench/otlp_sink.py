@@ -2,7 +2,7 @@
 """A minimal OTLP/HTTP receiver for the tracing-cost benchmarks: reads each export, answers 200,
 decodes nothing (so the benchmark measures the service, not the receiver). It shares the
 machine with the server under test, so it is lean: raw sockets, one thread per connection,
-each body read into one reused buffer (Python's http.server would parse every request's
+every request read in place into one reused buffer (Python's http.server would parse every request's
 headers through the email package and copy every body). Prints its port."""
 import socket
 import sys
@@ -13,37 +13,42 @@ BAD = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r
 
 
 def serve(conn):
-    buffer = bytearray(1 << 20)
+    """Reads requests into one buffer in place: no bytes object per read, no concatenation."""
+    buffer = bytearray(4 << 20)
     view = memoryview(buffer)
-    pending = b""
+    have = 0
     with conn:
         while True:
-            while b"\r\n\r\n" not in pending:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                pending += data
-                if len(pending) > 65536:
+            end = buffer.find(b"\r\n\r\n", 0, have)
+            while end < 0:
+                if have > 65536:
                     conn.sendall(BAD)
                     return
-            head, _, pending = pending.partition(b"\r\n\r\n")
+                got = conn.recv_into(view[have:])
+                if not got:
+                    return
+                have += got
+                end = buffer.find(b"\r\n\r\n", 0, have)
+            head = bytes(view[:end]).lower()
             length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if length > len(buffer):
+            at = head.find(b"\r\ncontent-length:")
+            if at >= 0:
+                stop = head.find(b"\r\n", at + 2)
+                length = int(head[at + 17:stop if stop >= 0 else len(head)])
+            total = end + 4 + length
+            if total > len(buffer):
                 conn.sendall(BAD)
                 return
-            taken = min(len(pending), length)
-            pending = pending[taken:]
-            length -= taken
-            while length > 0:
-                got = conn.recv_into(view[:length])
-                if got == 0:
+            while have < total:
+                got = conn.recv_into(view[have:])
+                if not got:
                     return
-                length -= got
+                have += got
             conn.sendall(OK)
+            left = have - total
+            if left:
+                buffer[:left] = buffer[total:have]
+            have = left
 
 
 def main():

@@ -108,9 +108,26 @@ static inline int tm_wifexited(int status) { return WIFEXITED(status); }
 static inline int tm_wexitstatus(int status) { return WEXITSTATUS(status); }
 static inline int tm_wtermsig(int status) { return WTERMSIG(status); }
 
+/* Trace and span ids: unique, not secret. SplitMix64 over a per-thread state seeded once per
+   thread from getrandom(), so an id costs no system call and no atomic that every core's
+   requests would contend on. */
+#include <stdint.h>
+#include <sys/random.h>
+static inline uint64_t tm_next_id(void) {
+    static __thread uint64_t state;
+    static __thread int seeded;
+    if (__builtin_expect(!seeded, 0)) {
+        if (getrandom(&state, sizeof state, 0) != (ssize_t)sizeof state) state = (uint64_t)time(NULL) ^ ((uint64_t)(uintptr_t)&state << 16) ^ (uint64_t)getpid();
+        seeded = 1;
+    }
+    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
 /* libFuzzer's driver, for a program with its own main (`talkmesh-fuzz`). Declared only: it is
    linked, and called, in the fuzzing build alone (scripts/fuzz). */
-#include <stdint.h>
 int LLVMFuzzerRunDriver(int *argc, char ***argv, int (*callback)(const uint8_t *data, size_t size));
 
 #endif

@@ -26,8 +26,19 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
 
     let configuration: Configuration
     private let engine: CurlEngine
+    /// Spans waiting for export, already encoded: each is an OTLP `ScopeSpans.spans` field (tag,
+    /// length, `Span`), one after another, so a batch is sent as it lies.
+    private struct Queue {
+        var bytes: EncodedSpans
+        var count = 0
+        /// Where each full batch ends (a byte offset): a batch never holds more than `maxBatch` spans.
+        var cuts: [Int] = []
+    }
     private struct State {
-        var queue: [TalkMeshSpan] = []
+        var queue: Queue
+        /// An exported batch's buffer, emptied, for the next queue: its memory is reused, not
+        /// allocated and faulted in again for every batch.
+        var spare: EncodedSpans?
         var wake: CheckedContinuation<Void, Never>?
         /// The schedule rang while an export ran: export again without waiting.
         var due = false
@@ -37,35 +48,54 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         var exports = (ok: 0, failed: 0)
     }
     /// Taken by every span that ends: an inline futex lock, not a call into a lock object.
-    private let state = Mutex(State())
+    private let state: Mutex<State>
     private var loop: Task<Void, Never>?
     private let logger: Logger
     /// The encoded resource (service name, attributes), the same in every request.
     private let resourceBytes: [UInt8]
+    private let requestHeaders: [String]
+    /// The queue's bound in bytes as well as in spans: a span with large attributes (an error's
+    /// message) takes its share, so the queue holds at most about 1 KB per span it may keep.
+    private let maxQueueBytes: Int
+    /// Room ahead of a batch for its envelope (`OTLPEncoding.seal`).
+    private let headroom: Int
 
     public init(configuration: Configuration, engine: CurlEngine = CurlEngine(), logger: Logger) {
         self.configuration = configuration
         self.engine = engine
+        requestHeaders = ["Content-Type: application/x-protobuf"] + configuration.headers
         self.logger = logger
+        maxQueueBytes = max(configuration.maxQueue, 1) * 1024
         var resource = ProtoWriter()
         for (key, value) in [("service.name", configuration.serviceName), ("telemetry.sdk.name", "talkmesh"),
                              ("telemetry.sdk.language", "swift")] + configuration.resource {
             resource.keyValue(1, key, .string(value))  // Resource.attributes = 1
         }
         resourceBytes = resource.bytes
+        headroom = OTLPEncoding.headroom(resource: resource.bytes)
+        state = Mutex(State(queue: Queue(bytes: EncodedSpans(headroom: headroom))))
         // Captured strongly: the exporter lives as long as the process. A weak reference would
         // give it a side table, and every span's retain of its sink would take the slow path.
         loop = Task.detached { await self.run() }
     }
 
-    public func enqueue(_ span: TalkMeshSpan) {
-        let maxQueue = configuration.maxQueue, maxBatch = configuration.maxBatch
+    public func enqueue(size: Int, _ write: (inout ProtoCursor) -> Void) {
+        let maxQueue = configuration.maxQueue, maxBatch = configuration.maxBatch, maxBytes = maxQueueBytes
+        let field = ProtoCursor.fieldSize(size)
         let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
-            guard state.queue.count < maxQueue else {
+            guard state.queue.count < maxQueue, state.queue.bytes.count + field <= maxBytes else {
                 state.droppedFull += 1
                 return nil
             }
-            state.queue.append(span)
+            state.queue.bytes.append(field) { start in
+                var cursor = ProtoCursor(start)
+                cursor.tag(2, 2)  // ScopeSpans.spans
+                cursor.rawVarint(UInt64(size))
+                write(&cursor)
+                precondition(cursor.end == start + field, "a span's size was miscounted")
+            }
+            state.queue.count += 1
+            if state.queue.count % maxBatch == 0 { state.queue.cuts.append(state.queue.bytes.count) }
             guard state.queue.count >= maxBatch, let waiter = state.wake else { return nil }
             state.wake = nil
             return waiter
@@ -76,22 +106,24 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
     public func flush() async {
         for _ in 0..<64 {
             let batch = take()
-            if batch.isEmpty { return }
+            if batch.count == 0 { return }
             await export(batch)
         }
     }
 
-    private func take() -> [TalkMeshSpan] {
+    /// The next batch: at most `maxBatch` spans, the oldest.
+    private func take() -> (bytes: EncodedSpans, count: Int) {
         let maxBatch = configuration.maxBatch
         return state.withLock { state in
-            if state.queue.count <= maxBatch {
+            guard let cut = state.queue.cuts.first, cut < state.queue.bytes.count else {
                 // The whole queue (the usual case): handed over, not copied.
-                defer { state.queue = [] }
-                return state.queue
+                defer { state.queue = Queue(bytes: state.spare.take() ?? EncodedSpans(headroom: headroom)) }
+                return (state.queue.bytes, state.queue.count)
             }
-            let batch = Array(state.queue.prefix(maxBatch))
-            state.queue.removeFirst(batch.count)
-            return batch
+            let batch = state.queue.bytes.split(at: cut)
+            state.queue.count -= maxBatch
+            state.queue.cuts = state.queue.cuts.dropFirst().map { $0 - cut }
+            return (batch, maxBatch)
         }
     }
 
@@ -120,7 +152,7 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
             state.withLock { $0.due = false }
             while true {
                 let batch = take()
-                if batch.isEmpty { break }
+                if batch.count == 0 { break }
                 await export(batch)
                 if state.withLock({ $0.queue.count < maxBatch }) { break }
             }
@@ -137,11 +169,14 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         waiter?.resume()
     }
 
-    private func export(_ batch: [TalkMeshSpan]) async {
-        let body = OTLPEncoding.request(batch, resource: resourceBytes)
+    private func export(_ batch: (bytes: EncodedSpans, count: Int)) async {
+        OTLPEncoding.seal(batch.bytes, resource: resourceBytes)
+        defer {
+            batch.bytes.reset()
+            state.withLock { state in if state.spare == nil { state.spare = batch.bytes } }
+        }
         do {
-            let exchange = try await engine.perform(method: "POST", url: configuration.url,
-                                                    headers: ["Content-Type: application/x-protobuf"] + configuration.headers, body: body,
+            let exchange = try await engine.perform(method: "POST", url: configuration.url, headers: requestHeaders, borrowing: batch.bytes,
                                                     timeoutMilliseconds: configuration.timeoutMs, bodyLimit: 1 << 20)
             guard (200...299).contains(exchange.status) else {
                 failed(batch.count, "the collector answered HTTP \(exchange.status)")
@@ -190,35 +225,106 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
 }
 
 /// OTLP's protobuf messages, written by hand (opentelemetry-proto's field numbers): a few dozen
-/// lines instead of a generated copy of the whole schema. Each span writes itself in place
-/// (`TalkMeshSpan.writeOTLP`), its attributes already encoded.
+/// lines instead of a generated copy of the whole schema. Each span was encoded where it ended
+/// (`TalkMeshSpan.end`), its attributes already encoded.
 enum OTLPEncoding {
+    /// Room enough ahead of a batch's spans for its envelope, with `resource`.
+    static func headroom(resource: [UInt8]) -> Int { 2 * 11 + ProtoCursor.fieldSize(resource.count) + ProtoCursor.fieldSize(scope.count) }
+
     /// `ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1, scope_spans = 2:
-    /// ScopeSpans { scope = 1, spans = 2 } } }`: the spans are written once, then the envelope
-    /// (whose lengths they settle) before them.
-    static func request(_ spans: [TalkMeshSpan], resource: [UInt8]) -> [UInt8] {
-        var scope = ProtoWriter()
-        scope.string(1, "talkmesh")
-        scope.string(2, "1")
-        let sizes = spans.map { $0.otlpSize() }
-        let scopeSpans = ProtoCursor.fieldSize(scope.bytes.count) + sizes.reduce(0) { $0 + ProtoCursor.fieldSize($1.size) }
+    /// ScopeSpans { scope = 1, spans = 2 } } }` around `spans`, encoded `ScopeSpans.spans` fields,
+    /// written in their headroom: `spans.requestBytes` is then the whole request.
+    static func seal(_ spans: EncodedSpans, resource: [UInt8]) {
+        let scopeSpans = ProtoCursor.fieldSize(scope.count) + spans.count
         let resourceSpans = ProtoCursor.fieldSize(resource.count) + ProtoCursor.fieldSize(scopeSpans)
-        let total = ProtoCursor.fieldSize(resourceSpans)
-        return [UInt8](unsafeUninitializedCapacity: total) { buffer, count in
-            var cursor = ProtoCursor(buffer.baseAddress!)
+        let envelope = ProtoCursor.fieldSize(resourceSpans) - resourceSpans + ProtoCursor.fieldSize(resource.count)
+            + ProtoCursor.fieldSize(scopeSpans) - scopeSpans + ProtoCursor.fieldSize(scope.count)
+        spans.seal(envelope) { start in
+            var cursor = ProtoCursor(start)
             cursor.tag(1, 2)
             cursor.rawVarint(UInt64(resourceSpans))
             cursor.bytes(1, resource)
             cursor.tag(2, 2)
             cursor.rawVarint(UInt64(scopeSpans))
-            cursor.bytes(1, scope.bytes)
-            for (span, (size, tail)) in zip(spans, sizes) {
-                cursor.tag(2, 2)
-                cursor.rawVarint(UInt64(size))
-                span.writeOTLP(into: &cursor, tail: tail)
-            }
-            count = cursor.end - buffer.baseAddress!
-            precondition(count == total, "an OTLP export's size was miscounted")
+            cursor.bytes(1, scope)
+            precondition(cursor.end == start + envelope, "an OTLP export's envelope was miscounted")
         }
     }
+
+    /// The whole request for `spans` (sealed in place), as an array.
+    static func request(spans: EncodedSpans, resource: [UInt8]) -> [UInt8] {
+        seal(spans, resource: resource)
+        return Array(spans.requestBytes)
+    }
+
+    /// `InstrumentationScope { name = 1, version = 2 }`.
+    static let scope: [UInt8] = {
+        var scope = ProtoWriter()
+        scope.string(1, "talkmesh")
+        scope.string(2, "1")
+        return scope.bytes
+    }()
 }
+
+/// Encoded spans end to end, in one growing buffer written in place (no zero fill, no copy),
+/// with room ahead of them for the export's envelope (`seal`), so a batch is sent from here as
+/// it lies (`RequestBytes`). Used under the exporter's lock, then by one export; not shared while
+/// it changes.
+final class EncodedSpans: RequestBytes, @unchecked Sendable {
+    private var base: UnsafeMutablePointer<UInt8>?
+    /// Bytes reserved ahead of the spans for the envelope.
+    private let headroom: Int
+    /// Where the sealed request starts (within the headroom).
+    private var start: Int
+    private(set) var count = 0
+    private var capacity = 0
+
+    init(headroom: Int = 0) {
+        self.headroom = headroom
+        start = headroom
+    }
+
+    /// The spans so far.
+    var buffer: UnsafeBufferPointer<UInt8> { UnsafeBufferPointer(start: base.map { $0 + headroom }, count: count) }
+
+    /// The sealed request: the envelope, then the spans.
+    var requestBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base.map { $0 + start }, count: headroom - start + count) }
+
+    /// Appends `size` bytes that `write` puts at the pointer it gets.
+    func append(_ size: Int, _ write: (UnsafeMutablePointer<UInt8>) -> Void) {
+        if headroom + count + size > capacity {
+            let grown = max(headroom + count + size, 2 * capacity, 64 * 1024)
+            guard let moved = realloc(base, grown) else { fatalError("out of memory for \(grown) bytes of spans") }
+            base = moved.assumingMemoryBound(to: UInt8.self)
+            capacity = grown
+        }
+        write(base! + headroom + count)
+        count += size
+    }
+
+    /// Writes `size` bytes of envelope right before the spans (at most `headroom`).
+    func seal(_ size: Int, _ write: (UnsafeMutablePointer<UInt8>) -> Void) {
+        precondition(size <= headroom, "an export envelope larger than its room")
+        if base == nil { append(0) { _ in } }
+        start = headroom - size
+        write(base! + start)
+    }
+
+    /// Empties it for reuse, keeping its memory.
+    func reset() {
+        count = 0
+        start = headroom
+    }
+
+    /// Splits off the first `offset` bytes of spans (returned); this keeps the rest.
+    func split(at offset: Int) -> EncodedSpans {
+        let head = EncodedSpans(headroom: headroom)
+        head.append(offset) { $0.update(from: base! + headroom, count: offset) }
+        if let base { memmove(base + headroom, base + headroom + offset, count - offset) }
+        count -= offset
+        return head
+    }
+
+    deinit { free(base) }
+}
+

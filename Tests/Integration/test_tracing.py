@@ -5,6 +5,7 @@ collector that is down costs requests nothing and is counted."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -271,3 +272,93 @@ def test_sigterm_flushes_the_spans_still_queued(world):
     while time.time() < deadline and len(collector.spans) < 5:
         time.sleep(0.05)
     assert [span.name for _, span in collector.spans] == ["GET /v2/{endpoint}/health"] * 5
+
+
+def hpack_representations(block):
+    """The field representations of an HPACK header block, in order, as (kind, name index): kind is
+    "indexed", "incremental", "without", "never" (RFC 7541 §6); a name index of 0 is a literal name."""
+    def integer(at, prefix):
+        value = block[at] & ((1 << prefix) - 1)
+        at += 1
+        if value == (1 << prefix) - 1:
+            shift = 0
+            while True:
+                byte = block[at]
+                at += 1
+                value += (byte & 0x7F) << shift
+                shift += 7
+                if byte < 0x80:
+                    break
+        return value, at
+
+    def string(at):
+        length, at = integer(at, 7)
+        return at + length
+
+    found, at = [], 0
+    while at < len(block):
+        first = block[at]
+        if first & 0x80:
+            index, at = integer(at, 7)
+            found.append(("indexed", index))
+            continue
+        if first & 0xE0 == 0x20:  # a dynamic table size update
+            _, at = integer(at, 5)
+            continue
+        kind, prefix = ("incremental", 6) if first & 0x40 else ("never", 4) if first & 0x10 else ("without", 4)
+        index, at = integer(at, prefix)
+        if index == 0:
+            at = string(at)
+        at = string(at)
+        found.append((kind, index))
+    return found
+
+
+def test_a_traceparent_answer_names_its_field_by_index_after_the_first_on_a_connection(world):
+    """The first `traceparent` answer on a connection is indexed, so its name enters HPACK's table;
+    every later one is never indexed (its value is new each time) and names the field by index."""
+    import h2.config
+    import h2.connection
+    import hpack
+
+    emulator = Service("talkmesh-runpod-emulator")
+    world["cleanup"].append(emulator.stop)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    connection.initiate_connection()
+    sock = socket.create_connection((emulator.host, emulator.port), timeout=10)
+    answers = 3
+    for index in range(answers):
+        stream = connection.get_next_available_stream_id()
+        connection.send_headers(stream, [(":method", "GET"), (":scheme", "http"), (":path", "/v2/ep/health"), (":authority", "test"),
+                                         ("traceparent", f"00-{index + 1:032x}-{index + 1:016x}-01")], end_stream=True)
+        sock.sendall(connection.data_to_send())
+    # The frames as they come: the header blocks of every response, in order (HPACK's state is the connection's).
+    pending, blocks, deadline = b"", [], time.time() + 10
+    while len(blocks) < answers and time.time() < deadline:
+        pending += sock.recv(65536)
+        while len(pending) >= 9:
+            length = int.from_bytes(pending[:3], "big")
+            if len(pending) < 9 + length:
+                break
+            kind, flags, payload = pending[3], pending[4], pending[9:9 + length]
+            pending = pending[9 + length:]
+            if kind == 1:  # HEADERS (CONTINUATION is not needed for blocks this small)
+                padding = payload[0] if flags & 0x8 else 0
+                payload = payload[1 if flags & 0x8 else 0:]
+                payload = payload[5:] if flags & 0x20 else payload
+                blocks.append(payload[:len(payload) - padding])
+                assert flags & 0x4, "a response head in one frame"
+    sock.close()
+    assert len(blocks) == answers
+    decoder = hpack.Decoder()
+    shapes = []
+    for block in blocks:
+        fields = decoder.decode(block, raw=False)
+        representations = hpack_representations(block)
+        assert len(representations) == len(fields)
+        shapes.append({name: shape for (name, _), shape in zip(fields, representations)})
+        assert [value for name, value in fields if name == "traceparent"][0].split("-")[1] == f"{len(shapes):032x}"
+    assert shapes[0]["traceparent"] == ("incremental", 0), "the first is indexed, its name spelled out"
+    for later in shapes[1:]:
+        kind, name_index = later["traceparent"]
+        assert kind == "never" and name_index > 0, later["traceparent"]

@@ -86,9 +86,21 @@ struct TraceContextTests {
         #expect(TraceContext.parse(traceparent: header) == nil)
     }
 
-    @Test("ids are unique")
-    func unique() {
-        let ids = Set((0..<10_000).map { _ in TraceContext.root().spanID })
-        #expect(ids.count == 10_000)
+    @Test("ids are unique, never 0, across threads (each thread has its own generator)")
+    func unique() async {
+        let perTask = 20_000, tasks = 4
+        let all = await withTaskGroup(of: [UInt64].self) { group in
+            for _ in 0..<tasks {
+                group.addTask {
+                    (0..<perTask).flatMap { _ in
+                        let root = TraceContext.root()
+                        return [root.traceIDHigh, root.traceIDLow, root.spanIDValue]
+                    }
+                }
+            }
+            return await group.reduce(into: [UInt64]()) { $0 += $1 }
+        }
+        #expect(all.count == 3 * perTask * tasks && !all.contains(0))
+        #expect(Set(all).count == all.count)
     }
 }

@@ -4,10 +4,22 @@ import Tracing
 @testable import TalkMeshRPC
 @testable import TalkMeshService
 
-/// Keeps the spans that end.
+/// Keeps the spans that end, as the exporter queues them (`ScopeSpans.spans` fields, end to end).
 final class CollectingSink: SpanSink {
-    let spans = Mutex<[TalkMeshSpan]>([])
-    func enqueue(_ span: TalkMeshSpan) { spans.withLock { $0.append(span) } }
+    let spans = Mutex<(bytes: EncodedSpans, count: Int)>((EncodedSpans(headroom: 256), 0))
+    func enqueue(size: Int, _ write: (inout ProtoCursor) -> Void) {
+        spans.withLock { spans in
+            let field = ProtoCursor.fieldSize(size)
+            spans.bytes.append(field) { start in
+                var cursor = ProtoCursor(start)
+                cursor.tag(2, 2)
+                cursor.rawVarint(UInt64(size))
+                write(&cursor)
+                precondition(cursor.end == start + field)
+            }
+            spans.count += 1
+        }
+    }
     func flush() async {}
 }
 
@@ -72,12 +84,11 @@ struct OTLPEncodingTests {
         first.end(adding: [], status: SpanStatus(code: .error, message: "failed"))
         let second = tracer.span("plain", parent: nil, kind: .client)
         RPCSpans.end(second, code: nil)
-        let spans = sink.spans.withLock { $0 }
-        #expect(spans.count == 2)
+        #expect(sink.spans.withLock { $0.count } == 2)
 
         var resource = ProtoWriter()
         resource.keyValue(1, "service.name", .string("test"))
-        let body = OTLPEncoding.request(spans, resource: resource.bytes)
+        let body = OTLPEncoding.request(spans: sink.spans.withLock { $0.bytes }, resource: resource.bytes)
         let resourceSpans = try WireFields(body).one(1)
         #expect(resourceSpans.bytes[1]?.first == resource.bytes)
         let scopeSpans = try resourceSpans.one(2)
@@ -113,7 +124,7 @@ struct OTLPEncodingTests {
         span.setStatus(SpanStatus(code: .error))
         span.end()
         #expect(sink.spans.withLock { $0.count } == 1)
-        let written = try WireFields(OTLPEncoding.request([span], resource: [])).one(1).one(2)
+        let written = try WireFields(OTLPEncoding.request(spans: sink.spans.withLock { $0.bytes }, resource: [])).one(1).one(2)
         let fields = try WireFields(try #require(written.bytes[2]?.first))
         #expect(fields.bytes[9] == nil && fields.bytes[15] == nil)
     }

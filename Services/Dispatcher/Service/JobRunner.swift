@@ -52,7 +52,7 @@ public actor JobRunner {
                 span.set("talkmesh.job_id", id)
                 if resumed, let trace { span.addLink(trace, attributes: ["talkmesh.link": "created_by"]) }
                 await self.runToEnd()
-                span.set("talkmesh.job_status", "\(await self.record.status)")
+                span.set("talkmesh.job_status", "\(self.record.status)")
             }
             await onEnd(self.record.id)
         }

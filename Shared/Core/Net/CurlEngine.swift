@@ -9,31 +9,48 @@ public struct HTTPExchange: Sendable {
     public var body: [UInt8]
 }
 
+/// A request body the engine sends from where it lies, without a copy: the engine holds the
+/// object until the transfer ends, and the bytes must not change until then.
+public protocol RequestBytes: AnyObject, Sendable {
+    var requestBytes: UnsafeRawBufferPointer { get }
+}
+
 /// libcurl's multi interface driven by one dedicated thread (never a thread per request): many
 /// transfers at once, connections reused, HTTP/2 where the server offers it, TLS verified.
 public final class CurlEngine: @unchecked Sendable {
-    /// One request in flight. It owns its easy handle, header list, request body and error buffer
-    /// (libcurl keeps pointers to the last two until the transfer ends) and frees them in deinit.
+    /// One request in flight. It owns its header list, request body and error buffer (libcurl
+    /// keeps pointers to the last two until the transfer ends) and frees them in deinit; its easy
+    /// handle goes back to the engine's pool when the transfer ends (`recycle`), else is freed here.
     final class Transfer {
         let id: UInt64
         let easy: UnsafeMutableRawPointer
+        /// The handle went back to the pool: not this transfer's to free.
+        var recycled = false
         var headers: UnsafeMutablePointer<curl_slist>?
         var body: [UInt8] = []
         var responseHeaders: [String: String] = [:]
-        let requestBody: UnsafeMutableRawBufferPointer?
+        /// The bytes sent: a copy this transfer owns, or `bodyOwner`'s, borrowed.
+        let requestBody: UnsafeRawBufferPointer?
+        let bodyOwner: (any RequestBytes)?
         let errorBuffer: UnsafeMutablePointer<CChar>
         let continuation: CheckedContinuation<HTTPExchange, any Error>
         var bodyLimit: Int
 
-        init(id: UInt64, easy: UnsafeMutableRawPointer, requestBody: [UInt8]?, bodyLimit: Int, continuation: CheckedContinuation<HTTPExchange, any Error>) {
+        init(id: UInt64, easy: UnsafeMutableRawPointer, requestBody: RequestBody?, bodyLimit: Int, continuation: CheckedContinuation<HTTPExchange, any Error>) {
             self.id = id
             self.easy = easy
-            if let requestBody {
-                let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: max(requestBody.count, 1), alignment: 1)
-                copy.copyBytes(from: requestBody)
-                self.requestBody = UnsafeMutableRawBufferPointer(rebasing: copy[..<requestBody.count])
-            } else {
+            switch requestBody {
+            case .copy(let bytes):
+                let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 1)
+                copy.copyBytes(from: bytes)
+                self.requestBody = UnsafeRawBufferPointer(rebasing: copy[..<bytes.count])
+                bodyOwner = nil
+            case .borrowed(let owner):
+                self.requestBody = owner.requestBytes
+                bodyOwner = owner
+            case nil:
                 self.requestBody = nil
+                bodyOwner = nil
             }
             errorBuffer = .allocate(capacity: Int(CURL_ERROR_SIZE))
             errorBuffer.initialize(repeating: 0, count: Int(CURL_ERROR_SIZE))
@@ -42,9 +59,9 @@ public final class CurlEngine: @unchecked Sendable {
         }
 
         deinit {
-            curl_easy_cleanup(easy)
+            if !recycled { curl_easy_cleanup(easy) }
             curl_slist_free_all(headers)
-            requestBody?.deallocate()
+            if bodyOwner == nil { requestBody?.deallocate() }
             errorBuffer.deallocate()
         }
 
@@ -58,6 +75,16 @@ public final class CurlEngine: @unchecked Sendable {
     /// Transfers whose task was cancelled, by id; the curl thread ends them.
     private var cancelled: [UInt64] = []
     private var lastID: UInt64 = 0
+    /// Easy handles of ended transfers, reset, for the next ones: a handle keeps its buffers (the
+    /// upload buffer alone is 64 KB), which a new one per request allocated and faulted in again.
+    private var idleHandles: [UnsafeMutableRawPointer] = []
+    private static let maxIdleHandles = 16
+
+    /// A request body: copied for the transfer, or borrowed from an owner that keeps it.
+    enum RequestBody {
+        case copy([UInt8])
+        case borrowed(any RequestBytes)
+    }
     private static let globalInit: Void = { curl_global_init(Int(CURL_GLOBAL_DEFAULT)) }()
 
     public init() {
@@ -78,6 +105,19 @@ public final class CurlEngine: @unchecked Sendable {
     /// are spoken, and redirects are never followed.
     public func perform(method: String, url: String, headers: [String] = [], body: [UInt8]? = nil,
                         timeoutMilliseconds: Int = 30_000, bodyLimit: Int = 64 << 20, publicOnly: Bool = false) async throws -> HTTPExchange {
+        try await perform(method: method, url: url, headers: headers, requestBody: body.map { .copy($0) }, timeoutMilliseconds: timeoutMilliseconds,
+                          bodyLimit: bodyLimit, publicOnly: publicOnly)
+    }
+
+    /// `perform` with a body sent from where it lies (`RequestBytes`), not copied.
+    public func perform(method: String, url: String, headers: [String] = [], borrowing body: any RequestBytes,
+                        timeoutMilliseconds: Int = 30_000, bodyLimit: Int = 64 << 20, publicOnly: Bool = false) async throws -> HTTPExchange {
+        try await perform(method: method, url: url, headers: headers, requestBody: .borrowed(body), timeoutMilliseconds: timeoutMilliseconds,
+                          bodyLimit: bodyLimit, publicOnly: publicOnly)
+    }
+
+    private func perform(method: String, url: String, headers: [String], requestBody body: RequestBody?,
+                         timeoutMilliseconds: Int, bodyLimit: Int, publicOnly: Bool) async throws -> HTTPExchange {
         try Task.checkCancellation()
         let id: UInt64 = mutex.withLock { lastID += 1; return lastID }
         return try await withTaskCancellationHandler {
@@ -89,10 +129,10 @@ public final class CurlEngine: @unchecked Sendable {
         }
     }
 
-    private func start(id: UInt64, method: String, url: String, headers: [String], body: [UInt8]?,
+    private func start(id: UInt64, method: String, url: String, headers: [String], body: RequestBody?,
                        timeoutMilliseconds: Int, bodyLimit: Int, publicOnly: Bool) async throws -> HTTPExchange {
         try await withCheckedThrowingContinuation { continuation in
-            guard let easy = curl_easy_init() else {
+            guard let easy = mutex.withLock({ idleHandles.popLast() }) ?? curl_easy_init() else {
                 continuation.resume(throwing: ServiceError(.internalError, "curl_easy_init failed"))
                 return
             }
@@ -116,7 +156,7 @@ public final class CurlEngine: @unchecked Sendable {
             if let requestBody = transfer.requestBody {
                 transfer.headers = curl_slist_append(transfer.headers, "Expect:")
                 _ = tm_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(requestBody.count))
-                _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, requestBody.baseAddress)
+                _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: requestBody.baseAddress))
             }
             _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, UnsafeMutableRawPointer(transfer.headers))
             _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, UnsafeMutableRawPointer(transfer.errorBuffer))
@@ -162,6 +202,20 @@ public final class CurlEngine: @unchecked Sendable {
         }
     }
 
+    /// Handles waiting in the pool (tests).
+    var idleHandleCount: Int { mutex.withLock { idleHandles.count } }
+
+    /// An ended transfer's handle, reset to its defaults (its connections stay in the multi's
+    /// cache), back to the pool while the pool has room.
+    private func recycle(_ transfer: Transfer) {
+        curl_easy_reset(transfer.easy)
+        transfer.recycled = mutex.withLock {
+            guard idleHandles.count < Self.maxIdleHandles else { return false }
+            idleHandles.append(transfer.easy)
+            return true
+        }
+    }
+
     fileprivate func loop() -> Never {
         var stillRunning: Int32 = 0
         while true {
@@ -177,6 +231,7 @@ public final class CurlEngine: @unchecked Sendable {
                 guard let transfer = running.values.first(where: { $0.id == id }) else { continue }  // already done
                 running.removeValue(forKey: transfer.easy)
                 curl_multi_remove_handle(multi, transfer.easy)
+                recycle(transfer)
                 transfer.continuation.resume(throwing: CancellationError())
             }
             curl_multi_perform(multi, &stillRunning)
@@ -187,6 +242,7 @@ public final class CurlEngine: @unchecked Sendable {
                 var status = 0
                 _ = tm_curl_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &status)
                 curl_multi_remove_handle(multi, easy)
+                recycle(transfer)
                 if result == CURLE_OK {
                     transfer.continuation.resume(returning: HTTPExchange(status: status, headers: transfer.responseHeaders, body: transfer.body))
                 } else {

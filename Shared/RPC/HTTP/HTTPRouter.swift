@@ -197,17 +197,16 @@ public struct HTTPRouter: Sendable {
             do { return (try await handler(request), pattern) } catch { return (response(for: error), pattern) }
         }
         let named = spanOfRoute ?? RPCSpans.httpRoute(method: request.method, route: pattern)
-        let span = RPCSpans.http(name: named.name, attributes: named.attributes, traceparent: traceparent,
-                                 tracestate: traceparent == nil ? nil : request.header("tracestate"))
+        let span = RPCSpans.http(traceparent: traceparent, tracestate: traceparent == nil ? nil : request.header("tracestate"))
         var answer: HTTPResponse
         do {
             let traced = request, run = handler
-            answer = try await TalkMeshTracer.shared.within(span) { try await run(traced) }
+            answer = try await TraceContext.withCurrent(span.trace) { try await run(traced) }
         } catch {
             answer = response(for: error)
         }
         answer.headers.append(("traceparent", span.trace.traceparent))
-        RPCSpans.end(span, httpStatus: answer.status)
+        RPCSpans.end(span, name: named.name, attributes: named.attributes, httpStatus: answer.status)
         return (answer, pattern)
     }
 

@@ -50,7 +50,8 @@ extension HTTP2ServerSession {
         stream.trailers = nil
         var headers: [(name: String, value: String)] = [(":status", String(response.status))]
         headers += response.headers.map { (HTTPHeaderName.lowercased($0.name), $0.value) }
-        let block = HeaderBlock(headers)
+        let block = HeaderBlock(headers, indexTraceparent: !traceparentIndexed)
+        if block.indexedTraceparent { traceparentIndexed = true }
         var provider = nghttp2_data_provider(source: nghttp2_data_source(ptr: nil), read_callback: HTTP2ServerSession.readCallback)
         block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, &provider) }
         recordHTTP(stream, status: response.status)
@@ -106,7 +107,8 @@ extension HTTP2ServerSession {
         var headers: [(name: String, value: String)] = [(":status", String(response.status))]
         headers += response.headers.map { (HTTPHeaderName.lowercased($0.name), $0.value) }
         if response.streamBody == nil { headers.append(("content-length", String(response.body.count))) }
-        let block = HeaderBlock(headers)
+        let block = HeaderBlock(headers, indexTraceparent: !traceparentIndexed)
+        if block.indexedTraceparent { traceparentIndexed = true }
         if response.body.isEmpty || stream.method == "HEAD" || response.streamBody != nil {
             block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, nil) }
         } else {

@@ -78,6 +78,8 @@ final class HTTP2ServerSession {
     }
 
     /// Clients call the same few methods over and over: reuse the last path's String.
+    /// A response sent `traceparent` indexed: its name is in HPACK's table (`HeaderBlock`).
+    var traceparentIndexed = false
     var lastPathBytes: [UInt8] = []
     var lastPath = ""
 

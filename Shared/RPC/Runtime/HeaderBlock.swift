@@ -5,8 +5,13 @@ import Glibc
 struct HeaderBlock: ~Copyable {
     private let storage: UnsafeMutablePointer<UInt8>
     private(set) var fields: [nghttp2_nv]
+    /// A `traceparent` field went out indexed (`indexTraceparent`).
+    private(set) var indexedTraceparent = false
 
-    init(_ headers: [(name: String, value: String)]) {
+    /// `indexTraceparent`: send a `traceparent` field with indexing, once per connection, so its
+    /// name enters HPACK's dynamic table; every later one (never indexed: its value is new each
+    /// time) then names it by index instead of spelling it out, for the encoder and the client.
+    init(_ headers: [(name: String, value: String)], indexTraceparent: Bool = false) {
         let total = headers.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count }
         storage = .allocate(capacity: max(total, 1))
         fields = []
@@ -24,8 +29,13 @@ struct HeaderBlock: ~Copyable {
             copy(name, to: &offset, storage: storage)
             let valuePointer = storage + offset
             copy(value, to: &offset, storage: storage)
+            var flags = Self.indexing(name)
+            if indexTraceparent, !indexedTraceparent, flags != 0, name == "traceparent" {
+                flags = UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
+                indexedTraceparent = true
+            }
             fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: name.utf8.count,
-                                     valuelen: value.utf8.count, flags: Self.indexing(name)))
+                                     valuelen: value.utf8.count, flags: flags))
         }
     }
 
@@ -33,12 +43,19 @@ struct HeaderBlock: ~Copyable {
     /// HPACK's dynamic table they would only push out the fields that repeat, which the encoder
     /// and every client would then handle in full again.
     static func indexing(_ name: String) -> UInt8 {
-        switch name {
-        case "traceparent", "tracestate", "x-request-id", "ratelimit-remaining", "ratelimit-reset", "retry-after", "date", "last-modified":
-            return UInt8(NGHTTP2_NV_FLAG_NO_INDEX.rawValue)
-        default:
-            return UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
+        let never: Bool
+        // By length first: most names are none of these, and one integer compare says so.
+        switch name.utf8.count {
+        case 4: never = name == "date"
+        case 10: never = name == "tracestate"
+        case 11: never = name == "traceparent" || name == "retry-after"
+        case 12: never = name == "x-request-id"
+        case 13: never = name == "last-modified"
+        case 15: never = name == "ratelimit-reset"
+        case 19: never = name == "ratelimit-remaining"
+        default: never = false
         }
+        return UInt8(never ? NGHTTP2_NV_FLAG_NO_INDEX.rawValue : NGHTTP2_NV_FLAG_NONE.rawValue)
     }
 
     /// One owner frees the storage, when the block goes out of scope (nghttp2 copied it by then).

@@ -84,23 +84,25 @@ public enum RPCSpans {
         encoded([key: .int64(Int64(code))])
     }
 
-    /// An HTTP request's server span: `METHOD route`, a child of the request's `traceparent`.
-    /// `name` and `attributes`: the route's (`httpRoute`), made once.
-    public static func http(name: String, attributes: [UInt8], traceparent: String?, tracestate: String? = nil) -> TalkMeshSpan {
-        TalkMeshTracer.shared.span(name, parent: incoming(traceparent: traceparent, tracestate: tracestate), kind: .server,
-                                   attributes: SharedAttributes(attributes))
+    /// An HTTP request's server span (`TalkMeshTracer.serverSpan`): a child of the request's
+    /// `traceparent`, else the root of a new trace.
+    public static func http(traceparent: String?, tracestate: String? = nil) -> (trace: TraceContext, start: UInt64) {
+        TalkMeshTracer.shared.serverSpan(parent: incoming(traceparent: traceparent, tracestate: tracestate))
+    }
+
+    /// Records an HTTP request's server span, `METHOD route` (`name` and `attributes`: the
+    /// route's, made once by `httpRoute`), with its status (5xx is an error, as the conventions
+    /// have it for servers).
+    public static func end(_ span: (trace: TraceContext, start: UInt64), name: String, attributes: [UInt8], httpStatus: Int) {
+        guard span.start != 0 else { return }
+        TalkMeshTracer.shared.endServer(span, name: name, attributes: attributes,
+                                        (100..<600).contains(httpStatus) ? httpStatusAttributes[httpStatus - 100] : statusAttribute("http.response.status_code", httpStatus),
+                                        failed: httpStatus >= 500)
     }
 
     /// A route's span name and encoded `http.request.method` and `http.route`.
     public static func httpRoute(method: String, route: String) -> (name: String, attributes: [UInt8]) {
         ("\(method) \(route)", encoded(["http.request.method": .string(method), "http.route": .string(route)]))
-    }
-
-    /// Ends an HTTP span with its status (5xx is an error, as the conventions have it for servers).
-    public static func end(_ span: TalkMeshSpan, httpStatus: Int) {
-        guard span.records else { return }
-        span.end(adding: (100..<600).contains(httpStatus) ? httpStatusAttributes[httpStatus - 100] : statusAttribute("http.response.status_code", httpStatus),
-                 status: httpStatus >= 500 ? SpanStatus(code: .error) : nil)
     }
 
     /// `http.response.status_code` for 100–599, encoded once.

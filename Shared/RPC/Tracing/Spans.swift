@@ -37,9 +37,13 @@ extension TraceContext {
 }
 
 /// Where ended spans go (the OTLP exporter). `enqueue` never blocks: a full sink drops and counts.
+/// A sink must outlive every span recorded into it: spans do not retain it.
 public protocol SpanSink: AnyObject, Sendable {
-    /// Takes an ended span (by reference: nothing is copied); it changes no more.
-    func enqueue(_ span: TalkMeshSpan)
+    /// Takes an ended span as its OTLP `Span` message, `size` bytes that `write` puts at the
+    /// cursor it is given (at once, at most once; not when the sink drops the span). The span is
+    /// encoded where it ends, so the sink keeps bytes, not the span and what it references: a
+    /// span's strings and shared attributes are released on the thread that made them.
+    func enqueue(size: Int, _ write: (inout ProtoCursor) -> Void)
     /// Exports everything queued (SIGTERM, `forceFlush`).
     func flush() async
 }
@@ -85,7 +89,10 @@ public final class TalkMeshTracer: Tracer, Sendable {
     /// not InstrumentationSystem's lock and a cast.
     /// Written once, by `bootstrap`, before the process starts any thread that reads it.
     public static var shared: TalkMeshTracer { installed }
-    nonisolated(unsafe) private static var installed = propagating
+    /// Not retained by each read (every request reads it; a retain and release of one shared
+    /// object is an atomic that the cores contend on): `owner` keeps it.
+    nonisolated(unsafe) private static unowned(unsafe) var installed: TalkMeshTracer = propagating
+    nonisolated(unsafe) private static var owner = propagating
     /// A tracer that records nothing: context only.
     static let propagating = TalkMeshTracer(sink: nil)
 
@@ -93,6 +100,7 @@ public final class TalkMeshTracer: Tracer, Sendable {
 
     /// Installs `tracer` for the process (once, at start), also as swift-distributed-tracing's.
     public static func bootstrap(_ tracer: TalkMeshTracer) {
+        owner = tracer
         installed = tracer
         InstrumentationSystem.bootstrap(tracer)
     }
@@ -110,20 +118,49 @@ public final class TalkMeshTracer: Tracer, Sendable {
     func span(_ name: @autoclosure () -> String, parent: TraceContext?, context: InstrumentationContext = .topLevel, kind: SpanKind,
               attributes: SharedAttributes = SharedAttributes(),
               start: () -> UInt64 = { DefaultTracerClock.now.nanosecondsSinceEpoch }) -> TalkMeshSpan {
-        let trace: TraceContext
-        if let parent {
-            var child = parent.child()
-            if !sampler.followParent { child.flags = sampler.sampleRoot(child) ? 1 : 0 }
-            trace = child
-        } else {
-            var root = TraceContext.root()
-            root.flags = sampler.sampleRoot(root) ? 1 : 0
-            trace = root
-        }
+        let trace = traceContext(parent: parent)
         let recording = sink != nil && trace.sampled
         // The name is built only for a span that records it.
         return TalkMeshSpan(name: recording ? name() : "", kind: kind, parentContext: context, trace: trace, start: recording ? start() : 0,
                             sink: recording ? sink : nil, shared: recording ? attributes : SharedAttributes())
+    }
+
+    /// A request's server span without a span object, for a server whose span nothing else
+    /// touches (the HTTP router): the trace context to run the handler in, and when it started
+    /// (0 when the span is not recorded). `endServer` records it; a span the handler cannot reach
+    /// needs no lock, no attribute storage and no allocation.
+    public func serverSpan(parent: TraceContext?) -> (trace: TraceContext, start: UInt64) {
+        let trace = traceContext(parent: parent)
+        return (trace, sink != nil && trace.sampled ? DefaultTracerClock.now.nanosecondsSinceEpoch : 0)
+    }
+
+    /// Records a `serverSpan` that ended now: `name`, and attributes already encoded
+    /// (`ProtoWriter.keyValue` with field 9), a failure's status if `failed`.
+    public func endServer(_ span: (trace: TraceContext, start: UInt64), name: String, attributes: [UInt8], _ more: [UInt8], failed: Bool) {
+        guard let sink, span.start != 0 else { return }
+        let end = max(DefaultTracerClock.now.nanosecondsSinceEpoch, span.start)
+        // Status { code = 3: STATUS_CODE_ERROR (2) }, framed: 15 << 3 | 2, length 2, 3 << 3, 2.
+        let status: (UInt8, UInt8, UInt8, UInt8) = (0x7A, 2, 0x18, 2)
+        let size = SpanWire.size(span.trace, name: name) + attributes.count + more.count + (failed ? 4 : 0)
+        sink.enqueue(size: size) { cursor in
+            SpanWire.write(span.trace, name: name, kind: .server, start: span.start, end: end, into: &cursor)
+            cursor.raw(attributes)
+            cursor.raw(more)
+            if failed { withUnsafeBytes(of: status) { cursor.raw($0.bindMemory(to: UInt8.self)) } }
+        }
+    }
+
+    /// A new span's trace context: a child of `parent`, or the root of a new trace, sampled as
+    /// the sampler says.
+    private func traceContext(parent: TraceContext?) -> TraceContext {
+        if let parent {
+            var child = parent.child()
+            if !sampler.followParent { child.flags = sampler.sampleRoot(child) ? 1 : 0 }
+            return child
+        }
+        var root = TraceContext.root()
+        root.flags = sampler.sampleRoot(root) ? 1 : 0
+        return root
     }
 
     public func forceFlush() {
@@ -201,8 +238,8 @@ public struct SharedAttributes: Sendable {
 }
 
 /// One span. Only a recording span (sampled, with a sink) keeps what is set on it; the others
-/// ignore every call but `context`, and cost one allocation. An ended span goes to the sink as it
-/// is: the exporter encodes it from here.
+/// ignore every call but `context`, and cost one allocation. An ended span is encoded into the
+/// sink where it ends (`SpanSink.enqueue`).
 public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     /// The context the span was started in; `context` adds the span itself (built when asked, so
     /// a span nobody hands to the Tracing API costs no dictionary).
@@ -214,8 +251,10 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     }
     public let trace: TraceContext
     public let kind: SpanKind
-    /// Where the span goes when it ends; nil for a span that records nothing.
-    private let sink: (any SpanSink)?
+    /// Where the span goes when it ends; nil for a span that records nothing. Not retained: a
+    /// sink outlives its spans (the process's exporter is never freed), and every request's
+    /// retain and release of the one exporter contended across cores.
+    private unowned(unsafe) let sink: (any SpanSink)?
     let start: UInt64
 
     struct State {
@@ -316,69 +355,81 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
     /// its status code this way.
     public func end(adding encoded: [UInt8], status: SpanStatus?, at nanoseconds: UInt64 = DefaultTracerClock.now.nanosecondsSinceEpoch) {
         guard let sink else { return }
-        let ended: Bool = state.withLock { state in
-            guard state.end == 0 else { return false }
+        state.withLock { state in
+            guard state.end == 0 else { return }
             if !encoded.isEmpty, !state.shared.add(encoded) { state.attributes.bytes.append(contentsOf: encoded) }
             if let status { state.status = status }
             state.end = max(nanoseconds, 1)
-            return true
+            // Encoded here, under the span's lock (the sink takes its own inside; it never takes a span's).
+            let (size, tail) = otlpSize(&state)
+            sink.enqueue(size: size) { cursor in writeOTLP(&state, into: &cursor, tail: tail) }
         }
-        if ended { sink.enqueue(self) }
     }
 
     /// The ended span's size as an OTLP `Span` message, and the part of it written ahead: events,
     /// links and a status (rare: failures), encoded here; `writeOTLP` takes both back.
     /// `Span`: trace_id 1, span_id 2, trace_state 3, parent_span_id 4, name 5, kind 6, start 7 and
     /// end 8 (fixed64), attributes 9, events 11, links 13, status 15.
-    public func otlpSize() -> (size: Int, tail: [UInt8]) {
-        state.withLock { state in
-            var tail = ProtoWriter()
-            for event in state.events {
-                tail.message(11) { message in
-                    message.fixed64(1, event.nanosecondsSinceEpoch)
-                    message.string(2, event.name)
-                    event.attributes.forEach { key, value in message.keyValue(3, key, value) }
-                }
+    private func otlpSize(_ state: inout State) -> (size: Int, tail: [UInt8]) {
+        var tail = ProtoWriter()
+        for event in state.events {
+            tail.message(11) { message in
+                message.fixed64(1, event.nanosecondsSinceEpoch)
+                message.string(2, event.name)
+                event.attributes.forEach { key, value in message.keyValue(3, key, value) }
             }
-            for link in state.links {
-                tail.message(13) { message in
-                    message.id(1, link.trace.traceIDHigh, link.trace.traceIDLow)
-                    message.id(2, link.trace.spanIDValue)
-                    link.attributes.forEach { key, value in message.keyValue(4, key, value) }
-                }
-            }
-            if let status = state.status {
-                tail.message(15) { message in
-                    if let text = status.message { message.string(2, text) }
-                    message.varint(3, status.code == .ok ? 1 : 2)
-                }
-            }
-            // Ids 18 and 10 bytes framed, kind 2, start and end 9 each.
-            var size = 18 + 10 + 2 + 9 + 9 + ProtoCursor.fieldSize(state.name.utf8.count)
-            if trace.parentSpanIDValue != 0 { size += 10 }
-            if let traceState = trace.traceState { size += ProtoCursor.fieldSize(traceState.utf8.count) }
-            size += state.shared.count + state.attributes.bytes.count + tail.bytes.count
-            return (size, tail.bytes)
         }
+        for link in state.links {
+            tail.message(13) { message in
+                message.id(1, link.trace.traceIDHigh, link.trace.traceIDLow)
+                message.id(2, link.trace.spanIDValue)
+                link.attributes.forEach { key, value in message.keyValue(4, key, value) }
+            }
+        }
+        if let status = state.status {
+            tail.message(15) { message in
+                if let text = status.message { message.string(2, text) }
+                message.varint(3, status.code == .ok ? 1 : 2)
+            }
+        }
+        let size = SpanWire.size(trace, name: state.name) + state.shared.count + state.attributes.bytes.count + tail.bytes.count
+        return (size, tail.bytes)
     }
 
     /// Writes the ended span's OTLP `Span` fields (`otlpSize` bytes, with its `tail`).
-    public func writeOTLP(into cursor: inout ProtoCursor, tail: [UInt8]) {
-        state.withLock { state in
-            cursor.id(1, trace.traceIDHigh, trace.traceIDLow)
-            cursor.id(2, trace.spanIDValue)
-            if let traceState = trace.traceState { cursor.string(3, traceState) }
-            if trace.parentSpanIDValue != 0 { cursor.id(4, trace.parentSpanIDValue) }
-            cursor.string(5, state.name)
-            cursor.varint(6, Self.otlpKind(kind))
-            cursor.fixed64(7, start)
-            cursor.fixed64(8, state.end)
-            cursor.raw(state.shared.first)
-            cursor.raw(state.shared.second)
-            cursor.raw(state.shared.third)
-            cursor.raw(state.attributes.bytes)
-            cursor.raw(tail)
-        }
+    private func writeOTLP(_ state: inout State, into cursor: inout ProtoCursor, tail: [UInt8]) {
+        SpanWire.write(trace, name: state.name, kind: kind, start: start, end: state.end, into: &cursor)
+        cursor.raw(state.shared.first)
+        cursor.raw(state.shared.second)
+        cursor.raw(state.shared.third)
+        cursor.raw(state.attributes.bytes)
+        cursor.raw(tail)
+    }
+
+}
+
+/// The fields of an OTLP `Span` that every span has: trace_id 1, span_id 2, trace_state 3,
+/// parent_span_id 4, name 5, kind 6, start 7 and end 8 (fixed64). Attributes (9), events (11),
+/// links (13) and a status (15) follow them.
+enum SpanWire {
+    /// Their encoded size.
+    static func size(_ trace: TraceContext, name: String) -> Int {
+        // Ids 18 and 10 bytes framed, kind 2, start and end 9 each.
+        var size = 18 + 10 + 2 + 9 + 9 + ProtoCursor.fieldSize(name.utf8.count)
+        if trace.parentSpanIDValue != 0 { size += 10 }
+        if let traceState = trace.traceState { size += ProtoCursor.fieldSize(traceState.utf8.count) }
+        return size
+    }
+
+    static func write(_ trace: TraceContext, name: String, kind: SpanKind, start: UInt64, end: UInt64, into cursor: inout ProtoCursor) {
+        cursor.id(1, trace.traceIDHigh, trace.traceIDLow)
+        cursor.id(2, trace.spanIDValue)
+        if let traceState = trace.traceState { cursor.string(3, traceState) }
+        if trace.parentSpanIDValue != 0 { cursor.id(4, trace.parentSpanIDValue) }
+        cursor.string(5, name)
+        cursor.varint(6, otlpKind(kind))
+        cursor.fixed64(7, start)
+        cursor.fixed64(8, end)
     }
 
     /// SPAN_KIND_INTERNAL 1, SERVER 2, CLIENT 3, PRODUCER 4, CONSUMER 5.

@@ -1,3 +1,4 @@
+import CTalkMesh
 import Glibc
 import Synchronization
 
@@ -139,18 +140,10 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
     public var description: String { traceparent }
 
 
-    /// Ids need to be unique, not secret: SplitMix64 over a random seed and a counter is enough,
-    /// and avoids a getrandom() system call per id.
-    private static let seed = UInt64.random(in: 1...UInt64.max)
-    private static let counter = Atomic<UInt64>(0)
-
+    /// Ids need to be unique, not secret: SplitMix64 over a per-thread state (`tm_next_id`),
+    /// which costs neither a getrandom() system call nor an atomic shared by every thread.
     struct IDGenerator: RandomNumberGenerator {
-        mutating func next() -> UInt64 {
-            var z = TraceContext.seed &+ TraceContext.counter.add(1, ordering: .relaxed).newValue &* 0x9E37_79B9_7F4A_7C15
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
+        @inline(__always) mutating func next() -> UInt64 { tm_next_id() }
 
         /// Never 0 (W3C forbids all-zero ids; 0 also means "no parent" here).
         mutating func nonZero() -> UInt64 {

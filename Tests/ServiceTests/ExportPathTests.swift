@@ -1,0 +1,107 @@
+import Glibc
+import Logging
+import Testing
+import Tracing
+@testable import TalkMeshCore
+@testable import TalkMeshRPC
+@testable import TalkMeshService
+
+/// Bytes a test owns, sent by the engine from where they lie.
+final class OwnedBytes: RequestBytes, @unchecked Sendable {
+    private let storage: UnsafeMutableRawBufferPointer
+    let count: Int
+
+    init(_ count: Int, seed: UInt8) {
+        storage = .allocate(byteCount: max(count, 1), alignment: 1)
+        self.count = count
+        for index in 0..<count { storage[index] = seed &+ UInt8(truncatingIfNeeded: index &* 31) }
+    }
+
+    var requestBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: storage[..<count]) }
+
+    deinit { storage.deallocate() }
+}
+
+@Suite("The span export path: the exporter's batches and the curl engine under it")
+struct ExportPathTests {
+    @Test("the engine reuses its handles, sends borrowed bodies as they lie, and no option outlives its transfer")
+    func curlHandles() async throws {
+        let server = LoopbackHTTPServer()
+        defer { server.stop() }
+        let engine = CurlEngine()
+        let url = "http://127.0.0.1:\(server.port)/echo"
+        // Past 64 KB a body goes through curl's upload buffer, which a reused handle keeps.
+        for (index, size) in [0, 1, 1000, 70_000, 250_000, 5, 250_000].enumerated() {
+            let body = OwnedBytes(size, seed: UInt8(index))
+            let exchange = try await engine.perform(method: "POST", url: url, borrowing: body)
+            #expect(exchange.status == 200 && exchange.body == Array("\(size)".utf8))
+            #expect(server.requests.withLock { $0.last?.body } == Array(body.requestBytes))
+        }
+        #expect(engine.idleHandleCount == 1, "one handle served every request in turn")
+        // A guard set on one transfer is gone from its handle after it, and set again when asked.
+        for _ in 0..<2 {
+            do {
+                _ = try await engine.perform(method: "POST", url: url, body: [1], publicOnly: true)
+                Issue.record("a public-only request reached a loopback server")
+            } catch let error as CurlError {
+                #expect(error.refusedAddress, "\(error)")
+            }
+            let after = try await engine.perform(method: "POST", url: url, body: [1, 2, 3])
+            #expect(after.status == 200 && after.body == Array("3".utf8))
+        }
+    }
+
+    @Test("the exporter sends batches of at most OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans, each encoded where it ended")
+    func batches() async throws {
+        let server = LoopbackHTTPServer()
+        defer { server.stop() }
+        var configuration = OTLPExporter.Configuration(url: "http://127.0.0.1:\(server.port)/v1/traces", serviceName: "batches")
+        configuration.maxBatch = 3
+        configuration.maxQueue = 100
+        configuration.scheduleDelayMs = 600_000  // only full batches and the flush send
+        let exporter = OTLPExporter(configuration: configuration, logger: Logger(label: "test"))
+        let tracer = TalkMeshTracer(sink: exporter)
+        for index in 0..<7 { tracer.span("span \(index)", parent: nil, kind: .internal).end() }
+        // A server span without a span object: a 503, so an error status.
+        let served = tracer.serverSpan(parent: TraceContext.root())
+        tracer.endServer(served, name: "GET /x", attributes: RPCSpans.encoded(["http.route": .string("/x")]),
+                         RPCSpans.encoded(["http.response.status_code": .int64(503)]), failed: true)
+        await exporter.flush()
+        var spans: [WireFields] = []
+        for _ in 0..<500 {
+            let bodies = server.requests.withLock { $0.map(\.body) }
+            let batches = try bodies.map { body -> [WireFields] in
+                let resourceSpans = try WireFields(body).one(1)
+                #expect(try resourceSpans.one(1).bytes[1]?.isEmpty == false, "the resource (service.name) in every export")
+                return try (resourceSpans.one(2).bytes[2] ?? []).map { try WireFields($0) }
+            }
+            spans = batches.flatMap { $0 }
+            if spans.count >= 8 {
+                #expect(batches.allSatisfy { $0.count <= 3 }, "\(batches.map(\.count))")
+                break
+            }
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        #expect(spans.count == 8)
+        let names = spans.compactMap { $0.bytes[5]?.first }.map { String(decoding: $0, as: UTF8.self) }
+        #expect(Set(names) == Set((0..<7).map { "span \($0)" } + ["GET /x"]))
+        let server503 = try #require(spans.first { $0.bytes[5]?.first == Array("GET /x".utf8) })
+        #expect(server503.varints[6] == [2], "SPAN_KIND_SERVER")
+        #expect(server503.bytes[9]?.count == 2 && server503.bytes[4]?.first?.count == 8, "its attributes, and its parent")
+        #expect(try server503.one(15).varints[3] == [2], "STATUS_CODE_ERROR")
+        #expect(exporter.metrics().contains("talkmesh_otel_spans_exported_total 8"))
+    }
+
+    @Test("a full queue drops spans and counts them; it never blocks")
+    func fullQueue() async throws {
+        var configuration = OTLPExporter.Configuration(url: "http://127.0.0.1:9/v1/traces", serviceName: "full")
+        configuration.maxBatch = 100
+        configuration.maxQueue = 2
+        configuration.scheduleDelayMs = 600_000
+        let exporter = OTLPExporter(configuration: configuration, logger: Logger(label: "test"))
+        let tracer = TalkMeshTracer(sink: exporter)
+        for _ in 0..<5 { tracer.span("dropped or queued", parent: nil, kind: .internal).end() }
+        let metrics = exporter.metrics()
+        #expect(metrics.contains("talkmesh_otel_spans_dropped_total{reason=\"queue_full\"} 3") && metrics.contains("talkmesh_otel_spans_queued 2"))
+    }
+}
