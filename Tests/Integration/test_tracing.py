@@ -150,6 +150,8 @@ def test_one_job_is_one_trace_from_the_gateway_to_every_chunk_and_the_stitch(wor
     server = next(span for service, span in create_spans if service == "talkmesh-dispatcher")
     assert client.kind == client.SPAN_KIND_CLIENT and server.kind == server.SPAN_KIND_SERVER and server.parent_span_id == client.span_id
     assert attributes(server)["rpc.system"] == "grpc" and attributes(server)["rpc.grpc.status_code"] == 0
+    assert attributes(server)["rpc.method"] == "CreateJob" and attributes(server)["network.peer.address"].startswith("127.0.0.1")
+    assert server.end_time_unix_nano >= server.start_time_unix_nano > 0
     # The Dispatcher's workflow, a child of the CreateJob call, and its stages.
     [(_, workflow)] = by_name["job.workflow"]
     assert workflow.parent_span_id == server.span_id and attributes(workflow)["talkmesh.job_id"] == job.id

@@ -65,7 +65,10 @@ struct ExportPathTests {
         // A server span without a span object: a 503, so an error status.
         let served = tracer.serverSpan(parent: TraceContext.root())
         tracer.endServer(served, name: "GET /x", attributes: RPCSpans.encoded(["http.route": .string("/x")]),
-                         RPCSpans.encoded(["http.response.status_code": .int64(503)]), failed: true)
+                         RPCSpans.encoded(["http.response.status_code": .int64(503)]), failure: "")
+        // A failed gRPC call's: the code's name is the status message.
+        tracer.endServer(tracer.serverSpan(parent: nil), name: "a.B/C", attributes: RPCSpans.attributes(rpc: "/a.B/C"),
+                         RPCSpans.peerAttribute("127.0.0.1:1"), RPCSpans.encoded(["rpc.grpc.status_code": .int64(5)]), failure: "notFound")
         await exporter.flush()
         var spans: [WireFields] = []
         for _ in 0..<500 {
@@ -76,20 +79,30 @@ struct ExportPathTests {
                 return try (resourceSpans.one(2).bytes[2] ?? []).map { try WireFields($0) }
             }
             spans = batches.flatMap { $0 }
-            if spans.count >= 8 {
+            if spans.count >= 9 {
                 #expect(batches.allSatisfy { $0.count <= 3 }, "\(batches.map(\.count))")
                 break
             }
             try await Task.sleep(nanoseconds: 10_000_000)
         }
-        #expect(spans.count == 8)
+        #expect(spans.count == 9)
         let names = spans.compactMap { $0.bytes[5]?.first }.map { String(decoding: $0, as: UTF8.self) }
-        #expect(Set(names) == Set((0..<7).map { "span \($0)" } + ["GET /x"]))
+        #expect(Set(names) == Set((0..<7).map { "span \($0)" } + ["GET /x", "a.B/C"]))
         let server503 = try #require(spans.first { $0.bytes[5]?.first == Array("GET /x".utf8) })
         #expect(server503.varints[6] == [2], "SPAN_KIND_SERVER")
         #expect(server503.bytes[9]?.count == 2 && server503.bytes[4]?.first?.count == 8, "its attributes, and its parent")
-        #expect(try server503.one(15).varints[3] == [2], "STATUS_CODE_ERROR")
-        #expect(exporter.metrics().contains("talkmesh_otel_spans_exported_total 8"))
+        let status = try server503.one(15)
+        #expect(status.varints[3] == [2] && status.bytes[2] == nil, "STATUS_CODE_ERROR, no message")
+        let failedCall = try #require(spans.first { $0.bytes[5]?.first == Array("a.B/C".utf8) })
+        #expect(failedCall.bytes[9]?.count == 5 && failedCall.bytes[4] == nil, "rpc.system, service, method, the peer, the code; a root")
+        #expect(try failedCall.one(15).bytes[2]?.first == Array("notFound".utf8))
+        // Counted when the collector's answer is back, which may be just after the test saw the request.
+        var counted = false
+        for _ in 0..<500 where !counted {
+            counted = exporter.metrics().contains("talkmesh_otel_spans_exported_total 9")
+            if !counted { try await Task.sleep(nanoseconds: 10_000_000) }
+        }
+        #expect(counted, "\(exporter.metrics())")
     }
 
     @Test("a full queue drops spans and counts them; it never blocks")

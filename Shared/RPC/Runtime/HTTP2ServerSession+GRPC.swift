@@ -25,15 +25,16 @@ extension HTTP2ServerSession {
         let deadline = stream.timeoutNanoseconds.map { MonotonicClock.deadline(after: $0, from: stream.startedAt) }
         var context = ServerContext(path: stream.path, metadata: stream.metadata, deadline: deadline, peer: connection.peer)
         // The server span: a child of the caller's (its traceparent), or the root of a new trace.
-        let span = RPCSpans.server(path: stream.path, name: method.spanName, attributes: method.spanAttributes, traceparent: stream.traceparent,
-                                   tracestate: stream.traceparent == nil ? nil : stream.metadata.first("tracestate"),
-                                   peer: connection.peerSpanAttribute)
+        let span = RPCSpans.server(path: stream.path, traceparent: stream.traceparent,
+                                   tracestate: stream.traceparent == nil ? nil : stream.metadata.first("tracestate"))
         context.trace = span?.trace
         let loop = connection.loop
         let connectionID = connection.id
         let streamID = stream.id
         let writer = RawResponseWriter(loop: loop, connectionID: connectionID, streamID: streamID)
         let run = method.run
+        // Read on the loop thread (the connection's), and only for a span that is recorded.
+        let peerAttribute = (span?.start ?? 0) != 0 ? connection.peerSpanAttribute : []
         // Runs inline on the loop thread until the handler first suspends: a handler that does
         // not suspend (health, echo) completes without a thread hop.
         loop.grpcInFlight.add(1, ordering: .relaxed)
@@ -41,11 +42,15 @@ extension HTTP2ServerSession {
             defer { loop.grpcInFlight.subtract(1, ordering: .relaxed) }
             let result: Result<[UInt8]?, RPCError>
             do {
-                result = .success(try await TalkMeshTracer.shared.within(span) { try await run(request, context, writer) })
+                if let span {
+                    result = .success(try await TraceContext.withCurrent(span.trace) { try await run(request, context, writer) })
+                } else {
+                    result = .success(try await run(request, context, writer))
+                }
             } catch {
                 result = .failure(RPCError(from: error))
             }
-            RPCSpans.end(span, code: result.failureCode)
+            RPCSpans.end(span, name: method.spanName, attributes: method.spanAttributes, peer: peerAttribute, code: result.failureCode)
             if loop.inLoop {
                 // Finished before suspending: still inside dispatchReady on the loop thread,
                 // outside nghttp2's callbacks, so complete directly (no queue, no closure).

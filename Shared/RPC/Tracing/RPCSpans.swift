@@ -6,19 +6,29 @@ import Tracing
 /// The spans of the runtime's own calls, named and attributed after OpenTelemetry's semantic
 /// conventions for RPC and HTTP.
 public enum RPCSpans {
-    /// A gRPC call's server span: `package.Service/Method`, a child of the caller's `traceparent`.
-    /// Nil when spans are not recorded and the call brought no trace (as before tracing: nothing to
-    /// carry). Health probes (every few seconds from every kubelet) only carry the caller's context.
-    /// `name` and `attributes`: the method's, made once at registration; `peer`: the connection's
-    /// `network.peer.address`, encoded once per connection (`peerAttribute`).
-    static func server(path: String, name: String, attributes: [UInt8], traceparent: String?, tracestate: String?,
-                       peer: @autoclosure () -> [UInt8]) -> TalkMeshSpan? {
+    /// A gRPC call's server span (`TalkMeshTracer.serverSpan`): `package.Service/Method`, a child of
+    /// the caller's `traceparent`. Nil when spans are not recorded and the call brought no trace
+    /// (as before tracing: nothing to carry). Health probes (every few seconds from every kubelet)
+    /// only carry the caller's context. `RPCSpans.end` records it.
+    static func server(path: String, traceparent: String?, tracestate: String?) -> (trace: TraceContext, start: UInt64)? {
         let parent = incoming(traceparent: traceparent, tracestate: tracestate)
         let tracer = TalkMeshTracer.shared
         if !tracer.records || path.hasPrefix("/grpc.health.v1.Health/") {
-            return parent.map { TalkMeshTracer.propagating.span("", parent: $0, kind: .server) }
+            return parent.map { TalkMeshTracer.propagating.serverSpan(parent: $0) }
         }
-        return tracer.span(name, parent: parent, kind: .server, attributes: SharedAttributes(attributes, peer()))
+        return tracer.serverSpan(parent: parent)
+    }
+
+    /// Records a gRPC call's server span with its status (an error status for anything but OK).
+    /// `name` and `attributes`: the method's, made once at registration; `peer`: the connection's
+    /// `network.peer.address`, encoded once per connection (`peerAttribute`).
+    static func end(_ span: (trace: TraceContext, start: UInt64)?, name: String, attributes: [UInt8], peer: @autoclosure () -> [UInt8],
+                    code: RPCError.Code?) {
+        guard let span, span.start != 0 else { return }
+        let code = code ?? .ok, raw = Int(code.rawValue)
+        TalkMeshTracer.shared.endServer(span, name: name, attributes: attributes, peer(),
+                                        grpcStatusAttributes.indices.contains(raw) ? grpcStatusAttributes[raw] : statusAttribute("rpc.grpc.status_code", raw),
+                                        failure: code == .ok ? nil : "\(code)")
     }
 
     /// `network.peer.address` encoded for spans; empty for no address.
@@ -97,7 +107,7 @@ public enum RPCSpans {
         guard span.start != 0 else { return }
         TalkMeshTracer.shared.endServer(span, name: name, attributes: attributes,
                                         (100..<600).contains(httpStatus) ? httpStatusAttributes[httpStatus - 100] : statusAttribute("http.response.status_code", httpStatus),
-                                        failed: httpStatus >= 500)
+                                        failure: httpStatus >= 500 ? "" : nil)
     }
 
     /// A route's span name and encoded `http.request.method` and `http.route`.

@@ -135,18 +135,27 @@ public final class TalkMeshTracer: Tracer, Sendable {
     }
 
     /// Records a `serverSpan` that ended now: `name`, and attributes already encoded
-    /// (`ProtoWriter.keyValue` with field 9), a failure's status if `failed`.
-    public func endServer(_ span: (trace: TraceContext, start: UInt64), name: String, attributes: [UInt8], _ more: [UInt8], failed: Bool) {
+    /// (`ProtoWriter.keyValue` with field 9: a route's or method's, a peer's, a status code's),
+    /// with an error status when `failure` is given (its text the status message, if any).
+    public func endServer(_ span: (trace: TraceContext, start: UInt64), name: String, attributes: [UInt8], _ second: [UInt8],
+                          _ third: [UInt8] = [], failure: String? = nil) {
         guard let sink, span.start != 0 else { return }
         let end = max(DefaultTracerClock.now.nanosecondsSinceEpoch, span.start)
-        // Status { code = 3: STATUS_CODE_ERROR (2) }, framed: 15 << 3 | 2, length 2, 3 << 3, 2.
-        let status: (UInt8, UInt8, UInt8, UInt8) = (0x7A, 2, 0x18, 2)
-        let size = SpanWire.size(span.trace, name: name) + attributes.count + more.count + (failed ? 4 : 0)
+        // Status { message = 2, code = 3: STATUS_CODE_ERROR (2) } as field 15.
+        let statusBody = failure.map { ($0.isEmpty ? 0 : ProtoCursor.fieldSize($0.utf8.count)) + 2 }
+        let size = SpanWire.size(span.trace, name: name) + attributes.count + second.count + third.count
+            + (statusBody.map { ProtoCursor.fieldSize($0) } ?? 0)
         sink.enqueue(size: size) { cursor in
             SpanWire.write(span.trace, name: name, kind: .server, start: span.start, end: end, into: &cursor)
             cursor.raw(attributes)
-            cursor.raw(more)
-            if failed { withUnsafeBytes(of: status) { cursor.raw($0.bindMemory(to: UInt8.self)) } }
+            cursor.raw(second)
+            cursor.raw(third)
+            if let failure, let statusBody {
+                cursor.tag(15, 2)
+                cursor.rawVarint(UInt64(statusBody))
+                if !failure.isEmpty { cursor.string(2, failure) }
+                cursor.varint(3, 2)
+            }
         }
     }
 
