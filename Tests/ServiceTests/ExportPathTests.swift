@@ -61,7 +61,7 @@ struct ExportPathTests {
         configuration.scheduleDelayMs = 600_000  // only full batches and the flush send
         let exporter = OTLPExporter(configuration: configuration, logger: Logger(label: "test"))
         let tracer = TalkMeshTracer(sink: exporter)
-        for index in 0..<7 { tracer.span("span \(index)", parent: nil, kind: .internal).end() }
+        for index in 0..<8 { tracer.span("span \(index)", parent: nil, kind: .internal).end() }
         // A server span without a span object: a 503, so an error status.
         let served = tracer.serverSpan(parent: TraceContext.root())
         tracer.endServer(served, name: "GET /x", attributes: RPCSpans.encoded(["http.route": .string("/x")]),
@@ -69,6 +69,7 @@ struct ExportPathTests {
         // A failed gRPC call's: the code's name is the status message.
         tracer.endServer(tracer.serverSpan(parent: nil), name: "a.B/C", attributes: RPCSpans.attributes(rpc: "/a.B/C"),
                          RPCSpans.peerAttribute("127.0.0.1:1"), RPCSpans.encoded(["rpc.grpc.status_code": .int64(5)]), failure: "notFound")
+        // Three full batches went out as they filled; the flush sends the last span.
         await exporter.flush()
         var spans: [WireFields] = []
         for _ in 0..<500 {
@@ -79,15 +80,15 @@ struct ExportPathTests {
                 return try (resourceSpans.one(2).bytes[2] ?? []).map { try WireFields($0) }
             }
             spans = batches.flatMap { $0 }
-            if spans.count >= 9 {
+            if spans.count >= 10 {
                 #expect(batches.allSatisfy { $0.count <= 3 }, "\(batches.map(\.count))")
                 break
             }
             try await Task.sleep(nanoseconds: 10_000_000)
         }
-        #expect(spans.count == 9)
+        #expect(spans.count == 10)
         let names = spans.compactMap { $0.bytes[5]?.first }.map { String(decoding: $0, as: UTF8.self) }
-        #expect(Set(names) == Set((0..<7).map { "span \($0)" } + ["GET /x", "a.B/C"]))
+        #expect(Set(names) == Set((0..<8).map { "span \($0)" } + ["GET /x", "a.B/C"]))
         let server503 = try #require(spans.first { $0.bytes[5]?.first == Array("GET /x".utf8) })
         #expect(server503.varints[6] == [2], "SPAN_KIND_SERVER")
         #expect(server503.bytes[9]?.count == 2 && server503.bytes[4]?.first?.count == 8, "its attributes, and its parent")
@@ -99,10 +100,27 @@ struct ExportPathTests {
         // Counted when the collector's answer is back, which may be just after the test saw the request.
         var counted = false
         for _ in 0..<500 where !counted {
-            counted = exporter.metrics().contains("talkmesh_otel_spans_exported_total 9")
+            counted = exporter.metrics().contains("talkmesh_otel_spans_exported_total 10")
             if !counted { try await Task.sleep(nanoseconds: 10_000_000) }
         }
         #expect(counted, "\(exporter.metrics())")
+    }
+
+    @Test("the schedule sends a batch that is not full")
+    func schedule() async throws {
+        let server = LoopbackHTTPServer()
+        defer { server.stop() }
+        var configuration = OTLPExporter.Configuration(url: "http://127.0.0.1:\(server.port)/v1/traces", serviceName: "schedule")
+        configuration.scheduleDelayMs = 50
+        let exporter = OTLPExporter(configuration: configuration, logger: Logger(label: "test"))
+        let tracer = TalkMeshTracer(sink: exporter)
+        for _ in 0..<2 { tracer.span("on schedule", parent: nil, kind: .internal).end() }
+        var sent = 0
+        for _ in 0..<300 where sent < 2 {
+            sent = try server.requests.withLock { $0 }.reduce(0) { $0 + (try WireFields($1.body).one(1).one(2).bytes[2]?.count ?? 0) }
+            if sent < 2 { try await Task.sleep(nanoseconds: 10_000_000) }
+        }
+        #expect(sent == 2)
     }
 
     @Test("a full queue drops spans and counts them; it never blocks")
