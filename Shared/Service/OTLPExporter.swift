@@ -8,10 +8,8 @@ import Tracing
 
 /// The OTLP/HTTP trace exporter (protobuf, `POST <endpoint>/v1/traces`) on the libcurl engine the
 /// services already have. Spans are queued on a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`): a full
-/// queue drops the span and counts it, it never blocks a request. A batch goes out as soon as
-/// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` spans wait, and every `OTEL_BSP_SCHEDULE_DELAY` what is queued;
-/// one export at a time. The span that fills a batch hands it to the curl engine, and the export's
-/// completion (on the engine's thread) hands on the next: no task is woken per batch. A batch the
+/// queue drops the span and counts it, it never blocks a request. One task sends a batch every
+/// `OTEL_BSP_SCHEDULE_DELAY` or as soon as `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` spans wait; a batch the
 /// collector refuses or cannot take is dropped and counted (its spans are not retried: a collector
 /// that is down must not make the process hold spans without bound). `flush()` (SIGTERM) sends what is queued.
 public final class OTLPExporter: SpanSink, @unchecked Sendable {
@@ -41,13 +39,9 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         /// An exported batch's buffer, emptied, for the next queue: its memory is reused, not
         /// allocated and faulted in again for every batch.
         var spare: EncodedSpans?
-        /// An export is under way; the next waits for its end.
-        var sending = false
-        /// The schedule rang, or a flush asked, while an export ran: send what is queued next,
-        /// even less than a batch.
+        var wake: CheckedContinuation<Void, Never>?
+        /// The schedule rang while an export ran: export again without waiting.
         var due = false
-        /// Flushes waiting for the export under way to end (resumed with false: look again).
-        var idleWaiters: [CheckedContinuation<Bool, Never>] = []
         var exported = 0
         var droppedFull = 0
         var droppedFailed = 0
@@ -55,7 +49,7 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
     }
     /// Taken by every span that ends: an inline futex lock, not a call into a lock object.
     private let state: Mutex<State>
-    private var ticker: Task<Void, Never>?
+    private var loop: Task<Void, Never>?
     private let logger: Logger
     /// The encoded resource (service name, attributes), the same in every request.
     private let resourceBytes: [UInt8]
@@ -80,21 +74,15 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         resourceBytes = resource.bytes
         headroom = OTLPEncoding.headroom(resource: resource.bytes)
         state = Mutex(State(queue: Queue(bytes: EncodedSpans(headroom: headroom))))
-        // One ticker for the exporter's life rings the schedule (not a timer per batch). Captured
-        // strongly: the exporter lives as long as the process (spans do not retain it).
-        let delay = UInt64(configuration.scheduleDelayMs) * 1_000_000
-        ticker = Task.detached {
-            while !Task.isCancelled {
-                try? await Task.sleep(nanoseconds: delay)
-                self.ring()
-            }
-        }
+        // Captured strongly: the exporter lives as long as the process. A weak reference would
+        // give it a side table, and every span's retain of its sink would take the slow path.
+        loop = Task.detached { await self.run() }
     }
 
     public func enqueue(size: Int, _ write: (inout ProtoCursor) -> Void) {
         let maxQueue = configuration.maxQueue, maxBatch = configuration.maxBatch, maxBytes = maxQueueBytes
         let field = ProtoCursor.fieldSize(size)
-        let batch: (bytes: EncodedSpans, count: Int)? = state.withLock { state in
+        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
             guard state.queue.count < maxQueue, state.queue.bytes.count + field <= maxBytes else {
                 state.droppedFull += 1
                 return nil
@@ -108,102 +96,99 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
             }
             state.queue.count += 1
             if state.queue.count % maxBatch == 0 { state.queue.cuts.append(state.queue.bytes.count) }
-            guard state.queue.count >= maxBatch, !state.sending else { return nil }
-            state.sending = true
-            return take(&state)
+            guard state.queue.count >= maxBatch, let waiter = state.wake else { return nil }
+            state.wake = nil
+            return waiter
         }
-        if let batch { send(batch) }
+        waiter?.resume()
     }
 
-    /// Sends what is queued, batch after batch (at most 128), and returns when it is out (SIGTERM).
     public func flush() async {
-        for _ in 0..<128 {
-            let done: Bool = await withCheckedContinuation { continuation in
-                let batch: (bytes: EncodedSpans, count: Int)? = state.withLock { state in
-                    // After the export under way; then the queue's oldest, until none is left.
-                    guard !state.sending else {
-                        state.idleWaiters.append(continuation)
-                        return nil
-                    }
-                    guard state.queue.count > 0 else {
-                        continuation.resume(returning: true)
-                        return nil
-                    }
-                    state.sending = true
-                    state.idleWaiters.append(continuation)
-                    return take(&state)
-                }
-                if let batch { send(batch) }
-            }
-            if done { return }
+        for _ in 0..<64 {
+            let batch = take()
+            if batch.count == 0 { return }
+            await export(batch)
         }
     }
 
-    /// The next batch: at most `maxBatch` spans, the oldest. Under the lock.
-    private func take(_ state: inout State) -> (bytes: EncodedSpans, count: Int) {
+    /// The next batch: at most `maxBatch` spans, the oldest.
+    private func take() -> (bytes: EncodedSpans, count: Int) {
         let maxBatch = configuration.maxBatch
-        guard let cut = state.queue.cuts.first, cut < state.queue.bytes.count else {
-            // The whole queue (the usual case): handed over, not copied.
-            defer { state.queue = Queue(bytes: state.spare.take() ?? EncodedSpans(headroom: headroom)) }
-            return (state.queue.bytes, state.queue.count)
-        }
-        let batch = state.queue.bytes.split(at: cut)
-        state.queue.count -= maxBatch
-        state.queue.cuts = state.queue.cuts.dropFirst().map { $0 - cut }
-        return (batch, maxBatch)
-    }
-
-    /// The schedule's tick: sends what is queued, or has it sent after the export under way.
-    private func ring() {
-        let batch: (bytes: EncodedSpans, count: Int)? = state.withLock { state in
-            guard state.queue.count > 0 else { return nil }
-            guard !state.sending else {
-                state.due = true
-                return nil
+        return state.withLock { state in
+            guard let cut = state.queue.cuts.first, cut < state.queue.bytes.count else {
+                // The whole queue (the usual case): handed over, not copied.
+                defer { state.queue = Queue(bytes: state.spare.take() ?? EncodedSpans(headroom: headroom)) }
+                return (state.queue.bytes, state.queue.count)
             }
-            state.sending = true
-            return take(&state)
+            let batch = state.queue.bytes.split(at: cut)
+            state.queue.count -= maxBatch
+            state.queue.cuts = state.queue.cuts.dropFirst().map { $0 - cut }
+            return (batch, maxBatch)
         }
-        if let batch { send(batch) }
     }
 
-    /// Hands a batch to the engine; its end (`sent`) hands on the next.
-    private func send(_ batch: (bytes: EncodedSpans, count: Int)) {
+    /// Exports whenever a batch is full, and every `scheduleDelayMs` what is queued. One ticker
+    /// for the exporter's life rings the schedule (not a timer per batch: at a few hundred batches
+    /// a second, arming and cancelling timers cost more thread wake-ups than the exports).
+    private func run() async {
+        let delay = UInt64(configuration.scheduleDelayMs) * 1_000_000
+        let ticker = Task.detached {
+            while !Task.isCancelled {
+                try? await Task.sleep(nanoseconds: delay)
+                self.ring()
+            }
+        }
+        defer { ticker.cancel() }
+        let maxBatch = configuration.maxBatch
+        while !Task.isCancelled {
+            await withCheckedContinuation { continuation in
+                let ready: Bool = state.withLock { state in
+                    if state.queue.count >= maxBatch || state.due { return true }
+                    state.wake = continuation
+                    return false
+                }
+                if ready { continuation.resume() }
+            }
+            state.withLock { $0.due = false }
+            while true {
+                let batch = take()
+                if batch.count == 0 { break }
+                await export(batch)
+                if state.withLock({ $0.queue.count < maxBatch }) { break }
+            }
+        }
+    }
+
+    /// The schedule's tick: wakes the exporter, or marks the export due if it is busy.
+    private func ring() {
+        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+            defer { state.wake = nil }
+            if state.wake == nil { state.due = true }
+            return state.wake
+        }
+        waiter?.resume()
+    }
+
+    private func export(_ batch: (bytes: EncodedSpans, count: Int)) async {
         OTLPEncoding.seal(batch.bytes, resource: resourceBytes)
-        engine.start(method: "POST", url: configuration.url, headers: requestHeaders, borrowing: batch.bytes,
-                     timeoutMilliseconds: configuration.timeoutMs, bodyLimit: 1 << 20) { result in
-            self.sent(batch, result)
+        defer {
+            batch.bytes.reset()
+            state.withLock { state in if state.spare == nil { state.spare = batch.bytes } }
         }
-    }
-
-    /// An export ended (on the engine's thread): counted, its buffer kept for reuse, and the next
-    /// batch sent if one is full, or due (the schedule rang meanwhile); a flush waiting looks again.
-    private func sent(_ batch: (bytes: EncodedSpans, count: Int), _ result: Result<HTTPExchange, any Error>) {
-        switch result {
-        case .success(let exchange) where (200...299).contains(exchange.status):
+        do {
+            let exchange = try await engine.perform(method: "POST", url: configuration.url, headers: requestHeaders, borrowing: batch.bytes,
+                                                    timeoutMilliseconds: configuration.timeoutMs, bodyLimit: 1 << 20)
+            guard (200...299).contains(exchange.status) else {
+                failed(batch.count, "the collector answered HTTP \(exchange.status)")
+                return
+            }
             state.withLock { state in
                 state.exported += batch.count
                 state.exports.ok += 1
             }
-        case .success(let exchange):
-            failed(batch.count, "the collector answered HTTP \(exchange.status)")
-        case .failure(let error):
+        } catch {
             failed(batch.count, "\(error)")
         }
-        batch.bytes.reset()
-        let maxBatch = configuration.maxBatch
-        let (next, waiters): ((bytes: EncodedSpans, count: Int)?, [CheckedContinuation<Bool, Never>]) = state.withLock { state in
-            if state.spare == nil { state.spare = batch.bytes }
-            defer {
-                state.idleWaiters = []
-                state.due = false
-            }
-            if state.queue.count >= maxBatch || (state.queue.count > 0 && state.due) { return (take(&state), state.idleWaiters) }
-            state.sending = false
-            return (nil, state.idleWaiters)
-        }
-        if let next { send(next) }
-        for waiter in waiters { waiter.resume(returning: false) }
     }
 
     private func failed(_ count: Int, _ reason: String) {

@@ -33,12 +33,10 @@ public final class CurlEngine: @unchecked Sendable {
         let requestBody: UnsafeRawBufferPointer?
         let bodyOwner: (any RequestBytes)?
         let errorBuffer: UnsafeMutablePointer<CChar>
-        /// Called once, on the curl thread, when the transfer ends.
-        let completion: @Sendable (Result<HTTPExchange, any Error>) -> Void
+        let continuation: CheckedContinuation<HTTPExchange, any Error>
         var bodyLimit: Int
 
-        init(id: UInt64, easy: UnsafeMutableRawPointer, requestBody: RequestBody?, bodyLimit: Int,
-             completion: @escaping @Sendable (Result<HTTPExchange, any Error>) -> Void) {
+        init(id: UInt64, easy: UnsafeMutableRawPointer, requestBody: RequestBody?, bodyLimit: Int, continuation: CheckedContinuation<HTTPExchange, any Error>) {
             self.id = id
             self.easy = easy
             switch requestBody {
@@ -57,7 +55,7 @@ public final class CurlEngine: @unchecked Sendable {
             errorBuffer = .allocate(capacity: Int(CURL_ERROR_SIZE))
             errorBuffer.initialize(repeating: 0, count: Int(CURL_ERROR_SIZE))
             self.bodyLimit = bodyLimit
-            self.completion = completion
+            self.continuation = continuation
         }
 
         deinit {
@@ -134,92 +132,74 @@ public final class CurlEngine: @unchecked Sendable {
     private func start(id: UInt64, method: String, url: String, headers: [String], body: RequestBody?,
                        timeoutMilliseconds: Int, bodyLimit: Int, publicOnly: Bool) async throws -> HTTPExchange {
         try await withCheckedThrowingContinuation { continuation in
-            start(id: id, method: method, url: url, headers: headers, body: body, timeoutMilliseconds: timeoutMilliseconds,
-                  bodyLimit: bodyLimit, publicOnly: publicOnly, cancelled: Task.isCancelled) { continuation.resume(with: $0) }
-        }
-    }
-
-    /// Starts a request without awaiting it: `completion` runs once on the engine's thread when
-    /// it ends (it must not block). For a caller that is not a task: no thread is woken to take
-    /// the result (the span exporter hands batches on this way).
-    public func start(method: String, url: String, headers: [String] = [], borrowing body: any RequestBytes,
-                      timeoutMilliseconds: Int = 30_000, bodyLimit: Int = 64 << 20,
-                      completion: @escaping @Sendable (Result<HTTPExchange, any Error>) -> Void) {
-        let id: UInt64 = mutex.withLock { lastID += 1; return lastID }
-        start(id: id, method: method, url: url, headers: headers, body: .borrowed(body), timeoutMilliseconds: timeoutMilliseconds,
-              bodyLimit: bodyLimit, publicOnly: false, cancelled: false, completion: completion)
-    }
-
-    private func start(id: UInt64, method: String, url: String, headers: [String], body: RequestBody?, timeoutMilliseconds: Int,
-                       bodyLimit: Int, publicOnly: Bool, cancelled isCancelled: Bool,
-                       completion: @escaping @Sendable (Result<HTTPExchange, any Error>) -> Void) {
-        guard let easy = mutex.withLock({ idleHandles.popLast() }) ?? curl_easy_init() else {
-            completion(.failure(ServiceError(.internalError, "curl_easy_init failed")))
-            return
-        }
-        let transfer = Transfer(id: id, easy: easy, requestBody: body, bodyLimit: bodyLimit, completion: completion)
-        _ = tm_curl_easy_setopt_str(easy, CURLOPT_URL, url)
-        _ = tm_curl_easy_setopt_str(easy, CURLOPT_CUSTOMREQUEST, method)
-        _ = tm_curl_easy_setopt_long(easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
-        _ = tm_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, timeoutMilliseconds)
-        _ = tm_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(timeoutMilliseconds, 10_000))
-        _ = tm_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
-        _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYPEER, 1)
-        _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYHOST, 2)
-        _ = tm_curl_easy_setopt_str(easy, CURLOPT_PROTOCOLS_STR, "http,https")
-        if publicOnly {
-            _ = tm_curl_easy_setopt_prereq(easy) { _, primaryIP, _, _, _ in
-                guard let primaryIP, NetworkAddress.isPublic(String(cString: primaryIP)) else { return Int32(CURL_PREREQFUNC_ABORT) }
-                return Int32(CURL_PREREQFUNC_OK)
+            guard let easy = mutex.withLock({ idleHandles.popLast() }) ?? curl_easy_init() else {
+                continuation.resume(throwing: ServiceError(.internalError, "curl_easy_init failed"))
+                return
             }
-        }
-        for header in headers { transfer.headers = curl_slist_append(transfer.headers, header) }
-        if let requestBody = transfer.requestBody {
-            transfer.headers = curl_slist_append(transfer.headers, "Expect:")
-            _ = tm_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(requestBody.count))
-            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: requestBody.baseAddress))
-        }
-        _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, UnsafeMutableRawPointer(transfer.headers))
-        _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, UnsafeMutableRawPointer(transfer.errorBuffer))
-        let context = Unmanaged.passUnretained(transfer).toOpaque()
-        _ = tm_curl_easy_setopt_write(easy, CURLOPT_WRITEFUNCTION) { data, size, count, context in
-            let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
-            let length = size * count
-            if transfer.body.count + length > transfer.bodyLimit { return 0 }  // aborts: response too large
-            data!.withMemoryRebound(to: UInt8.self, capacity: length) { transfer.body.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
-            return length
-        }
-        _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_WRITEDATA, context)
-        _ = tm_curl_easy_setopt_write(easy, CURLOPT_HEADERFUNCTION) { data, size, count, context in
-            let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
-            let length = size * count
-            // On the bytes: a name lower-cased in ASCII, a value without the blanks and CRLF
-            // around it (a String and Character walk per header line cost more than the request).
-            data!.withMemoryRebound(to: UInt8.self, capacity: length) { base in
-                let line = UnsafeBufferPointer(start: base, count: length)
-                guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else { return }
-                func blank(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 || byte == 0x0D || byte == 0x0A }
-                var start = colon + 1, end = length
-                while start < end && blank(line[start]) { start += 1 }
-                while end > start && blank(line[end - 1]) { end -= 1 }
-                let name = String(decoding: line[..<colon].map { $0 >= 0x41 && $0 <= 0x5A ? $0 | 0x20 : $0 }, as: UTF8.self)
-                let value = String(decoding: UnsafeBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
-                transfer.responseHeaders[name] = value
-                // The body's room at once (a video answer grew by doubling, copied each time),
-                // within its limit and at most 16 MB on a peer's word.
-                if name == "content-length", let declared = Int(value), declared > transfer.body.capacity {
-                    transfer.body.reserveCapacity(min(declared, transfer.bodyLimit, 16 << 20))
+            let transfer = Transfer(id: id, easy: easy, requestBody: body, bodyLimit: bodyLimit, continuation: continuation)
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_URL, url)
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_CUSTOMREQUEST, method)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, timeoutMilliseconds)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(timeoutMilliseconds, 10_000))
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYPEER, 1)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYHOST, 2)
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_PROTOCOLS_STR, "http,https")
+            if publicOnly {
+                _ = tm_curl_easy_setopt_prereq(easy) { _, primaryIP, _, _, _ in
+                    guard let primaryIP, NetworkAddress.isPublic(String(cString: primaryIP)) else { return Int32(CURL_PREREQFUNC_ABORT) }
+                    return Int32(CURL_PREREQFUNC_OK)
                 }
             }
-            return length
+            for header in headers { transfer.headers = curl_slist_append(transfer.headers, header) }
+            if let requestBody = transfer.requestBody {
+                transfer.headers = curl_slist_append(transfer.headers, "Expect:")
+                _ = tm_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(requestBody.count))
+                _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: requestBody.baseAddress))
+            }
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, UnsafeMutableRawPointer(transfer.headers))
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, UnsafeMutableRawPointer(transfer.errorBuffer))
+            let context = Unmanaged.passUnretained(transfer).toOpaque()
+            _ = tm_curl_easy_setopt_write(easy, CURLOPT_WRITEFUNCTION) { data, size, count, context in
+                let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
+                let length = size * count
+                if transfer.body.count + length > transfer.bodyLimit { return 0 }  // aborts: response too large
+                data!.withMemoryRebound(to: UInt8.self, capacity: length) { transfer.body.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
+                return length
+            }
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_WRITEDATA, context)
+            _ = tm_curl_easy_setopt_write(easy, CURLOPT_HEADERFUNCTION) { data, size, count, context in
+                let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
+                let length = size * count
+                // On the bytes: a name lower-cased in ASCII, a value without the blanks and CRLF
+                // around it (a String and Character walk per header line cost more than the request).
+                data!.withMemoryRebound(to: UInt8.self, capacity: length) { base in
+                    let line = UnsafeBufferPointer(start: base, count: length)
+                    guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else { return }
+                    func blank(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 || byte == 0x0D || byte == 0x0A }
+                    var start = colon + 1, end = length
+                    while start < end && blank(line[start]) { start += 1 }
+                    while end > start && blank(line[end - 1]) { end -= 1 }
+                    let name = String(decoding: line[..<colon].map { $0 >= 0x41 && $0 <= 0x5A ? $0 | 0x20 : $0 }, as: UTF8.self)
+                    let value = String(decoding: UnsafeBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
+                    transfer.responseHeaders[name] = value
+                    // The body's room at once (a video answer grew by doubling, copied each time),
+                    // within its limit and at most 16 MB on a peer's word.
+                    if name == "content-length", let declared = Int(value), declared > transfer.body.capacity {
+                        transfer.body.reserveCapacity(min(declared, transfer.bodyLimit, 16 << 20))
+                    }
+                }
+                return length
+            }
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, context)
+            // A cancel that came before this point finds no transfer yet: it is seen here instead.
+            mutex.withLock {
+                incoming.append(transfer)
+                if Task.isCancelled { cancelled.append(id) }
+            }
+            curl_multi_wakeup(multi)
         }
-        _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, context)
-        // A cancel that came before this point finds no transfer yet: it is seen here instead.
-        mutex.withLock {
-            incoming.append(transfer)
-            if isCancelled { cancelled.append(id) }
-        }
-        curl_multi_wakeup(multi)
     }
 
     /// Handles waiting in the pool (tests).
@@ -252,7 +232,7 @@ public final class CurlEngine: @unchecked Sendable {
                 running.removeValue(forKey: transfer.easy)
                 curl_multi_remove_handle(multi, transfer.easy)
                 recycle(transfer)
-                transfer.completion(.failure(CancellationError()))
+                transfer.continuation.resume(throwing: CancellationError())
             }
             curl_multi_perform(multi, &stillRunning)
             var remaining: Int32 = 0
@@ -264,11 +244,11 @@ public final class CurlEngine: @unchecked Sendable {
                 curl_multi_remove_handle(multi, easy)
                 recycle(transfer)
                 if result == CURLE_OK {
-                    transfer.completion(.success(HTTPExchange(status: status, headers: transfer.responseHeaders, body: transfer.body)))
+                    transfer.continuation.resume(returning: HTTPExchange(status: status, headers: transfer.responseHeaders, body: transfer.body))
                 } else {
                     let detail = transfer.errorText
                     let text = detail.isEmpty ? String(cString: curl_easy_strerror(result)) : detail
-                    transfer.completion(.failure(CurlError(code: Int(result.rawValue), message: text)))
+                    transfer.continuation.resume(throwing: CurlError(code: Int(result.rawValue), message: text))
                 }
             }
             curl_multi_poll(multi, nil, 0, 1000, nil)
