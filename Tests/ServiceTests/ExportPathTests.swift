@@ -55,12 +55,8 @@ struct ExportPathTests {
     func batches() async throws {
         let server = LoopbackHTTPServer()
         defer { server.stop() }
-        var configuration = OTLPExporter.Configuration(url: "http://127.0.0.1:\(server.port)/v1/traces", serviceName: "batches")
-        configuration.maxBatch = 3
-        configuration.maxQueue = 100
-        configuration.scheduleDelayMs = 600_000  // only full batches and the flush send
-        let exporter = OTLPExporter(configuration: configuration, logger: Logger(label: "test"))
-        let tracer = TalkMeshTracer(sink: exporter)
+        // Only full batches and the flush send: the schedule is ten minutes.
+        let (exporter, tracer) = Self.exporter(to: server.port, maxBatch: 3, maxQueue: 100, scheduleDelayMs: 600_000)
         for index in 0..<8 { tracer.span("span \(index)", parent: nil, kind: .internal).end() }
         // A server span without a span object: a 503, so an error status.
         let served = tracer.serverSpan(parent: TraceContext.root())
@@ -110,10 +106,7 @@ struct ExportPathTests {
     func schedule() async throws {
         let server = LoopbackHTTPServer()
         defer { server.stop() }
-        var configuration = OTLPExporter.Configuration(url: "http://127.0.0.1:\(server.port)/v1/traces", serviceName: "schedule")
-        configuration.scheduleDelayMs = 50
-        let exporter = OTLPExporter(configuration: configuration, logger: Logger(label: "test"))
-        let tracer = TalkMeshTracer(sink: exporter)
+        let (_, tracer) = Self.exporter(to: server.port, scheduleDelayMs: 50)
         for _ in 0..<2 { tracer.span("on schedule", parent: nil, kind: .internal).end() }
         var sent = 0
         for _ in 0..<300 where sent < 2 {
@@ -125,14 +118,19 @@ struct ExportPathTests {
 
     @Test("a full queue drops spans and counts them; it never blocks")
     func fullQueue() async throws {
-        var configuration = OTLPExporter.Configuration(url: "http://127.0.0.1:9/v1/traces", serviceName: "full")
-        configuration.maxBatch = 100
-        configuration.maxQueue = 2
-        configuration.scheduleDelayMs = 600_000
-        let exporter = OTLPExporter(configuration: configuration, logger: Logger(label: "test"))
-        let tracer = TalkMeshTracer(sink: exporter)
+        let (exporter, tracer) = Self.exporter(to: 9, maxBatch: 100, maxQueue: 2, scheduleDelayMs: 600_000)
         for _ in 0..<5 { tracer.span("dropped or queued", parent: nil, kind: .internal).end() }
         let metrics = exporter.metrics()
         #expect(metrics.contains("talkmesh_otel_spans_dropped_total{reason=\"queue_full\"} 3") && metrics.contains("talkmesh_otel_spans_queued 2"))
+    }
+
+    /// An exporter to a receiver on loopback `port`, and a tracer recording into it.
+    private static func exporter(to port: UInt16, maxBatch: Int = 512, maxQueue: Int = 2048, scheduleDelayMs: Int) -> (OTLPExporter, TalkMeshTracer) {
+        var configuration = OTLPExporter.Configuration(url: "http://127.0.0.1:\(port)/v1/traces", serviceName: "test")
+        configuration.maxBatch = maxBatch
+        configuration.maxQueue = maxQueue
+        configuration.scheduleDelayMs = scheduleDelayMs
+        let exporter = OTLPExporter(configuration: configuration, logger: Logger(label: "test"))
+        return (exporter, TalkMeshTracer(sink: exporter))
     }
 }

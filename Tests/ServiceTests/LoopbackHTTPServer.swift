@@ -23,15 +23,18 @@ final class LoopbackHTTPServer: @unchecked Sendable {
         Self.spawn { [self] in
             while true {
                 let connection = accept(listener, nil, nil)
-                if connection < 0 { return }
+                if connection < 0 {
+                    close(listener)  // here, not in stop(): no close while accept() runs
+                    return
+                }
                 Self.spawn { [self] in serve(connection) }
             }
         }
     }
 
+    /// Ends the accept loop (which closes the listener); open connections end with their peers.
     func stop() {
         shutdown(listener, Int32(SHUT_RDWR))
-        close(listener)
     }
 
     private func serve(_ connection: Int32) {
