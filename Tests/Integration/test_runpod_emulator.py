@@ -205,3 +205,15 @@ def test_bad_flags_exit_two():
     from conftest import BIN
     result = subprocess.run([os.path.join(BIN, "talkmesh-runpod-emulator"), "--fail-rate", "2"], capture_output=True, text=True, timeout=10)
     assert result.returncode == 2 and "fail-rate" in result.stderr
+
+
+def test_the_render_scratch_is_under_tmpdir_and_gone_after_stop(media_inputs, tmp_path):
+    service = Service("talkmesh-runpod-emulator", env={"TMPDIR": str(tmp_path)})
+    scratch = tmp_path / f"talkmesh-runpod-emulator-{service.proc.pid}"
+    try:
+        status, job, _ = call(service, "POST", "/v2/ep/runsync", body(media_inputs))
+        assert status == 200 and job["status"] == "COMPLETED"
+        assert scratch.is_dir() and not any(scratch.iterdir()), "each render's files are removed after it"
+    finally:
+        assert service.stop() == 0
+    assert not scratch.exists(), "the directory goes with the emulator"

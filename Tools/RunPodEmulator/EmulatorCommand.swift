@@ -50,8 +50,11 @@ enum EmulatorCommand {
             settings.hangRate = try values.number(.hangRate)
             settings.seed = UInt64(try values.integer(.seed))
             let board = JobBoard(settings: settings)
-            let scratch = "/tmp/talkmesh-runpod-emulator-\(getpid())"
+            // Renders pass through files here (each removed after its render); the directory goes
+            // when the emulator stops, so runs do not leave one behind each.
+            let scratch = "\(getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp")/talkmesh-runpod-emulator-\(getpid())"
             mkdir(scratch, 0o700)
+            setup.onStop.append { rmdir(scratch) }
             var workers = EmulatedWorkers(board: board, renderer: StillVideoRenderer(scratch: scratch), pool: BlockingWorkPool())
             workers.webhookRetrySeconds = try seconds(.webhookRetry)
             workers.start()
