@@ -77,9 +77,10 @@ final class HTTP2ServerSession {
         }
     }
 
-    /// Clients call the same few methods over and over: reuse the last path's String.
     /// A response sent `traceparent` indexed: its name is in HPACK's table (`HeaderBlock`).
     var traceparentIndexed = false
+
+    /// Clients call the same few methods over and over: reuse the last path's String.
     var lastPathBytes: [UInt8] = []
     var lastPath = ""
 

@@ -22,11 +22,10 @@ public enum RPCSpans {
     /// Records a gRPC call's server span with its status (an error status for anything but OK).
     /// `name` and `attributes`: the method's, made once at registration; `peer`: the connection's
     /// `network.peer.address`, encoded once per connection (`peerAttribute`).
-    static func end(_ span: (trace: TraceContext, start: UInt64)?, name: String, attributes: [UInt8], peer: @autoclosure () -> [UInt8],
-                    code: RPCError.Code?) {
+    static func end(_ span: (trace: TraceContext, start: UInt64)?, name: String, attributes: [UInt8], peer: [UInt8], code: RPCError.Code?) {
         guard let span, span.start != 0 else { return }
         let code = code ?? .ok, raw = Int(code.rawValue)
-        TalkMeshTracer.shared.endServer(span, name: name, attributes: attributes, peer(),
+        TalkMeshTracer.shared.endServer(span, name: name, attributes: attributes, peer,
                                         grpcStatusAttributes.indices.contains(raw) ? grpcStatusAttributes[raw] : statusAttribute("rpc.grpc.status_code", raw),
                                         failure: code == .ok ? nil : "\(code)")
     }

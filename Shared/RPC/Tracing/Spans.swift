@@ -141,21 +141,15 @@ public final class TalkMeshTracer: Tracer, Sendable {
                           _ third: [UInt8] = [], failure: String? = nil) {
         guard let sink, span.start != 0 else { return }
         let end = max(DefaultTracerClock.now.nanosecondsSinceEpoch, span.start)
-        // Status { message = 2, code = 3: STATUS_CODE_ERROR (2) } as field 15.
-        let statusBody = failure.map { ($0.isEmpty ? 0 : ProtoCursor.fieldSize($0.utf8.count)) + 2 }
-        let size = SpanWire.size(span.trace, name: name) + attributes.count + second.count + third.count
-            + (statusBody.map { ProtoCursor.fieldSize($0) } ?? 0)
+        var status = ProtoWriter()  // empty, and no allocation, unless the call failed
+        if let failure { SpanWire.status(into: &status, ok: false, message: failure.isEmpty ? nil : failure) }
+        let size = SpanWire.size(span.trace, name: name) + attributes.count + second.count + third.count + status.bytes.count
         sink.enqueue(size: size) { cursor in
             SpanWire.write(span.trace, name: name, kind: .server, start: span.start, end: end, into: &cursor)
             cursor.raw(attributes)
             cursor.raw(second)
             cursor.raw(third)
-            if let failure, let statusBody {
-                cursor.tag(15, 2)
-                cursor.rawVarint(UInt64(statusBody))
-                if !failure.isEmpty { cursor.string(2, failure) }
-                cursor.varint(3, 2)
-            }
+            cursor.raw(status.bytes)
         }
     }
 
@@ -395,12 +389,7 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
                 link.attributes.forEach { key, value in message.keyValue(4, key, value) }
             }
         }
-        if let status = state.status {
-            tail.message(15) { message in
-                if let text = status.message { message.string(2, text) }
-                message.varint(3, status.code == .ok ? 1 : 2)
-            }
-        }
+        if let status = state.status { SpanWire.status(into: &tail, ok: status.code == .ok, message: status.message) }
         let size = SpanWire.size(trace, name: state.name) + state.shared.count + state.attributes.bytes.count + tail.bytes.count
         return (size, tail.bytes)
     }
@@ -414,7 +403,6 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
         cursor.raw(state.attributes.bytes)
         cursor.raw(tail)
     }
-
 }
 
 /// The fields of an OTLP `Span` that every span has: trace_id 1, span_id 2, trace_state 3,
@@ -439,6 +427,14 @@ enum SpanWire {
         cursor.varint(6, otlpKind(kind))
         cursor.fixed64(7, start)
         cursor.fixed64(8, end)
+    }
+
+    /// `Status { message = 2, code = 3 (STATUS_CODE_OK 1, STATUS_CODE_ERROR 2) }` as field 15.
+    static func status(into writer: inout ProtoWriter, ok: Bool, message: String?) {
+        writer.message(15) { status in
+            if let message { status.string(2, message) }
+            status.varint(3, ok ? 1 : 2)
+        }
     }
 
     /// SPAN_KIND_INTERNAL 1, SERVER 2, CLIENT 3, PRODUCER 4, CONSUMER 5.

@@ -1,6 +1,5 @@
 import CTalkMesh
 import Glibc
-import Synchronization
 
 /// W3C Trace Context (`traceparent: 00-<trace-id>-<parent-id>-<flags>`), carried in metadata on
 /// every hop. The server makes the incoming one the parent of the handler's span; the client sends
