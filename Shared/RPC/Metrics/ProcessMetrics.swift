@@ -37,6 +37,9 @@ enum ProcessMetrics {
         out += "# HELP talkmesh_event_loop_lag_seconds How late the loop's last one-second housekeeping tick ran: the time a ready event waits.\n"
         out += "# TYPE talkmesh_event_loop_lag_seconds gauge\n"
         for loop in loops { out += "talkmesh_event_loop_lag_seconds{loop=\"\(loop.index)\"} \(Double(loop.lagNanoseconds.load(ordering: .relaxed)) / 1e9)\n" }
+        out += "# HELP talkmesh_event_loop_connections Connections the loop owns: a new one goes to the loop with the fewest.\n"
+        out += "# TYPE talkmesh_event_loop_connections gauge\n"
+        for loop in loops { out += "talkmesh_event_loop_connections{loop=\"\(loop.index)\"} \(loop.openConnections.load(ordering: .relaxed))\n" }
         out += "# HELP talkmesh_event_loop_lag_max_seconds The latest any housekeeping tick of the loop ran since start.\n"
         out += "# TYPE talkmesh_event_loop_lag_max_seconds gauge\n"
         for loop in loops { out += "talkmesh_event_loop_lag_max_seconds{loop=\"\(loop.index)\"} \(Double(loop.maxLagNanoseconds.load(ordering: .relaxed)) / 1e9)\n" }

@@ -62,6 +62,9 @@ public final class EventLoop: @unchecked Sendable {
     /// finish on another thread: atomic, but each loop's own line, not one shared by all).
     let grpcInFlight = Atomic<Int>(0)
     let httpInFlight = Atomic<Int>(0)
+    /// Connections this loop owns or is about to (handed over by another loop's listener): read
+    /// by every listener to place a new connection on the least-loaded loop, and by /metrics.
+    let openConnections = Atomic<Int>(0)
 
     func startHousekeeping(every period: Int64) {
         var due = MonotonicClock.nanoseconds() + period

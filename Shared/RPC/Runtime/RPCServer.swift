@@ -167,7 +167,7 @@ public final class RPCServer: @unchecked Sendable {
         let listener = evconnlistener_new(loop.base, { _, fd, address, _, context in
             let context = Unmanaged<ListenerContext>.fromOpaque(context!).takeUnretainedValue()
             context.accepted()
-            context.loop.server?.accept(fd: fd, address: address, on: context.loop, core: context.core)
+            context.loop.server?.place(fd: fd, address: address, acceptedOn: context.loop, core: context.core)
         }, Unmanaged.passUnretained(context).toOpaque(), LEV_OPT_CLOSE_ON_FREE, 0, fd)
         guard let listener else { throw RPCError(code: .unavailable, message: "evconnlistener_new failed") }
         context.listener = listener
@@ -219,19 +219,55 @@ public final class RPCServer: @unchecked Sendable {
 
     // MARK: Accepting
 
-    private func accept(fd: Int32, address: UnsafeMutablePointer<sockaddr>?, on loop: EventLoop, core: ServerCore) {
+    /// A new connection goes to the loop with the fewest connections, the accepting one on a tie.
+    /// Every loop listens on the port (SO_REUSEPORT), and the kernel spreads connections by a hash
+    /// of their addresses: a few long-lived HTTP/2 connections (a proxy's pool, a load generator)
+    /// could all land on one loop, one core busy and the others idle. A connection is handed over
+    /// once, before it has read a byte, so its loop owns it for life.
+    private func place(fd: Int32, address: UnsafeMutablePointer<sockaddr>?, acceptedOn loop: EventLoop, core: ServerCore) {
+        var target = loop
+        var fewest = loop.openConnections.load(ordering: .relaxed)
+        for other in loops where other !== loop {
+            let count = other.openConnections.load(ordering: .relaxed)
+            if count < fewest { (target, fewest) = (other, count) }
+        }
+        target.openConnections.add(1, ordering: .relaxed)
+        let peer = Self.describe(address)
+        if target === loop {
+            accept(fd: fd, peer: peer, on: loop, core: core)
+        } else {
+            let handed = SendableDescriptor(fd: fd), chosen = target
+            chosen.execute { [self] in accept(fd: handed.fd, peer: peer, on: chosen, core: core) }
+        }
+    }
+
+    /// Opens the connection on its loop's thread (`place` counted it there).
+    private func accept(fd: Int32, peer: String, on loop: EventLoop, core: ServerCore) {
+        // Handed over while the loop began to drain: it no longer takes connections.
+        guard !loop.draining else {
+            Glibc.close(fd)
+            loop.openConnections.subtract(1, ordering: .relaxed)
+            return
+        }
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        let peer = Self.describe(address)
         let bev: OpaquePointer?
         if let tls = core.tls {
-            guard let ssl = tls.newSSL() else { Glibc.close(fd); return }
+            guard let ssl = tls.newSSL() else {
+                Glibc.close(fd)
+                loop.openConnections.subtract(1, ordering: .relaxed)
+                return
+            }
             bev = bufferevent_openssl_socket_new(loop.base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
                                                  Int32(BEV_OPT_CLOSE_ON_FREE.rawValue | BEV_OPT_DEFER_CALLBACKS.rawValue))
         } else {
             bev = bufferevent_socket_new(loop.base, fd, Int32(BEV_OPT_CLOSE_ON_FREE.rawValue))
         }
-        guard let bev else { Glibc.close(fd); return }
+        guard let bev else {
+            Glibc.close(fd)
+            loop.openConnections.subtract(1, ordering: .relaxed)
+            return
+        }
         let connection = Connection(id: loop.allocateConnectionID(), loop: loop, core: core, bev: bev, peer: peer)
         loop.connections[connection.id] = connection
         core.metrics.connectionOpened()
@@ -292,6 +328,9 @@ public final class RPCServer: @unchecked Sendable {
         return "\(cString(host)):\(cString(service))"
     }
 }
+
+/// A descriptor crossing to another loop's thread (a plain integer; only the receiver uses it).
+private struct SendableDescriptor: Sendable { let fd: Int32 }
 
 /// What a listener's callbacks need: the loop, which view of the server it serves, and the
 /// accept backoff. Out of descriptors (EMFILE/ENFILE) the pending connection stays in the
@@ -366,6 +405,7 @@ extension EventLoop {
 
     func connectionClosed(_ connection: Connection) {
         connections.removeValue(forKey: connection.id)
+        openConnections.subtract(1, ordering: .relaxed)
         if draining && connections.isEmpty { stop() }
     }
 
