@@ -6,10 +6,13 @@ import TalkMeshCore
 import TalkMeshRPC
 import Tracing
 
-/// The OTLP/HTTP trace exporter (protobuf, `POST <endpoint>/v1/traces`) on the libcurl engine the
+/// The OTLP/HTTP trace exporter (protobuf, `POST <endpoint>/v1/traces`) on libcurl, which the
 /// services already have. Spans are queued on a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`): a full
-/// queue drops the span and counts it, it never blocks a request. One task sends a batch every
-/// `OTEL_BSP_SCHEDULE_DELAY` or as soon as `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` spans wait; a batch the
+/// queue drops the span and counts it, it never blocks a request. One thread of its own sends a
+/// batch every `OTEL_BSP_SCHEDULE_DELAY` or as soon as `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` spans wait,
+/// with a blocking `curl_easy_perform` on one kept handle (`CurlHandle`): a full batch wakes it
+/// once, and it sends and reads the answer itself, where an async task handing the request to the
+/// curl engine's thread and back cost three more thread wake-ups per batch. A batch the
 /// collector refuses or cannot take is dropped and counted (its spans are not retried: a collector
 /// that is down must not make the process hold spans without bound). `flush()` (SIGTERM) sends what is queued.
 public final class OTLPExporter: SpanSink, @unchecked Sendable {
@@ -25,7 +28,10 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
     }
 
     let configuration: Configuration
-    private let engine: CurlEngine
+    /// The export thread's connection to the collector, used by that thread alone.
+    private let handle = CurlHandle()
+    /// Posted to wake the export thread (a batch filled, a flush asked), only while it sleeps.
+    private let wake: UnsafeMutablePointer<sem_t>
     /// Spans waiting for export, already encoded: each is an OTLP `ScopeSpans.spans` field (tag,
     /// length, `Span`), one after another, so a batch is sent as it lies.
     private struct Queue {
@@ -39,9 +45,10 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         /// An exported batch's buffer, emptied, for the next queue: its memory is reused, not
         /// allocated and faulted in again for every batch.
         var spare: EncodedSpans?
-        var wake: CheckedContinuation<Void, Never>?
-        /// The schedule rang while an export ran: export again without waiting.
-        var due = false
+        /// The export thread waits on `wake`; set by it just before, cleared by whoever posts.
+        var sleeping = false
+        /// Flushes waiting for what was queued before them to be sent.
+        var flushes: [CheckedContinuation<Void, Never>] = []
         var exported = 0
         var droppedFull = 0
         var droppedFailed = 0
@@ -49,7 +56,6 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
     }
     /// Taken by every span that ends: an inline futex lock, not a call into a lock object.
     private let state: Mutex<State>
-    private var loop: Task<Void, Never>?
     private let logger: Logger
     /// The encoded resource (service name, attributes), the same in every request.
     private let resourceBytes: [UInt8]
@@ -60,9 +66,8 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
     /// Room ahead of a batch for its envelope (`OTLPEncoding.seal`).
     private let headroom: Int
 
-    public init(configuration: Configuration, engine: CurlEngine = CurlEngine(), logger: Logger) {
+    public init(configuration: Configuration, logger: Logger) {
         self.configuration = configuration
-        self.engine = engine
         requestHeaders = ["Content-Type: application/x-protobuf"] + configuration.headers
         self.logger = logger
         maxQueueBytes = max(configuration.maxQueue, 1) * 1024
@@ -74,18 +79,21 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         resourceBytes = resource.bytes
         headroom = OTLPEncoding.headroom(resource: resource.bytes)
         state = Mutex(State(queue: Queue(bytes: EncodedSpans(headroom: headroom))))
-        // Captured strongly: the exporter lives as long as the process. A weak reference would
-        // give it a side table, and every span's retain of its sink would take the slow path.
-        loop = Task.detached { await self.run() }
+        wake = .allocate(capacity: 1)
+        sem_init(wake, 0, 0)
+        // Retained by its thread: the exporter lives as long as the process.
+        var thread = pthread_t()
+        pthread_create(&thread, nil, exportThread, Unmanaged.passRetained(self).toOpaque())
+        pthread_detach(thread)
     }
 
     public func enqueue(size: Int, _ write: (inout ProtoCursor) -> Void) {
         let maxQueue = configuration.maxQueue, maxBatch = configuration.maxBatch, maxBytes = maxQueueBytes
         let field = ProtoCursor.fieldSize(size)
-        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+        let post: Bool = state.withLock { state in
             guard state.queue.count < maxQueue, state.queue.bytes.count + field <= maxBytes else {
                 state.droppedFull += 1
-                return nil
+                return false
             }
             state.queue.bytes.append(field) { start in
                 var cursor = ProtoCursor(start)
@@ -96,18 +104,22 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
             }
             state.queue.count += 1
             if state.queue.count % maxBatch == 0 { state.queue.cuts.append(state.queue.bytes.count) }
-            guard state.queue.count >= maxBatch, let waiter = state.wake else { return nil }
-            state.wake = nil
-            return waiter
+            guard state.queue.count >= maxBatch, state.sleeping else { return false }
+            state.sleeping = false
+            return true
         }
-        waiter?.resume()
+        if post { sem_post(wake) }
     }
 
+    /// Returns when what was queued before it has been sent (or dropped: the collector failed).
     public func flush() async {
-        for _ in 0..<64 {
-            let batch = take()
-            if batch.count == 0 { return }
-            await export(batch)
+        await withCheckedContinuation { continuation in
+            let post: Bool = state.withLock { state in
+                state.flushes.append(continuation)
+                defer { state.sleeping = false }
+                return state.sleeping
+            }
+            if post { sem_post(wake) }
         }
     }
 
@@ -127,57 +139,60 @@ public final class OTLPExporter: SpanSink, @unchecked Sendable {
         }
     }
 
-    /// Exports whenever a batch is full, and every `scheduleDelayMs` what is queued. One ticker
-    /// for the exporter's life rings the schedule (not a timer per batch: at a few hundred batches
-    /// a second, arming and cancelling timers cost more thread wake-ups than the exports).
-    private func run() async {
-        let delay = UInt64(configuration.scheduleDelayMs) * 1_000_000
-        let ticker = Task.detached {
-            while !Task.isCancelled {
-                try? await Task.sleep(nanoseconds: delay)
-                self.ring()
+    /// The export thread: sends a batch whenever one is full, everything queued every
+    /// `scheduleDelayMs` and on a flush; sleeps on `wake` in between.
+    fileprivate func run() -> Never {
+        let delay = Int64(configuration.scheduleDelayMs) * 1_000_000, maxBatch = configuration.maxBatch
+        var deadline = MonotonicClock.nanoseconds() + delay
+        while true {
+            let (flushes, full): ([CheckedContinuation<Void, Never>], Bool) = state.withLock { state in
+                let full = state.queue.count >= maxBatch
+                if !full && state.flushes.isEmpty { state.sleeping = true }
+                defer { state.flushes.removeAll() }
+                return (state.flushes, full)
             }
-        }
-        defer { ticker.cancel() }
-        let maxBatch = configuration.maxBatch
-        while !Task.isCancelled {
-            await withCheckedContinuation { continuation in
-                let ready: Bool = state.withLock { state in
-                    if state.queue.count >= maxBatch || state.due { return true }
-                    state.wake = continuation
-                    return false
-                }
-                if ready { continuation.resume() }
+            var due = false
+            if !full && flushes.isEmpty {
+                sleep(until: deadline)
+                state.withLock { $0.sleeping = false }
+                guard MonotonicClock.nanoseconds() >= deadline else { continue }  // woken: look again
+                due = true
+                deadline = MonotonicClock.nanoseconds() + delay
             }
-            state.withLock { $0.due = false }
-            while true {
+            // On the schedule or a flush: what is queued now, in batches (a bounded number: spans
+            // that keep coming wait for the next turn). Otherwise the full batches.
+            let all = due || !flushes.isEmpty
+            var left = all ? (state.withLock { $0.queue.count } + maxBatch - 1) / maxBatch : Int.max
+            while left > 0 {
                 let batch = take()
                 if batch.count == 0 { break }
-                await export(batch)
-                if state.withLock({ $0.queue.count < maxBatch }) { break }
+                export(batch)
+                left -= 1
+                if !all, state.withLock({ $0.queue.count < maxBatch }) { break }
             }
+            for flush in flushes { flush.resume() }
         }
     }
 
-    /// The schedule's tick: wakes the exporter, or marks the export due if it is busy.
-    private func ring() {
-        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
-            defer { state.wake = nil }
-            if state.wake == nil { state.due = true }
-            return state.wake
-        }
-        waiter?.resume()
+    /// Waits on `wake` until posted or `deadline` (monotonic nanoseconds; `sem_timedwait` takes
+    /// the wall clock, so the time left is added to it).
+    private func sleep(until deadline: Int64) {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let wall = Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec) + max(0, deadline - MonotonicClock.nanoseconds())
+        var until = timespec(tv_sec: Int(wall / 1_000_000_000), tv_nsec: Int(wall % 1_000_000_000))
+        while sem_timedwait(wake, &until) != 0 && errno == EINTR {}
     }
 
-    private func export(_ batch: (bytes: EncodedSpans, count: Int)) async {
+    private func export(_ batch: (bytes: EncodedSpans, count: Int)) {
         OTLPEncoding.seal(batch.bytes, resource: resourceBytes)
         defer {
             batch.bytes.reset()
             state.withLock { state in if state.spare == nil { state.spare = batch.bytes } }
         }
         do {
-            let exchange = try await engine.perform(method: "POST", url: configuration.url, headers: requestHeaders, borrowing: batch.bytes,
-                                                    timeoutMilliseconds: configuration.timeoutMs, bodyLimit: 1 << 20)
+            let exchange = try handle.perform(method: "POST", url: configuration.url, headers: requestHeaders, borrowing: batch.bytes,
+                                              timeoutMilliseconds: configuration.timeoutMs, bodyLimit: 1 << 20)
             guard (200...299).contains(exchange.status) else {
                 failed(batch.count, "the collector answered HTTP \(exchange.status)")
                 return
@@ -328,3 +343,8 @@ final class EncodedSpans: RequestBytes, @unchecked Sendable {
     deinit { free(base) }
 }
 
+private func exportThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    let exporter = Unmanaged<OTLPExporter>.fromOpaque(context!).takeRetainedValue()
+    ThreadName.set("otlp-export")
+    exporter.run()
+}

@@ -51,6 +51,40 @@ struct ExportPathTests {
         }
     }
 
+    @Test("a CurlHandle sends one request after another on one connection, bodies as they lie, and survives a failure")
+    func blockingHandle() throws {
+        let server = LoopbackHTTPServer()
+        defer { server.stop() }
+        let handle = CurlHandle()
+        let url = "http://127.0.0.1:\(server.port)/v1/traces"
+        for (index, size) in [1, 70_000, 250_000, 0, 66_000].enumerated() {
+            let body = OwnedBytes(size, seed: UInt8(index))
+            let exchange = try handle.perform(method: "POST", url: url, headers: ["Content-Type: application/x-protobuf"], borrowing: body)
+            #expect(exchange.status == 200 && exchange.body == Array("\(size)".utf8))
+            let last = try #require(server.requests.withLock { $0.last })
+            #expect(last.body == Array(body.requestBytes) && last.head.contains("Content-Type: application/x-protobuf"))
+        }
+        #expect(server.connections.load(ordering: .relaxed) == 1, "the handle kept its connection")
+        // Nothing listens on port 9: a transport error, and the handle still works after it.
+        #expect(throws: CurlError.self) { try handle.perform(method: "POST", url: "http://127.0.0.1:9/", borrowing: OwnedBytes(10, seed: 1), timeoutMilliseconds: 2000) }
+        let after = try handle.perform(method: "POST", url: url, borrowing: OwnedBytes(3, seed: 2))
+        #expect(after.status == 200 && after.body == Array("3".utf8))
+    }
+
+    @Test("with the collector down, spans are dropped and counted, and a flush still returns")
+    func collectorDown() async throws {
+        let (exporter, tracer) = Self.exporter(to: 9, maxBatch: 4, maxQueue: 100, scheduleDelayMs: 600_000)
+        for _ in 0..<10 { tracer.span("lost", parent: nil, kind: .internal).end() }
+        await exporter.flush()  // the two full batches, then the last two spans
+        var metrics = ""
+        for _ in 0..<500 {
+            metrics = exporter.metrics()
+            if metrics.contains("talkmesh_otel_spans_dropped_total{reason=\"export_failed\"} 10") { break }
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        #expect(metrics.contains("talkmesh_otel_spans_dropped_total{reason=\"export_failed\"} 10") && metrics.contains("talkmesh_otel_spans_queued 0"), "\(metrics)")
+    }
+
     @Test("the exporter sends batches of at most OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans, each encoded where it ended")
     func batches() async throws {
         let server = LoopbackHTTPServer()

@@ -8,6 +8,8 @@ final class LoopbackHTTPServer: @unchecked Sendable {
     let port: UInt16
     private let listener: Int32
     let requests = Mutex<[(head: String, body: [UInt8])]>([])
+    /// Connections accepted so far.
+    let connections = Atomic<Int>(0)
 
     init() {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -27,6 +29,7 @@ final class LoopbackHTTPServer: @unchecked Sendable {
                     close(listener)  // here, not in stop(): no close while accept() runs
                     return
                 }
+                connections.add(1, ordering: .relaxed)
                 Self.spawn { [self] in serve(connection) }
             }
         }

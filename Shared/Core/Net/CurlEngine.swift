@@ -33,10 +33,11 @@ public final class CurlEngine: @unchecked Sendable {
         let requestBody: UnsafeRawBufferPointer?
         let bodyOwner: (any RequestBytes)?
         let errorBuffer: UnsafeMutablePointer<CChar>
-        let continuation: CheckedContinuation<HTTPExchange, any Error>
+        /// The waiting task (the engine's transfers); nil for one performed in place (`CurlHandle`).
+        let continuation: CheckedContinuation<HTTPExchange, any Error>?
         var bodyLimit: Int
 
-        init(id: UInt64, easy: UnsafeMutableRawPointer, requestBody: RequestBody?, bodyLimit: Int, continuation: CheckedContinuation<HTTPExchange, any Error>) {
+        init(id: UInt64, easy: UnsafeMutableRawPointer, requestBody: RequestBody?, bodyLimit: Int, continuation: CheckedContinuation<HTTPExchange, any Error>?) {
             self.id = id
             self.easy = easy
             switch requestBody {
@@ -66,6 +67,77 @@ public final class CurlEngine: @unchecked Sendable {
         }
 
         var errorText: String { String(cString: errorBuffer) }
+
+        /// The exchange, or the transport failure, once libcurl ended the transfer with `result`.
+        func outcome(_ result: CURLcode) -> Result<HTTPExchange, any Error> {
+            guard result == CURLE_OK else {
+                let detail = errorText
+                return .failure(CurlError(code: Int(result.rawValue), message: detail.isEmpty ? String(cString: curl_easy_strerror(result)) : detail))
+            }
+            var status = 0
+            _ = tm_curl_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &status)
+            return .success(HTTPExchange(status: status, headers: responseHeaders, body: body))
+        }
+
+        /// Sets the request on the transfer's easy handle: everything but who drives it.
+        func prepare(method: String, url: String, headers: [String], timeoutMilliseconds: Int, publicOnly: Bool) {
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_URL, url)
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_CUSTOMREQUEST, method)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, timeoutMilliseconds)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(timeoutMilliseconds, 10_000))
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYPEER, 1)
+            _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYHOST, 2)
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_PROTOCOLS_STR, "http,https")
+            if publicOnly {
+                _ = tm_curl_easy_setopt_prereq(easy) { _, primaryIP, _, _, _ in
+                    guard let primaryIP, NetworkAddress.isPublic(String(cString: primaryIP)) else { return Int32(CURL_PREREQFUNC_ABORT) }
+                    return Int32(CURL_PREREQFUNC_OK)
+                }
+            }
+            for header in headers { self.headers = curl_slist_append(self.headers, header) }
+            if let requestBody = self.requestBody {
+                self.headers = curl_slist_append(self.headers, "Expect:")
+                _ = tm_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(requestBody.count))
+                _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: requestBody.baseAddress))
+            }
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, UnsafeMutableRawPointer(self.headers))
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, UnsafeMutableRawPointer(self.errorBuffer))
+            let context = Unmanaged.passUnretained(self).toOpaque()
+            _ = tm_curl_easy_setopt_write(easy, CURLOPT_WRITEFUNCTION) { data, size, count, context in
+                let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
+                let length = size * count
+                if transfer.body.count + length > transfer.bodyLimit { return 0 }  // aborts: response too large
+                data!.withMemoryRebound(to: UInt8.self, capacity: length) { transfer.body.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
+                return length
+            }
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_WRITEDATA, context)
+            _ = tm_curl_easy_setopt_write(easy, CURLOPT_HEADERFUNCTION) { data, size, count, context in
+                let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
+                let length = size * count
+                // On the bytes: a name lower-cased in ASCII, a value without the blanks and CRLF
+                // around it (a String and Character walk per header line cost more than the request).
+                data!.withMemoryRebound(to: UInt8.self, capacity: length) { base in
+                    let line = UnsafeBufferPointer(start: base, count: length)
+                    guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else { return }
+                    func blank(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 || byte == 0x0D || byte == 0x0A }
+                    var start = colon + 1, end = length
+                    while start < end && blank(line[start]) { start += 1 }
+                    while end > start && blank(line[end - 1]) { end -= 1 }
+                    let name = String(decoding: line[..<colon].map { $0 >= 0x41 && $0 <= 0x5A ? $0 | 0x20 : $0 }, as: UTF8.self)
+                    let value = String(decoding: UnsafeBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
+                    transfer.responseHeaders[name] = value
+                    // The body's room at once (a video answer grew by doubling, copied each time),
+                    // within its limit and at most 16 MB on a peer's word.
+                    if name == "content-length", let declared = Int(value), declared > transfer.body.capacity {
+                        transfer.body.reserveCapacity(min(declared, transfer.bodyLimit, 16 << 20))
+                    }
+                }
+                return length
+            }
+            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, context)
+        }
     }
 
     private let multi: UnsafeMutableRawPointer
@@ -85,7 +157,7 @@ public final class CurlEngine: @unchecked Sendable {
         case copy([UInt8])
         case borrowed(any RequestBytes)
     }
-    private static let globalInit: Void = { curl_global_init(Int(CURL_GLOBAL_DEFAULT)) }()
+    static let globalInit: Void = { curl_global_init(Int(CURL_GLOBAL_DEFAULT)) }()
 
     public init() {
         Self.globalInit
@@ -137,62 +209,7 @@ public final class CurlEngine: @unchecked Sendable {
                 return
             }
             let transfer = Transfer(id: id, easy: easy, requestBody: body, bodyLimit: bodyLimit, continuation: continuation)
-            _ = tm_curl_easy_setopt_str(easy, CURLOPT_URL, url)
-            _ = tm_curl_easy_setopt_str(easy, CURLOPT_CUSTOMREQUEST, method)
-            _ = tm_curl_easy_setopt_long(easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
-            _ = tm_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, timeoutMilliseconds)
-            _ = tm_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(timeoutMilliseconds, 10_000))
-            _ = tm_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
-            _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYPEER, 1)
-            _ = tm_curl_easy_setopt_long(easy, CURLOPT_SSL_VERIFYHOST, 2)
-            _ = tm_curl_easy_setopt_str(easy, CURLOPT_PROTOCOLS_STR, "http,https")
-            if publicOnly {
-                _ = tm_curl_easy_setopt_prereq(easy) { _, primaryIP, _, _, _ in
-                    guard let primaryIP, NetworkAddress.isPublic(String(cString: primaryIP)) else { return Int32(CURL_PREREQFUNC_ABORT) }
-                    return Int32(CURL_PREREQFUNC_OK)
-                }
-            }
-            for header in headers { transfer.headers = curl_slist_append(transfer.headers, header) }
-            if let requestBody = transfer.requestBody {
-                transfer.headers = curl_slist_append(transfer.headers, "Expect:")
-                _ = tm_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(requestBody.count))
-                _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: requestBody.baseAddress))
-            }
-            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, UnsafeMutableRawPointer(transfer.headers))
-            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, UnsafeMutableRawPointer(transfer.errorBuffer))
-            let context = Unmanaged.passUnretained(transfer).toOpaque()
-            _ = tm_curl_easy_setopt_write(easy, CURLOPT_WRITEFUNCTION) { data, size, count, context in
-                let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
-                let length = size * count
-                if transfer.body.count + length > transfer.bodyLimit { return 0 }  // aborts: response too large
-                data!.withMemoryRebound(to: UInt8.self, capacity: length) { transfer.body.append(contentsOf: UnsafeBufferPointer(start: $0, count: length)) }
-                return length
-            }
-            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_WRITEDATA, context)
-            _ = tm_curl_easy_setopt_write(easy, CURLOPT_HEADERFUNCTION) { data, size, count, context in
-                let transfer = Unmanaged<Transfer>.fromOpaque(context!).takeUnretainedValue()
-                let length = size * count
-                // On the bytes: a name lower-cased in ASCII, a value without the blanks and CRLF
-                // around it (a String and Character walk per header line cost more than the request).
-                data!.withMemoryRebound(to: UInt8.self, capacity: length) { base in
-                    let line = UnsafeBufferPointer(start: base, count: length)
-                    guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else { return }
-                    func blank(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 || byte == 0x0D || byte == 0x0A }
-                    var start = colon + 1, end = length
-                    while start < end && blank(line[start]) { start += 1 }
-                    while end > start && blank(line[end - 1]) { end -= 1 }
-                    let name = String(decoding: line[..<colon].map { $0 >= 0x41 && $0 <= 0x5A ? $0 | 0x20 : $0 }, as: UTF8.self)
-                    let value = String(decoding: UnsafeBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
-                    transfer.responseHeaders[name] = value
-                    // The body's room at once (a video answer grew by doubling, copied each time),
-                    // within its limit and at most 16 MB on a peer's word.
-                    if name == "content-length", let declared = Int(value), declared > transfer.body.capacity {
-                        transfer.body.reserveCapacity(min(declared, transfer.bodyLimit, 16 << 20))
-                    }
-                }
-                return length
-            }
-            _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, context)
+            transfer.prepare(method: method, url: url, headers: headers, timeoutMilliseconds: timeoutMilliseconds, publicOnly: publicOnly)
             // A cancel that came before this point finds no transfer yet: it is seen here instead.
             mutex.withLock {
                 incoming.append(transfer)
@@ -232,27 +249,47 @@ public final class CurlEngine: @unchecked Sendable {
                 running.removeValue(forKey: transfer.easy)
                 curl_multi_remove_handle(multi, transfer.easy)
                 recycle(transfer)
-                transfer.continuation.resume(throwing: CancellationError())
+                transfer.continuation?.resume(throwing: CancellationError())
             }
             curl_multi_perform(multi, &stillRunning)
             var remaining: Int32 = 0
             while let message = curl_multi_info_read(multi, &remaining) {
                 guard message.pointee.msg == CURLMSG_DONE, let easy = message.pointee.easy_handle, let transfer = running.removeValue(forKey: easy) else { continue }
-                let result = message.pointee.data.result
-                var status = 0
-                _ = tm_curl_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &status)
+                let outcome = transfer.outcome(message.pointee.data.result)
                 curl_multi_remove_handle(multi, easy)
                 recycle(transfer)
-                if result == CURLE_OK {
-                    transfer.continuation.resume(returning: HTTPExchange(status: status, headers: transfer.responseHeaders, body: transfer.body))
-                } else {
-                    let detail = transfer.errorText
-                    let text = detail.isEmpty ? String(cString: curl_easy_strerror(result)) : detail
-                    transfer.continuation.resume(throwing: CurlError(code: Int(result.rawValue), message: text))
-                }
+                transfer.continuation?.resume(with: outcome)
             }
             curl_multi_poll(multi, nil, 0, 1000, nil)
         }
+    }
+}
+
+/// One easy handle driven on the calling thread (`curl_easy_perform`), one request at a time:
+/// for a thread of its own that sends requests one after another and waits for each (the span
+/// exporter), without the engine's hand-offs to and from its thread. The handle keeps its
+/// connection between requests. Not for many requests at once, nor from an async task.
+public final class CurlHandle: @unchecked Sendable {
+    private let easy: UnsafeMutableRawPointer
+    private var lastID: UInt64 = 0
+
+    public init() {
+        CurlEngine.globalInit
+        easy = curl_easy_init()!
+    }
+
+    deinit { curl_easy_cleanup(easy) }
+
+    /// `CurlEngine.perform`'s request, with the body sent from where it lies, blocking until it
+    /// ends or `timeoutMilliseconds` pass.
+    public func perform(method: String, url: String, headers: [String] = [], borrowing body: any RequestBytes,
+                        timeoutMilliseconds: Int = 30_000, bodyLimit: Int = 64 << 20) throws -> HTTPExchange {
+        lastID += 1
+        let transfer = CurlEngine.Transfer(id: lastID, easy: easy, requestBody: .borrowed(body), bodyLimit: bodyLimit, continuation: nil)
+        transfer.recycled = true  // the handle is this object's, kept for the next request
+        defer { curl_easy_reset(easy) }
+        transfer.prepare(method: method, url: url, headers: headers, timeoutMilliseconds: timeoutMilliseconds, publicOnly: false)
+        return try transfer.outcome(curl_easy_perform(easy)).get()
     }
 }
 
