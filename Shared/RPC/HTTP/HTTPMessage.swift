@@ -60,6 +60,9 @@ public struct HTTPResponse: Sendable {
     /// With a `content-length` header the producer must write exactly that many bytes; without
     /// one HTTP/1.1 sends it chunked. Not run for HEAD.
     public var streamBody: (@Sendable (HTTPBodyWriter) async throws -> Void)?
+    /// The request's server span, answered as `traceparent` (the router sets it). The server
+    /// writes the field's 55 bytes straight into the header block: no String, no header entry.
+    public var trace: TraceContext?
 
     /// Creates a response.
     public init(status: Int, headers: [(name: String, value: String)] = [], body: [UInt8] = []) {

@@ -205,7 +205,7 @@ public struct HTTPRouter: Sendable {
         } catch {
             answer = response(for: error)
         }
-        answer.headers.append(("traceparent", span.trace.traceparent))
+        answer.trace = span.trace
         RPCSpans.end(span, name: named.name, attributes: named.attributes, httpStatus: answer.status)
         return (answer, pattern)
     }

@@ -313,6 +313,7 @@ final class HTTP1ServerSession {
     func writeResponse(_ response: HTTPResponse, keepAlive: Bool, method: String) {
         var head = "HTTP/1.1 \(response.status) \(HTTPResponse.reason(response.status))\r\n"
         for (name, value) in response.headers { head += "\(name): \(value)\r\n" }
+        if let trace = response.trace { head += "traceparent: \(trace.traceparent)\r\n" }
         // A streamed body's length is the producer's header, if it gave one (else it is chunked).
         if response.streamBody == nil { head += "content-length: \(response.body.count)\r\n" }
         head += keepAlive ? "connection: keep-alive\r\n\r\n" : "connection: close\r\n\r\n"

@@ -50,7 +50,7 @@ extension HTTP2ServerSession {
         stream.trailers = nil
         var headers: [(name: String, value: String)] = [(":status", String(response.status))]
         headers += response.headers.map { (HTTPHeaderName.lowercased($0.name), $0.value) }
-        let block = responseBlock(headers)
+        let block = responseBlock(headers, trace: response.trace)
         var provider = nghttp2_data_provider(source: nghttp2_data_source(ptr: nil), read_callback: HTTP2ServerSession.readCallback)
         block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, &provider) }
         recordHTTP(stream, status: response.status)
@@ -106,7 +106,7 @@ extension HTTP2ServerSession {
         var headers: [(name: String, value: String)] = [(":status", String(response.status))]
         headers += response.headers.map { (HTTPHeaderName.lowercased($0.name), $0.value) }
         if response.streamBody == nil { headers.append(("content-length", String(response.body.count))) }
-        let block = responseBlock(headers)
+        let block = responseBlock(headers, trace: response.trace)
         if response.body.isEmpty || stream.method == "HEAD" || response.streamBody != nil {
             block.fields.withUnsafeBufferPointer { _ = nghttp2_submit_response(session, stream.id, $0.baseAddress, $0.count, nil) }
         } else {
@@ -121,8 +121,8 @@ extension HTTP2ServerSession {
     }
 
     /// A response's header block; the connection's first `traceparent` goes out indexed (`HeaderBlock`).
-    private func responseBlock(_ headers: [(name: String, value: String)]) -> HeaderBlock {
-        let block = HeaderBlock(headers, indexTraceparent: !traceparentIndexed)
+    private func responseBlock(_ headers: [(name: String, value: String)], trace: TraceContext?) -> HeaderBlock {
+        let block = HeaderBlock(headers, trace: trace, indexTraceparent: !traceparentIndexed)
         if block.indexedTraceparent { traceparentIndexed = true }
         return block
     }

@@ -11,11 +11,14 @@ struct HeaderBlock: ~Copyable {
     /// `indexTraceparent`: send a `traceparent` field with indexing, once per connection, so its
     /// name enters HPACK's dynamic table; every later one (never indexed: its value is new each
     /// time) then names it by index instead of spelling it out, for the encoder and the client.
-    init(_ headers: [(name: String, value: String)], indexTraceparent: Bool = false) {
+    ///
+    /// `trace`: a `traceparent` field last, its value written from the span's ids into the block.
+    init(_ headers: [(name: String, value: String)], trace: TraceContext? = nil, indexTraceparent: Bool = false) {
         let total = headers.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count }
-        storage = .allocate(capacity: max(total, 1))
+        let traced = trace == nil ? 0 : Self.traceparentName.count + TraceContext.traceparentLength
+        storage = .allocate(capacity: max(total + traced, 1))
         fields = []
-        fields.reserveCapacity(headers.count)
+        fields.reserveCapacity(headers.count + 1)
         var offset = 0
         func copy(_ text: String, to offset: inout Int, storage: UnsafeMutablePointer<UInt8>) {
             var text = text
@@ -37,7 +40,22 @@ struct HeaderBlock: ~Copyable {
             fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: name.utf8.count,
                                      valuelen: value.utf8.count, flags: flags))
         }
+        if let trace {
+            let namePointer = storage + offset
+            Self.traceparentName.withUnsafeBufferPointer { namePointer.update(from: $0.baseAddress!, count: $0.count) }
+            let valuePointer = namePointer + Self.traceparentName.count
+            trace.writeTraceparent(valuePointer)
+            var flags = UInt8(NGHTTP2_NV_FLAG_NO_INDEX.rawValue)
+            if indexTraceparent, !indexedTraceparent {
+                flags = UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
+                indexedTraceparent = true
+            }
+            fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: Self.traceparentName.count,
+                                     valuelen: TraceContext.traceparentLength, flags: flags))
+        }
     }
+
+    private static let traceparentName: [UInt8] = Array("traceparent".utf8)
 
     /// Fields whose value is new in every response (ids, counters) are sent never-indexed: in
     /// HPACK's dynamic table they would only push out the fields that repeat, which the encoder

@@ -123,17 +123,26 @@ public struct TraceContext: Sendable, Hashable, CustomStringConvertible {
 
     /// The `traceparent` header value for this span.
     public var traceparent: String {
-        String(unsafeUninitializedCapacity: 55) { buffer in
-            buffer[0] = 0x30; buffer[1] = 0x30; buffer[2] = 0x2D
-            Self.putHex(traceIDHigh, buffer, at: 3)
-            Self.putHex(traceIDLow, buffer, at: 19)
-            buffer[35] = 0x2D
-            Self.putHex(spanIDValue, buffer, at: 36)
-            buffer[52] = 0x2D
-            buffer[53] = Self.hexDigit(flags >> 4)
-            buffer[54] = Self.hexDigit(flags)
-            return 55
+        String(unsafeUninitializedCapacity: Self.traceparentLength) { buffer in
+            writeTraceparent(buffer.baseAddress!)
+            return Self.traceparentLength
         }
+    }
+
+    /// A `traceparent` value's length in bytes.
+    static let traceparentLength = 55
+
+    /// Writes the `traceparent` value (`traceparentLength` bytes) at `start`.
+    func writeTraceparent(_ start: UnsafeMutablePointer<UInt8>) {
+        let buffer = UnsafeMutableBufferPointer(start: start, count: Self.traceparentLength)
+        buffer[0] = 0x30; buffer[1] = 0x30; buffer[2] = 0x2D
+        Self.putHex(traceIDHigh, buffer, at: 3)
+        Self.putHex(traceIDLow, buffer, at: 19)
+        buffer[35] = 0x2D
+        Self.putHex(spanIDValue, buffer, at: 36)
+        buffer[52] = 0x2D
+        buffer[53] = Self.hexDigit(flags >> 4)
+        buffer[54] = Self.hexDigit(flags)
     }
 
     public var description: String { traceparent }
