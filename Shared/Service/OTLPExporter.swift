@@ -346,5 +346,9 @@ final class EncodedSpans: RequestBytes, @unchecked Sendable {
 private func exportThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     let exporter = Unmanaged<OTLPExporter>.fromOpaque(context!).takeRetainedValue()
     ThreadName.set("otlp-export")
+    // SCHED_BATCH: waking to send a batch does not preempt a thread serving requests; the
+    // exporter still gets its fair share of the CPU (it needs a few percent), so the queue drains.
+    var parameters = sched_param()
+    _ = sched_setscheduler(0, 3 /* SCHED_BATCH, which Glibc's module does not export */, &parameters)
     exporter.run()
 }
