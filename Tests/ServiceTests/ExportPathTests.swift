@@ -94,11 +94,12 @@ struct ExportPathTests {
         for index in 0..<8 { tracer.span("span \(index)", parent: nil, kind: .internal).end() }
         // A server span without a span object: a 503, so an error status.
         let served = tracer.serverSpan(parent: TraceContext.root())
-        tracer.endServer(served, name: "GET /x", attributes: RPCSpans.encoded(["http.route": .string("/x")]),
-                         RPCSpans.encoded(["http.response.status_code": .int64(503)]), failure: "")
+        tracer.endServer(served, name: KeptBytes(utf8: "GET /x"), attributes: KeptBytes(RPCSpans.encoded(["http.route": .string("/x")])),
+                         KeptBytes(RPCSpans.encoded(["http.response.status_code": .int64(503)])), failure: "")
         // A failed gRPC call's: the code's name is the status message.
-        tracer.endServer(tracer.serverSpan(parent: nil), name: "a.B/C", attributes: RPCSpans.attributes(rpc: "/a.B/C"),
-                         RPCSpans.peerAttribute("127.0.0.1:1"), RPCSpans.encoded(["rpc.grpc.status_code": .int64(5)]), failure: "notFound")
+        tracer.endServer(tracer.serverSpan(parent: nil), name: KeptBytes(utf8: "a.B/C"), attributes: KeptBytes(RPCSpans.attributes(rpc: "/a.B/C")),
+                         KeptBytes(RPCSpans.peerAttribute("127.0.0.1:1")), KeptBytes(RPCSpans.encoded(["rpc.grpc.status_code": .int64(5)])),
+                         failure: "notFound")
         // Three full batches went out as they filled; the flush sends the last span.
         await exporter.flush()
         var spans: [WireFields] = []

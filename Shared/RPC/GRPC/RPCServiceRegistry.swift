@@ -11,9 +11,9 @@ public struct RPCServiceRegistry: Sendable {
         var index = 0
         /// The server span's constant attributes (`rpc.system`, `rpc.service`, `rpc.method`),
         /// encoded once here rather than on every call.
-        var spanAttributes: [UInt8] = []
+        var spanAttributes = KeptBytes.empty
         /// The server span's name, `package.Service/Method`.
-        var spanName = ""
+        var spanName = KeptBytes.empty
         /// Runs the handler; a unary call returns its framed response, a streaming one writes
         /// through the writer and returns nil.
         var run: @Sendable (RequestBody, ServerContext, RawResponseWriter) async throws -> [UInt8]?
@@ -50,9 +50,9 @@ public struct RPCServiceRegistry: Sendable {
         for (offset, path) in sorted.enumerated() where methods[path]!.index != offset + 1 {
             methods[path]!.index = offset + 1
         }
-        for path in sorted where methods[path]!.spanAttributes.isEmpty {
-            methods[path]!.spanAttributes = RPCSpans.attributes(rpc: path)
-            methods[path]!.spanName = path.hasPrefix("/") ? String(path.dropFirst()) : path
+        for path in sorted where methods[path]!.spanAttributes.count == 0 {
+            methods[path]!.spanAttributes = KeptBytes(RPCSpans.attributes(rpc: path))
+            methods[path]!.spanName = KeptBytes(utf8: path.hasPrefix("/") ? String(path.dropFirst()) : path)
         }
     }
 

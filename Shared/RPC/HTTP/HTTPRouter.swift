@@ -22,10 +22,10 @@ public struct HTTPRouter: Sendable {
         /// Probes and scrapes (`/healthz`, `/readyz`, `/metrics`, `/health`) get no span.
         let traced: Bool
         /// The span name and encoded attributes of the route's requests.
-        let span: (name: String, attributes: [UInt8])
+        let span: (name: KeptBytes, attributes: KeptBytes)
 
         init(method: String, pattern: String, segments: [[UInt8]?], parameterNames: [String?], maxBodyBytes: Int?, streamsBody: Bool,
-             handler: @escaping Handler, traced: Bool, span: (name: String, attributes: [UInt8])) {
+             handler: @escaping Handler, traced: Bool, span: (name: KeptBytes, attributes: KeptBytes)) {
             self.method = method
             self.pattern = pattern
             self.segments = segments
@@ -172,7 +172,7 @@ public struct HTTPRouter: Sendable {
         let pattern: String
         var handler: Handler
         var traced = true
-        var spanOfRoute: (name: String, attributes: [UInt8])?
+        var spanOfRoute: (name: KeptBytes, attributes: KeptBytes)?
         if case .found(let route, let parameters) = match {
             request.pathParameters = parameters
             pattern = route.pattern
@@ -193,7 +193,7 @@ public struct HTTPRouter: Sendable {
         // process records no spans (no exporter), a request without a traceparent starts none:
         // there would be nothing to find.
         let traceparent = request.header("traceparent")
-        guard traced, traceparent != nil || TalkMeshTracer.shared.records else {
+        guard traced, traceparent != nil || TalkMeshTracer.withShared({ $0.records }) else {
             do { return (try await handler(request), pattern) } catch { return (response(for: error), pattern) }
         }
         let named = spanOfRoute ?? RPCSpans.httpRoute(method: request.method, route: pattern)

@@ -109,6 +109,36 @@ public struct ProtoWriter: Sendable {
     }
 }
 
+/// Bytes made once and kept for the life of the process (a route's or method's span name and
+/// attributes, a status code's attribute), outside any reference-counted buffer: every core
+/// reads them for every request, and a retain and release of one shared buffer is an atomic the
+/// cores contend on. `borrowing` views bytes someone else keeps alive for the call.
+public struct KeptBytes: @unchecked Sendable {
+    public let buffer: UnsafeBufferPointer<UInt8>
+
+    /// A copy that is never freed.
+    public init(_ bytes: [UInt8]) {
+        let storage = UnsafeMutablePointer<UInt8>.allocate(capacity: max(bytes.count, 1))
+        storage.initialize(from: bytes, count: bytes.count)
+        buffer = UnsafeBufferPointer(start: storage, count: bytes.count)
+    }
+
+    public init(utf8 text: String) { self.init(Array(text.utf8)) }
+
+    public init(borrowing buffer: UnsafeBufferPointer<UInt8>) { self.buffer = buffer }
+
+    public var count: Int { buffer.count }
+
+    public static let empty = KeptBytes([])
+
+    /// A table made once, read without touching an array's reference count.
+    public static func table(_ entries: [KeptBytes]) -> UnsafeBufferPointer<KeptBytes> {
+        let storage = UnsafeMutablePointer<KeptBytes>.allocate(capacity: max(entries.count, 1))
+        storage.initialize(from: entries, count: entries.count)
+        return UnsafeBufferPointer(start: storage, count: entries.count)
+    }
+}
+
 /// Writes protocol-buffer fields into memory sized in advance (an export's body, whose every
 /// length is computed first): no capacity or uniqueness check per byte, as `ProtoWriter` has.
 /// The caller guarantees the room; `end` says how far it wrote.
@@ -165,6 +195,12 @@ public struct ProtoCursor {
     }
 
     /// A length-delimited field.
+    public mutating func bytes(_ field: Int, _ bytes: UnsafeBufferPointer<UInt8>) {
+        tag(field, 2)
+        rawVarint(UInt64(bytes.count))
+        raw(bytes)
+    }
+
     public mutating func bytes(_ field: Int, _ bytes: [UInt8]) {
         tag(field, 2)
         rawVarint(UInt64(bytes.count))

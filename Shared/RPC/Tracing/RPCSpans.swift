@@ -12,22 +12,27 @@ public enum RPCSpans {
     /// only carry the caller's context. `RPCSpans.end` records it.
     static func server(path: String, traceparent: String?, tracestate: String?) -> (trace: TraceContext, start: UInt64)? {
         let parent = incoming(traceparent: traceparent, tracestate: tracestate)
-        let tracer = TalkMeshTracer.shared
-        if !tracer.records || path.hasPrefix("/grpc.health.v1.Health/") {
-            return parent.map { TalkMeshTracer.propagating.serverSpan(parent: $0) }
+        return TalkMeshTracer.withShared { tracer in
+            if !tracer.records || path.hasPrefix("/grpc.health.v1.Health/") {
+                return parent.map { TalkMeshTracer.propagating.serverSpan(parent: $0) }
+            }
+            return tracer.serverSpan(parent: parent)
         }
-        return tracer.serverSpan(parent: parent)
     }
 
     /// Records a gRPC call's server span with its status (an error status for anything but OK).
     /// `name` and `attributes`: the method's, made once at registration; `peer`: the connection's
     /// `network.peer.address`, encoded once per connection (`peerAttribute`).
-    static func end(_ span: (trace: TraceContext, start: UInt64)?, name: String, attributes: [UInt8], peer: [UInt8], code: RPCError.Code?) {
+    static func end(_ span: (trace: TraceContext, start: UInt64)?, name: KeptBytes, attributes: KeptBytes, peer: [UInt8], code: RPCError.Code?) {
         guard let span, span.start != 0 else { return }
         let code = code ?? .ok, raw = Int(code.rawValue)
-        TalkMeshTracer.shared.endServer(span, name: name, attributes: attributes, peer,
-                                        grpcStatusAttributes.indices.contains(raw) ? grpcStatusAttributes[raw] : statusAttribute("rpc.grpc.status_code", raw),
-                                        failure: code == .ok ? nil : "\(code)")
+        // A code outside the table (none gRPC defines) is encoded for the span and kept.
+        let status = raw >= 0 && raw < grpcStatusAttributes.count ? grpcStatusAttributes[raw] : KeptBytes(statusAttribute("rpc.grpc.status_code", raw))
+        peer.withUnsafeBufferPointer { peer in
+            TalkMeshTracer.withShared { tracer in
+                tracer.endServer(span, name: name, attributes: attributes, KeptBytes(borrowing: peer), status, failure: code == .ok ? nil : "\(code)")
+            }
+        }
     }
 
     /// `network.peer.address` encoded for spans; empty for no address.
@@ -82,12 +87,14 @@ public enum RPCSpans {
     public static func end(_ span: TalkMeshSpan?, code: RPCError.Code?) {
         guard let span, span.records else { return }
         let code = code ?? .ok, raw = Int(code.rawValue)
-        span.end(adding: grpcStatusAttributes.indices.contains(raw) ? grpcStatusAttributes[raw] : statusAttribute("rpc.grpc.status_code", raw),
+        span.end(adding: clientStatusAttributes.indices.contains(raw) ? clientStatusAttributes[raw] : statusAttribute("rpc.grpc.status_code", raw),
                  status: code == .ok ? nil : SpanStatus(code: .error, message: "\(code)"))
     }
 
-    /// `rpc.grpc.status_code` for each gRPC code, encoded once.
-    private static let grpcStatusAttributes: [[UInt8]] = (0...16).map { statusAttribute("rpc.grpc.status_code", $0) }
+    /// `rpc.grpc.status_code` for each gRPC code, encoded once: as arrays for span objects (a
+    /// client call's), kept for object-free server spans.
+    private static let clientStatusAttributes: [[UInt8]] = (0...16).map { statusAttribute("rpc.grpc.status_code", $0) }
+    private nonisolated(unsafe) static let grpcStatusAttributes = KeptBytes.table((0...16).map { KeptBytes(statusAttribute("rpc.grpc.status_code", $0)) })
 
     private static func statusAttribute(_ key: String, _ code: Int) -> [UInt8] {
         encoded([key: .int64(Int64(code))])
@@ -96,26 +103,27 @@ public enum RPCSpans {
     /// An HTTP request's server span (`TalkMeshTracer.serverSpan`): a child of the request's
     /// `traceparent`, else the root of a new trace.
     public static func http(traceparent: String?, tracestate: String? = nil) -> (trace: TraceContext, start: UInt64) {
-        TalkMeshTracer.shared.serverSpan(parent: incoming(traceparent: traceparent, tracestate: tracestate))
+        let parent = incoming(traceparent: traceparent, tracestate: tracestate)
+        return TalkMeshTracer.withShared { $0.serverSpan(parent: parent) }
     }
 
     /// Records an HTTP request's server span, `METHOD route` (`name` and `attributes`: the
     /// route's, made once by `httpRoute`), with its status (5xx is an error, as the conventions
     /// have it for servers).
-    public static func end(_ span: (trace: TraceContext, start: UInt64), name: String, attributes: [UInt8], httpStatus: Int) {
+    public static func end(_ span: (trace: TraceContext, start: UInt64), name: KeptBytes, attributes: KeptBytes, httpStatus: Int) {
         guard span.start != 0 else { return }
-        TalkMeshTracer.shared.endServer(span, name: name, attributes: attributes,
-                                        (100..<600).contains(httpStatus) ? httpStatusAttributes[httpStatus - 100] : statusAttribute("http.response.status_code", httpStatus),
-                                        failure: httpStatus >= 500 ? "" : nil)
+        let status = (100..<600).contains(httpStatus) ? httpStatusAttributes[httpStatus - 100]
+            : KeptBytes(statusAttribute("http.response.status_code", httpStatus))
+        TalkMeshTracer.withShared { $0.endServer(span, name: name, attributes: attributes, status, failure: httpStatus >= 500 ? "" : nil) }
     }
 
-    /// A route's span name and encoded `http.request.method` and `http.route`.
-    public static func httpRoute(method: String, route: String) -> (name: String, attributes: [UInt8]) {
-        ("\(method) \(route)", encoded(["http.request.method": .string(method), "http.route": .string(route)]))
+    /// A route's span name and encoded `http.request.method` and `http.route`, kept (`KeptBytes`).
+    public static func httpRoute(method: String, route: String) -> (name: KeptBytes, attributes: KeptBytes) {
+        (KeptBytes(utf8: "\(method) \(route)"), KeptBytes(encoded(["http.request.method": .string(method), "http.route": .string(route)])))
     }
 
     /// `http.response.status_code` for 100–599, encoded once.
-    private static let httpStatusAttributes: [[UInt8]] = (100..<600).map { statusAttribute("http.response.status_code", $0) }
+    private nonisolated(unsafe) static let httpStatusAttributes = KeptBytes.table((100..<600).map { KeptBytes(statusAttribute("http.response.status_code", $0)) })
 }
 
 extension Result where Failure == RPCError {

@@ -76,8 +76,13 @@ public final class TalkMeshTracer: Tracer, Sendable {
     public let sink: (any SpanSink)?
     public let sampler: TraceSampler
 
+    /// `sink` without a retain and release per span (the exporter is one object every core
+    /// records into); it lives as long as the tracer, which holds it in `sink`.
+    private nonisolated(unsafe) unowned(unsafe) let unretainedSink: (any SpanSink)?
+
     public init(sink: (any SpanSink)?, sampler: TraceSampler = TraceSampler()) {
         self.sink = sink
+        self.unretainedSink = sink
         self.sampler = sampler
     }
 
@@ -89,6 +94,13 @@ public final class TalkMeshTracer: Tracer, Sendable {
     /// not InstrumentationSystem's lock and a cast.
     /// Written once, by `bootstrap`, before the process starts any thread that reads it.
     public static var shared: TalkMeshTracer { installed }
+
+    /// Runs `body` with the installed tracer, neither retained nor released (`shared` returns it
+    /// retained): for the per-request paths.
+    @inline(__always)
+    public static func withShared<R>(_ body: (TalkMeshTracer) throws -> R) rethrows -> R {
+        try Unmanaged.passUnretained(installed)._withUnsafeGuaranteedRef(body)
+    }
     /// Not retained by each read (every request reads it; a retain and release of one shared
     /// object is an atomic that the cores contend on): `owner` keeps it.
     nonisolated(unsafe) private static unowned(unsafe) var installed: TalkMeshTracer = propagating
@@ -137,18 +149,18 @@ public final class TalkMeshTracer: Tracer, Sendable {
     /// Records a `serverSpan` that ended now: `name`, and attributes already encoded
     /// (`ProtoWriter.keyValue` with field 9: a route's or method's, a peer's, a status code's),
     /// with an error status when `failure` is given (its text the status message, if any).
-    public func endServer(_ span: (trace: TraceContext, start: UInt64), name: String, attributes: [UInt8], _ second: [UInt8],
-                          _ third: [UInt8] = [], failure: String? = nil) {
-        guard let sink, span.start != 0 else { return }
+    public func endServer(_ span: (trace: TraceContext, start: UInt64), name: KeptBytes, attributes: KeptBytes, _ second: KeptBytes,
+                          _ third: KeptBytes = .empty, failure: String? = nil) {
+        guard let sink = unretainedSink, span.start != 0 else { return }
         let end = max(DefaultTracerClock.now.nanosecondsSinceEpoch, span.start)
         var status = ProtoWriter()  // empty, and no allocation, unless the call failed
         if let failure { SpanWire.status(into: &status, ok: false, message: failure.isEmpty ? nil : failure) }
-        let size = SpanWire.size(span.trace, name: name) + attributes.count + second.count + third.count + status.bytes.count
+        let size = SpanWire.size(span.trace, nameBytes: name.count) + attributes.count + second.count + third.count + status.bytes.count
         sink.enqueue(size: size) { cursor in
-            SpanWire.write(span.trace, name: name, kind: .server, start: span.start, end: end, into: &cursor)
-            cursor.raw(attributes)
-            cursor.raw(second)
-            cursor.raw(third)
+            SpanWire.write(span.trace, name: name.buffer, kind: .server, start: span.start, end: end, into: &cursor)
+            cursor.raw(attributes.buffer)
+            cursor.raw(second.buffer)
+            cursor.raw(third.buffer)
             cursor.raw(status.bytes)
         }
     }
@@ -410,20 +422,28 @@ public final class TalkMeshSpan: Tracing.Span, @unchecked Sendable {
 /// links (13) and a status (15) follow them.
 enum SpanWire {
     /// Their encoded size.
-    static func size(_ trace: TraceContext, name: String) -> Int {
+    static func size(_ trace: TraceContext, name: String) -> Int { size(trace, nameBytes: name.utf8.count) }
+
+    static func size(_ trace: TraceContext, nameBytes: Int) -> Int {
         // Ids 18 and 10 bytes framed, kind 2, start and end 9 each.
-        var size = 18 + 10 + 2 + 9 + 9 + ProtoCursor.fieldSize(name.utf8.count)
+        var size = 18 + 10 + 2 + 9 + 9 + ProtoCursor.fieldSize(nameBytes)
         if trace.parentSpanIDValue != 0 { size += 10 }
         if let traceState = trace.traceState { size += ProtoCursor.fieldSize(traceState.utf8.count) }
         return size
     }
 
     static func write(_ trace: TraceContext, name: String, kind: SpanKind, start: UInt64, end: UInt64, into cursor: inout ProtoCursor) {
+        var name = name
+        name.withUTF8 { write(trace, name: $0, kind: kind, start: start, end: end, into: &cursor) }
+    }
+
+    static func write(_ trace: TraceContext, name: UnsafeBufferPointer<UInt8>, kind: SpanKind, start: UInt64, end: UInt64,
+                      into cursor: inout ProtoCursor) {
         cursor.id(1, trace.traceIDHigh, trace.traceIDLow)
         cursor.id(2, trace.spanIDValue)
         if let traceState = trace.traceState { cursor.string(3, traceState) }
         if trace.parentSpanIDValue != 0 { cursor.id(4, trace.parentSpanIDValue) }
-        cursor.string(5, name)
+        cursor.bytes(5, name)
         cursor.varint(6, otlpKind(kind))
         cursor.fixed64(7, start)
         cursor.fixed64(8, end)
