@@ -59,10 +59,13 @@ struct ExportPathTests {
         let url = "http://127.0.0.1:\(server.port)/v1/traces"
         for (index, size) in [1, 70_000, 250_000, 0, 66_000].enumerated() {
             let body = OwnedBytes(size, seed: UInt8(index))
-            let exchange = try handle.perform(method: "POST", url: url, headers: ["Content-Type: application/x-protobuf"], borrowing: body)
+            // The handle is not reset between requests: a header of one must not reach the next.
+            let headers = ["Content-Type: application/x-protobuf"] + (index == 0 ? ["X-First: 1"] : [])
+            let exchange = try handle.perform(method: "POST", url: url, headers: headers, borrowing: body)
             #expect(exchange.status == 200 && exchange.body == Array("\(size)".utf8))
             let last = try #require(server.requests.withLock { $0.last })
             #expect(last.body == Array(body.requestBytes) && last.head.contains("Content-Type: application/x-protobuf"))
+            #expect(last.head.contains("X-First: 1") == (index == 0), "\(last.head)")
         }
         #expect(server.connections.load(ordering: .relaxed) == 1, "the handle kept its connection")
         // Nothing listens on port 9: a transport error, and the handle still works after it.

@@ -272,6 +272,7 @@ public final class CurlEngine: @unchecked Sendable {
 public final class CurlHandle: @unchecked Sendable {
     private let easy: UnsafeMutableRawPointer
     private var lastID: UInt64 = 0
+    private static let uploadBuffer = 512 << 10
 
     public init() {
         CurlEngine.globalInit
@@ -287,8 +288,12 @@ public final class CurlHandle: @unchecked Sendable {
         lastID += 1
         let transfer = CurlEngine.Transfer(id: lastID, easy: easy, requestBody: .borrowed(body), bodyLimit: bodyLimit, continuation: nil)
         transfer.recycled = true  // the handle is this object's, kept for the next request
-        defer { curl_easy_reset(easy) }
+        // Not reset between requests: `prepare` sets every option a request here uses, and a
+        // reset would free the upload buffer, which the next request allocated and faulted in again.
         transfer.prepare(method: method, url: url, headers: headers, timeoutMilliseconds: timeoutMilliseconds, publicOnly: false)
+        // Room for the whole body at once (libcurl's default is 64 KB): one send, and one
+        // wake-up of the receiver, for a batch of spans.
+        _ = tm_curl_easy_setopt_long(easy, CURLOPT_UPLOAD_BUFFERSIZE, Self.uploadBuffer)
         return try transfer.outcome(curl_easy_perform(easy)).get()
     }
 }
