@@ -1,5 +1,6 @@
 import CTalkMesh
 import Glibc
+import TalkMeshBase
 
 /// Which IP addresses a request on a caller's behalf (a webhook) may reach: the public internet,
 /// never this host, the cluster's private networks or a cloud's metadata service.
@@ -64,7 +65,7 @@ public enum NetworkAddress {
         while let current = entry {
             var buffer = [CChar](repeating: 0, count: Int(NI_MAXHOST))
             if getnameinfo(current.pointee.ai_addr, current.pointee.ai_addrlen, &buffer, socklen_t(buffer.count), nil, 0, NI_NUMERICHOST) == 0 {
-                addresses.append(String(cString: buffer))
+                addresses.append(cString(buffer))
             }
             entry = current.pointee.ai_next
         }

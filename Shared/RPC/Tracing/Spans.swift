@@ -78,7 +78,7 @@ public final class TalkMeshTracer: Tracer, Sendable {
 
     /// `sink` without a retain and release per span (the exporter is one object every core
     /// records into); it lives as long as the tracer, which holds it in `sink`.
-    private nonisolated(unsafe) unowned(unsafe) let unretainedSink: (any SpanSink)?
+    private unowned(unsafe) let unretainedSink: (any SpanSink)?
 
     public init(sink: (any SpanSink)?, sampler: TraceSampler = TraceSampler()) {
         self.sink = sink
