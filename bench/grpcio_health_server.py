@@ -18,6 +18,7 @@ assert protoc.main(["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python
 open(os.path.join(out, "tmhealth/__init__.py"), "w").close()
 sys.path.insert(0, out)
 from tmhealth import health_pb2, health_pb2_grpc  # noqa: E402
+shutil.rmtree(out)  # imported: the generated files are no longer needed
 
 
 class Health(health_pb2_grpc.HealthServicer):

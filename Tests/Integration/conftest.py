@@ -1,5 +1,6 @@
 """Fixtures for the integration tests: they start the real executables on loopback and talk to
 them as clients would (grpcio, curl, h2load, the h2 library over raw sockets)."""
+import atexit
 import json
 import os
 import shutil
@@ -30,16 +31,23 @@ def pytest_configure(config):
 
 
 # What lives as long as the session (the stubs, every service's log, kept for failure messages),
-# removed when it ends.
+# removed when it ends: by pytest, or at exit when a benchmark imports this module.
 LEFT_FOR_THE_END = []
 
 
-def pytest_sessionfinish(session, exitstatus):
+def _remove_leftovers():
     for path in LEFT_FOR_THE_END:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):
             os.unlink(path)
+
+
+atexit.register(_remove_leftovers)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _remove_leftovers()
 
 
 def _generate_stubs():
