@@ -140,6 +140,22 @@ struct ExportPathTests {
         #expect(counted, "\(exporter.metrics())")
     }
 
+    @Test("a request no route matched, or with a status outside the table, keeps no bytes")
+    func nothingKeptPerRequest() {
+        // A client chooses the method of a request no route matched: its span's name and
+        // attributes are made for it and lent, never kept (KeptBytes.made counts what is kept).
+        let span = (trace: TraceContext.root(), start: UInt64(1))
+        RPCSpans.end(span, method: "GET", route: "other", httpStatus: 200)  // makes the status tables, once
+        let before = KeptBytes.made.load(ordering: .relaxed)
+        for index in 0..<1000 {
+            RPCSpans.end(span, method: "M\(index)", route: "other", httpStatus: 404)
+            RPCSpans.end(span, method: "GET", route: "other", httpStatus: 700 + index % 100)
+        }
+        // Other tests may make a router meanwhile (a few dozen kept routes); 2000 spans that each
+        // kept their bytes would add thousands.
+        #expect(KeptBytes.made.load(ordering: .relaxed) - before < 200)
+    }
+
     @Test("the schedule sends a batch that is not full")
     func schedule() async throws {
         let server = LoopbackHTTPServer()

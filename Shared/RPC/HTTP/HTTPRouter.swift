@@ -196,7 +196,6 @@ public struct HTTPRouter: Sendable {
         guard traced, traceparent != nil || TalkMeshTracer.withShared({ $0.records }) else {
             do { return (try await handler(request), pattern) } catch { return (response(for: error), pattern) }
         }
-        let named = spanOfRoute ?? RPCSpans.httpRoute(method: request.method, route: pattern)
         let span = RPCSpans.http(traceparent: traceparent, tracestate: traceparent == nil ? nil : request.header("tracestate"))
         var answer: HTTPResponse
         do {
@@ -206,7 +205,11 @@ public struct HTTPRouter: Sendable {
             answer = response(for: error)
         }
         answer.trace = span.trace
-        RPCSpans.end(span, name: named.name, attributes: named.attributes, httpStatus: answer.status)
+        if let spanOfRoute {
+            RPCSpans.end(span, name: spanOfRoute.name, attributes: spanOfRoute.attributes, httpStatus: answer.status)
+        } else {
+            RPCSpans.end(span, method: request.method, route: pattern, httpStatus: answer.status)
+        }
         return (answer, pattern)
     }
 

@@ -1,3 +1,4 @@
+import Synchronization
 import TalkMeshBase
 import Tracing
 
@@ -112,12 +113,17 @@ public struct ProtoWriter: Sendable {
 /// Bytes made once and kept for the life of the process (a route's or method's span name and
 /// attributes, a status code's attribute), outside any reference-counted buffer: every core
 /// reads them for every request, and a retain and release of one shared buffer is an atomic the
-/// cores contend on. `borrowing` views bytes someone else keeps alive for the call.
+/// cores contend on. Bytes made for one request are lent (`lending`), never kept: a client must
+/// not be able to make the process keep memory.
 public struct KeptBytes: @unchecked Sendable {
     public let buffer: UnsafeBufferPointer<UInt8>
 
+    /// Copies made so far (tests: a request keeps none).
+    static let made = Atomic<Int>(0)
+
     /// A copy that is never freed.
     public init(_ bytes: [UInt8]) {
+        Self.made.add(1, ordering: .relaxed)
         let storage = UnsafeMutablePointer<UInt8>.allocate(capacity: max(bytes.count, 1))
         storage.initialize(from: bytes, count: bytes.count)
         buffer = UnsafeBufferPointer(start: storage, count: bytes.count)
@@ -126,6 +132,11 @@ public struct KeptBytes: @unchecked Sendable {
     public init(utf8 text: String) { self.init(Array(text.utf8)) }
 
     public init(borrowing buffer: UnsafeBufferPointer<UInt8>) { self.buffer = buffer }
+
+    /// `body` with `bytes` viewed as `KeptBytes` while it runs; nothing is kept.
+    public static func lending<R>(_ bytes: [UInt8], _ body: (KeptBytes) throws -> R) rethrows -> R {
+        try bytes.withUnsafeBufferPointer { try body(KeptBytes(borrowing: $0)) }
+    }
 
     public var count: Int { buffer.count }
 

@@ -26,13 +26,17 @@ public enum RPCSpans {
     static func end(_ span: (trace: TraceContext, start: UInt64)?, name: KeptBytes, attributes: KeptBytes, peer: [UInt8], code: RPCError.Code?) {
         guard let span, span.start != 0 else { return }
         let code = code ?? .ok, raw = Int(code.rawValue)
-        // A code outside the table (none gRPC defines) is encoded for the span and kept.
-        let status = raw >= 0 && raw < grpcStatusAttributes.count ? grpcStatusAttributes[raw] : KeptBytes(statusAttribute("rpc.grpc.status_code", raw))
-        peer.withUnsafeBufferPointer { peer in
-            TalkMeshTracer.withShared { tracer in
-                tracer.endServer(span, name: name, attributes: attributes, KeptBytes(borrowing: peer), status, failure: code == .ok ? nil : "\(code)")
+        KeptBytes.lending(peer) { peer in
+            status(grpcStatusAttributes, raw, key: "rpc.grpc.status_code", code: raw) { status in
+                TalkMeshTracer.withShared { $0.endServer(span, name: name, attributes: attributes, peer, status, failure: code == .ok ? nil : "\(code)") }
             }
         }
+    }
+
+    /// The status code's attribute: `table[index]`, else (a code outside it) made for this span
+    /// and lent, not kept.
+    private static func status(_ table: UnsafeBufferPointer<KeptBytes>, _ index: Int, key: String, code: Int, _ body: (KeptBytes) -> Void) {
+        if table.indices.contains(index) { body(table[index]) } else { KeptBytes.lending(statusAttribute(key, code), body) }
     }
 
     /// `network.peer.address` encoded for spans; empty for no address.
@@ -112,14 +116,30 @@ public enum RPCSpans {
     /// have it for servers).
     public static func end(_ span: (trace: TraceContext, start: UInt64), name: KeptBytes, attributes: KeptBytes, httpStatus: Int) {
         guard span.start != 0 else { return }
-        let status = (100..<600).contains(httpStatus) ? httpStatusAttributes[httpStatus - 100]
-            : KeptBytes(statusAttribute("http.response.status_code", httpStatus))
-        TalkMeshTracer.withShared { $0.endServer(span, name: name, attributes: attributes, status, failure: httpStatus >= 500 ? "" : nil) }
+        status(httpStatusAttributes, httpStatus - 100, key: "http.response.status_code", code: httpStatus) { status in
+            TalkMeshTracer.withShared { $0.endServer(span, name: name, attributes: attributes, status, failure: httpStatus >= 500 ? "" : nil) }
+        }
     }
 
-    /// A route's span name and encoded `http.request.method` and `http.route`, kept (`KeptBytes`).
+    /// Records the span of a request no route matched: its name and attributes are made for it
+    /// and lent, not kept (the client chose the method).
+    public static func end(_ span: (trace: TraceContext, start: UInt64), method: String, route: String, httpStatus: Int) {
+        guard span.start != 0 else { return }
+        let made = routeBytes(method: method, route: route)
+        KeptBytes.lending(made.name) { name in
+            KeptBytes.lending(made.attributes) { end(span, name: name, attributes: $0, httpStatus: httpStatus) }
+        }
+    }
+
+    /// A route's span name and encoded `http.request.method` and `http.route`, kept (`KeptBytes`):
+    /// made once, when the route is added.
     public static func httpRoute(method: String, route: String) -> (name: KeptBytes, attributes: KeptBytes) {
-        (KeptBytes(utf8: "\(method) \(route)"), KeptBytes(encoded(["http.request.method": .string(method), "http.route": .string(route)])))
+        let made = routeBytes(method: method, route: route)
+        return (KeptBytes(made.name), KeptBytes(made.attributes))
+    }
+
+    private static func routeBytes(method: String, route: String) -> (name: [UInt8], attributes: [UInt8]) {
+        (Array("\(method) \(route)".utf8), encoded(["http.request.method": .string(method), "http.route": .string(route)]))
     }
 
     /// `http.response.status_code` for 100–599, encoded once.
