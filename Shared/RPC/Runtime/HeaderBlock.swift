@@ -8,14 +8,13 @@ struct HeaderBlock: ~Copyable {
     /// A `traceparent` field went out indexed (`indexTraceparent`).
     private(set) var indexedTraceparent = false
 
-    /// `indexTraceparent`: send a `traceparent` field with indexing, once per connection, so its
-    /// name enters HPACK's dynamic table; every later one (never indexed: its value is new each
-    /// time) then names it by index instead of spelling it out, for the encoder and the client.
-    ///
     /// `trace`: a `traceparent` field last, its value written from the span's ids into the block.
+    /// `indexTraceparent`: send it with indexing (once per connection), so its name enters HPACK's
+    /// dynamic table; every later one (never indexed: its value is new each time) then names it by
+    /// index instead of spelling it out, for the encoder and the client.
     init(_ headers: [(name: String, value: String)], trace: TraceContext? = nil, indexTraceparent: Bool = false) {
         let total = headers.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count }
-        let traced = trace == nil ? 0 : Self.traceparentName.count + TraceContext.traceparentLength
+        let traced = trace == nil ? 0 : Self.traceparentName.utf8CodeUnitCount + TraceContext.traceparentLength
         storage = .allocate(capacity: max(total + traced, 1))
         fields = []
         fields.reserveCapacity(headers.count + 1)
@@ -32,30 +31,23 @@ struct HeaderBlock: ~Copyable {
             copy(name, to: &offset, storage: storage)
             let valuePointer = storage + offset
             copy(value, to: &offset, storage: storage)
-            var flags = Self.indexing(name)
-            if indexTraceparent, !indexedTraceparent, flags != 0, name == "traceparent" {
-                flags = UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
-                indexedTraceparent = true
-            }
             fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: name.utf8.count,
-                                     valuelen: value.utf8.count, flags: flags))
+                                     valuelen: value.utf8.count, flags: Self.indexing(name)))
         }
         if let trace {
-            let namePointer = storage + offset
-            Self.traceparentName.withUnsafeBufferPointer { namePointer.update(from: $0.baseAddress!, count: $0.count) }
-            let valuePointer = namePointer + Self.traceparentName.count
+            let name = Self.traceparentName, namePointer = storage + offset
+            namePointer.update(from: name.utf8Start, count: name.utf8CodeUnitCount)
+            let valuePointer = namePointer + name.utf8CodeUnitCount
             trace.writeTraceparent(valuePointer)
-            var flags = UInt8(NGHTTP2_NV_FLAG_NO_INDEX.rawValue)
-            if indexTraceparent, !indexedTraceparent {
-                flags = UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
-                indexedTraceparent = true
-            }
-            fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: Self.traceparentName.count,
-                                     valuelen: TraceContext.traceparentLength, flags: flags))
+            indexedTraceparent = indexTraceparent
+            fields.append(nghttp2_nv(name: namePointer, value: valuePointer, namelen: name.utf8CodeUnitCount, valuelen: TraceContext.traceparentLength,
+                                     flags: UInt8((indexTraceparent ? NGHTTP2_NV_FLAG_NONE : NGHTTP2_NV_FLAG_NO_INDEX).rawValue)))
         }
     }
 
-    private static let traceparentName: [UInt8] = Array("traceparent".utf8)
+    /// A literal, not an array: read for every traced answer, and an array's buffer would be a
+    /// reference count both event loops touch.
+    private static let traceparentName: StaticString = "traceparent"
 
     /// Fields whose value is new in every response (ids, counters) are sent never-indexed: in
     /// HPACK's dynamic table they would only push out the fields that repeat, which the encoder
