@@ -51,15 +51,15 @@ import TalkMeshMessages
             waits.append(wait)
         }
         #expect(waits.first == 0.1 && waits.max()! <= 1.0 && waits == waits.sorted())
-        // Still queued: not before it could be done, had it started now: 80 % of the run the
-        // throughput predicts,
+        // Still queued: when it would be done, had it started now (the whole run the throughput
+        // predicts: a chunk that keeps to it is found COMPLETED by this one poll),
         let queued = planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: known, previous: 0)
-        #expect(queued == 8)
-        // after what is left of 75 % of the queue delay RunPod's recent chunks saw; past both, a
-        // short growing ladder capped at 2 s.
+        #expect(queued == 10)
+        // after what is left of the queue delay RunPod's recent chunks saw; past both, a short
+        // growing ladder capped at 2 s.
         let busy = Throughput.Estimate(secondsPerAudioSecond: 0.01, queueDelaySeconds: 8)
-        #expect(abs(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: busy, previous: 0, queuedSeconds: 1) - 5.16) < 1e-9)
-        #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: busy, previous: 0.25, queuedSeconds: 6.5) == 0.375)
+        #expect(abs(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: busy, previous: 0, queuedSeconds: 1) - 7.2) < 1e-9)
+        #expect(abs(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: busy, previous: 0.25, queuedSeconds: 6.5) - 1.7) < 1e-9)
         #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: busy, previous: 1.9, queuedSeconds: 9) == 2)
         let fresh = Throughput.Estimate()
         #expect(planner.next(running: false, executionMs: nil, audioSeconds: 20, estimate: fresh, previous: 0) == 0.25)

@@ -53,6 +53,9 @@ extension JobRunner {
             } catch let error as ServiceError where error.code == .storeConflict {
                 guard let stored = try await context.store.get(record.id) else { throw WorkflowEnd(reason: "the job is gone from the store") }
                 record = stored
+                // The other writer's version, for watchers here: its notice may have been taken
+                // for this write's (the store marks a write as its own before sending it).
+                context.events.publish(stored.job)
                 if stored.isTerminal || !retrying {
                     throw WorkflowEnd(reason: "the job was changed elsewhere (\(stored.status))", endedElsewhere: stored.isTerminal)
                 }

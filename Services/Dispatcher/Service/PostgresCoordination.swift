@@ -28,25 +28,33 @@ final class PostgresInFlightSlots: InFlightSlots {
     func acquire(job: String, chunk: Int) async throws {
         try Task.checkCancellation()
         if try await claim(job: job, chunk: chunk) { return }
-        try await queue.wait(job: job, chunk: chunk) { job, chunk in try await self.claim(job: job, chunk: chunk) }
+        try await queue.wait(job: job, chunk: chunk) { job, chunk in try await self.claimTelling(job: job, chunk: chunk) }
     }
 
     /// The chunk's slot (held already, or a free one taken now); false when none is free.
     func claim(job: String, chunk: Int) async throws -> Bool {
+        try await claimTelling(job: job, chunk: chunk).claimed
+    }
+
+    /// `claim`, and whether another slot was free beside the one taken: the queue asks for the
+    /// next waiter at once only then, not to be told "none" once per freed slot.
+    func claimTelling(job: String, chunk: Int) async throws -> (claimed: Bool, more: Bool) {
         let replica = self.replica, capacity = self.capacity
         return try await pool.with { db in
-            try db.execute("""
+            let result = try db.execute("""
                 WITH mine AS (SELECT slot FROM runpod_slots WHERE job_id = $1 AND chunk = $2),
+                free AS (
+                    SELECT s.slot FROM runpod_slots s
+                    WHERE s.slot <= $4 AND (s.job_id IS NULL
+                        OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.job_id AND j.status IN (1, 2)))
+                    ORDER BY s.slot LIMIT 2 FOR UPDATE SKIP LOCKED),
                 taken AS (
                     UPDATE runpod_slots SET job_id = $1, chunk = $2, holder = $3, taken_at = now()
-                    WHERE NOT EXISTS (SELECT 1 FROM mine) AND slot = (
-                        SELECT s.slot FROM runpod_slots s
-                        WHERE s.slot <= $4 AND (s.job_id IS NULL
-                            OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.job_id AND j.status IN (1, 2)))
-                        ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED)
+                    WHERE NOT EXISTS (SELECT 1 FROM mine) AND slot = (SELECT min(slot) FROM free)
                     RETURNING slot)
-                SELECT slot FROM mine UNION ALL SELECT slot FROM taken
-                """, [.text(job), .int(chunk), .text(replica), .int(capacity)]).rows > 0
+                SELECT slot, (SELECT count(*) FROM free) > 1 FROM mine UNION ALL SELECT slot, (SELECT count(*) FROM free) > 1 FROM taken
+                """, [.text(job), .int(chunk), .text(replica), .int(capacity)])
+            return (result.rows > 0, result.rows > 0 && result.text(0, 1) == "t")
         }
     }
 
@@ -102,7 +110,7 @@ private actor SlotQueue {
     private var woken = false
     private var sleeper: CheckedContinuation<Void, Never>?
 
-    func wait(job: String, chunk: Int, claim: @escaping @Sendable (String, Int) async throws -> Bool) async throws {
+    func wait(job: String, chunk: Int, claim: @escaping @Sendable (String, Int) async throws -> (claimed: Bool, more: Bool)) async throws {
         next += 1
         let id = next
         try await withTaskCancellationHandler {
@@ -118,17 +126,18 @@ private actor SlotQueue {
         }
     }
 
-    private func pump(_ claim: @Sendable (String, Int) async throws -> Bool) async {
+    private func pump(_ claim: @Sendable (String, Int) async throws -> (claimed: Bool, more: Bool)) async {
         while let head = waiters.first {
             woken = false
-            let claimed = (try? await claim(head.job, head.chunk)) ?? false
+            let (claimed, more) = (try? await claim(head.job, head.chunk)) ?? (false, false)
             if claimed {
                 // A waiter cancelled while its claim ran keeps the slot under its chunk; its job's
                 // end frees it.
                 if let index = waiters.firstIndex(where: { $0.id == head.id }) {
                     waiters.remove(at: index).continuation.resume()
                 }
-                continue
+                // None was left free: the next waiter waits for a freed slot's notice (or the pause).
+                if more || woken { continue }
             }
             if !woken { await pause(seconds: 0.25) }
         }
@@ -174,7 +183,7 @@ final class PostgresRequestGate: RequestGate {
     let batch: Int
     private let reservoir = TokenReservoir()
 
-    init(pool: PostgresPool, route: String, limit: Int, window: Double, batch: Int = 8) throws {
+    init(pool: PostgresPool, route: String, limit: Int, window: Double, batch: Int = 16) throws {
         self.pool = pool
         self.route = route
         rate = max(0.01, 0.9 * Double(limit) / window)

@@ -174,6 +174,15 @@ public final class PostgresJobStore: JobStore {
         if asHolder && epoch == nil {
             throw ServiceError(.leaseLost, "job \(record.id) is not held by this replica")
         }
+        // Marked as this replica's before it is sent: the notice of the commit often reaches the
+        // listener before the answer reaches this call, and, unmarked, cost a read of the job it
+        // had just written (about two reads per chunk). Should the write fail, the mark goes back;
+        // a notice of another writer's same version that the mark hid meanwhile is not lost: the
+        // writer that conflicted re-reads the job and publishes it (JobRunner.save).
+        let previous = ownWrites.withLock { writes -> Int64? in
+            defer { if asHolder { writes[stamped.id] = max(writes[stamped.id] ?? 0, stamped.job.version) } }
+            return writes[stamped.id]
+        }
         do {
             try await pool.with { db in
                 let job = stamped.job
@@ -204,8 +213,11 @@ public final class PostgresJobStore: JobStore {
             held.withLock { $0[stamped.id] = nil }
             ownWrites.withLock { $0[stamped.id] = nil }
             throw error
+        } catch {
+            if asHolder { ownWrites.withLock { $0[stamped.id] = previous } }
+            throw error
         }
-        ownWrites.withLock { $0[stamped.id] = stamped.isTerminal ? nil : stamped.job.version }
+        ownWrites.withLock { $0[stamped.id] = stamped.isTerminal ? nil : max($0[stamped.id] ?? 0, stamped.job.version) }
         return stamped
     }
 
