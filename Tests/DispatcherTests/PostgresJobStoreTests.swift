@@ -281,6 +281,93 @@ import TalkMeshMessages
         #expect(seen.versions(of: record.id) == [1, 2])
     }
 
+    @Test func concurrentWritesGoInBatchesEachWithItsOwnAnswer() async throws {
+        let url = try database()
+        let store = try replica(url)
+        var records: [JobRecord] = []
+        for created in 1...60 { records.append(try await store.create(newJob(created: Int64(created))).record) }
+        // 60 writes at once, a third of them stale (a version already written): the stale ones
+        // are refused as conflicts, the others stored, whichever batch each rode in.
+        for index in records.indices where index % 3 == 0 {
+            var first = records[index]
+            try first.move(to: .running, at: 2)
+            _ = try await store.update(first, asHolder: true)
+        }
+        let before = store.batcher.totals
+        let outcomes = try await withThrowingTaskGroup(of: (Int, Bool).self) { group in
+            for (index, record) in records.enumerated() {
+                group.addTask {
+                    var next = record
+                    next.update { $0.resizedImageKey = "image-\(index)" }
+                    do {
+                        _ = try await store.update(next, asHolder: true)
+                        return (index, true)
+                    } catch let error as ServiceError where error.code == .storeConflict {
+                        return (index, false)
+                    }
+                }
+            }
+            return try await group.reduce(into: [Int: Bool]()) { $0[$1.0] = $1.1 }
+        }
+        for (index, record) in records.enumerated() {
+            #expect(outcomes[index] == (index % 3 != 0))
+            let stored = try #require(try await store.get(record.id))
+            #expect(stored.job.resizedImageKey == (index % 3 == 0 ? "" : "image-\(index)"))
+        }
+        // Fewer batches than statements: writes that arrived together went together.
+        let after = store.batcher.totals
+        #expect(after.statements - before.statements == 60)
+        #expect(after.batches - before.batches < 60)
+    }
+
+    @Test func aFailingStatementInABatchTakesNoneOfTheOthersWithIt() async throws {
+        let url = try database()
+        let store = try replica(url)
+        let db = try PostgresConnection(url: url)
+        try db.execute("CREATE TABLE batch_probe (n integer PRIMARY KEY)")
+        let batcher = PostgresBatcher(pool: store.pool)
+        // Forty inserts and, among them, five that break the primary key: the five fail with
+        // their own error, the others are stored, batched or not.
+        let results = await withTaskGroup(of: (Int, Bool).self) { group in
+            for n in 0..<45 {
+                group.addTask {
+                    let value = n < 40 ? n : n - 40  // 40…44 repeat 0…4
+                    do {
+                        try await batcher.execute("INSERT INTO batch_probe (n) VALUES ($1)", [.int(value)]) { _ in }
+                        return (n, true)
+                    } catch {
+                        return (n, false)
+                    }
+                }
+            }
+            return await group.reduce(into: [Int: Bool]()) { $0[$1.0] = $1.1 }
+        }
+        #expect(try db.execute("SELECT count(*) FROM batch_probe").int64(0, 0) == 40)
+        // For each repeated value exactly one of its two inserts won.
+        for value in 0..<5 { #expect(results[value]! != results[value + 40]!) }
+        #expect((5..<40).allSatisfy { results[$0] == true })
+    }
+
+    @Test func aReplicaIsNotToldOfItsOwnWritesButOfOthers() async throws {
+        let url = try database()
+        let owner = try replica(url), other = try replica(url)
+        let seen = ChangeLog()
+        owner.observe { seen.add($0) }
+        try await Task.sleep(for: .milliseconds(200))
+        var record = try await owner.create(newJob()).record
+        for step in 0..<20 {
+            record.update { $0.resizedImageKey = "step-\(step)" }
+            record = try await owner.update(record, asHolder: true)
+        }
+        // A bystander's write (a cancel on another replica) is a change the owner hears of.
+        try record.move(to: .cancelled, at: 3)
+        let cancelled = try await other.update(record)
+        let deadline = Date().addingTimeInterval(5)
+        while seen.versions(of: record.id).isEmpty && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(seen.versions(of: record.id) == [cancelled.job.version])
+    }
+
     @Test func anUnreachableServerIsStoreUnavailable() async throws {
         #expect { try PostgresJobStore(url: "postgres://postgres:secret@127.0.0.1:9/none?connect_timeout=2") } throws: { error in
             guard let error = error as? ServiceError else { return false }

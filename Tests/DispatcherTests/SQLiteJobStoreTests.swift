@@ -63,6 +63,17 @@ final class ManualClock: WallClock, @unchecked Sendable {
         #expect(try await store.list(JobQuery(owner: "o", status: .running, pageSize: 500)).jobs.count == 200)
     }
 
+    @Test func theFileIsHeldByOneStoreAtATime() async throws {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var first: SQLiteJobStore? = try store()
+        let created = try await first!.create(newJob()).record
+        // A second Dispatcher on the same file is refused (after SQLite's busy wait) …
+        #expect(throws: ServiceError.self) { _ = try self.store() }
+        // … and takes it over once the first closed it, finding what the first wrote.
+        first = nil
+        #expect(try await store().get(created.id)?.id == created.id)
+    }
+
     @Test func pendingWebhooksAreFoundWhenDue() async throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         try await checkWebhookQueue(try store())
@@ -78,14 +89,16 @@ final class ManualClock: WallClock, @unchecked Sendable {
     @Test func theRetentionMigrationDatesJobsThatEndedBefore() async throws {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        let db = try SQLiteDatabase(path: directory + "/old.db")
-        try db.execute(SQLiteJobStore.migrations[0] + "PRAGMA user_version = 1;")
         var record = newJob(created: 1)
         try record.move(to: .failed, at: 2)
         record.stamp(version: 3, at: 40)
         let job = record.job
-        try db.prepare("INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-            .run([job.id, job.owner, nil, job.status.rawValue, job.createdAtUnixMs, job.updatedAtUnixMs, job.version, job.serializedBytes()])
+        do {  // closed before the store opens the file (it holds it exclusively)
+            let db = try SQLiteDatabase(path: directory + "/old.db")
+            try db.execute(SQLiteJobStore.migrations[0] + "PRAGMA user_version = 1;")
+            try db.prepare("INSERT INTO jobs (id, owner, idempotency_key, status, created_ms, updated_ms, version, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+                .run([job.id, job.owner, nil, job.status.rawValue, job.createdAtUnixMs, job.updatedAtUnixMs, job.version, job.serializedBytes()])
+        }
         let store = try SQLiteJobStore(path: directory + "/old.db", clock: clock)
         #expect(try await store.jobsWithBlobs(endedBefore: 41, limit: 10).map(\.id) == [job.id])
         #expect(try await store.jobsWithBlobs(endedBefore: 40, limit: 10).isEmpty)

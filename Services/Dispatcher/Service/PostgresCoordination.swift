@@ -11,13 +11,15 @@ import TalkMeshCore
 /// query at a time, not a thousand.
 final class PostgresInFlightSlots: InFlightSlots {
     private let pool: PostgresPool
+    private let batcher: PostgresBatcher
     private let replica: String
     let capacity: Int
     private let queue = SlotQueue()
 
     /// Makes sure the table has `capacity` slots (every replica must use the same number).
-    init(pool: PostgresPool, replica: String, capacity: Int) throws {
+    init(pool: PostgresPool, batcher: PostgresBatcher, replica: String, capacity: Int) throws {
         self.pool = pool
+        self.batcher = batcher
         self.replica = replica
         self.capacity = max(1, capacity)
         let db = try PostgresConnection(url: pool.url)
@@ -40,8 +42,7 @@ final class PostgresInFlightSlots: InFlightSlots {
     /// next waiter at once only then, not to be told "none" once per freed slot.
     func claimTelling(job: String, chunk: Int) async throws -> (claimed: Bool, more: Bool) {
         let replica = self.replica, capacity = self.capacity
-        return try await pool.with { db in
-            let result = try db.execute("""
+        return try await batcher.execute("""
                 WITH mine AS (SELECT slot FROM runpod_slots WHERE job_id = $1 AND chunk = $2),
                 free AS (
                     SELECT s.slot FROM runpod_slots s
@@ -53,8 +54,8 @@ final class PostgresInFlightSlots: InFlightSlots {
                     WHERE NOT EXISTS (SELECT 1 FROM mine) AND slot = (SELECT min(slot) FROM free)
                     RETURNING slot)
                 SELECT slot, (SELECT count(*) FROM free) > 1 FROM mine UNION ALL SELECT slot, (SELECT count(*) FROM free) > 1 FROM taken
-                """, [.text(job), .int(chunk), .text(replica), .int(capacity)])
-            return (result.rows > 0, result.rows > 0 && result.text(0, 1) == "t")
+                """, [.text(job), .int(chunk), .text(replica), .int(capacity)]) { result in
+            (result.rows > 0, result.rows > 0 && result.text(0, 1) == "t")
         }
     }
 
@@ -68,12 +69,10 @@ final class PostgresInFlightSlots: InFlightSlots {
 
     private func free(_ condition: String, _ values: [PGValue]) async {
         do {
-            try await pool.with { db in
-                _ = try db.execute("""
-                    WITH freed AS (UPDATE runpod_slots SET job_id = NULL, chunk = NULL, holder = NULL, taken_at = NULL WHERE \(condition) RETURNING slot)
-                    SELECT pg_notify('talkmesh_slots', '') FROM freed
-                    """, values)
-            }
+            try await batcher.execute("""
+                WITH freed AS (UPDATE runpod_slots SET job_id = NULL, chunk = NULL, holder = NULL, taken_at = NULL WHERE \(condition) RETURNING slot)
+                SELECT pg_notify('talkmesh_slots', '') FROM freed
+                """, values) { _ in }
         } catch {
             // Not lost: a slot whose job has ended is free for the next claim anyway.
         }

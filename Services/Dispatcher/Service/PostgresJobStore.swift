@@ -14,6 +14,8 @@ import TalkMeshMessages
 /// replicas' clocks do not matter.
 public final class PostgresJobStore: JobStore {
     let pool: PostgresPool
+    /// Job writes and slot changes, sent in batches (group commit).
+    let batcher: PostgresBatcher
     /// This replica: host, process and a random part (a restarted process is a new replica).
     public let replica: String
     public let leaseSeconds: Double?
@@ -100,6 +102,7 @@ public final class PostgresJobStore: JobStore {
     /// Connects (`connections` statements at once), migrates and starts listening for changes.
     public init(url: String, leaseSeconds: Double = 30, connections: Int = 4, clock: any WallClock = SystemWallClock()) throws {
         pool = try PostgresPool(url: url, size: connections)
+        batcher = PostgresBatcher(pool: pool)
         var random = SystemRandomNumberGenerator()
         replica = "\(ProcessInfo.processInfo.hostName)/\(getpid())/\(String(random.next() % 0xFFFFFF, radix: 16))"
         lease = max(0.3, leaseSeconds)
@@ -136,7 +139,21 @@ public final class PostgresJobStore: JobStore {
         var record = record
         record.stamp(version: 1, at: clock.nowUnixMs())
         let stamped = record, replica = self.replica, lease = leaseInterval
-        let result = try await pool.with { db -> (JobRecord, Bool) in
+        // Its notice is this replica's own (as for `update`): marked before the insert is sent.
+        ownWrites.withLock { $0[stamped.id] = 1 }
+        let result: (JobRecord, Bool)
+        do {
+            result = try await insert(stamped, replica: replica, lease: lease)
+        } catch {
+            ownWrites.withLock { $0[stamped.id] = nil }
+            throw error
+        }
+        if result.1 { held.withLock { $0[stamped.id] = 1 } } else { ownWrites.withLock { $0[stamped.id] = nil } }
+        return result
+    }
+
+    private func insert(_ stamped: JobRecord, replica: String, lease: PGValue) async throws -> (JobRecord, Bool) {
+        try await pool.with { db -> (JobRecord, Bool) in
             let job = stamped.job
             let key: PGValue = job.idempotencyKey.isEmpty ? .null : .text(job.idempotencyKey)
             let inserted = try db.execute("""
@@ -152,8 +169,6 @@ public final class PostgresJobStore: JobStore {
             guard existing.rows == 1 else { throw ServiceError(.storeConflict, "the idempotency key's job changed while it was read") }
             return (JobRecord(stored: try Job(serializedBytes: existing.bytes(0, 0))), false)
         }
-        if result.1 { held.withLock { $0[stamped.id] = 1 } }
-        return result
     }
 
     public func get(_ id: String) async throws -> JobRecord? {
@@ -184,24 +199,25 @@ public final class PostgresJobStore: JobStore {
             return writes[stamped.id]
         }
         do {
-            try await pool.with { db in
-                let job = stamped.job
-                let values: [PGValue] = [.int(job.status.rawValue), .int(job.updatedAtUnixMs), .int(job.version),
-                                         .bytes(job.serializedBytes()), .text(job.id), .int(expected),
-                                         job.completedAtUnixMs > 0 ? .int(job.completedAtUnixMs) : .null,
-                                         .text(job.blobsDeletedAtUnixMs > 0 ? "true" : "false"),
-                                         stamped.webhookDueUnixMs.map { .int($0) } ?? .null]
-                let set = "status = $1, updated_ms = $2, version = $3, data = $4, ended_ms = $7, blobs_deleted = $8::boolean, webhook_due_ms = $9"
-                let written: PGResult
-                if let epoch {
-                    written = try db.execute("""
-                        UPDATE jobs SET \(set), lease_until = now() + $12::interval
-                        WHERE id = $5 AND version = $6 AND lease_owner = $10 AND lease_epoch = $11
-                        """, values + [.text(replica), .int(epoch), lease])
-                } else {
-                    written = try db.execute("UPDATE jobs SET \(set) WHERE id = $5 AND version = $6", values)
-                }
-                guard written.affected == 1 else {
+            let job = stamped.job
+            let values: [PGValue] = [.int(job.status.rawValue), .int(job.updatedAtUnixMs), .int(job.version),
+                                     .bytes(job.serializedBytes()), .text(job.id), .int(expected),
+                                     job.completedAtUnixMs > 0 ? .int(job.completedAtUnixMs) : .null,
+                                     .text(job.blobsDeletedAtUnixMs > 0 ? "true" : "false"),
+                                     stamped.webhookDueUnixMs.map { .int($0) } ?? .null]
+            let set = "status = $1, updated_ms = $2, version = $3, data = $4, ended_ms = $7, blobs_deleted = $8::boolean, webhook_due_ms = $9"
+            // In the next batch (a group commit with other jobs' writes and slot changes).
+            let affected: Int
+            if let epoch {
+                affected = try await batcher.execute("""
+                    UPDATE jobs SET \(set), lease_until = now() + $12::interval
+                    WHERE id = $5 AND version = $6 AND lease_owner = $10 AND lease_epoch = $11
+                    """, values + [.text(replica), .int(epoch), lease]) { $0.affected }
+            } else {
+                affected = try await batcher.execute("UPDATE jobs SET \(set) WHERE id = $5 AND version = $6", values) { $0.affected }
+            }
+            if affected != 1 {
+                try await pool.with { db in
                     let now = try db.execute("SELECT lease_owner, lease_epoch FROM jobs WHERE id = $1", [.text(job.id)])
                     if let epoch, now.rows == 1, now.isNull(0, 0) || now.text(0, 0) != replica || now.int64(0, 1) != epoch {
                         throw ServiceError(.leaseLost, "job \(job.id) was claimed by another replica")
@@ -409,7 +425,7 @@ public final class PostgresJobStore: JobStore {
     // MARK: Sharing
 
     public func inFlightSlots(capacity: Int) throws -> any InFlightSlots {
-        let slots = try PostgresInFlightSlots(pool: pool, replica: replica, capacity: capacity)
+        let slots = try PostgresInFlightSlots(pool: pool, batcher: batcher, replica: replica, capacity: capacity)
         listener.add { change in if change == .slotsFreed || change == .resynchronize { slots.wake() } }
         return slots
     }

@@ -9,12 +9,15 @@ import TalkMeshMessages
 ///
 /// Calls run on the caller's thread under a mutex: a write is tens of microseconds of CPU, and
 /// handing it to a thread of its own and back cost two context switches per write, more than the
-/// write (bench/dispatcher). What can wait on the disk, the WAL checkpoint, runs on `thread`
-/// instead, on a connection of its own, twice a second; the writer never checkpoints.
+/// write (bench/dispatcher). The connection holds the file exclusively (no other process or
+/// connection opens it; a second Dispatcher on the same file is refused as STORE_UNAVAILABLE).
+/// The WAL checkpoint, which can wait on the disk, runs on `thread` twice a second, under the
+/// mutex; a write never checkpoints.
 public final class SQLiteJobStore: JobStore {
-    /// The connection, used only under `lock`.
+    /// The connection, used only under `lock`; nil once the store is gone (closed at once, so the
+    /// file it held exclusively is free for the next store).
     private final class Connection: @unchecked Sendable {
-        let db: SQLiteDatabase
+        var db: SQLiteDatabase?
         init(_ db: SQLiteDatabase) { self.db = db }
     }
 
@@ -73,21 +76,29 @@ public final class SQLiteJobStore: JobStore {
                 throw ServiceError(.storeUnavailable, "cannot create the job store's directory", cause: "\(directory): \(error)")
             }
         }
-        let db = try SQLiteDatabase(path: path)
+        let db = try SQLiteDatabase(path: path, exclusive: true)
         try Self.migrate(db)
         try db.execute("PRAGMA wal_autocheckpoint=0")
-        connection = Connection(db)
+        let connection = Connection(db)
+        self.connection = connection
         self.clock = clock
-        let checkpointer = Connection(try SQLiteDatabase(path: path))
-        checkpoints = Task.detached { [thread] in
+        checkpoints = Task.detached { [thread, lock] in
             while (try? await Task.sleep(nanoseconds: 500_000_000)) != nil {
-                // PASSIVE: copies what it can without waiting for, or blocking, the writer.
-                _ = try? await thread.run { _ in try checkpointer.db.execute("PRAGMA wal_checkpoint(PASSIVE)") }
+                _ = try? await thread.run { _ in
+                    lock.lock()
+                    defer { lock.unlock() }
+                    try connection.db?.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                }
             }
         }
     }
 
-    deinit { checkpoints.cancel() }
+    deinit {
+        checkpoints.cancel()
+        lock.lock()
+        connection.db = nil
+        lock.unlock()
+    }
 
     static func migrate(_ db: SQLiteDatabase) throws {
         let read = try db.prepare("PRAGMA user_version")
@@ -107,7 +118,8 @@ public final class SQLiteJobStore: JobStore {
     private func withDatabase<T>(_ body: (SQLiteDatabase) throws -> T) throws -> T {
         lock.lock()
         defer { lock.unlock() }
-        return try body(connection.db)
+        guard let db = connection.db else { throw ServiceError(.storeUnavailable, "the job store is closed") }
+        return try body(db)
     }
 
     public func create(_ record: JobRecord) async throws -> (record: JobRecord, created: Bool) {

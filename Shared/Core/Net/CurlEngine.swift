@@ -101,6 +101,11 @@ public final class CurlEngine: @unchecked Sendable {
                 self.headers = curl_slist_append(self.headers, "Expect:")
                 _ = tm_curl_easy_setopt_off(easy, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(requestBody.count))
                 _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: requestBody.baseAddress))
+                // A large body (a /run with the inputs in base64, ~250 KB) goes out in a few sends
+                // instead of one per 64 KB (libcurl's default upload buffer), each with a poll.
+                if requestBody.count > 64 << 10 {
+                    _ = tm_curl_easy_setopt_long(easy, CURLOPT_UPLOAD_BUFFERSIZE, min(requestBody.count, 512 << 10))
+                }
             }
             _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, UnsafeMutableRawPointer(self.headers))
             _ = tm_curl_easy_setopt_ptr(easy, CURLOPT_ERRORBUFFER, UnsafeMutableRawPointer(self.errorBuffer))
@@ -146,6 +151,10 @@ public final class CurlEngine: @unchecked Sendable {
     private var running: [UnsafeMutableRawPointer: Transfer] = [:]
     /// Transfers whose task was cancelled, by id; the curl thread ends them.
     private var cancelled: [UInt64] = []
+    /// Under `mutex`: the loop is in (or about to enter) `curl_multi_poll` with nothing queued, so
+    /// a new transfer must wake it. While it works it finds new transfers itself: no wake-up (a
+    /// send on libcurl's socket pair, and a poll that returns for it) per request.
+    private var polling = false
     private var lastID: UInt64 = 0
     /// Easy handles of ended transfers, reset, for the next ones: a handle keeps its buffers (the
     /// upload buffer alone is 64 KB), which a new one per request allocated and faulted in again.
@@ -211,11 +220,12 @@ public final class CurlEngine: @unchecked Sendable {
             let transfer = Transfer(id: id, easy: easy, requestBody: body, bodyLimit: bodyLimit, continuation: continuation)
             transfer.prepare(method: method, url: url, headers: headers, timeoutMilliseconds: timeoutMilliseconds, publicOnly: publicOnly)
             // A cancel that came before this point finds no transfer yet: it is seen here instead.
-            mutex.withLock {
+            let asleep = mutex.withLock {
                 incoming.append(transfer)
                 if Task.isCancelled { cancelled.append(id) }
+                return polling
             }
-            curl_multi_wakeup(multi)
+            if asleep { curl_multi_wakeup(multi) }
         }
     }
 
@@ -260,7 +270,14 @@ public final class CurlEngine: @unchecked Sendable {
                 recycle(transfer)
                 transfer.continuation?.resume(with: outcome)
             }
-            curl_multi_poll(multi, nil, 0, 1000, nil)
+            let idle = mutex.withLock {
+                polling = incoming.isEmpty && cancelled.isEmpty
+                return polling
+            }
+            if idle {
+                curl_multi_poll(multi, nil, 0, 1000, nil)
+                mutex.withLock { polling = false }
+            }
         }
     }
 }

@@ -31,18 +31,23 @@ public struct FileBlobStore: BlobStore {
 
     public func store(_ key: BlobKey, fromFile source: String) throws {
         let destination = path(key)
-        try Self.makeDirectories(String(destination[..<destination.lastIndex(of: "/")!]))
-        if rename(source, destination) != 0 {
-            let error = errno
-            if error == EXDEV {  // another filesystem: copy into scratch, then rename
-                let staged = try scratchPath(suffix: ".part")
-                try Self.copy(source, staged)
-                unlink(source)
-                guard rename(staged, destination) == 0 else { unlink(staged); throw Self.failure("rename", destination) }
-            } else {
-                throw Self.failure("rename", destination, error)
-            }
+        let directory = String(destination[..<destination.lastIndex(of: "/")!])
+        // The directory usually exists: it is made (one mkdir per level of the path) only when
+        // the rename says it is missing.
+        if rename(source, destination) == 0 { return }
+        var error = errno
+        if error == ENOENT && access(source, F_OK) == 0 {
+            try Self.makeDirectories(directory)
+            if rename(source, destination) == 0 { return }
+            error = errno
         }
+        guard error == EXDEV else { throw Self.failure("rename", destination, error) }
+        // Another filesystem: copy into scratch, then rename.
+        let staged = try scratchPath(suffix: ".part")
+        try Self.copy(source, staged)
+        unlink(source)
+        try Self.makeDirectories(directory)
+        guard rename(staged, destination) == 0 else { unlink(staged); throw Self.failure("rename", destination) }
     }
 
     public func put(_ key: BlobKey, _ bytes: [UInt8]) throws {

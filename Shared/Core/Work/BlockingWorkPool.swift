@@ -93,6 +93,16 @@ public final class BlockingWorkPool: @unchecked Sendable {
         }
     }
 
+    /// Runs `body` on a pool thread, without waiting for it (and without a cancellation flag).
+    public func submit(_ body: @escaping @Sendable () -> Void) {
+        locked {
+            nextID += 1
+            queue.append(Job(id: nextID, run: body))
+            mostQueued = max(mostQueued, queue.count)
+        }
+        pthread_cond_signal(condition)
+    }
+
     private func locked<R>(_ body: () -> R) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
