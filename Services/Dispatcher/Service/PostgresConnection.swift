@@ -288,16 +288,27 @@ final class PostgresBatcher: Sendable {
     /// Runs one statement, in the next batch; `read` takes what the caller needs from its result.
     func execute<T: Sendable>(_ sql: String, _ values: [PGValue], _ read: @escaping @Sendable (PGResult) throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
-            let item = Item(sql: sql, values: values) { result in
+            enqueue(Item(sql: sql, values: values) { result in
                 continuation.resume(with: Result { try read(result.get()) })
-            }
-            let start = state.withLock { state -> Bool in
-                state.items.append(item)
-                defer { state.flushing = true }
-                return !state.flushing
-            }
-            if start { pool.submit { self.drain($0) } }
+            })
         }
+    }
+
+    /// Sends one statement in the next batch without waiting for it (its failure is `failed`'s):
+    /// for a change nobody waits on, which then costs its caller no suspension and no wake-up.
+    func send(_ sql: String, _ values: [PGValue], failed: @escaping @Sendable (ServiceError) -> Void = { _ in }) {
+        enqueue(Item(sql: sql, values: values) { result in
+            if case .failure(let error) = result { failed(error) }
+        })
+    }
+
+    private func enqueue(_ item: Item) {
+        let start = state.withLock { state -> Bool in
+            state.items.append(item)
+            defer { state.flushing = true }
+            return !state.flushing
+        }
+        if start { pool.submit { self.drain($0) } }
     }
 
     /// Sends batches until none is waiting.

@@ -60,22 +60,21 @@ final class PostgresInFlightSlots: InFlightSlots {
     }
 
     func release(job: String, chunk: Int) async {
-        await free("job_id = $1 AND chunk = $2", [.text(job), .int(chunk)])
+        free("job_id = $1 AND chunk = $2", [.text(job), .int(chunk)])
     }
 
     func releaseAll(job: String) async {
-        await free("job_id = $1", [.text(job)])
+        free("job_id = $1", [.text(job)])
     }
 
-    private func free(_ condition: String, _ values: [PGValue]) async {
-        do {
-            try await batcher.execute("""
-                WITH freed AS (UPDATE runpod_slots SET job_id = NULL, chunk = NULL, holder = NULL, taken_at = NULL WHERE \(condition) RETURNING slot)
-                SELECT pg_notify('talkmesh_slots', '') FROM freed
-                """, values) { _ in }
-        } catch {
-            // Not lost: a slot whose job has ended is free for the next claim anyway.
-        }
+    /// Frees slots in the next batch, without waiting: nothing the caller does next depends on it
+    /// (its own next chunk claims like any other). A release that fails is not lost: a slot
+    /// whose job has ended is free for the next claim anyway.
+    private func free(_ condition: String, _ values: [PGValue]) {
+        batcher.send("""
+            WITH freed AS (UPDATE runpod_slots SET job_id = NULL, chunk = NULL, holder = NULL, taken_at = NULL WHERE \(condition) RETURNING slot)
+            SELECT pg_notify('talkmesh_slots', '') FROM freed
+            """, values)
     }
 
     /// A slot was freed somewhere: the head of the queue asks again now.

@@ -56,8 +56,8 @@ final class PostgresListener: Sendable {
                     if let change = Self.change(channel: channel, payload: payload) { deliver(change) }
                 }
                 // Notices come in bursts (one per job write); a pause after each read lets the next
-                // ones gather, read in one wake-up instead of one each, for at most 5 ms of delay.
-                usleep(5_000)
+                // ones gather, read in one wake-up instead of one each, for at most 20 ms of delay.
+                usleep(20_000)
             } catch {
                 // Reconnect with a pause until it works, then tell everyone to re-read.
                 while !stopped.isCancelled {
