@@ -39,7 +39,19 @@ struct TextTests {
                 #expect(decoded == bytes)
             }
         }
-        for bad in ["AB*D", "A", "AB=C", "=AAA"] {
+        // Line breaks every 76 characters and the URL-safe alphabet: the groups they break or
+        // hold leave the two-lookup path for the byte-by-byte one, and back.
+        let bytes = (0..<10_000).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let wrapped = Data(bytes).base64EncodedString(options: .lineLength76Characters)
+        let urlSafe = Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+        for text in [wrapped, urlSafe, " " + wrapped + "\n"] {
+            var stream = Base64Stream()
+            var decoded: [UInt8] = []
+            try Array(text.utf8).withUnsafeBufferPointer { try stream.feed($0, into: &decoded) }
+            try stream.finish(into: &decoded)
+            #expect(decoded == bytes)
+        }
+        for bad in ["AB*D", "A", "AB=C", "=AAA", "AAAAAAA*AAAA"] {
             var stream = Base64Stream()
             var decoded: [UInt8] = []
             #expect(throws: Base64Stream.Failure.self) {

@@ -11,6 +11,13 @@ public enum Base64 {
         return table
     }()
 
+    /// Each pair of input characters' 12 bits, or 0xFFFF when either is outside the alphabet: a
+    /// decoder's inner loop then does two lookups per four characters instead of four.
+    static let pairValues: [UInt16] = (0..<65536).map { pair in
+        let first = values[pair & 255], second = values[pair >> 8]
+        return first < 0 || second < 0 ? 0xFFFF : UInt16(first) << 6 | UInt16(second)
+    }
+
     /// Two output characters for each 12 bits of input, as one little-endian UInt16: an
     /// encoder's inner loop then does two lookups per three bytes instead of four.
     static let pairs: [UInt16] = (0..<4096).map { UInt16(alphabet[$0 >> 6]) | UInt16(alphabet[$0 & 63]) << 8 }
@@ -124,21 +131,31 @@ public struct Base64Stream {
         defer { out.removeSubrange(written...) }
         var failed = false
         Base64.values.withUnsafeBufferPointer { table in
+          Base64.pairValues.withUnsafeBufferPointer { pairs in
             out.withUnsafeMutableBufferPointer { output in
                 var index = 0
                 let end = bytes.count
                 while index < end {
                     if count == 0 && padding == 0 && index + 4 <= end {
-                        let a = table[Int(bytes[index])], b = table[Int(bytes[index + 1])]
-                        let c = table[Int(bytes[index + 2])], d = table[Int(bytes[index + 3])]
-                        if a | b | c | d >= 0 {
-                            let n = UInt32(a) << 18 | UInt32(b) << 12 | UInt32(c) << 6 | UInt32(d)
-                            output[written] = UInt8(truncatingIfNeeded: n >> 16)
-                            output[written + 1] = UInt8(truncatingIfNeeded: n >> 8)
-                            output[written + 2] = UInt8(truncatingIfNeeded: n)
-                            written += 3
-                            index += 4
+                        // Whole groups of four in a loop of locals (no state of the stream's
+                        // touched per group), until one holds anything but the alphabet.
+                        let input = UnsafeRawPointer(bytes.baseAddress!), target = output.baseAddress!
+                        var from = index, to = written
+                        while from + 4 <= end {
+                            let word = UInt32(littleEndian: input.loadUnaligned(fromByteOffset: from, as: UInt32.self))
+                            let high = pairs[Int(word & 0xFFFF)], low = pairs[Int(word >> 16)]
+                            guard high != 0xFFFF, low != 0xFFFF else { break }
+                            let n = UInt32(high) << 12 | UInt32(low)
+                            target[to] = UInt8(truncatingIfNeeded: n >> 16)
+                            target[to + 1] = UInt8(truncatingIfNeeded: n >> 8)
+                            target[to + 2] = UInt8(truncatingIfNeeded: n)
+                            from += 4
+                            to += 3
+                        }
+                        if from > index {
                             sawAny = true
+                            index = from
+                            written = to
                             continue
                         }
                     }
@@ -181,6 +198,7 @@ public struct Base64Stream {
                     }
                 }
             }
+          }
         }
         if failed { throw Failure.invalid }
     }
