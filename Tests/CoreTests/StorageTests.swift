@@ -44,6 +44,47 @@ struct StorageTests {
         #expect(names.isEmpty)
     }
 
+    @Test("a retired blob's file becomes the next scratch file (same inode); big ones and those past the cap are deleted")
+    func retiredFilesAreReused() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("talkmesh-store-test-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let store = try FileBlobStore(root: root)
+        func inode(_ path: String) -> UInt64? {
+            var info = stat()
+            return stat(path, &info) == 0 ? UInt64(info.st_ino) : nil
+        }
+        let old = try BlobKey("jobs/x/chunks/0000.wav")
+        try store.put(old, [UInt8](repeating: 7, count: 100_000))
+        let retiredInode = try #require(inode(root + "/" + old.rawValue))
+        try store.retire(old)
+        #expect(try !store.exists(old))
+        let scratch = try store.reusableScratchPath(suffix: ".mp4")
+        #expect(inode(scratch) == retiredInode)
+        // Written from the start and cut to its length, it is stored under a new key.
+        try FileBlobStore.writeAll(scratch, [1, 2, 3])
+        let new = try BlobKey("jobs/x/parts/0000.mp4")
+        try store.store(new, fromFile: scratch)
+        #expect(try store.get(new) == [1, 2, 3])
+        #expect(inode(root + "/" + new.rawValue) == retiredInode)
+        // Nothing kept: a fresh path with no file behind it.
+        let fresh = try store.reusableScratchPath(suffix: ".mp4")
+        #expect(inode(fresh) == nil)
+        // A file over 4 MiB is deleted, not kept; past 64 kept files, the rest are deleted.
+        let big = try BlobKey("big.bin")
+        try store.put(big, [UInt8](repeating: 1, count: (4 << 20) + 1))
+        try store.retire(big)
+        #expect(inode(try store.reusableScratchPath(suffix: ".x")) == nil)
+        for index in 0..<70 {
+            let key = try BlobKey("many/\(index).bin")
+            try store.put(key, [UInt8(index)])
+            try store.retire(key)
+            #expect(try !store.exists(key))
+        }
+        var kept = 0
+        while inode(try store.reusableScratchPath(suffix: ".x")) != nil { kept += 1 }
+        #expect(kept == 64)
+    }
+
     @Test("the error table maps each code to one gRPC and one HTTP status")
     func table() {
         #expect(ErrorCode.invalidAudio.grpcCode == .invalidArgument && ErrorCode.invalidAudio.httpStatus == 400)

@@ -74,6 +74,14 @@ struct RunPodWireTests {
         let body = #"{"id":"a","status":"COMPLETED","output":{"video":"data:video/mp4;base64,\#(wrapped)"}}"#
         try await client.storeVideo(of: try parse(body), in: store, as: try BlobKey("v.mp4"))
         #expect(try store.get(try BlobKey("v.mp4")) == video)
+        // Over a retired file larger than the video (a rendered chunk's audio): the stored video
+        // is the video exactly, the rest of the old file cut off.
+        let audio = try BlobKey("jobs/a/chunks/0000.wav")
+        try store.put(audio, [UInt8](repeating: 0xAA, count: 200_000))
+        try store.retire(audio)
+        let small = #"{"id":"a","status":"COMPLETED","output":{"video":"\#(Base64.encode(Array(video.prefix(1000))))"}}"#
+        try await client.storeVideo(of: try parse(small), in: store, as: try BlobKey("small.mp4"))
+        #expect(try store.get(try BlobKey("small.mp4")) == Array(video.prefix(1000)))
         for bad in ["AAA*", "A", "AA=A"] {
             let job = try parse(#"{"id":"a","status":"COMPLETED","output":{"video":"\#(bad)"}}"#)
             await #expect(throws: ServiceError.self) { try await client.storeVideo(of: job, in: store, as: try BlobKey("bad.mp4")) }

@@ -182,6 +182,13 @@ struct ChunkDriver {
                     $0.error = nil
                 }
             }
+            // A completed chunk is never submitted again: its audio goes now (the job's end would
+            // delete it), and in a local store its file becomes the next partial video's.
+            if let audio = try? BlobKey(chunk.audioKey) {
+                do { try await context.blobCall { try $0.retire(audio) } } catch {
+                    runner.logger.debug("could not delete a rendered chunk's audio yet", metadata: ["chunk": "\(index)", "error": "\(error)"])
+                }
+            }
             return 0
         default:
             let failure = status.failure ?? ServiceError(.runpodJobFailed, "RunPod ended the job \(status.status.rawValue)")

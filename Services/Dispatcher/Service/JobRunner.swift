@@ -337,7 +337,8 @@ public actor JobRunner {
             for key in keys where !key.isEmpty {
                 do {
                     let blob = try BlobKey(key)
-                    try await context.blobCall { try $0.delete(blob) }
+                    // Nobody reads an ended job's intermediates: their files may be reused.
+                    try await context.blobCall { try $0.retire(blob) }
                 } catch {
                     logger.warning("could not delete an intermediate blob", metadata: ["key": "\(key)", "error": "\(error)"])
                 }

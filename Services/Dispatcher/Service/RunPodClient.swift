@@ -99,7 +99,7 @@ public struct RunPodClient: Sendable {
     public func storeVideo(of job: RunPodJob, in store: any BlobStore, as key: BlobKey, io: BlockingWorkPool? = nil) async throws {
         if let failure = job.failure { throw failure }
         guard let video = job.video else { throw ServiceError(.runpodResultMissing, "job \(job.id) has no video") }
-        let scratch = try store.scratchPath(suffix: ".mp4")
+        let scratch = try store.reusableScratchPath(suffix: ".mp4")
         defer { unlink(scratch) }
         switch video {
         case .base64(let text):
@@ -123,6 +123,7 @@ public struct RunPodClient: Sendable {
                 throw ServiceError(.runpodBadResponse, "output.video is not valid base64")
             }
             try handle.write(decoded)  // throws the first failed write, if one failed in the loop
+            try handle.finish()
         case .url(let url):
             let exchange = try await engine.perform(method: "GET", url: url, timeoutMilliseconds: configuration.requestTimeoutMs, bodyLimit: 2 << 30)
             guard exchange.status == 200 else { throw ServiceError(.runpodResultMissing, "downloading \(url) answered \(exchange.status)") }

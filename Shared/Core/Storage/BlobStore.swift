@@ -52,10 +52,20 @@ public protocol BlobStore: Sendable {
     /// True when calls are local file operations (microseconds from the page cache), which a
     /// caller may make in place rather than on a work pool; false for a network store.
     var isLocal: Bool { get }
+    /// Deletes a blob nobody reads any more (a rendered chunk's audio, an ended job's
+    /// intermediates). A local store may keep the emptied file for a later
+    /// `reusableScratchPath` instead of unlinking it.
+    func retire(_ key: BlobKey) throws
+    /// `scratchPath`, but the path may already hold a retired file: the writer writes from its
+    /// start and cuts it to what it wrote (or truncates it first), and its inode is reused
+    /// instead of a new one allocated.
+    func reusableScratchPath(suffix: String) throws -> String
 }
 
 extension BlobStore {
     public var isLocal: Bool { false }
+    public func retire(_ key: BlobKey) throws { try delete(key) }
+    public func reusableScratchPath(suffix: String) throws -> String { try scratchPath(suffix: suffix) }
 
     /// The total size of the blobs `keys` name (an absent one counts 0); nil when a key is invalid
     /// or the store cannot answer. Blocks.

@@ -46,6 +46,8 @@ public final class MeteredBlobStore: BlobStore {
     public func exists(_ key: BlobKey) throws -> Bool { try measured("exists") { try inner.exists(key) } }
     public func delete(_ key: BlobKey) throws { try measured("delete") { try inner.delete(key) } }
     public func scratchPath(suffix: String) throws -> String { try inner.scratchPath(suffix: suffix) }
+    public func retire(_ key: BlobKey) throws { try measured("delete") { try inner.retire(key) } }
+    public func reusableScratchPath(suffix: String) throws -> String { try inner.reusableScratchPath(suffix: suffix) }
     public func info(_ key: BlobKey) throws -> BlobInfo? { try measured("info") { try inner.info(key) } }
     public func stream(_ key: BlobKey, range: Range<Int>?, _ consumer: ([UInt8]) throws -> Void) throws {
         try measured("stream") { try inner.stream(key, range: range, consumer) }
