@@ -93,8 +93,9 @@ final class Emulator {
 }
 
 func fixtureInput(seconds: Double = 2) throws -> InfiniteTalkInput {
-    let directory = NSTemporaryDirectory() + "talkmesh-client-\(getpid())"
+    let directory = NSTemporaryDirectory() + "talkmesh-client-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
     func ffmpeg(_ arguments: [String]) throws {
         try runToEnd("/usr/bin/ffmpeg", ["-v", "error", "-y"] + arguments)
     }
@@ -125,6 +126,7 @@ struct RunPodClientTests {
         let done = try await waitForTerminal(client, submitted.id)
         #expect(done.status == .completed && done.failure == nil)
         let store = try FileBlobStore(root: NSTemporaryDirectory() + "talkmesh-client-store-\(getpid())")
+        defer { try? FileManager.default.removeItem(atPath: store.root) }
         let key = try BlobKey("jobs/a/chunk-000.mp4")
         try await client.storeVideo(of: done, in: store, as: key)
         let bytes = try store.get(key)
@@ -242,6 +244,7 @@ struct RunPodClientTests {
     func downloadsURL() async throws {
         let directory = NSTemporaryDirectory() + "talkmesh-client-http-\(getpid())"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
         let video = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 * 7) }
         try Data(video).write(to: URL(fileURLWithPath: directory + "/result.mp4"))
         // The HTTP server binds port 0 itself and writes the port it got: a port picked beforehand can be taken meanwhile.
@@ -305,6 +308,7 @@ struct RunPodClientTests {
     func volumePath() async throws {
         let job = try RunPodJob.parse(Array(#"{"id":"a","status":"COMPLETED","output":{"video_path":"/runpod-volume/x.mp4"}}"#.utf8))
         let store = try FileBlobStore(root: NSTemporaryDirectory() + "talkmesh-client-volume-\(getpid())")
+        defer { try? FileManager.default.removeItem(atPath: store.root) }
         let client = RunPodClient(configuration: RunPodClient.Configuration(endpointID: "x"))
         do {
             try await client.storeVideo(of: job, in: store, as: try BlobKey("a.mp4"))

@@ -104,6 +104,7 @@ class Service:
         LEFT_FOR_THE_END.append(self.log.name)
         full_env = dict(os.environ)
         scratch = tempfile.mkdtemp(prefix="talkmesh-service-")
+        LEFT_FOR_THE_END.append(scratch)
         self.scratch = scratch
         # The Dispatcher needs a job store and a RunPod endpoint; by default a fresh store and
         # a port nothing listens on (tests that run jobs point it at the emulator).
