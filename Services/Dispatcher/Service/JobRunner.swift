@@ -95,9 +95,14 @@ public actor JobRunner {
             try await runWorkflow()
             await context.slots.releaseAll(job: record.id)
         } catch let error as WorkflowEnd {
-            logger.info("job no longer driven here", metadata: ["reason": "\(error.reason)"])
-            // Ended by another replica (a cancel): what RunPod still runs for it is cancelled here.
-            if error.endedElsewhere { await Task { await self.cleanUp() }.value }
+            if error.endedElsewhere {
+                // Ended by another replica (a cancel), found by this replica's own write before
+                // (or instead of) the notice: what RunPod still runs for it is cancelled here.
+                logger.info("job ended by another replica", metadata: ["status": "\(record.status)", "reason": "\(error.reason)"])
+                await Task { await self.cleanUp() }.value
+            } else {
+                logger.info("job no longer driven here", metadata: ["reason": "\(error.reason)"])
+            }
         } catch where stopReason == .handedOver {
             logger.warning("job handed over: another replica holds it now")
         } catch {
