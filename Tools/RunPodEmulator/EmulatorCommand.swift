@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import TalkMeshCore
 import TalkMeshService
@@ -54,17 +55,8 @@ enum EmulatorCommand {
             // when the emulator stops, so runs do not leave one behind each.
             let scratch = "\(getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp")/talkmesh-runpod-emulator-\(getpid())"
             mkdir(scratch, 0o700)
-            setup.onStop.append {
-                // Renders still in flight when it stops leave their inputs behind.
-                if let directory = opendir(scratch) {
-                    while let entry = readdir(directory) {
-                        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-                        if name != "." && name != ".." { unlink(scratch + "/" + name) }
-                    }
-                    closedir(directory)
-                }
-                rmdir(scratch)
-            }
+            // Renders still in flight when it stops leave their inputs behind: the whole tree goes.
+            setup.onStop.append { try? FileManager.default.removeItem(atPath: scratch) }
             var workers = EmulatedWorkers(board: board, renderer: StillVideoRenderer(scratch: scratch), pool: BlockingWorkPool())
             workers.webhookRetrySeconds = try seconds(.webhookRetry)
             workers.start()

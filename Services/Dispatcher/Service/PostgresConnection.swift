@@ -233,21 +233,20 @@ final class PostgresPool: Sendable {
 
     /// Runs `body` with a connection of its own on a pool thread, without waiting for it.
     func submit(_ body: @escaping @Sendable (PostgresConnection) -> Void) {
-        threads.submit {
-            let connection = self.connections.withLock { $0.removeLast() }
-            defer { self.connections.withLock { $0.append(connection) } }
-            body(connection)
-        }
+        threads.submit { self.borrowing(body) }
+    }
+
+    /// `body` with a connection taken from the pool for its length. As many threads as
+    /// connections: one is always free on a pool thread.
+    private func borrowing<T>(_ body: (PostgresConnection) throws -> T) rethrows -> T {
+        let connection = connections.withLock { $0.removeLast() }
+        defer { connections.withLock { $0.append(connection) } }
+        return try body(connection)
     }
 
     /// Runs `body` with a connection of its own, on a pool thread.
     func with<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) throws -> T) async throws -> T {
-        try await threads.run { _ in
-            // As many threads as connections: one is always free here.
-            let connection = self.connections.withLock { $0.removeLast() }
-            defer { self.connections.withLock { $0.append(connection) } }
-            return try body(connection)
-        }
+        try await threads.run { _ in try self.borrowing(body) }
     }
 }
 
@@ -294,12 +293,10 @@ final class PostgresBatcher: Sendable {
         }
     }
 
-    /// Sends one statement in the next batch without waiting for it (its failure is `failed`'s):
-    /// for a change nobody waits on, which then costs its caller no suspension and no wake-up.
-    func send(_ sql: String, _ values: [PGValue], failed: @escaping @Sendable (ServiceError) -> Void = { _ in }) {
-        enqueue(Item(sql: sql, values: values) { result in
-            if case .failure(let error) = result { failed(error) }
-        })
+    /// Sends one statement in the next batch without waiting for it, its failure ignored: for a
+    /// change nobody waits on, which then costs its caller no suspension and no wake-up.
+    func send(_ sql: String, _ values: [PGValue]) {
+        enqueue(Item(sql: sql, values: values) { _ in })
     }
 
     private func enqueue(_ item: Item) {

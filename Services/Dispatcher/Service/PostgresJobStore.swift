@@ -195,8 +195,9 @@ public final class PostgresJobStore: JobStore {
         // a notice of another writer's same version that the mark hid meanwhile is not lost: the
         // writer that conflicted re-reads the job and publishes it (JobRunner.save).
         let previous = ownWrites.withLock { writes -> Int64? in
-            defer { if asHolder { writes[stamped.id] = max(writes[stamped.id] ?? 0, stamped.job.version) } }
-            return writes[stamped.id]
+            let previous = writes[stamped.id]
+            if asHolder { writes[stamped.id] = max(previous ?? 0, stamped.job.version) }
+            return previous
         }
         do {
             let job = stamped.job

@@ -53,8 +53,8 @@ public protocol BlobStore: Sendable {
     /// caller may make in place rather than on a work pool; false for a network store.
     var isLocal: Bool { get }
     /// Deletes a blob nobody reads any more (a rendered chunk's audio, an ended job's
-    /// intermediates). A local store may keep the emptied file for a later
-    /// `reusableScratchPath` instead of unlinking it.
+    /// intermediates). A local store may keep its file for a later `reusableScratchPath` instead
+    /// of unlinking it.
     func retire(_ key: BlobKey) throws
     /// `scratchPath`, but the path may already hold a retired file: the writer writes from its
     /// start and cuts it to what it wrote (or truncates it first), and its inode is reused

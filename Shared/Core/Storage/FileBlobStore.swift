@@ -6,7 +6,7 @@ import TalkMeshBase
 public struct FileBlobStore: BlobStore {
     public let root: String
     private var scratch: String { root + "/.tmp" }
-    /// Emptied files of retired blobs, kept in `.tmp/` for new scratch files (this process's own).
+    /// Files of retired blobs, kept in `.tmp/` for new scratch files (this process's own).
     private let spares = SpareFiles()
 
     public init(root: String) throws {
@@ -264,7 +264,7 @@ public struct FileBlobStore: BlobStore {
     }
 }
 
-/// Retired blobs' emptied files, waiting in the scratch directory to be written again.
+/// Retired blobs' files, waiting in the scratch directory to be written over.
 final class SpareFiles: Sendable {
     static let most = 64
     /// Larger files are deleted, not kept: the spares hold at most 64 × 4 MiB of disk.
@@ -272,7 +272,6 @@ final class SpareFiles: Sendable {
     private let paths = Locked<[String]>([])
 
     var hasRoom: Bool { paths.withLock { $0.count < Self.most } }
-    var count: Int { paths.withLock { $0.count } }
     func keep(_ path: String) { paths.withLock { $0.append(path) } }
     func take() -> String? { paths.withLock { $0.popLast() } }
 }

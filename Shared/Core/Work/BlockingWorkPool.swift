@@ -68,19 +68,15 @@ public final class BlockingWorkPool: @unchecked Sendable {
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
                 box.continuation = continuation
-                locked {
-                    queue.append(Job(id: id) { [self] in
-                        do {
-                            box.finish(.success(try body(flag)))
-                        } catch {
-                            // Ended by its flag: the work stopped early, as a deadline or a cancel asks.
-                            if flag.isCancelled { locked { stopped += 1 } }
-                            box.finish(.failure(error))
-                        }
-                    })
-                    mostQueued = max(mostQueued, queue.count)
-                }
-                pthread_cond_signal(condition)
+                push(Job(id: id) { [self] in
+                    do {
+                        box.finish(.success(try body(flag)))
+                    } catch {
+                        // Ended by its flag: the work stopped early, as a deadline or a cancel asks.
+                        if flag.isCancelled { locked { stopped += 1 } }
+                        box.finish(.failure(error))
+                    }
+                })
             }
         } onCancel: {
             flag.cancel()
@@ -95,9 +91,13 @@ public final class BlockingWorkPool: @unchecked Sendable {
 
     /// Runs `body` on a pool thread, without waiting for it (and without a cancellation flag).
     public func submit(_ body: @escaping @Sendable () -> Void) {
+        push(Job(id: locked { nextID += 1; return nextID }, run: body))
+    }
+
+    /// Queues a job and wakes a thread for it.
+    private func push(_ job: Job) {
         locked {
-            nextID += 1
-            queue.append(Job(id: nextID, run: body))
+            queue.append(job)
             mostQueued = max(mostQueued, queue.count)
         }
         pthread_cond_signal(condition)
