@@ -92,12 +92,21 @@ struct RunPodWireTests {
     @Test("the /run body carries raw base64, the policy and the worker's fields")
     func runBody() throws {
         let input = InfiniteTalkInput(prompt: "talking", image: [1, 2, 3], wav: [4, 5], width: 384, height: 576)
-        let body = try JSONSerialization.jsonObject(with: Data(input.runBody(executionTimeoutMs: 120_000, ttlMs: 3_600_000, webhook: nil))) as! [String: Any]
+        let body = try JSONSerialization.jsonObject(with: Data(input.runBody(executionTimeoutMs: 120_000, ttlMs: 3_600_000, webhook: nil).bytes)) as! [String: Any]
         let fields = body["input"] as! [String: Any]
         #expect(fields["image_base64"] as? String == "AQID" && fields["wav_base64"] as? String == "BAU=")
         #expect(fields["input_type"] as? String == "image" && fields["person_count"] as? String == "single")
         #expect(fields["width"] as? Int == 384 && fields["network_volume"] as? Bool == false)
         #expect((body["policy"] as! [String: Any])["executionTimeout"] as? Int == 120_000)
+        // An image of a real size goes into the body as a piece of its own.
+        let image = (0..<5000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        let large = InfiniteTalkInput(prompt: "p", image: image, wav: Array(repeating: 9, count: 3001), width: 8, height: 8)
+            .runBody(executionTimeoutMs: 1, ttlMs: 1, webhook: nil)
+        let parsed = try JSONSerialization.jsonObject(with: Data(large.bytes)) as! [String: Any]
+        let largeFields = parsed["input"] as! [String: Any]
+        #expect(Data(base64Encoded: largeFields["image_base64"] as! String) == Data(image))
+        #expect(Data(base64Encoded: largeFields["wav_base64"] as! String) == Data(Array(repeating: 9, count: 3001)))
+        #expect(large.count == large.requestBytes.count && largeFields["prompt"] as? String == "p")
     }
 
     @Test("the hand-written /run body is JSON with every field, whatever the prompt holds")
@@ -105,7 +114,7 @@ struct RunPodWireTests {
         let prompt = "quote \" backslash \\ newline \n tab \t bell \u{07} é 🙂"
         var input = InfiniteTalkInput(prompt: prompt, image: [1, 2, 3], wav: Array(repeating: 255, count: 1000), width: 64, height: 4096)
         input.forceOffload = false
-        let body = try JSONSerialization.jsonObject(with: Data(input.runBody(executionTimeoutMs: 5, ttlMs: 6, webhook: "http://h/\"x"))) as! [String: Any]
+        let body = try JSONSerialization.jsonObject(with: Data(input.runBody(executionTimeoutMs: 5, ttlMs: 6, webhook: "http://h/\"x").bytes)) as! [String: Any]
         let fields = body["input"] as! [String: Any]
         #expect(fields["prompt"] as? String == prompt)
         #expect(fields["image_base64"] as? String == Data([1, 2, 3]).base64EncodedString())
@@ -113,7 +122,7 @@ struct RunPodWireTests {
         #expect(fields["force_offload"] as? Bool == false && fields["height"] as? Int == 4096)
         #expect(body["webhook"] as? String == "http://h/\"x")
         let urls = InfiniteTalkInput(prompt: "", imageURL: "https://a/i.png", wavURL: "https://a/w.wav", width: 64, height: 64)
-        let other = try JSONSerialization.jsonObject(with: Data(urls.runBody(executionTimeoutMs: 1, ttlMs: 1, webhook: nil))) as! [String: Any]
+        let other = try JSONSerialization.jsonObject(with: Data(urls.runBody(executionTimeoutMs: 1, ttlMs: 1, webhook: nil).bytes)) as! [String: Any]
         #expect((other["input"] as! [String: Any])["wav_url"] as? String == "https://a/w.wav")
         #expect(other["webhook"] == nil)
     }

@@ -41,6 +41,23 @@ struct ProtoMessageTests {
         #expect(decoded.chunks[0].error == nil)
     }
 
+    @Test("a message spanning many arena slabs, with long and non-ASCII strings, round-trips")
+    func arenaSlabs() throws {
+        var job = sampleJob()
+        job.prompt = String(repeating: "é🙂 long prompt ", count: 400)  // a block of its own
+        job.chunks = (0..<300).map { index in
+            var chunk = JobChunk()
+            chunk.index = Int32(index)
+            chunk.audioKey = String(repeating: "k", count: index % 1500) + "/ü\(index)"
+            chunk.runpodJobId = index % 2 == 0 ? "" : "rp-\(index)"
+            chunk.durationSec = Double(index) / 7
+            return chunk
+        }
+        let decoded = try Job(serializedBytes: job.serializedBytes(reservingPrefix: 5).dropFirst(5).map { $0 })
+        #expect(decoded == job)
+        #expect(decoded.chunks[299].audioKey.hasSuffix("/ü299") && decoded.prompt == job.prompt)
+    }
+
     /// The encoding of `job` with the first occurrence of `text` changed by `change` (same length).
     func corrupt(_ job: Job, _ text: String, _ change: ([UInt8]) -> [UInt8]) -> [UInt8] {
         var bytes = job.serializedBytes()

@@ -51,6 +51,28 @@ struct ExportPathTests {
         }
     }
 
+    @Test("the environment's proxies, read once, are used as libcurl would use them")
+    func proxies() async throws {
+        let server = LoopbackHTTPServer()
+        defer { server.stop() }
+        let proxy = "http://127.0.0.1:\(server.port)"
+        // The scheme's variable, else all_proxy; HTTP_PROXY is not read; an empty one means none.
+        #expect(ProxyEnvironment(["http_proxy": "a", "all_proxy": "b"]).http == "a")
+        #expect(ProxyEnvironment(["ALL_PROXY": "b", "HTTP_PROXY": "c"]).http == "b")
+        #expect(ProxyEnvironment(["HTTPS_PROXY": "d", "all_proxy": "b"]).https == "d")
+        #expect(ProxyEnvironment(["https_proxy": "", "all_proxy": "b"]).https == "")
+        #expect(ProxyEnvironment(["NO_PROXY": "x"]).noProxy == "x" && ProxyEnvironment([:]).http == "")
+        // Through the proxy: the request line names the whole URL.
+        let proxied = CurlEngine(proxies: ProxyEnvironment(["http_proxy": proxy]))
+        let exchange = try await proxied.perform(method: "POST", url: "http://runpod.test/v2/x/run", body: [1, 2])
+        #expect(exchange.status == 200)
+        #expect(server.requests.withLock { $0.last?.head.hasPrefix("POST http://runpod.test/v2/x/run HTTP/1.1") } == true)
+        // A host no_proxy lists is reached directly (the proxy given here would refuse).
+        let direct = CurlEngine(proxies: ProxyEnvironment(["all_proxy": "http://127.0.0.1:1", "no_proxy": "127.0.0.1"]))
+        let answer = try await direct.perform(method: "POST", url: "http://127.0.0.1:\(server.port)/d", body: [1, 2, 3])
+        #expect(answer.status == 200 && server.requests.withLock { $0.last?.head.hasPrefix("POST /d HTTP/1.1") } == true)
+    }
+
     @Test("a CurlHandle sends one request after another on one connection, bodies as they lie, and survives a failure")
     func blockingHandle() throws {
         let server = LoopbackHTTPServer()

@@ -65,7 +65,7 @@ public struct RunPodClient: Sendable {
 
     /// POST /run. A body over RunPod's 10 MB is refused before sending.
     public func submit(_ input: InfiniteTalkInput, executionTimeoutMs: Int = 600_000, ttlMs: Int = 86_400_000, webhook: String? = nil) async throws -> RunPodJob {
-        let body = try input.runBody(executionTimeoutMs: executionTimeoutMs, ttlMs: ttlMs, webhook: webhook)
+        let body = input.runBody(executionTimeoutMs: executionTimeoutMs, ttlMs: ttlMs, webhook: webhook)
         guard body.count <= configuration.maxBodyBytes else {
             throw ServiceError(.runpodPayloadTooLarge, "the /run body would be \(body.count) bytes; RunPod takes at most \(configuration.maxBodyBytes)")
         }
@@ -144,7 +144,7 @@ public struct RunPodClient: Sendable {
 
     // MARK: Transport
 
-    private func send(_ method: String, _ path: String, body: [UInt8]? = nil, budget: any RequestGate) async throws -> HTTPExchange {
+    private func send(_ method: String, _ path: String, body: (any RequestBytes)? = nil, budget: any RequestGate) async throws -> HTTPExchange {
         var headers = ["Content-Type: application/json", "Accept: application/json"]
         if let key = configuration.apiKey { headers.append("Authorization: Bearer \(key)") }
         var attempt = 0
@@ -166,8 +166,12 @@ public struct RunPodClient: Sendable {
                 let route = String(template.dropFirst().prefix { $0 != "/" })
                 let started = MonotonicClock.nanoseconds()
                 do {
-                    exchange = try await engine.perform(method: method, url: base + path, headers: headers, body: body,
-                                                        timeoutMilliseconds: configuration.requestTimeoutMs)
+                    let url = base + path, timeout = configuration.requestTimeoutMs
+                    if let body {
+                        exchange = try await engine.perform(method: method, url: url, headers: headers, borrowing: body, timeoutMilliseconds: timeout)
+                    } else {
+                        exchange = try await engine.perform(method: method, url: url, headers: headers, timeoutMilliseconds: timeout)
+                    }
                     metrics.record(route: route, code: String(exchange.status), nanoseconds: MonotonicClock.nanoseconds() - started)
                     span.set("http.response.status_code", Int64(exchange.status))
                     if exchange.status >= 400 { span.fail("HTTP \(exchange.status)") } else { span.end() }

@@ -46,38 +46,100 @@ public struct InfiniteTalkInput: Sendable {
     /// The `/run` body: raw base64 (no `data:` prefix), policy, optional webhook. Written by hand:
     /// base64 needs no JSON escaping, and JSONSerialization spent most of the Dispatcher's CPU
     /// escaping megabytes of it character by character (bench/dispatcher).
-    public func runBody(executionTimeoutMs: Int, ttlMs: Int, webhook: String?) throws -> [UInt8] {
-        var body: [UInt8] = []
-        body.reserveCapacity((imageBase64?.utf8.count ?? 0) + ((wav?.count ?? 0) + 2) / 3 * 4 + prompt.utf8.count + 512)
-        func append(_ text: String) { body.append(contentsOf: text.utf8) }
-        append("{\"input\":{\"input_type\":\"image\",\"person_count\":\"single\",\"prompt\":")
-        JSONText.appendQuoted(prompt, to: &body)
-        append(",\"width\":\(width),\"height\":\(height),\"network_volume\":false,\"force_offload\":\(forceOffload)")
+    public func runBody(executionTimeoutMs: Int, ttlMs: Int, webhook: String?) -> RunBody {
+        var body = RunBody.Builder()
+        body.append("{\"input\":{\"input_type\":\"image\",\"person_count\":\"single\",\"prompt\":")
+        body.appendQuoted(prompt)
+        body.append(",\"width\":\(width),\"height\":\(height),\"network_volume\":false,\"force_offload\":\(forceOffload)")
         // Base64 is A–Z a–z 0–9 + / = only: nothing to escape.
         if let imageBase64 {
-            append(",\"image_base64\":\"")
-            append(imageBase64)
-            append("\"")
+            body.append(",\"image_base64\":\"")
+            body.append(imageBase64)
+            body.append("\"")
         } else if let imageURL {
-            append(",\"image_url\":")
-            JSONText.appendQuoted(imageURL, to: &body)
+            body.append(",\"image_url\":")
+            body.appendQuoted(imageURL)
         }
         if let wav {
-            append(",\"wav_base64\":\"")
-            wav.withUnsafeBytes { Base64.append($0, to: &body) }
-            append("\"")
+            body.append(",\"wav_base64\":\"")
+            body.appendBase64(wav)
+            body.append("\"")
         } else if let wavURL {
-            append(",\"wav_url\":")
-            JSONText.appendQuoted(wavURL, to: &body)
+            body.append(",\"wav_url\":")
+            body.appendQuoted(wavURL)
         }
-        append("},\"policy\":{\"executionTimeout\":\(executionTimeoutMs),\"ttl\":\(ttlMs)}")
+        body.append("},\"policy\":{\"executionTimeout\":\(executionTimeoutMs),\"ttl\":\(ttlMs)}")
         if let webhook {
-            append(",\"webhook\":")
-            JSONText.appendQuoted(webhook, to: &body)
+            body.append(",\"webhook\":")
+            body.appendQuoted(webhook)
         }
-        append("}")
-        return body
+        body.append("}")
+        return body.build()
     }
+}
+
+/// A `/run` body, written once into memory of its exact size and sent from there
+/// (`RequestBytes`): the audio is encoded straight into it (no zero fill first), and the transfer
+/// takes no copy of its ~250 KB.
+public final class RunBody: RequestBytes, @unchecked Sendable {
+    private let storage: UnsafeMutableRawBufferPointer
+
+    public var requestBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(storage) }
+    public var count: Int { storage.count }
+    public var bytes: [UInt8] { Array(requestBytes) }
+
+    /// The body's pieces, gathered before their total size is known.
+    struct Builder {
+        private enum Piece {
+            case text([UInt8])
+            case string(String)
+            case base64([UInt8])
+        }
+        private var pieces: [Piece] = []
+        private var text: [UInt8] = []
+
+        mutating func append(_ string: String) {
+            // A long one (the image in base64) is copied once, into the body.
+            if string.utf8.count > 1024 { flush(); pieces.append(.string(string)) } else { text.append(contentsOf: string.utf8) }
+        }
+        mutating func appendQuoted(_ string: String) { JSONText.appendQuoted(string, to: &text) }
+        mutating func appendBase64(_ bytes: [UInt8]) { flush(); pieces.append(.base64(bytes)) }
+
+        private mutating func flush() {
+            if !text.isEmpty { pieces.append(.text(text)) }
+            text = []
+        }
+
+        consuming func build() -> RunBody {
+            flush()
+            let sizes = pieces.map { piece in
+                switch piece {
+                case .text(let bytes): bytes.count
+                case .string(let string): string.utf8.count
+                case .base64(let bytes): Base64.encodedCount(bytes.count)
+                }
+            }
+            let body = RunBody(count: sizes.reduce(0, +))
+            var offset = 0
+            let base = body.storage.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            for (piece, size) in zip(pieces, sizes) {
+                switch piece {
+                case .text(let bytes): bytes.withUnsafeBytes { UnsafeMutableRawPointer(base + offset).copyMemory(from: $0.baseAddress!, byteCount: size) }
+                case .string(var string): string.withUTF8 { UnsafeMutableRawPointer(base + offset).copyMemory(from: $0.baseAddress!, byteCount: size) }
+                case .base64(let bytes): bytes.withUnsafeBytes { Base64.write($0, to: base + offset) }
+                }
+                offset += size
+            }
+            return body
+        }
+    }
+
+    private init(count: Int) {
+        let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: max(count, 1), alignment: 1)
+        storage = UnsafeMutableRawBufferPointer(rebasing: memory[..<count])
+    }
+
+    deinit { storage.deallocate() }
 }
 
 /// A job as `/run` and `/status` describe it.

@@ -24,40 +24,49 @@ public enum Base64 {
 
     /// Encodes with padding.
     public static func encode(_ bytes: [UInt8]) -> String {
-        var out: [UInt8] = []
-        bytes.withUnsafeBytes { append($0, to: &out) }
-        return String(decoding: out, as: UTF8.self)
+        let count = encodedCount(bytes.count)
+        guard count > 0 else { return "" }
+        return String(unsafeUninitializedCapacity: count) { text in
+            bytes.withUnsafeBytes { write($0, to: text.baseAddress!) }
+            return count
+        }
     }
 
-    /// Appends `input` encoded (with padding) to `out`: a megabyte of audio goes into a request
-    /// body directly, with no intermediate string.
+    /// The length of `count` bytes encoded, with padding.
+    public static func encodedCount(_ count: Int) -> Int { (count + 2) / 3 * 4 }
+
+    /// Appends `input` encoded (with padding) to `out`.
     public static func append(_ input: UnsafeRawBufferPointer, to out: inout [UInt8]) {
-        let count = input.count
         let start = out.count
-        out.append(contentsOf: repeatElement(0, count: (count + 2) / 3 * 4))
-        out.withUnsafeMutableBufferPointer { output in
-            alphabet.withUnsafeBufferPointer { alphabet in
-                var index = 0
-                var write = start
-                pairs.withUnsafeBufferPointer { pairs in
-                    let raw = UnsafeMutableRawPointer(output.baseAddress!)
-                    while index + 3 <= count {
-                        let n = Int(input[index]) << 16 | Int(input[index + 1]) << 8 | Int(input[index + 2])
-                        raw.storeBytes(of: pairs[n >> 12].littleEndian, toByteOffset: write, as: UInt16.self)
-                        raw.storeBytes(of: pairs[n & 4095].littleEndian, toByteOffset: write + 2, as: UInt16.self)
-                        index += 3
-                        write += 4
-                    }
-                }
-                let rest = count - index
-                guard rest > 0 else { return }
-                var n = UInt32(input[index]) << 16
-                if rest == 2 { n |= UInt32(input[index + 1]) << 8 }
-                output[write] = alphabet[Int(n >> 18)]
-                output[write + 1] = alphabet[Int(n >> 12 & 63)]
-                output[write + 2] = rest == 2 ? alphabet[Int(n >> 6 & 63)] : UInt8(ascii: "=")
-                output[write + 3] = UInt8(ascii: "=")
+        out.append(contentsOf: repeatElement(0, count: encodedCount(input.count)))
+        out.withUnsafeMutableBufferPointer { output in write(input, to: output.baseAddress! + start) }
+    }
+
+    /// Writes `input` encoded (with padding) at `output`, which has room for
+    /// `encodedCount(input.count)` bytes: a chunk's audio goes straight into a `/run` body.
+    public static func write(_ input: UnsafeRawBufferPointer, to output: UnsafeMutablePointer<UInt8>) {
+        let count = input.count
+        var index = 0
+        var write = 0
+        pairs.withUnsafeBufferPointer { pairs in
+            let raw = UnsafeMutableRawPointer(output)
+            while index + 3 <= count {
+                let n = Int(input[index]) << 16 | Int(input[index + 1]) << 8 | Int(input[index + 2])
+                raw.storeBytes(of: pairs[n >> 12].littleEndian, toByteOffset: write, as: UInt16.self)
+                raw.storeBytes(of: pairs[n & 4095].littleEndian, toByteOffset: write + 2, as: UInt16.self)
+                index += 3
+                write += 4
             }
+        }
+        let rest = count - index
+        guard rest > 0 else { return }
+        var n = UInt32(input[index]) << 16
+        if rest == 2 { n |= UInt32(input[index + 1]) << 8 }
+        alphabet.withUnsafeBufferPointer { alphabet in
+            output[write] = alphabet[Int(n >> 18)]
+            output[write + 1] = alphabet[Int(n >> 12 & 63)]
+            output[write + 2] = rest == 2 ? alphabet[Int(n >> 6 & 63)] : UInt8(ascii: "=")
+            output[write + 3] = UInt8(ascii: "=")
         }
     }
 

@@ -80,8 +80,12 @@ public final class CurlEngine: @unchecked Sendable {
         }
 
         /// Sets the request on the transfer's easy handle: everything but who drives it.
-        func prepare(method: String, url: String, headers: [String], timeoutMilliseconds: Int, publicOnly: Bool) {
+        func prepare(method: String, url: String, headers: [String], timeoutMilliseconds: Int, publicOnly: Bool,
+                     proxies: ProxyEnvironment = .current) {
             _ = tm_curl_easy_setopt_str(easy, CURLOPT_URL, url)
+            // Set, even when empty: libcurl then reads no environment variable for the request.
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_PROXY, proxies.proxy(for: url))
+            _ = tm_curl_easy_setopt_str(easy, CURLOPT_NOPROXY, proxies.noProxy)
             _ = tm_curl_easy_setopt_str(easy, CURLOPT_CUSTOMREQUEST, method)
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
             _ = tm_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, timeoutMilliseconds)
@@ -146,6 +150,7 @@ public final class CurlEngine: @unchecked Sendable {
     }
 
     private let multi: UnsafeMutableRawPointer
+    private let proxies: ProxyEnvironment
     private let mutex = PThreadMutex()
     private var incoming: [Transfer] = []
     private var running: [UnsafeMutableRawPointer: Transfer] = [:]
@@ -168,8 +173,10 @@ public final class CurlEngine: @unchecked Sendable {
     }
     static let globalInit: Void = { curl_global_init(Int(CURL_GLOBAL_DEFAULT)) }()
 
-    public init() {
+    /// `proxies`: the environment's, read once at start.
+    public init(proxies: ProxyEnvironment = .current) {
         Self.globalInit
+        self.proxies = proxies
         multi = curl_multi_init()!
         _ = tm_curl_multi_setopt_long(multi, CURLMOPT_PIPELINING, Int(CURLPIPE_MULTIPLEX))
         var thread = pthread_t()
@@ -218,7 +225,8 @@ public final class CurlEngine: @unchecked Sendable {
                 return
             }
             let transfer = Transfer(id: id, easy: easy, requestBody: body, bodyLimit: bodyLimit, continuation: continuation)
-            transfer.prepare(method: method, url: url, headers: headers, timeoutMilliseconds: timeoutMilliseconds, publicOnly: publicOnly)
+            transfer.prepare(method: method, url: url, headers: headers, timeoutMilliseconds: timeoutMilliseconds, publicOnly: publicOnly,
+                             proxies: proxies)
             // A cancel that came before this point finds no transfer yet: it is seen here instead.
             let asleep = mutex.withLock {
                 incoming.append(transfer)
@@ -312,6 +320,32 @@ public final class CurlHandle: @unchecked Sendable {
         // wake-up of the receiver, for a batch of spans.
         _ = tm_curl_easy_setopt_long(easy, CURLOPT_UPLOAD_BUFFERSIZE, Self.uploadBuffer)
         return try transfer.outcome(curl_easy_perform(easy)).get()
+    }
+}
+
+/// The proxies libcurl would take from the environment, read once: libcurl otherwise looks up
+/// `no_proxy`, `<scheme>_proxy` and `all_proxy` (and their upper-case forms, but `HTTP_PROXY`) in
+/// the whole environment for every request. Same rules: the scheme's variable, else `all_proxy`;
+/// an empty one means none; `no_proxy` lists the hosts reached directly.
+public struct ProxyEnvironment: Sendable {
+    public let http: String
+    public let https: String
+    public let noProxy: String
+
+    public static let current = ProxyEnvironment { name in getenv(name).map { String(cString: $0) } }
+
+    public init(_ lookup: (String) -> String?) {
+        let all = lookup("all_proxy") ?? lookup("ALL_PROXY")
+        http = lookup("http_proxy") ?? all ?? ""
+        https = lookup("https_proxy") ?? lookup("HTTPS_PROXY") ?? all ?? ""
+        noProxy = lookup("no_proxy") ?? lookup("NO_PROXY") ?? ""
+    }
+
+    public init(_ variables: [String: String]) { self.init { variables[$0] } }
+
+    /// The proxy for a request to `url`; empty for none.
+    func proxy(for url: String) -> String {
+        url.utf8.prefix(6).map { $0 | 0x20 }.elementsEqual("https:".utf8) ? https : http
     }
 }
 
