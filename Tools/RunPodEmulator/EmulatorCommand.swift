@@ -55,9 +55,9 @@ enum EmulatorCommand {
             // when the emulator stops, so runs do not leave one behind each.
             let scratch = "\(getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp")/talkmesh-runpod-emulator-\(getpid())"
             mkdir(scratch, 0o700)
-            // Renders still in flight when it stops leave their inputs behind: the whole tree goes.
-            setup.onStop.append { try? FileManager.default.removeItem(atPath: scratch) }
-            var workers = EmulatedWorkers(board: board, renderer: StillVideoRenderer(scratch: scratch), pool: BlockingWorkPool())
+            let renderer = StillVideoRenderer(scratch: scratch)
+            setup.onStop.append { await renderer.close(waitingUpTo: 10) }
+            var workers = EmulatedWorkers(board: board, renderer: renderer, pool: BlockingWorkPool())
             workers.webhookRetrySeconds = try seconds(.webhookRetry)
             workers.start()
             let apiKey = try values.string(.runPodAPIKey).flatMap { $0.isEmpty ? nil : $0 }

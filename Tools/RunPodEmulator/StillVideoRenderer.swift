@@ -1,4 +1,5 @@
 import CTalkMesh
+import Foundation
 import Glibc
 import TalkMeshBase
 import TalkMeshCore
@@ -28,14 +29,34 @@ final class StillVideoRenderer: @unchecked Sendable {
     private let lock = PThreadMutex()
     private var cache: [String: EncodedStill] = [:]
     private let scratch: String
+    /// Renders in flight (under `lock`), and whether the renderer was closed.
+    private var rendering = 0
+    private var closed = false
     static let fps: Int32 = 25
 
     init(scratch: String) {
         self.scratch = scratch
     }
 
+    /// Takes no more renders, waits up to `seconds` for those in flight (each removes its files
+    /// when it ends), then removes the scratch directory: nothing is written into it after.
+    func close(waitingUpTo seconds: Double) async {
+        lock.withLock { closed = true }
+        let deadline = MonotonicClock.nanoseconds() + Int64(seconds * 1e9)
+        while lock.withLock({ rendering > 0 }) && MonotonicClock.nanoseconds() < deadline {
+            try? await Task.sleep(nanoseconds: 10_000_000)
+        }
+        try? FileManager.default.removeItem(atPath: scratch)
+    }
+
     /// Renders and returns the MP4's bytes.
     func render(image: [UInt8], wav: [UInt8], width: Int32, height: Int32, flag: CancellationFlag) throws -> [UInt8] {
+        let admitted = lock.withLock {
+            if !closed { rendering += 1 }
+            return !closed
+        }
+        guard admitted else { throw ServiceError(.serviceUnavailable, "the emulator is stopping") }
+        defer { lock.withLock { rendering -= 1 } }
         let id = String(UInt64.random(in: 0...UInt64.max), radix: 36)
         let imagePath = "\(scratch)/\(id).image", wavPath = "\(scratch)/\(id).wav", outputPath = "\(scratch)/\(id).mp4"
         defer { unlink(imagePath); unlink(wavPath); unlink(outputPath) }
