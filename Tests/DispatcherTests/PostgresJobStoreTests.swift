@@ -16,6 +16,14 @@ import TalkMeshMessages
         newJobRecord(owner: owner, key: key, created: created)
     }
 
+    /// Ends a job's lease now, as if its holder had stopped renewing it long ago: no sleep that a
+    /// loaded machine (a sanitizer run) could stretch past a short lease before it is checked.
+    func expireLease(_ id: String, in store: PostgresJobStore) async throws {
+        try await store.pool.with { db in
+            _ = try db.execute("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE id = $1", [.text(id)])
+        }
+    }
+
     @Test func twoReplicasNeverClaimTheSameJob() async throws {
         let url = try database()
         let a = try replica(url), b = try replica(url)
@@ -37,12 +45,12 @@ import TalkMeshMessages
 
     @Test func anExpiredLeaseIsTakenOverAndTheOldOwnerIsFencedOut() async throws {
         let url = try database()
-        let a = try replica(url, lease: 0.5), b = try replica(url, lease: 0.5)
+        let a = try replica(url), b = try replica(url)
         var record = try await a.create(newJob()).record
         try record.move(to: .running, at: 2)
         record = try await a.update(record)  // A holds it: its write goes through
         #expect(try await b.claimUnfinished(limit: 5, running: []).isEmpty)
-        try await Task.sleep(for: .milliseconds(700))  // A paused past its lease
+        try await expireLease(record.id, in: b)  // A paused past its lease
         #expect(try await b.claimUnfinished(limit: 5, running: []) == [record.id])
         // A wakes up: its write (same version it last stored) is refused as LEASE_LOST, not a conflict.
         var stale = record
@@ -79,18 +87,18 @@ import TalkMeshMessages
 
     @Test func aHeartbeatKeepsTheLeaseAndReportsWhatWasLost() async throws {
         let url = try database()
-        let a = try replica(url, lease: 0.6), b = try replica(url, lease: 0.6)
+        // Heartbeats 0.7 s apart keep 2 s leases past their first term. (0.2 s against 0.6 s left
+        // too little room: a TSan run on a loaded machine once took over 0.5 s between two calls.)
+        let a = try replica(url, lease: 2), b = try replica(url, lease: 2)
         let kept = try await a.create(newJob(created: 1)).record.id
         let lost = try await a.create(newJob(created: 2)).record.id
         for _ in 0..<4 {
-            try await Task.sleep(for: .milliseconds(200))
+            try await Task.sleep(for: .milliseconds(700))
             #expect(try await a.heartbeat().isEmpty)
         }
         #expect(try await b.claimUnfinished(limit: 5, running: []).isEmpty, "renewed leases hold")
         // Only `lost` goes stale (as if A stopped renewing it): B claims it, A's heartbeat says so.
-        try await b.pool.with { db in
-            _ = try db.execute("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE id = $1", [.text(lost)])
-        }
+        try await expireLease(lost, in: b)
         #expect(try await b.claimUnfinished(limit: 5, running: []) == [lost])
         #expect(try await a.heartbeat() == [lost])
         #expect(a.holding == [kept])
