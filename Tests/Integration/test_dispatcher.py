@@ -369,9 +369,12 @@ def test_cancel_mid_flight(mesh_factory):
 
 
 def test_job_timeout_ends_timed_out(mesh_factory):
-    mesh = mesh_factory(emulator_args=["--speed", "2"], dispatcher_env={"JOB_TIMEOUT": "4s"})
+    # 10 s: time for the resize and split under a sanitizer too (at 4 s a TSan run timed the job
+    # out before any chunk reached RunPod, so there was nothing to cancel); a chunk takes 12 s.
+    mesh = mesh_factory(emulator_args=["--speed", "2"], dispatcher_env={"JOB_TIMEOUT": "10s"})
     job = mesh.wait(mesh.create(options={"chunk_target_sec": 6}).id, timeout=60)
     assert job.status == pb.TIMED_OUT and job.error.code == "JOB_TIMED_OUT"
+    assert routes(mesh, "run"), "no chunk reached RunPod before the timeout"
     assert routes(mesh, "cancel")
     assert intermediates_left(mesh, job.id) == []
 
