@@ -67,14 +67,14 @@ def emulator():
     assert service.stop() == 0
 
 
-def test_run_status_lifecycle_and_rendered_video(emulator, media_inputs):
+def test_run_status_lifecycle_and_rendered_video(emulator, media_inputs, tmp_path):
     status, job, _ = call(emulator, "POST", "/v2/ep/run", body(media_inputs))
     assert status == 200 and job["status"] == "IN_QUEUE" and job["id"]
     done = wait_terminal(emulator, job["id"])
     assert done["status"] == "COMPLETED"
     assert {"id", "status", "delayTime", "executionTime", "workerId", "output"} <= set(done)
     video = base64.b64decode(done["output"]["video"])
-    path = tempfile.mktemp(suffix=".mp4")
+    path = str(tmp_path / "video.mp4")  # pytest removes it (a mktemp name had stayed in /tmp)
     with open(path, "wb") as fh:
         fh.write(video)
     streams = json.loads(subprocess.run(["ffprobe", "-v", "error", "-of", "json", "-show_streams", path],
