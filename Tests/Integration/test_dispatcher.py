@@ -3,6 +3,7 @@ Speech from espeak-ng; the final MP4 checked with ffprobe; RunPod's side read fr
 stats and request log."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -208,6 +209,12 @@ def test_three_minute_speech_job_completes(mesh_factory, inputs):
     assert f'talkmesh_dispatcher_events_total{{event="runpod_submissions"}} {len(job.chunks)}' in metrics
     assert f"talkmesh_dispatcher_runpod_execution_seconds_count {len(job.chunks)}" in metrics
     assert "talkmesh_dispatcher_job_duration_seconds_count 1" in metrics
+    # Every poll is counted by what it found: each chunk was found COMPLETED exactly once, and
+    # the polls counted are the /status requests the emulator saw.
+    polls = {m.group(1): int(m.group(2)) for m in re.finditer(r'event="runpod_polls_(\w+)"\} (\d+)', metrics)}
+    assert polls.get("completed") == len(job.chunks), polls
+    status_requests = len(routes(mesh, "status"))
+    assert sum(polls.values()) == status_requests, (polls, status_requests)
 
 
 def test_watch_sees_every_change_in_order(mesh_factory):

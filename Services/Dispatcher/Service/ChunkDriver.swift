@@ -150,6 +150,7 @@ struct ChunkDriver {
 
     /// Acts on one status answer; returns the wait before the next poll.
     private func handle(_ status: RunPodJob, chunk: JobChunk, previousWait: Double) async throws -> Double {
+        context.counters.count(event: status.status.pollEvent)
         switch status.status {
         case .inQueue, .inProgress, .running:
             let running = status.status != .inQueue

@@ -8,6 +8,20 @@ public enum RunPodStatus: String, Sendable, Hashable {
     case failed = "FAILED", cancelled = "CANCELLED", timedOut = "TIMED_OUT"
 
     public var isTerminal: Bool { [.completed, .failed, .cancelled, .timedOut].contains(self) }
+
+    /// The Dispatcher's event for a poll that found this status: how many polls it takes to
+    /// find chunks done (`talkmesh_dispatcher_events_total{event="runpod_polls_in_progress"}`, …).
+    var pollEvent: String {
+        switch self {
+        case .inQueue: "runpod_polls_in_queue"
+        case .inProgress: "runpod_polls_in_progress"
+        case .running: "runpod_polls_running"
+        case .completed: "runpod_polls_completed"
+        case .failed: "runpod_polls_failed"
+        case .cancelled: "runpod_polls_cancelled"
+        case .timedOut: "runpod_polls_timed_out"
+        }
+    }
 }
 
 /// What InfiniteTalk workers take (wlsdml1114/Infinitetalk_Runpod_hub's handler and its forks).
