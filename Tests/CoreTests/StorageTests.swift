@@ -44,6 +44,23 @@ struct StorageTests {
         #expect(names.isEmpty)
     }
 
+    @Test("the store makes missing directories at any depth, its root's too, and refuses a path through a file")
+    func directoriesAreMadeFromTheDeepestUp() throws {
+        let base = FileManager.default.temporaryDirectory.appendingPathComponent("talkmesh-store-test-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let store = try FileBlobStore(root: base + "/a/b/c/")
+        #expect(store.root == base + "/a/b/c")
+        try store.put(try BlobKey("jobs/j1/parts/0000.mp4"), [7])
+        try store.put(try BlobKey("jobs/j1/parts/0001.mp4"), [8])
+        try store.put(try BlobKey("jobs/j2/x.bin"), [9])
+        #expect(try store.get(try BlobKey("jobs/j1/parts/0001.mp4")) == [8])
+        #expect(try store.list(prefix: "jobs/").map(\.key.rawValue) == ["jobs/j1/parts/0000.mp4", "jobs/j1/parts/0001.mp4", "jobs/j2/x.bin"])
+        // A file where a directory must go: a clear error, not a crash or a blob half written.
+        try store.put(try BlobKey("file"), [1])
+        #expect(throws: ServiceError.self) { try store.put(try BlobKey("file/below"), [2]) }
+        #expect(throws: ServiceError.self) { try FileBlobStore(root: base + "/a/b/c/file/root") }
+    }
+
     @Test("a retired blob's file becomes the next scratch file (same inode); big ones and those past the cap are deleted")
     func retiredFilesAreReused() throws {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent("talkmesh-store-test-\(UUID().uuidString)").path

@@ -192,12 +192,13 @@ public struct FileBlobStore: BlobStore {
         return ServiceError(.storageFailed, "the blob store failed (\(what))", cause: cause)
     }
 
+    /// `mkdir -p`, from the deepest directory up: a store's directories mostly exist but for the
+    /// last level (a job's first part), so that is one `mkdir`, not one per level of the path.
     static func makeDirectories(_ path: String) throws {
-        var current = ""
-        for segment in path.split(separator: "/") {
-            current += "/" + segment
-            if mkdir(current, 0o755) != 0 && errno != EEXIST { throw failure("mkdir", current) }
-        }
+        if mkdir(path, 0o755) == 0 || errno == EEXIST { return }
+        guard errno == ENOENT, let slash = path.lastIndex(of: "/"), slash != path.startIndex else { throw failure("mkdir", path) }
+        try makeDirectories(String(path[..<slash]))
+        if mkdir(path, 0o755) != 0 && errno != EEXIST { throw failure("mkdir", path) }
     }
 
     /// Writes a whole file and fsyncs it (the rename that follows publishes complete bytes).
