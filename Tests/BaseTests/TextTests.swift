@@ -17,14 +17,16 @@ struct TextTests {
         #expect(Base64.decode("not base64!") == nil)
     }
 
-    @Test("base64 appended into a buffer and decoded as a stream in pieces of any size match Foundation")
+    @Test("base64 written into a buffer and decoded as a stream in pieces of any size match Foundation")
     func base64Stream() throws {
         var generator = SystemRandomNumberGenerator()
         for length in [0, 1, 2, 3, 4, 5, 57, 1000, 65_537] {
             let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
-            var out = Array("prefix:".utf8)
-            bytes.withUnsafeBytes { Base64.append($0, to: &out) }
-            #expect(String(decoding: out.dropFirst(7), as: UTF8.self) == Data(bytes).base64EncodedString())
+            // Written after a prefix, into room of exactly `encodedCount`, and nothing past it touched.
+            var out = Array("prefix:".utf8) + [UInt8](repeating: 0xAA, count: Base64.encodedCount(length) + 3)
+            out.withUnsafeMutableBufferPointer { output in bytes.withUnsafeBytes { Base64.write($0, to: output.baseAddress! + 7) } }
+            #expect(String(decoding: out[7..<(7 + Base64.encodedCount(length))], as: UTF8.self) == Data(bytes).base64EncodedString())
+            #expect(out.suffix(3) == [0xAA, 0xAA, 0xAA])
             for piece in [1, 3, 4, 7, 4096] {
                 var stream = Base64Stream()
                 var decoded: [UInt8] = []

@@ -61,6 +61,22 @@ struct StorageTests {
         #expect(throws: ServiceError.self) { try FileBlobStore(root: base + "/a/b/c/file/root") }
     }
 
+    @Test("readAll returns a file's bytes whatever its size, and a file whose stat size is 0 but has bytes")
+    func readAllReadsWholeFiles() throws {
+        let base = FileManager.default.temporaryDirectory.appendingPathComponent("talkmesh-read-test-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        for size in [0, 1, 65_535, 65_536, 200_001] {
+            let bytes = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+            try FileBlobStore.writeAll(base + "/f\(size)", bytes)
+            #expect(try FileBlobStore.readAll(base + "/f\(size)") == bytes)
+        }
+        // /proc files state a size of 0 and still have bytes.
+        let status = String(decoding: try FileBlobStore.readAll("/proc/self/status"), as: UTF8.self)
+        #expect(status.hasPrefix("Name:") && status.contains("VmRSS"))
+        #expect(throws: ServiceError.self) { try FileBlobStore.readAll(base + "/missing") }
+    }
+
     @Test("a retired blob's file becomes the next scratch file (same inode); big ones and those past the cap are deleted")
     func retiredFilesAreReused() throws {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent("talkmesh-store-test-\(UUID().uuidString)").path

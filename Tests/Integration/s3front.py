@@ -10,8 +10,10 @@ faults on demand (throttling, 500s, dropped connections) so retries can be teste
 import hashlib
 import http.client
 import http.server
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -59,6 +61,9 @@ class S3Front:
         self.requests = []        # (method, path, status)
         self.rejections = []      # why a request was refused
         self.max_body = 0
+        # The services' S3_SCRATCH_DIR unless a test names its own: removed with the front, where
+        # the default ($TMPDIR/talkmesh-scratch) would outlive every run.
+        self.scratch = tempfile.mkdtemp(prefix="talkmesh-s3-scratch-")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -105,6 +110,7 @@ class S3Front:
             self.moto.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.moto.kill()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     @property
     def endpoint(self):
@@ -121,7 +127,7 @@ class S3Front:
 
     def env(self, bucket, prefix="", **extra):
         url = f"s3://{bucket}" + (f"/{prefix}" if prefix else "")
-        return {"BLOB_STORE": url, "S3_ENDPOINT": self.endpoint, "S3_REGION": REGION,
+        return {"BLOB_STORE": url, "S3_ENDPOINT": self.endpoint, "S3_REGION": REGION, "S3_SCRATCH_DIR": self.scratch,
                 "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **extra}
 
     def keys(self, bucket, prefix=""):

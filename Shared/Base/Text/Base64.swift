@@ -35,13 +35,6 @@ public enum Base64 {
     /// The length of `count` bytes encoded, with padding.
     public static func encodedCount(_ count: Int) -> Int { (count + 2) / 3 * 4 }
 
-    /// Appends `input` encoded (with padding) to `out`.
-    public static func append(_ input: UnsafeRawBufferPointer, to out: inout [UInt8]) {
-        let start = out.count
-        out.append(contentsOf: repeatElement(0, count: encodedCount(input.count)))
-        out.withUnsafeMutableBufferPointer { output in write(input, to: output.baseAddress! + start) }
-    }
-
     /// Writes `input` encoded (with padding) at `output`, which has room for
     /// `encodedCount(input.count)` bytes: a chunk's audio goes straight into a `/run` body.
     public static func write(_ input: UnsafeRawBufferPointer, to output: UnsafeMutablePointer<UInt8>) {

@@ -224,12 +224,33 @@ public struct FileBlobStore: BlobStore {
         }
     }
 
-    /// Reads a whole file.
+    /// Reads a whole file: into an array of the size `fstat` gives (one copy, out of the page
+    /// cache), and on past it if the file grew meanwhile.
     public static func readAll(_ path: String) throws -> [UInt8] {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw errno == ENOENT ? ServiceError(.notFound, "no file \(path)") : failure("open", path) }
         defer { close(fd) }
-        var out: [UInt8] = []
+        var info = stat()
+        let expected = fstat(fd, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG ? Int(info.st_size) : 0
+        var failed = false
+        var out = [UInt8](unsafeUninitializedCapacity: expected) { buffer, count in
+            while count < expected {
+                let got = Glibc.read(fd, buffer.baseAddress! + count, expected - count)
+                if got < 0 { if errno == EINTR { continue }; failed = true; return }
+                if got == 0 { return }  // the file shrank
+                count += got
+            }
+        }
+        if failed { throw failure("read", path) }
+        // At the end, as a rule: one byte's read says so before any buffer is made.
+        var probe: UInt8 = 0
+        while true {
+            let got = Glibc.read(fd, &probe, 1)
+            if got < 0 { if errno == EINTR { continue }; throw failure("read", path) }
+            if got == 0 { return out }
+            out.append(probe)
+            break
+        }
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
         while true {
             let count = Glibc.read(fd, &buffer, buffer.count)
