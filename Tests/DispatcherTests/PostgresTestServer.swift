@@ -4,7 +4,8 @@ import Glibc
 /// A real PostgreSQL server for the tests of the PostgreSQL adapter: `initdb` into a scratch
 /// directory and `postgres` on a free loopback port, as the `postgres` user when the tests run as
 /// root (PostgreSQL refuses root). One server per test process; each test takes a database of its
-/// own. The server is stopped when the process exits. scripts/bootstrap installs it.
+/// own. The server is stopped when the process exits, or within a second of its death when it is
+/// killed. scripts/bootstrap installs it.
 final class PostgresTestServer: Sendable {
     let port: Int
     let directory: String
@@ -29,7 +30,18 @@ final class PostgresTestServer: Sendable {
         try Self.run(prefix + ["\(binaries)/initdb", "-D", "\(directory)/data", "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
         port = Self.freePort()
         let server = Process()
-        let command = prefix + ["\(binaries)/postgres", "-D", "\(directory)/data", "-p", "\(port)", "-k", directory,
+        // The server runs under a watchdog shell that stops it and removes its directory when this
+        // test process is gone, however it ended: `atexit` below covers only a normal exit, and a
+        // parent-death signal would fire when the thread that spawned it ends, not the process.
+        let watchdog = """
+            "$@" & server=$!
+            trap 'kill -INT $server 2>/dev/null' INT TERM
+            while [ -d /proc/\(getpid()) ] && kill -0 $server 2>/dev/null; do sleep 1; done
+            kill -INT $server 2>/dev/null; wait $server
+            rm -rf '\(directory)'
+            """
+        let command = prefix + ["/bin/sh", "-c", watchdog, "talkmesh-pg-watchdog",
+                                "\(binaries)/postgres", "-D", "\(directory)/data", "-p", "\(port)", "-k", directory,
                                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"]
         server.executableURL = URL(fileURLWithPath: command[0])
         server.arguments = Array(command.dropFirst())
