@@ -50,7 +50,16 @@ class PostgresServer:
         if not durable:
             settings += ["-c", "fsync=off", "-c", "full_page_writes=off"]
         self.log = open(os.path.join(self.dir, "postgres.log"), "w")
-        self.proc = subprocess.Popen([*wrap, *self._as, _bin("postgres"), "-D", self.data, "-p", str(self.port), "-k", self.dir, *settings],
+        # Under a watchdog shell that stops the server and removes its directory once this process
+        # is gone, however it ended (a test run killed outright left servers running); SIGINT to
+        # the shell (`stop`) is passed on within a second.
+        watchdog = (f'"$@" & server=$!\n'
+                    f"trap 'kill -INT $server 2>/dev/null' INT TERM\n"
+                    f"while [ -d /proc/{os.getpid()} ] && kill -0 $server 2>/dev/null; do sleep 1; done\n"
+                    f"kill -INT $server 2>/dev/null; wait $server\n"
+                    f"rm -rf '{self.dir}'\n")
+        self.proc = subprocess.Popen([*wrap, *self._as, "/bin/sh", "-c", watchdog, "talkmesh-pg-watchdog",
+                                      _bin("postgres"), "-D", self.data, "-p", str(self.port), "-k", self.dir, *settings],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
         while subprocess.run([_bin("pg_isready"), "-h", host, "-p", str(self.port), "-q"]).returncode != 0:
