@@ -30,17 +30,14 @@ final class PostgresTestServer: Sendable {
         try Self.run(prefix + ["\(binaries)/initdb", "-D", "\(directory)/data", "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
         port = Self.freePort()
         let server = Process()
-        // The server runs under a watchdog shell that stops it and removes its directory when this
-        // test process is gone, however it ended: `atexit` below covers only a normal exit, and a
-        // parent-death signal would fire when the thread that spawned it ends, not the process.
-        let watchdog = """
-            "$@" & server=$!
-            trap 'kill -INT $server 2>/dev/null' INT TERM
-            while [ -d /proc/\(getpid()) ] && kill -0 $server 2>/dev/null; do sleep 1; done
-            kill -INT $server 2>/dev/null; wait $server
-            rm -rf '\(directory)'
-            """
-        let command = prefix + ["/bin/sh", "-c", watchdog, "talkmesh-pg-watchdog",
+        // Under the watchdog shell the Python tests use too (Tests/Integration/pgwatchdog.sh): it
+        // stops the server and removes its directory once this test process is gone, however it
+        // ended. `atexit` below covers only a normal exit, and a parent-death signal would fire
+        // when the thread that spawned it ends, not the process.
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Integration/pgwatchdog.sh")
+        let watchdog = try String(contentsOf: script, encoding: .utf8)
+        let command = prefix + ["/bin/sh", "-c", watchdog, "talkmesh-pg-watchdog", "\(getpid())", directory,
                                 "\(binaries)/postgres", "-D", "\(directory)/data", "-p", "\(port)", "-k", directory,
                                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"]
         server.executableURL = URL(fileURLWithPath: command[0])

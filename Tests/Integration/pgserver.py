@@ -50,15 +50,11 @@ class PostgresServer:
         if not durable:
             settings += ["-c", "fsync=off", "-c", "full_page_writes=off"]
         self.log = open(os.path.join(self.dir, "postgres.log"), "w")
-        # Under a watchdog shell that stops the server and removes its directory once this process
-        # is gone, however it ended (a test run killed outright left servers running); SIGINT to
-        # the shell (`stop`) is passed on within a second.
-        watchdog = (f'"$@" & server=$!\n'
-                    f"trap 'kill -INT $server 2>/dev/null' INT TERM\n"
-                    f"while [ -d /proc/{os.getpid()} ] && kill -0 $server 2>/dev/null; do sleep 1; done\n"
-                    f"kill -INT $server 2>/dev/null; wait $server\n"
-                    f"rm -rf '{self.dir}'\n")
-        self.proc = subprocess.Popen([*wrap, *self._as, "/bin/sh", "-c", watchdog, "talkmesh-pg-watchdog",
+        # Under a watchdog shell (pgwatchdog.sh) that stops the server and removes its directory once
+        # this process is gone, however it ended (a test run killed outright left servers running).
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pgwatchdog.sh")) as fh:
+            watchdog = fh.read()
+        self.proc = subprocess.Popen([*wrap, *self._as, "/bin/sh", "-c", watchdog, "talkmesh-pg-watchdog", str(os.getpid()), self.dir,
                                       _bin("postgres"), "-D", self.data, "-p", str(self.port), "-k", self.dir, *settings],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
