@@ -104,6 +104,31 @@ import TalkMeshMessages
         await #expect(throws: CancellationError.self) { try await already.value }
     }
 
+    @Test func pollWaitsDueWithinTheBatchWindowEndInOneWakeUpAndNoneEarly() async throws {
+        // Deadlines 50, 120 and 200 ms: with a 400 ms window the thread wakes once, 450 ms in,
+        // and resumes all three; a wait registered later, due after that wake-up, is a batch of
+        // its own. Without a window, each is its own wake-up (3 when a late wake-up merged two).
+        for (window, expected) in [(Int64(400_000_000), 2...2), (0, 3...4)] {
+            let timer = PollTimer(batchNanoseconds: window)
+            let start = MonotonicClock.nanoseconds()
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for seconds in [0.2, 0.05, 0.12] {
+                    group.addTask {
+                        try await timer.sleep(seconds: seconds)
+                        #expect(MonotonicClock.nanoseconds() - start >= Int64(seconds * 1e9))
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let elapsed = MonotonicClock.nanoseconds() - start
+            if window > 0 { #expect(elapsed >= 450_000_000) }
+            try await timer.sleep(seconds: 0.01)
+            let statistics = timer.statistics
+            #expect(statistics.resumed == 4)
+            #expect(expected.contains(statistics.batches), "window \(window) ns: \(statistics.batches) wake-ups")
+        }
+    }
+
     @Test func theInFlightLimitNeverExceedsItsCapacity() async throws {
         let limit = LocalInFlightSlots(capacity: 3)
         try await withThrowingTaskGroup(of: Void.self) { group in

@@ -37,6 +37,8 @@ extension Setting {
                                               help: "the Gateway's `/v1/runpod-webhook` as RunPod reaches it: chunks end on RunPod's webhook, polls slow down")
     static let runpodWebhookPoll = Setting("RUNPOD_WEBHOOK_POLL", .duration(.seconds(1) ... .seconds(600)), default: "30s",
                                            help: "with RunPod webhooks, the safety-net poll of each chunk")
+    static let runpodPollBatch = Setting("RUNPOD_POLL_BATCH", .duration(.zero ... .seconds(1)), default: "100ms",
+                                         help: "polls due within this long of each other go out together (a poll is at most this late; 0: each on its own)")
     static let runpodInputs = Setting("RUNPOD_INPUTS", .choice(["auto", "base64"]), default: "auto",
                                       help: "`auto`: presigned `image_url`/`wav_url` when the blob store is S3, else base64")
     static let retentionSweepInterval = Setting("RETENTION_SWEEP_INTERVAL", .duration(.milliseconds(100) ... .seconds(86_400)), default: "1m",
@@ -49,7 +51,7 @@ enum DispatcherCommand {
     static let settings: [Setting] = BlobSettings.table + [
         .jobStore, .leaseTTL, .mediaAddr, .audioAddr, .maxConcurrentChunks, .maxRunPodJobsInFlight, .chunkMaxAttempts, .jobTimeout,
         .chunkTargetSec, .videoRetention, .jobRetention, .retentionSweepInterval, .webhookAllowPrivate, .webhookBackoffInitial,
-        .webhookMaxAge, .webhookTimeout, .runpodWebhookBaseURL, .runpodWebhookPoll, .runpodInputs,
+        .webhookMaxAge, .webhookTimeout, .runpodWebhookBaseURL, .runpodWebhookPoll, .runpodPollBatch, .runpodInputs,
     ] + Setting.runPod
 
     static func main() {
@@ -70,6 +72,7 @@ enum DispatcherCommand {
             }
             configuration.runpodWebhookPollSeconds = Double(try settings.duration(.runpodWebhookPoll).nanosecondsClamped) / 1e9
             configuration.runpodInputURLs = try settings.string(.runpodInputs) != "base64"
+            configuration.pollBatchSeconds = Double(try settings.duration(.runpodPollBatch).nanosecondsClamped) / 1e9
             var webhooks = WebhookConfiguration()
             webhooks.allowPrivate = configuration.webhookAllowPrivate
             webhooks.backoffInitialSeconds = Double(try settings.duration(.webhookBackoffInitial).nanosecondsClamped) / 1e9

@@ -55,7 +55,7 @@ struct ChunkDriver {
                 if webhook(for: record.job) != nil {
                     try await runner.wait(chunk: index, seconds: wait)
                 } else {
-                    try await PollTimer.shared.sleep(seconds: wait)
+                    try await context.pollTimer.sleep(seconds: wait)
                 }
                 let status: RunPodJob
                 if attempt.span == nil { attempt.begin(index: index, number: chunk.attempts, runpodJobID: chunk.runpodJobId, resumed: true) }

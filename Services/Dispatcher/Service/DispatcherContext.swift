@@ -34,6 +34,9 @@ public struct DispatcherConfiguration: Sendable {
     public var runpodInputURLs = true
     /// How long those URLs stay valid, seconds: RunPod's default job TTL (24 h).
     public var runpodInputURLSeconds = 86_400
+    /// Polls due within this long of each other go out together (`RUNPOD_POLL_BATCH`), seconds:
+    /// a poll is at most this late, and the Dispatcher wakes once for the batch (`PollTimer`).
+    public var pollBatchSeconds = 0.1
 
     public init() {}
 }
@@ -54,6 +57,8 @@ public struct DispatcherContext: Sendable {
     public var slots: any InFlightSlots
     public var throughput = Throughput()
     public var planner = PollPlanner()
+    /// The waits between polls (one thread), batched by `pollBatchSeconds`.
+    let pollTimer: PollTimer
     public var counters = DispatcherCounters()
     public var logger: Logger
 
@@ -76,5 +81,6 @@ public struct DispatcherContext: Sendable {
         self.clock = clock
         self.logger = logger
         self.slots = slots ?? LocalInFlightSlots(capacity: configuration.maxRunPodJobsInFlight)
+        pollTimer = PollTimer(batchNanoseconds: Int64(configuration.pollBatchSeconds * 1e9))
     }
 }
