@@ -59,6 +59,8 @@ public struct DispatcherContext: Sendable {
     public var planner = PollPlanner()
     /// The waits between polls (one thread), batched by `pollBatchSeconds`.
     let pollTimer: PollTimer
+    /// The thread every job's workflow runs on.
+    public let workflowExecutor = WorkflowExecutor()
     public var counters = DispatcherCounters()
     public var logger: Logger
 

@@ -47,14 +47,15 @@ public actor JobRunner {
         var trace = TraceContext.parse(traceparent: record.job.traceparent)
         trace?.traceState = TraceContext.validTraceState(record.job.tracestate)
         let id = record.id
-        workflow = Task {
+        // On the workflow thread, with its chunk drivers (child tasks keep the preference).
+        workflow = Task(executorPreference: context.workflowExecutor) {
             try? await TalkMeshTracer.shared.withSpan(resumed ? "job.resume" : "job.workflow", parent: trace) { span in
                 span.set("talkmesh.job_id", id)
                 if resumed, let trace { span.addLink(trace, attributes: ["talkmesh.link": "created_by"]) }
                 await self.runToEnd()
-                span.set("talkmesh.job_status", "\(self.record.status)")
+                span.set("talkmesh.job_status", "\(await self.record.status)")
             }
-            await onEnd(self.record.id)
+            await onEnd(id)
         }
     }
 
