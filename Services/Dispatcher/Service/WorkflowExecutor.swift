@@ -18,13 +18,14 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
     private var sleeping = false
     /// Wake-ups of the thread (tests).
     private var wakeUps = 0
+    private let name: String
 
     public init(name: String = "workflow") {
+        self.name = name
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(condition, nil)
-        let box = Unmanaged.passRetained(ThreadStart(executor: self, name: name)).toOpaque()
         var thread = pthread_t()
-        pthread_create(&thread, nil, workflowThread, box)
+        pthread_create(&thread, nil, workflowThread, Unmanaged.passRetained(self).toOpaque())
         pthread_detach(thread)
     }
 
@@ -46,6 +47,7 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
     }
 
     fileprivate func run() -> Never {
+        ThreadName.set(name)
         var batch: [UnownedJob] = []
         let executor = asUnownedTaskExecutor()
         pthread_mutex_lock(mutex)
@@ -65,18 +67,6 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
     }
 }
 
-private final class ThreadStart {
-    let executor: WorkflowExecutor
-    let name: String
-
-    init(executor: WorkflowExecutor, name: String) {
-        self.executor = executor
-        self.name = name
-    }
-}
-
 private func workflowThread(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
-    let start = Unmanaged<ThreadStart>.fromOpaque(context!).takeRetainedValue()
-    ThreadName.set(start.name)
-    start.executor.run()
+    Unmanaged<WorkflowExecutor>.fromOpaque(context!).takeUnretainedValue().run()
 }
