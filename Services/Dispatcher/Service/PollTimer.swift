@@ -8,13 +8,13 @@ import TalkMeshBase
 ///
 /// Waits are batched (`RUNPOD_POLL_BATCH`): the thread wakes `batch` after the earliest deadline
 /// and resumes every wait due by then (and within `slack` of it), never one before its deadline.
-/// A batch of polls then goes out together: one wake-up of the timer, of Swift's pool and of
-/// libcurl's thread for several polls instead of one each. On a machine where the Dispatcher
+/// A batch of polls then goes out together: one wake-up of the timer, of the workflow thread and
+/// of libcurl's thread for several polls instead of one each. On a machine where the Dispatcher
 /// is mostly idle, each wake-up finds cold caches and costs far more than the work it does
 /// (a lone unary call costs 4–5× the CPU of one in a busy stream); batching polls by 100 ms cut
-/// the Dispatcher's voluntary context switches by 40 % and its CPU per chunk by about a quarter.
+/// the Dispatcher's voluntary context switches by 40 % and its CPU per chunk by a fifth to a
+/// quarter (bench/dispatcher, interleaved runs).
 final class PollTimer: @unchecked Sendable {
-
     /// One wait; its state changes under the timer's mutex.
     private final class Waiter: @unchecked Sendable {
         let deadline: Int64
