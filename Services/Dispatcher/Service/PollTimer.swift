@@ -4,7 +4,7 @@ import TalkMeshBase
 /// The waits between a chunk's polls, on one thread: a heap of deadlines. `Task.sleep` armed a
 /// libdispatch timer source per wait and woke its manager thread to program it and again to fire
 /// it; with thousands of chunks polling, those wake-ups were a tenth of the Dispatcher's CPU
-/// (bench/dispatcher). Registering a wait wakes the thread only when it is the new earliest.
+/// (bench/dispatcher). Registering a wait wakes the thread only when it moves the wake-up earlier.
 ///
 /// Waits are batched (`RUNPOD_POLL_BATCH`): the thread wakes `batch` after the earliest deadline
 /// and resumes every wait due by then (and within `slack` of it), never one before its deadline.
