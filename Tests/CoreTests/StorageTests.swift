@@ -6,7 +6,9 @@ import TalkMeshCore
 
 @Suite("Blob keys and the file store")
 struct StorageTests {
-    @Test("keys that could escape the root are refused", arguments: ["", "/etc/passwd", "../x", "a/../b", "a//b", "a/./b", "a b", "a\\b", "é.wav", "x/"])
+    @Test("keys that could escape the root are refused", arguments: ["", "/etc/passwd", "../x", "a/../b", "a//b", "a/./b", "a b", "a\\b", "é.wav", "x/", ".", "..", "a/..", "a/.",
+                                                                  String(repeating: "s", count: 256), "a/" + String(repeating: "s", count: 256) + "/b",
+                                                                  String(repeating: "a/", count: 256) + "a"])
     func badKeys(text: String) {
         #expect(throws: ServiceError.self) { try BlobKey(text) }
     }
@@ -16,6 +18,10 @@ struct StorageTests {
         #expect(try BlobKey("jobs/abc-1/image.png").rawValue == "jobs/abc-1/image.png")
         #expect(try BlobKey("jobs/a/audio.mp3").replacingExtension(with: "chunks") == "jobs/a/audio.chunks")
         #expect(try BlobKey("jobs/a/noext").replacingExtension(with: "chunks") == "jobs/a/noext.chunks")
+        for text in ["...", "a/.../b", ".hidden/x", "a/b..", "_-.x", String(repeating: "s", count: 255),
+                     String(repeating: "s", count: 255) + "/" + String(repeating: "t", count: 255)] {
+            #expect(try BlobKey(text).rawValue == text)
+        }
     }
 
     @Test("put, get, exists, delete; writes are atomic (no partial file left)")

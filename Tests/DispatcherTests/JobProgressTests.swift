@@ -129,6 +129,49 @@ import TalkMeshMessages
         }
     }
 
+    @Test func cancelledLongWaitsLeaveTheHeapOnceTheyAreHalfOfIt() async throws {
+        // A job's watchdog waits until the job's deadline and is cancelled when the job ends:
+        // those waits must not pile up in the heap for an hour.
+        let timer = PollTimer()
+        let kept = Task { try await timer.sleep(seconds: 3600) }
+        let sleepers = (0..<200).map { _ in Task { try await timer.sleep(seconds: 3600) } }
+        for _ in 0..<500 where timer.heapCount < 201 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(timer.heapCount == 201)
+        for sleeper in sleepers { sleeper.cancel() }
+        for sleeper in sleepers { await #expect(throws: CancellationError.self) { try await sleeper.value } }
+        // Swept at 101 of 201 cancelled, then at 64 of 100: 36 left, the kept wait among them.
+        #expect(timer.heapCount == 36)
+        try await timer.sleep(seconds: 0.05)
+        kept.cancel()
+        await #expect(throws: CancellationError.self) { try await kept.value }
+    }
+
+    @Test func waitersGetSlotsInArrivalOrderAndACancelledOneIsSkipped() async throws {
+        let limit = LocalInFlightSlots(capacity: 1)
+        try await limit.acquire(job: "a", chunk: 0)
+        let order = Locked<[Int]>([])
+        var waiters: [Task<Void, any Error>] = []
+        for chunk in 1...5 {
+            waiters.append(Task {
+                try await limit.acquire(job: "a", chunk: chunk)
+                order.withLock { $0.append(chunk) }
+            })
+            try await Task.sleep(for: .milliseconds(20))  // queued in this order
+        }
+        waiters[2].cancel()  // chunk 3
+        await #expect(throws: CancellationError.self) { try await waiters[2].value }
+        var holder = 0
+        for expected in [1, 2, 4, 5] {
+            await limit.release(job: "a", chunk: holder)
+            for _ in 0..<200 where order.withLock({ $0.last }) != expected { try await Task.sleep(for: .milliseconds(5)) }
+            holder = expected
+        }
+        #expect(order.withLock { $0 } == [1, 2, 4, 5])
+        #expect(await limit.inUse == 1)
+        await limit.release(job: "a", chunk: 5)
+        #expect(await limit.inUse == 0)
+    }
+
     @Test func theInFlightLimitNeverExceedsItsCapacity() async throws {
         let limit = LocalInFlightSlots(capacity: 3)
         try await withThrowingTaskGroup(of: Void.self) { group in

@@ -94,14 +94,19 @@ enum DispatcherCommand {
                                            leaseSeconds: Double(leaseNanoseconds) / 1e9)
             // The in-flight cap and RunPod's request budget hold for the deployment: the store
             // shares them between replicas (SQLite: this process's own).
-            let slots = try store.inFlightSlots(capacity: configuration.maxRunPodJobsInFlight)
-            let budgets = (run: try store.requestGate(route: "run", limit: runpodConfiguration.runPerWindow, window: runpodConfiguration.budgetWindow),
-                           status: try store.requestGate(route: "status", limit: runpodConfiguration.statusPerWindow, window: runpodConfiguration.budgetWindow))
+            // Their own tasks run on the workflow thread, beside the chunks that wait on them.
+            let workflow = WorkflowExecutor()
+            let slots = try store.inFlightSlots(capacity: configuration.maxRunPodJobsInFlight, executor: workflow)
+            let budgets = (run: try store.requestGate(route: "run", limit: runpodConfiguration.runPerWindow,
+                                                      window: runpodConfiguration.budgetWindow, executor: workflow),
+                           status: try store.requestGate(route: "status", limit: runpodConfiguration.statusPerWindow,
+                                                         window: runpodConfiguration.budgetWindow, executor: workflow))
             let blobs = try BlobSettings.makeStore(settings)
             let media = try RPCClient(configuration: .init(target: try settings.string(.mediaAddr) ?? "127.0.0.1:50051"))
             let audio = try RPCClient(configuration: .init(target: try settings.string(.audioAddr) ?? "127.0.0.1:50052"))
             let context = DispatcherContext(configuration: configuration, store: store, blobs: blobs, media: media, audio: audio,
                                             runpod: RunPodClient(configuration: runpodConfiguration, budgets: budgets), slots: slots,
+                                            workflowExecutor: workflow,
                                             logger: setup.logger)
             let dispatcher = Dispatcher(context: context)
             DispatcherHandlers(dispatcher: dispatcher).register(into: &setup.services)

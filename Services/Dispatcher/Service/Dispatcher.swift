@@ -38,10 +38,12 @@ public actor Dispatcher {
     /// (PostgreSQL), it also keeps them alive, gives up the ones another replica took, claims
     /// jobs whose owner died, and follows other replicas' changes.
     public func start() async throws {
-        context.store.observe { change in Task { await self.noticed(change) } }
+        // The Dispatcher's own tasks run on the workflow thread, where the jobs they touch run.
+        let executor = context.workflowExecutor
+        context.store.observe { change in Task(executorPreference: executor) { await self.noticed(change) } }
         try await fill()
         if let lease = context.store.leaseSeconds, maintenance == nil {
-            maintenance = Task { await self.maintain(every: min(lease / 3, 5)) }
+            maintenance = Task(executorPreference: executor) { await self.maintain(every: min(lease / 3, 5)) }
         }
     }
 
@@ -115,7 +117,7 @@ public actor Dispatcher {
         let runner = JobRunner(record: record, context: context)
         runners[record.id] = runner
         context.counters.set(driven: runners.count)
-        Task { await runner.start(resumed: resumed) { id in await self.ended(id) } }
+        Task(executorPreference: context.workflowExecutor) { await runner.start(resumed: resumed) { id in await self.ended(id) } }
     }
 
     private func ended(_ id: String) async {

@@ -59,8 +59,8 @@ public struct DispatcherContext: Sendable {
     public var planner = PollPlanner()
     /// The waits between polls (one thread), batched by `pollBatchSeconds`.
     let pollTimer: PollTimer
-    /// The thread every job's workflow runs on.
-    public let workflowExecutor = WorkflowExecutor()
+    /// The thread every job's workflow runs on, and the Dispatcher's own tasks (timers, notices).
+    public let workflowExecutor: WorkflowExecutor
     public var counters = DispatcherCounters()
     public var logger: Logger
 
@@ -73,7 +73,9 @@ public struct DispatcherContext: Sendable {
     }
 
     public init(configuration: DispatcherConfiguration, store: any JobStore, blobs: any BlobStore, media: RPCClient, audio: RPCClient,
-                runpod: RunPodClient, slots: (any InFlightSlots)? = nil, clock: any WallClock = SystemWallClock(), logger: Logger) {
+                runpod: RunPodClient, slots: (any InFlightSlots)? = nil, workflowExecutor: WorkflowExecutor = WorkflowExecutor(),
+                clock: any WallClock = SystemWallClock(), logger: Logger) {
+        self.workflowExecutor = workflowExecutor
         self.configuration = configuration
         self.store = store
         self.blobs = blobs

@@ -23,7 +23,10 @@ public actor LocalInFlightSlots: InFlightSlots {
     public let capacity: Int
     private var held: [String: Set<Int>] = [:]
     private var used = 0
-    private var waiters: [(id: UInt64, job: String, chunk: Int, continuation: CheckedContinuation<Void, any Error>)] = []
+    /// Waiters from `head` on, oldest first; served ones before `head` are dropped in bulk (a
+    /// thousand chunks may wait for a few hundred slots: no O(n) `removeFirst` per slot).
+    private var waiters: [(id: UInt64, job: String, chunk: Int, continuation: CheckedContinuation<Void, any Error>)?] = []
+    private var head = 0
     private var nextWaiter: UInt64 = 0
     /// The most slots ever held at once.
     public private(set) var peak = 0
@@ -37,7 +40,7 @@ public actor LocalInFlightSlots: InFlightSlots {
     public func acquire(job: String, chunk: Int) async throws {
         try Task.checkCancellation()
         if held[job]?.contains(chunk) == true { return }
-        if used < capacity && waiters.isEmpty {
+        if used < capacity && head == waiters.count {
             take(job, chunk)
             return
         }
@@ -66,10 +69,20 @@ public actor LocalInFlightSlots: InFlightSlots {
     }
 
     private func serveWaiters() {
-        while used < capacity, !waiters.isEmpty {
-            let waiter = waiters.removeFirst()
+        while used < capacity, head < waiters.count {
+            let waiter = waiters[head]
+            waiters[head] = nil
+            head += 1
+            guard let waiter else { continue }  // cancelled
             take(waiter.job, waiter.chunk)
             waiter.continuation.resume()
+        }
+        if head == waiters.count {
+            waiters.removeAll(keepingCapacity: true)
+            head = 0
+        } else if head >= 1024 && head * 2 >= waiters.count {
+            waiters.removeFirst(head)
+            head = 0
         }
     }
 
@@ -80,7 +93,8 @@ public actor LocalInFlightSlots: InFlightSlots {
     }
 
     private func cancelWaiter(_ id: UInt64) {
-        guard let index = waiters.firstIndex(where: { $0.id == id }) else { return }
-        waiters.remove(at: index).continuation.resume(throwing: CancellationError())
+        guard let index = waiters[head...].firstIndex(where: { $0?.id == id }), let waiter = waiters[index] else { return }
+        waiters[index] = nil
+        waiter.continuation.resume(throwing: CancellationError())
     }
 }

@@ -86,10 +86,13 @@ public actor JobRunner {
 
     private func runToEnd() async {
         let deadline = record.job.deadlineUnixMs
-        let watchdog = Task { [context] in
-            let wait = deadline - context.clock.nowUnixMs()
-            if wait > 0 { try await Task.sleep(nanoseconds: UInt64(wait) * 1_000_000) }
-            self.timeUp()
+        // On the poll timer, not `Task.sleep`: no libdispatch timer armed and cancelled per job.
+        // A sleep is at most a day; the loop also follows the wall clock the deadline is kept in.
+        let watchdog = Task(executorPreference: context.workflowExecutor) { [context] in
+            while case let wait = deadline - context.clock.nowUnixMs(), wait > 0 {
+                try await context.pollTimer.sleep(seconds: Double(wait) / 1000)
+            }
+            await self.timeUp()
         }
         defer { watchdog.cancel() }
         do {
@@ -100,7 +103,7 @@ public actor JobRunner {
                 // Ended by another replica (a cancel), found by this replica's own write before
                 // (or instead of) the notice: what RunPod still runs for it is cancelled here.
                 logger.info("job ended by another replica", metadata: ["status": "\(record.status)", "reason": "\(error.reason)"])
-                await Task { await self.cleanUp() }.value
+                await Task(executorPreference: context.workflowExecutor) { await self.cleanUp() }.value
             } else {
                 logger.info("job no longer driven here", metadata: ["reason": "\(error.reason)"])
             }
@@ -110,7 +113,7 @@ public actor JobRunner {
             // The workflow's task may be cancelled (that is how it was stopped): the cleanup runs
             // in a task of its own so its RunPod calls and store writes are not cancelled too.
             let failure = Self.jobError(error)
-            await Task { await self.finish(failure: failure) }.value
+            await Task(executorPreference: context.workflowExecutor) { await self.finish(failure: failure) }.value
         }
         markFinished()
     }
@@ -339,7 +342,7 @@ public actor JobRunner {
         // timeout, a hand-over at shutdown), and a cancelled wait for a blob thread would leave
         // the blobs behind ("could not delete an intermediate blob: CANCELLED").
         let context = self.context, logger = self.logger
-        await Task.detached {
+        await Task.detached(executorPreference: context.workflowExecutor) {
             for key in keys where !key.isEmpty {
                 do {
                     let blob = try BlobKey(key)
@@ -365,14 +368,14 @@ public actor JobRunner {
     /// Waits `seconds`, or less when the chunk's bell rings (also a ring that came before).
     func wait(chunk: Int, seconds: Double) async throws {
         if rung.remove(chunk) == nil {
-            let timer = Task {
-                try? await Task.sleep(nanoseconds: UInt64(max(0, seconds) * 1e9))
-                self.silence(chunk)
+            let timer = Task(executorPreference: context.workflowExecutor) { [context] in
+                try? await context.pollTimer.sleep(seconds: seconds)
+                await self.silence(chunk)
             }
             await withTaskCancellationHandler {
                 await withCheckedContinuation { bells[chunk] = $0 }
             } onCancel: {
-                Task { await self.silence(chunk) }
+                Task(executorPreference: context.workflowExecutor) { await self.silence(chunk) }
             }
             timer.cancel()
         }

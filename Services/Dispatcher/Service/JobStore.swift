@@ -55,10 +55,12 @@ public protocol JobStore: Sendable {
     func heartbeat() async throws -> [String]
     /// Gives up every lease this replica holds (a clean shutdown: others take over at once).
     func releaseAll() async throws
-    /// The deployment-wide cap on RunPod jobs in flight.
-    func inFlightSlots(capacity: Int) throws -> any InFlightSlots
+    /// The deployment-wide cap on RunPod jobs in flight. Work of its own (PostgreSQL: the queue
+    /// that asks the database for free slots) runs on `executor` (nil: Swift's global pool).
+    func inFlightSlots(capacity: Int, executor: (any TaskExecutor)?) throws -> any InFlightSlots
     /// The deployment-wide budget of one RunPod route: `limit` requests per `window` seconds.
-    func requestGate(route: String, limit: Int, window: Double) throws -> any RequestGate
+    /// Work of its own (PostgreSQL: fetching tokens) runs on `executor` (nil: Swift's global pool).
+    func requestGate(route: String, limit: Int, window: Double, executor: (any TaskExecutor)?) throws -> any RequestGate
     /// Calls `handler` for every change other replicas make. This replica's own job writes are
     /// left out where the store can tell (PostgreSQL: a version this replica wrote); otherwise the
     /// handler tells them apart by version.
@@ -87,9 +89,15 @@ extension JobStore {
     public func claimSweep(seconds: Double) async throws -> Bool { true }
     public func heartbeat() async throws -> [String] { [] }
     public func releaseAll() async throws {}
-    public func inFlightSlots(capacity: Int) throws -> any InFlightSlots { LocalInFlightSlots(capacity: capacity) }
-    public func requestGate(route: String, limit: Int, window: Double) throws -> any RequestGate {
+    public func inFlightSlots(capacity: Int, executor: (any TaskExecutor)?) throws -> any InFlightSlots {
+        LocalInFlightSlots(capacity: capacity)
+    }
+    public func requestGate(route: String, limit: Int, window: Double, executor: (any TaskExecutor)?) throws -> any RequestGate {
         RequestBudget(limit: limit, window: window)
+    }
+    public func inFlightSlots(capacity: Int) throws -> any InFlightSlots { try inFlightSlots(capacity: capacity, executor: nil) }
+    public func requestGate(route: String, limit: Int, window: Double) throws -> any RequestGate {
+        try requestGate(route: route, limit: limit, window: window, executor: nil)
     }
     public func observe(_ handler: @escaping @Sendable (StoreChange) -> Void) {}
 }

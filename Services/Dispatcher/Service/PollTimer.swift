@@ -31,6 +31,9 @@ final class PollTimer: @unchecked Sendable {
     private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     /// A min-heap on `deadline`.
     private var heap: [Waiter] = []
+    /// Cancelled waits still in the heap. A job's watchdog waits here until the job's deadline
+    /// (an hour) and is cancelled when the job ends: once they are half the heap, they go.
+    private var cancelledInHeap = 0
     /// The deadline the thread sleeps until (Int64.max: until signalled).
     private var sleepingUntil = Int64.max
     /// Waits due this close to each other are resumed together.
@@ -78,9 +81,10 @@ final class PollTimer: @unchecked Sendable {
         } onCancel: {
             pthread_mutex_lock(mutex)
             waiter.cancelled = true
-            // Still in the heap: resumed here; it is skipped when its deadline comes.
+            // Still in the heap: resumed here; it is skipped when its deadline comes, or swept.
             let continuation = waiter.done ? nil : waiter.continuation
             waiter.done = true
+            if continuation != nil { sweepCancelled() }
             pthread_mutex_unlock(mutex)
             continuation?.resume(throwing: CancellationError())
         }
@@ -103,6 +107,8 @@ final class PollTimer: @unchecked Sendable {
                 if !first.done, let continuation = first.continuation {
                     first.done = true
                     due.append(continuation)
+                } else if first.cancelled {
+                    cancelledInHeap -= 1
                 }
             }
             if !due.isEmpty {
@@ -127,7 +133,24 @@ final class PollTimer: @unchecked Sendable {
         }
     }
 
+    /// Waits in the heap, cancelled ones included (tests).
+    var heapCount: Int {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return heap.count
+    }
+
     // MARK: The heap (under the mutex)
+
+    /// Counts one more cancelled wait in the heap; drops them all once they are half of it.
+    private func sweepCancelled() {
+        cancelledInHeap += 1
+        guard cancelledInHeap >= 64, cancelledInHeap * 2 >= heap.count else { return }
+        heap.removeAll { $0.cancelled }
+        cancelledInHeap = 0
+        // Heapify: sift down every parent, last first.
+        for parent in stride(from: heap.count / 2 - 1, through: 0, by: -1) { siftDown(parent) }
+    }
 
     private func push(_ waiter: Waiter) {
         heap.append(waiter)
@@ -144,7 +167,11 @@ final class PollTimer: @unchecked Sendable {
         let last = heap.removeLast()
         guard !heap.isEmpty else { return }
         heap[0] = last
-        var parent = 0
+        siftDown(0)
+    }
+
+    private func siftDown(_ start: Int) {
+        var parent = start
         while true {
             let left = 2 * parent + 1, right = left + 1
             var smallest = parent

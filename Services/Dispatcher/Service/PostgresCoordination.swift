@@ -8,20 +8,26 @@ import TalkMeshCore
 ///
 /// Waiters queue in the process; only the head of the queue asks the database, woken when any
 /// replica frees a slot (NOTIFY) or after a short pause, so a thousand waiting chunks cost one
-/// query at a time, not a thousand.
+/// query at a time, not a thousand. The queue's own tasks run on `executor` (the Dispatcher's
+/// workflow thread, where the waiters are): on Swift's pool each freed slot woke a pool thread.
 final class PostgresInFlightSlots: InFlightSlots {
     private let pool: PostgresPool
     private let batcher: PostgresBatcher
     private let replica: String
     let capacity: Int
-    private let queue = SlotQueue()
+    private let queue: SlotQueue
+    private let executor: (any TaskExecutor)?
+    /// A wake of the queue is on its way: notices that come meanwhile add nothing to it.
+    private let wakePending = Locked(false)
 
     /// Makes sure the table has `capacity` slots (every replica must use the same number).
-    init(pool: PostgresPool, batcher: PostgresBatcher, replica: String, capacity: Int) throws {
+    init(pool: PostgresPool, batcher: PostgresBatcher, replica: String, capacity: Int, executor: (any TaskExecutor)? = nil) throws {
         self.pool = pool
         self.batcher = batcher
         self.replica = replica
         self.capacity = max(1, capacity)
+        self.executor = executor
+        queue = SlotQueue(executor: executor)
         let db = try PostgresConnection(url: pool.url)
         try db.execute("INSERT INTO runpod_slots (slot) SELECT generate_series(1, $1::integer) ON CONFLICT DO NOTHING", [.int(self.capacity)])
         try db.execute("DELETE FROM runpod_slots WHERE slot > $1 AND job_id IS NULL", [.int(self.capacity)])
@@ -77,9 +83,14 @@ final class PostgresInFlightSlots: InFlightSlots {
             """, values)
     }
 
-    /// A slot was freed somewhere: the head of the queue asks again now.
+    /// A slot was freed somewhere: the head of the queue asks again now. Notices come in bursts
+    /// (one per freed slot); one task carries all that come before it runs.
     func wake() {
-        Task { await queue.wake() }
+        guard wakePending.withLock({ pending in defer { pending = true }; return !pending }) else { return }
+        Task(executorPreference: executor) { [queue, wakePending] in
+            wakePending.withLock { $0 = false }
+            await queue.wake()
+        }
     }
 
     /// Slots held in the whole deployment (for tests and metrics).
@@ -94,7 +105,16 @@ final class PostgresInFlightSlots: InFlightSlots {
 }
 
 /// Chunks waiting for a slot, first come first served; one pump asks the database for the head.
+/// When no slot is free it waits for a freed slot's notice, or the next tick of a 250 ms ticker
+/// (a notice may be lost while the listener reconnects): one timer for the pump's whole run, not
+/// one per wait.
 private actor SlotQueue {
+    private let executor: (any TaskExecutor)?
+
+    init(executor: (any TaskExecutor)?) {
+        self.executor = executor
+    }
+
     private struct Waiter {
         let id: UInt64
         let job: String
@@ -116,15 +136,21 @@ private actor SlotQueue {
                 waiters.append(Waiter(id: id, job: job, chunk: chunk, continuation: continuation))
                 if !pumping {
                     pumping = true
-                    Task { await self.pump(claim) }
+                    Task(executorPreference: executor) { await self.pump(claim) }
                 }
             }
         } onCancel: {
-            Task { await self.cancel(id) }
+            Task(executorPreference: executor) { await self.cancel(id) }
         }
     }
 
     private func pump(_ claim: @Sendable (String, Int) async throws -> (claimed: Bool, more: Bool)) async {
+        let ticker = Task(executorPreference: executor) { [weak self] in
+            while (try? await Task.sleep(nanoseconds: 250_000_000)) != nil {
+                await self?.tick()
+            }
+        }
+        defer { ticker.cancel() }
         while let head = waiters.first {
             woken = false
             let (claimed, more) = (try? await claim(head.job, head.chunk)) ?? (false, false)
@@ -137,22 +163,19 @@ private actor SlotQueue {
                 // None was left free: the next waiter waits for a freed slot's notice (or the pause).
                 if more || woken { continue }
             }
-            if !woken { await pause(seconds: 0.25) }
+            if !woken { await withCheckedContinuation { sleeper = $0 } }
         }
         pumping = false
     }
 
-    private func pause(seconds: Double) async {
-        let timer = Task { [weak self] in
-            try? await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
-            await self?.wake()
-        }
-        await withCheckedContinuation { sleeper = $0 }
-        timer.cancel()
-    }
-
+    /// A slot was freed: the head asks again now (or as soon as its claim in flight is answered).
     func wake() {
         woken = true
+        tick()
+    }
+
+    /// The pause ends (the ticker's tick, or a wake).
+    private func tick() {
         sleeper?.resume()
         sleeper = nil
     }
@@ -179,9 +202,10 @@ final class PostgresRequestGate: RequestGate {
     private let rate: Double
     private let holdNanoseconds: Int64
     let batch: Int
-    private let reservoir = TokenReservoir()
+    private let reservoir: TokenReservoir
 
-    init(pool: PostgresPool, route: String, limit: Int, window: Double, batch: Int = 16) throws {
+    init(pool: PostgresPool, route: String, limit: Int, window: Double, batch: Int = 16, executor: (any TaskExecutor)? = nil) throws {
+        reservoir = TokenReservoir(executor: executor)
         self.pool = pool
         self.route = route
         rate = max(0.01, 0.9 * Double(limit) / window)
@@ -225,9 +249,15 @@ final class PostgresRequestGate: RequestGate {
 /// Tokens one replica took and has not spent yet. One fetch at a time: callers that find the
 /// reservoir empty while a fetch runs wait for it instead of asking the database too.
 private actor TokenReservoir {
+    /// Where the fetch runs (the waiters' thread).
+    private let executor: (any TaskExecutor)?
     private var tokens = 0
     private var expires: Int64 = 0
     private var fetching: Task<Double, any Error>?
+
+    init(executor: (any TaskExecutor)?) {
+        self.executor = executor
+    }
 
     /// nil when a token is the caller's; else the seconds to wait before asking again.
     func take(hold: Int64, fetch: @escaping @Sendable () async throws -> (granted: Int, wait: Double)) async throws -> Double? {
@@ -241,13 +271,13 @@ private actor TokenReservoir {
             if let fetching {
                 task = fetching
             } else {
-                task = Task {
+                task = Task(executorPreference: executor) {
                     do {
                         let (granted, wait) = try await fetch()
-                        self.filled(granted, hold: hold)
+                        await self.filled(granted, hold: hold)
                         return granted > 0 ? 0 : wait
                     } catch {
-                        self.filled(0, hold: hold)
+                        await self.filled(0, hold: hold)
                         throw error
                     }
                 }

@@ -425,14 +425,14 @@ public final class PostgresJobStore: JobStore {
 
     // MARK: Sharing
 
-    public func inFlightSlots(capacity: Int) throws -> any InFlightSlots {
-        let slots = try PostgresInFlightSlots(pool: pool, batcher: batcher, replica: replica, capacity: capacity)
+    public func inFlightSlots(capacity: Int, executor: (any TaskExecutor)?) throws -> any InFlightSlots {
+        let slots = try PostgresInFlightSlots(pool: pool, batcher: batcher, replica: replica, capacity: capacity, executor: executor)
         listener.add { change in if change == .slotsFreed || change == .resynchronize { slots.wake() } }
         return slots
     }
 
-    public func requestGate(route: String, limit: Int, window: Double) throws -> any RequestGate {
-        try PostgresRequestGate(pool: pool, route: route, limit: limit, window: window)
+    public func requestGate(route: String, limit: Int, window: Double, executor: (any TaskExecutor)?) throws -> any RequestGate {
+        try PostgresRequestGate(pool: pool, route: route, limit: limit, window: window, executor: executor)
     }
 
     /// Leaves out the notices of this replica's own writes (five or so per chunk, each of which

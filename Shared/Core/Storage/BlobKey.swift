@@ -9,11 +9,23 @@ public struct BlobKey: Hashable, Sendable, CustomStringConvertible {
         guard !text.isEmpty, text.utf8.count <= 512 else {
             throw ServiceError(.invalidKey, "a blob key must have 1 to 512 bytes")
         }
-        for segment in text.split(separator: "/", omittingEmptySubsequences: false) {
-            guard !segment.isEmpty, segment.utf8.count <= 255, segment != ".", segment != "..",
-                  segment.utf8.allSatisfy({ Self.allowed($0) }) else {
-                throw ServiceError(.invalidKey, "invalid blob key \"\(text)\"")
+        // One pass over the bytes (a key is checked each time a job's blob is touched): each
+        // segment's length and whether it is all dots, at every `/` and at the end.
+        var length = 0, dots = 0, valid = true
+        for byte in text.utf8 {
+            if byte == UInt8(ascii: "/") {
+                if length == 0 || (length == dots && length <= 2) { valid = false; break }
+                length = 0
+                dots = 0
+                continue
             }
+            guard Self.allowed(byte) else { valid = false; break }
+            length += 1
+            if byte == UInt8(ascii: ".") { dots += 1 }
+            if length > 255 { valid = false; break }
+        }
+        guard valid, length > 0, !(length == dots && length <= 2) else {
+            throw ServiceError(.invalidKey, "invalid blob key \"\(text)\"")
         }
         rawValue = text
     }
