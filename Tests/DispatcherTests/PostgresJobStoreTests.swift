@@ -328,6 +328,30 @@ import TalkMeshMessages
         #expect(after.batches - before.batches < 60)
     }
 
+    @Test func statementsQueuedOnTheWorkflowThreadGoWhenItRunsOutOfWork() async throws {
+        let store = try replica(try database())
+        let workflow = WorkflowExecutor(name: "workflow-test")
+        // A hold far longer than the test: only running out of work (or `most`) sends them.
+        let batcher = PostgresBatcher(pool: store.pool, most: 8, workflow: workflow, holdNanoseconds: 60_000_000_000)
+        let whileBusy = await Task(executorPreference: workflow) {
+            for _ in 0..<3 { batcher.send("SELECT 1", []) }
+            usleep(50_000)  // still busy: nothing has gone
+            return batcher.totals
+        }.value
+        #expect(whileBusy.batches == 0 && whileBusy.statements == 0)
+        for _ in 0..<200 where batcher.totals.statements < 3 { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(batcher.totals.batches == 1 && batcher.totals.statements == 3)  // one batch once idle
+        // `most` waiting go at once, busy or not; a statement from another thread goes at once.
+        let atMost = await Task(executorPreference: workflow) {
+            for _ in 0..<8 { batcher.send("SELECT 1", []) }
+            usleep(50_000)
+            return batcher.totals
+        }.value
+        #expect(atMost.batches == 2 && atMost.statements == 11)
+        #expect(try await batcher.execute("SELECT 2", []) { $0.int64(0, 0) } == 2)
+        #expect(batcher.totals.batches == 3)
+    }
+
     @Test func aFailingStatementInABatchTakesNoneOfTheOthersWithIt() async throws {
         let url = try database()
         let store = try replica(url)

@@ -90,12 +90,13 @@ enum DispatcherCommand {
                 throw InvalidSetting(description: error.message)
             }
             let leaseNanoseconds = try settings.duration(.leaseTTL).nanosecondsClamped
+            // The thread every job's workflow runs on; the store's and the shared limits' own work
+            // runs there too, beside the chunks that wait on it.
+            let workflow = WorkflowExecutor()
             let store = try JobStores.open(try settings.string(.jobStore) ?? "sqlite:///var/lib/talkmesh/jobs.db",
-                                           leaseSeconds: Double(leaseNanoseconds) / 1e9)
+                                           leaseSeconds: Double(leaseNanoseconds) / 1e9, workflow: workflow)
             // The in-flight cap and RunPod's request budget hold for the deployment: the store
             // shares them between replicas (SQLite: this process's own).
-            // Their own tasks run on the workflow thread, beside the chunks that wait on them.
-            let workflow = WorkflowExecutor()
             let slots = try store.inFlightSlots(capacity: configuration.maxRunPodJobsInFlight, executor: workflow)
             let budgets = (run: try store.requestGate(route: "run", limit: runpodConfiguration.runPerWindow,
                                                       window: runpodConfiguration.budgetWindow, executor: workflow),
@@ -110,7 +111,9 @@ enum DispatcherCommand {
                                             logger: setup.logger)
             let dispatcher = Dispatcher(context: context)
             DispatcherHandlers(dispatcher: dispatcher).register(into: &setup.services)
-            setup.metricsSources.append { [counters = context.counters, runpod = context.runpod] in counters.render() + runpod.metrics.render() }
+            setup.metricsSources.append { [counters = context.counters, runpod = context.runpod] in
+                counters.render() + runpod.metrics.render() + store.metricsText
+            }
             webhooks.videoURLSeconds = Int(min(retention.blobsMs / 1000, 7 * 86_400))
             let sweeper = Task { await RetentionSweeper(context: context, configuration: retention).run() }
             let sender = Task { await WebhookSender(context: context, configuration: webhooks).run() }

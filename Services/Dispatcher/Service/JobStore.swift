@@ -65,6 +65,8 @@ public protocol JobStore: Sendable {
     /// left out where the store can tell (PostgreSQL: a version this replica wrote); otherwise the
     /// handler tells them apart by version.
     func observe(_ handler: @escaping @Sendable (StoreChange) -> Void)
+    /// The store's own metrics in Prometheus text (PostgreSQL: batches and statements sent).
+    var metricsText: String { get }
 }
 
 /// A change the store reports (PostgreSQL: LISTEN/NOTIFY).
@@ -100,6 +102,7 @@ extension JobStore {
         try requestGate(route: route, limit: limit, window: window, executor: nil)
     }
     public func observe(_ handler: @escaping @Sendable (StoreChange) -> Void) {}
+    public var metricsText: String { "" }
 }
 
 /// A `ListJobs` query.
@@ -159,14 +162,16 @@ public enum JobStores {
     /// `sqlite://PATH` (`sqlite:///abs/jobs.db`), or `postgres://…` / `postgresql://…` (libpq's URL,
     /// e.g. `postgres://user:pass@host:5432/talkmesh`) where replicas share the work under leases
     /// of `leaseSeconds`.
-    public static func open(_ url: String, leaseSeconds: Double = 30, clock: any WallClock = SystemWallClock()) throws -> any JobStore {
+    /// `workflow`: the thread the jobs' workflows run on (PostgreSQL batches what it writes).
+    public static func open(_ url: String, leaseSeconds: Double = 30, clock: any WallClock = SystemWallClock(),
+                            workflow: WorkflowExecutor? = nil) throws -> any JobStore {
         if url.hasPrefix("sqlite://") {
             let path = String(url.dropFirst("sqlite://".count))
             guard !path.isEmpty else { throw ServiceError(.invalidArgument, "JOB_STORE=\(url): expected sqlite://PATH") }
             return try SQLiteJobStore(path: path, clock: clock)
         }
         if url.hasPrefix("postgres://") || url.hasPrefix("postgresql://") {
-            return try PostgresJobStore(url: url, leaseSeconds: leaseSeconds, clock: clock)
+            return try PostgresJobStore(url: url, leaseSeconds: leaseSeconds, clock: clock, workflow: workflow)
         }
         throw ServiceError(.invalidArgument, "JOB_STORE=\(PostgresConnection.redact(url)): expected sqlite://PATH or postgres://…")
     }

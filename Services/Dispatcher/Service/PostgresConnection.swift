@@ -268,6 +268,9 @@ final class PostgresBatcher: Sendable {
     private struct State {
         var items: [Item] = []
         var flushing = false
+        /// Items queued from the workflow thread, to go when it runs out of work, and since when.
+        var held = false
+        var heldSince: Int64 = 0
     }
 
     private let state = Locked(State())
@@ -275,10 +278,19 @@ final class PostgresBatcher: Sendable {
     private let pool: PostgresPool
     /// The most statements in one batch.
     let most: Int
+    private let workflow: WorkflowExecutor?
+    private let holdNanoseconds: Int64
 
-    init(pool: PostgresPool, most: Int = 64) {
+    /// With `workflow`, statements queued on its thread are held until it has run out of work
+    /// (or `most` are waiting, or the first has waited `holdNanoseconds` on a thread that stays
+    /// busy), so what one wake-up of the workflows writes goes in one batch and wakes a pool
+    /// thread once, instead of the first statement alone and the rest after it.
+    init(pool: PostgresPool, most: Int = 64, workflow: WorkflowExecutor? = nil, holdNanoseconds: Int64 = 2_000_000) {
         self.pool = pool
         self.most = max(1, most)
+        self.workflow = workflow
+        self.holdNanoseconds = holdNanoseconds
+        workflow?.onIdle { [weak self] in self?.flushHeld() }
     }
 
     /// Batches sent and the statements in them, so far.
@@ -300,10 +312,32 @@ final class PostgresBatcher: Sendable {
     }
 
     private func enqueue(_ item: Item) {
+        let now = workflow?.isCurrent == true ? MonotonicClock.nanoseconds() : nil
         let start = state.withLock { state -> Bool in
             state.items.append(item)
-            defer { state.flushing = true }
-            return !state.flushing
+            if state.flushing { return false }  // the batch in flight's drain takes it next
+            if let now, state.items.count < most {
+                if !state.held {
+                    state.held = true
+                    state.heldSince = now
+                }
+                if now - state.heldSince < holdNanoseconds { return false }
+            }
+            state.held = false
+            state.flushing = true
+            return true
+        }
+        if start { pool.submit { self.drain($0) } }
+    }
+
+    /// The workflow thread ran out of work: what it queued goes now.
+    private func flushHeld() {
+        let start = state.withLock { state -> Bool in
+            guard state.held else { return false }
+            state.held = false
+            guard !state.flushing, !state.items.isEmpty else { return false }
+            state.flushing = true
+            return true
         }
         if start { pool.submit { self.drain($0) } }
     }

@@ -100,9 +100,11 @@ public final class PostgresJobStore: JobStore {
     ]
 
     /// Connects (`connections` statements at once), migrates and starts listening for changes.
-    public init(url: String, leaseSeconds: Double = 30, connections: Int = 4, clock: any WallClock = SystemWallClock()) throws {
+    /// With `workflow`, the statements its thread queues go out when it runs out of work.
+    public init(url: String, leaseSeconds: Double = 30, connections: Int = 4, clock: any WallClock = SystemWallClock(),
+                workflow: WorkflowExecutor? = nil) throws {
         pool = try PostgresPool(url: url, size: connections)
-        batcher = PostgresBatcher(pool: pool)
+        batcher = PostgresBatcher(pool: pool, workflow: workflow)
         var random = SystemRandomNumberGenerator()
         replica = "\(ProcessInfo.processInfo.hostName)/\(getpid())/\(String(random.next() % 0xFFFFFF, radix: 16))"
         lease = max(0.3, leaseSeconds)
@@ -422,6 +424,19 @@ public final class PostgresJobStore: JobStore {
         }
     }
 
+
+    public var metricsText: String {
+        let (batches, statements) = batcher.totals
+        return """
+            # HELP talkmesh_dispatcher_postgres_batches_total Group-committed batches sent to PostgreSQL (one round trip each).
+            # TYPE talkmesh_dispatcher_postgres_batches_total counter
+            talkmesh_dispatcher_postgres_batches_total \(batches)
+            # HELP talkmesh_dispatcher_postgres_batched_statements_total Statements sent in those batches.
+            # TYPE talkmesh_dispatcher_postgres_batched_statements_total counter
+            talkmesh_dispatcher_postgres_batched_statements_total \(statements)
+
+            """
+    }
 
     // MARK: Sharing
 

@@ -19,14 +19,28 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
     /// Wake-ups of the thread (tests).
     private var wakeUps = 0
     private let name: String
+    /// Run on the thread each time it has run out of work, before it sleeps (under `mutex`).
+    private var idleHooks: [@Sendable () -> Void] = []
+    private var thread = pthread_t()
 
     public init(name: String = "workflow") {
         self.name = name
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(condition, nil)
-        var thread = pthread_t()
         pthread_create(&thread, nil, workflowThread, Unmanaged.passRetained(self).toOpaque())
         pthread_detach(thread)
+    }
+
+    /// Whether the caller runs on this executor's thread.
+    public var isCurrent: Bool { pthread_equal(pthread_self(), thread) != 0 }
+
+    /// Runs `hook` on the thread each time it has run out of work, before it sleeps: what the
+    /// work of one wake-up queued elsewhere (statements for the database) can go out together.
+    /// The hook must not block; work it enqueues here runs before the thread sleeps.
+    public func onIdle(_ hook: @escaping @Sendable () -> Void) {
+        pthread_mutex_lock(mutex)
+        idleHooks.append(hook)
+        pthread_mutex_unlock(mutex)
     }
 
     public func enqueue(_ job: consuming ExecutorJob) {
@@ -50,13 +64,23 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
         ThreadName.set(name)
         var batch: [UnownedJob] = []
         let executor = asUnownedTaskExecutor()
+        var idleSinceWork = false
         pthread_mutex_lock(mutex)
         while true {
+            if queue.isEmpty && !idleSinceWork && !idleHooks.isEmpty {
+                idleSinceWork = true
+                let hooks = idleHooks
+                pthread_mutex_unlock(mutex)
+                for hook in hooks { hook() }
+                pthread_mutex_lock(mutex)
+                continue
+            }
             while queue.isEmpty {
                 sleeping = true
                 pthread_cond_wait(condition, mutex)
                 if !queue.isEmpty { wakeUps += 1 }
             }
+            idleSinceWork = false
             sleeping = false
             swap(&batch, &queue)
             pthread_mutex_unlock(mutex)
