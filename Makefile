@@ -34,7 +34,7 @@ check: unit-test integration-test integration-test-s3
 cluster-test: build
 	$(PYTEST) -q -s -p no:cacheprovider Tests/Cluster
 
-# Every fuzz target for FUZZ_SECONDS (15) under libFuzzer + ASan; no crash allowed.
+# Every fuzz target for FUZZ_SECONDS (12) under libFuzzer + ASan; no crash allowed.
 fuzz: bootstrap
 	scripts/fuzz
 
