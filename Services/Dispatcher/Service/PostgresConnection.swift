@@ -267,9 +267,10 @@ final class PostgresBatcher: Sendable {
 
     private struct State {
         var items: [Item] = []
+        /// A drain runs. While none does, the items waiting are held ones (queued on the workflow
+        /// thread, to go when it runs out of work): any other enqueue starts a drain.
         var flushing = false
-        /// Items queued from the workflow thread, to go when it runs out of work, and since when.
-        var held = false
+        /// When the first held item came.
         var heldSince: Int64 = 0
     }
 
@@ -317,13 +318,9 @@ final class PostgresBatcher: Sendable {
             state.items.append(item)
             if state.flushing { return false }  // the batch in flight's drain takes it next
             if let now, state.items.count < most {
-                if !state.held {
-                    state.held = true
-                    state.heldSince = now
-                }
+                if state.items.count == 1 { state.heldSince = now }
                 if now - state.heldSince < holdNanoseconds { return false }
             }
-            state.held = false
             state.flushing = true
             return true
         }
@@ -333,8 +330,6 @@ final class PostgresBatcher: Sendable {
     /// The workflow thread ran out of work: what it queued goes now.
     private func flushHeld() {
         let start = state.withLock { state -> Bool in
-            guard state.held else { return false }
-            state.held = false
             guard !state.flushing, !state.items.isEmpty else { return false }
             state.flushing = true
             return true
