@@ -58,6 +58,7 @@
 #include <postgresql/libpq-fe.h>
 #include <hiredis/hiredis.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 

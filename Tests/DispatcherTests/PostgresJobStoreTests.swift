@@ -332,7 +332,7 @@ import TalkMeshMessages
         let store = try replica(try database())
         let workflow = WorkflowExecutor(name: "workflow-test")
         // A hold far longer than the test: only running out of work (or `most`) sends them.
-        let batcher = PostgresBatcher(pool: store.pool, most: 8, workflow: workflow, holdNanoseconds: 60_000_000_000)
+        let batcher = try PostgresBatcher(pool: store.pool, most: 8, workflow: workflow, holdNanoseconds: 60_000_000_000)
         let whileBusy = await Task(executorPreference: workflow) {
             for _ in 0..<3 { batcher.send("SELECT 1", []) }
             usleep(50_000)  // still busy: nothing has gone
@@ -341,15 +341,49 @@ import TalkMeshMessages
         #expect(whileBusy.batches == 0 && whileBusy.statements == 0)
         for _ in 0..<200 where batcher.totals.statements < 3 { try await Task.sleep(for: .milliseconds(5)) }
         #expect(batcher.totals.batches == 1 && batcher.totals.statements == 3)  // one batch once idle
-        // `most` waiting go at once, busy or not; a statement from another thread goes at once.
+        // A statement from another thread goes at once (after the batch in flight: once it is
+        // answered, so is that one).
+        #expect(try await batcher.execute("SELECT 2", []) { $0.int64(0, 0) } == 2)
+        #expect(batcher.totals.batches == 2 && batcher.totals.statements == 4)
+        // `most` waiting go at once, busy or not.
         let atMost = await Task(executorPreference: workflow) {
             for _ in 0..<8 { batcher.send("SELECT 1", []) }
             usleep(50_000)
             return batcher.totals
         }.value
-        #expect(atMost.batches == 2 && atMost.statements == 11)
-        #expect(try await batcher.execute("SELECT 2", []) { $0.int64(0, 0) } == 2)
-        #expect(batcher.totals.batches == 3)
+        #expect(atMost.batches == 3 && atMost.statements == 12)
+    }
+
+    @Test func aBatchOnAConnectionTheServerDroppedFailsAndTheNextReconnects() async throws {
+        let url = try database()
+        let store = try replica(url)
+        let batcher = try PostgresBatcher(pool: store.pool)
+        let before = try await batcher.execute("SELECT pg_backend_pid()", []) { $0.int64(0, 0) }
+        let admin = try PostgresConnection(url: url)
+        #expect(try admin.execute("SELECT pg_terminate_backend($1)", [.int(before)]).text(0, 0) == "t")
+        // The statements sent on the dropped connection fail, all of them, as the store being
+        // unavailable (whether such a write committed is unknown, as for any lost connection).
+        let outcomes = await withTaskGroup(of: String.self) { group -> [String] in
+            for _ in 0..<10 {
+                group.addTask {
+                    do {
+                        try await batcher.execute("SELECT 1", []) { _ in }
+                        return "ok"
+                    } catch {
+                        return (error as? ServiceError)?.code.rawValue ?? "\(error)"
+                    }
+                }
+            }
+            var all: [String] = []
+            for await outcome in group { all.append(outcome) }
+            return all
+        }
+        #expect(outcomes.count == 10)
+        #expect(outcomes.contains(ErrorCode.storeUnavailable.rawValue))
+        #expect(outcomes.allSatisfy { $0 == "ok" || $0 == ErrorCode.storeUnavailable.rawValue })
+        // The next batch goes on a new connection.
+        let after = try await batcher.execute("SELECT pg_backend_pid()", []) { $0.int64(0, 0) }
+        #expect(after != before)
     }
 
     @Test func aFailingStatementInABatchTakesNoneOfTheOthersWithIt() async throws {
@@ -357,7 +391,7 @@ import TalkMeshMessages
         let store = try replica(url)
         let db = try PostgresConnection(url: url)
         try db.execute("CREATE TABLE batch_probe (n integer PRIMARY KEY)")
-        let batcher = PostgresBatcher(pool: store.pool)
+        let batcher = try PostgresBatcher(pool: store.pool)
         // Forty inserts and, among them, five that break the primary key: the five fail with
         // their own error, the others are stored, batched or not.
         let results = await withTaskGroup(of: (Int, Bool).self) { group in

@@ -49,4 +49,44 @@ import TalkMeshBase
         // One wake-up: the task's first enqueue, from this test's thread.
         #expect(executor.wakeUpCount - before == 1)
     }
+
+    @Test func aWatchedSocketIsServedOnItsThreadBusyOrNotUntilUnwatched() async throws {
+        let executor = WorkflowExecutor(name: "workflow-test")
+        var pair: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        let (reader, writer) = (pair[0], pair[1])
+        defer { close(reader); close(writer) }
+        let seen = Locked<[(byte: UInt8, thread: UInt)]>([])
+        func send(_ byte: UInt8) { var byte = byte; #expect(write(writer, &byte, 1) == 1) }
+        func waitFor(_ count: Int) async throws {
+            for _ in 0..<400 where seen.withLock({ $0.count }) < count { try await Task.sleep(for: .milliseconds(5)) }
+        }
+        await Task(executorPreference: executor) {
+            executor.watch(reader, events: Int16(POLLIN)) { _ in
+                var byte: UInt8 = 0
+                _ = read(reader, &byte, 1)
+                seen.withLock { $0.append((byte, Self.thread())) }
+                if byte == 3 { executor.unwatch(reader) }
+            }
+        }.value
+        // Asleep: the socket wakes the thread.
+        send(1)
+        try await waitFor(1)
+        // Busy with one short piece of work after another: served between them.
+        let servedWhileBusy = await Task(executorPreference: executor) { () async -> Bool in
+            send(2)
+            let start = MonotonicClock.nanoseconds()
+            while seen.withLock({ $0.count }) < 2 && MonotonicClock.nanoseconds() - start < 5_000_000_000 { await Task.yield() }
+            return seen.withLock { $0.count } == 2
+        }.value
+        #expect(servedWhileBusy)
+        send(3)
+        try await waitFor(3)
+        // Unwatched after 3: 4 stays unread.
+        send(4)
+        try await Task.sleep(for: .milliseconds(100))
+        let bytes = seen.withLock { $0 }
+        #expect(bytes.map(\.byte) == [1, 2, 3])
+        #expect(Set(bytes.map(\.thread)).count == 1 && !bytes.contains { $0.thread == Self.thread() })
+    }
 }

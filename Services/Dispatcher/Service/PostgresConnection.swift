@@ -61,39 +61,42 @@ final class PostgresConnection: @unchecked Sendable {
         let result = Self.run(handle, sql, parameters)
         let status = PQresultStatus(result)
         if status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK { return PGResult(result) }
+        throw failure(result)
+    }
+
+    /// The error of a statement that failed (its result is freed).
+    private func failure(_ result: OpaquePointer?) -> ServiceError {
         let state = PQresultErrorField(result, Int32(UInt8(ascii: "C"))).map { String(cString: $0) } ?? ""
-        let message = String(cString: PQerrorMessage(handle)).trimmingTrailingNewlines
+        let message = PQresultErrorMessage(result).map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+            ?? String(cString: PQerrorMessage(handle))
         PQclear(result)
         if PQstatus(handle) != CONNECTION_OK {
-            throw ServiceError(.storeUnavailable, "PostgreSQL connection lost", cause: message)
+            return ServiceError(.storeUnavailable, "PostgreSQL connection lost", cause: message.trimmingTrailingNewlines)
         }
         // 23505: unique violation; 55P03: lock timeout; 40001/40P01: serialization, deadlock.
         switch state {
-        case "23505": throw ServiceError(.storeConflict, "a row with that key exists", cause: message)
-        case "55P03", "40001", "40P01": throw ServiceError(.storeUnavailable, "PostgreSQL is busy; try again", cause: message)
-        default: throw ServiceError(.storeUnavailable, "PostgreSQL refused a statement", cause: "\(state): \(message)")
+        case "23505": return ServiceError(.storeConflict, "a row with that key exists", cause: message.trimmingTrailingNewlines)
+        case "55P03", "40001", "40P01": return ServiceError(.storeUnavailable, "PostgreSQL is busy; try again", cause: message.trimmingTrailingNewlines)
+        default: return ServiceError(.storeUnavailable, "PostgreSQL refused a statement", cause: "\(state): \(message.trimmingTrailingNewlines)")
         }
     }
 
-    /// Runs `statements` in one round trip and one transaction (libpq's pipeline mode, one sync
-    /// point): their results in order, or nil when one of them failed — then none of them took
-    /// effect (the transaction was rolled back) and the caller runs them one by one to learn
-    /// which. STORE_UNAVAILABLE when the connection failed (whether the transaction committed
-    /// is then unknown, as for a single statement).
-    func pipeline(_ statements: [(sql: String, values: [PGValue])]) throws(ServiceError) -> [PGResult]? {
-        if PQstatus(handle) != CONNECTION_OK { try connect() }
-        func lost() -> ServiceError {
-            ServiceError(.storeUnavailable, "PostgreSQL connection lost", cause: String(cString: PQerrorMessage(handle)).trimmingTrailingNewlines)
-        }
+    private func lost() -> ServiceError {
+        ServiceError(.storeUnavailable, "PostgreSQL connection lost", cause: String(cString: PQerrorMessage(handle)).trimmingTrailingNewlines)
+    }
+
+    /// Whether the connection is up (a broken one is replaced, not reused).
+    var isUp: Bool { handle != nil && PQstatus(handle) == CONNECTION_OK }
+
+    // MARK: Pipelines without blocking (the batcher's connection, on the workflow thread)
+
+    /// Sends `statements` as one pipeline with one sync point (one transaction), without waiting
+    /// for the socket: true when some of it is still to be written (`flush` once writable).
+    /// Its answers are read with `receive`. The connection is non-blocking from then on.
+    func sendPipeline(_ statements: [(sql: String, values: [PGValue])]) throws(ServiceError) -> Bool {
+        guard isUp else { throw lost() }
+        if PQisnonblocking(handle) == 0 && PQsetnonblocking(handle, 1) != 0 { throw lost() }
         guard PQenterPipelineMode(handle) == 1 else { throw lost() }
-        defer {
-            // Left mid-batch (the connection failed): a connection still in pipeline mode takes no
-            // other statement, so it is dropped, and the next statement connects afresh.
-            if PQexitPipelineMode(handle) != 1 {
-                PQfinish(handle)
-                handle = nil
-            }
-        }
         for statement in statements {
             let sent = Self.withParameters(statement.values) { count, values, lengths, formats in
                 PQsendQueryParams(handle, statement.sql, count, nil, values, lengths, formats, 0)
@@ -101,25 +104,48 @@ final class PostgresConnection: @unchecked Sendable {
             guard sent == 1 else { throw lost() }
         }
         guard PQpipelineSync(handle) == 1 else { throw lost() }
-        var results: [PGResult] = []
-        var failed = false
-        for _ in statements {
-            guard let result = PQgetResult(handle) else { throw lost() }
-            let status = PQresultStatus(result)
-            if status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK {
-                results.append(PGResult(result))
-            } else {
-                PQclear(result)
-                failed = true
-            }
-            // Each statement's results end with a null.
-            while let extra = PQgetResult(handle) { PQclear(extra) }
+        return try flush()
+    }
+
+    /// Writes what a pipeline still holds: true while some is left.
+    func flush() throws(ServiceError) -> Bool {
+        switch PQflush(handle) {
+        case 0: return false
+        case 1: return true
+        default: throw lost()
         }
-        guard let sync = PQgetResult(handle) else { throw lost() }
-        let synced = PQresultStatus(sync) == PGRES_PIPELINE_SYNC
-        PQclear(sync)
-        guard synced else { throw lost() }
-        return failed ? nil : results
+    }
+
+    /// Reads what has arrived of a pipeline's answers, appending each statement's outcome to
+    /// `outcomes`; true once its sync point has come (the pipeline is over and the connection
+    /// out of pipeline mode). Statements after a failed one come back failed too (aborted).
+    func receive(into outcomes: inout [Result<PGResult, ServiceError>]) throws(ServiceError) -> Bool {
+        guard PQconsumeInput(handle) == 1 else { throw lost() }
+        var ended = false
+        while PQisBusy(handle) == 0 {
+            // A null ends each statement's results; two in a row: nothing is pending, no sync will come.
+            guard let result = PQgetResult(handle) else {
+                if ended { throw ServiceError(.storeUnavailable, "PostgreSQL's answers to a batch ended early") }
+                ended = true
+                continue
+            }
+            ended = false
+            let status = PQresultStatus(result)
+            if status == PGRES_PIPELINE_SYNC {
+                PQclear(result)
+                guard PQexitPipelineMode(handle) == 1 else { throw lost() }
+                return true
+            }
+            if status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK {
+                outcomes.append(.success(PGResult(result)))
+            } else if status == PGRES_PIPELINE_ABORTED {
+                PQclear(result)
+                outcomes.append(.failure(ServiceError(.storeUnavailable, "PostgreSQL skipped a statement after another in its batch failed")))
+            } else {
+                outcomes.append(.failure(failure(result)))
+            }
+        }
+        return false
     }
 
     private static func run(_ handle: OpaquePointer?, _ sql: String, _ parameters: [PGValue]) -> OpaquePointer? {
@@ -231,9 +257,9 @@ final class PostgresPool: Sendable {
         threads = BlockingWorkPool(threads: size, name: "postgres")
     }
 
-    /// Runs `body` with a connection of its own on a pool thread, without waiting for it.
-    func submit(_ body: @escaping @Sendable (PostgresConnection) -> Void) {
-        threads.submit { self.borrowing(body) }
+    /// Runs `body` on a pool thread without a connection (connecting elsewhere), not waiting for it.
+    func detach(_ body: @escaping @Sendable () -> Void) {
+        threads.submit(body)
     }
 
     /// `body` with a connection taken from the pool for its length. As many threads as
@@ -252,46 +278,63 @@ final class PostgresPool: Sendable {
 
 /// Statements from many callers, sent together: while one batch is in flight, the statements that
 /// arrive meanwhile gather, and the next batch sends them all in one round trip and one
-/// transaction (a group commit). Under load a statement then costs a share of one send, one
-/// answer and one wake-up of the database instead of a whole round trip with a pool thread's
-/// hand-off each (about 100 µs of the Dispatcher's CPU per statement, most of it the kernel's).
-/// Only statements that are whole on their own belong here: single-row writes whose answer the
-/// caller reads, with no lock a caller elsewhere might hold long. A batch in which one statement
-/// fails takes no effect; its statements are then run one by one, each with its own answer.
-final class PostgresBatcher: Sendable {
+/// transaction (a group commit). Under load a statement then costs a share of one send and one
+/// answer instead of a whole round trip. Only statements that are whole on their own belong here:
+/// single-row writes whose answer the caller reads, with no lock a caller elsewhere might hold
+/// long. A batch in which one statement fails takes no effect; its statements are then sent one
+/// by one, each with its own answer.
+///
+/// The batches go out on a connection of their own, without blocking, from the thread of a
+/// `WorkflowExecutor` (the Dispatcher's workflow thread), which watches its socket: an answer
+/// resumes the workflows that waited for it on that same thread. Through a pool thread, each batch
+/// cost a hand-off there and back (two wake-ups, four context switches), about a fifth of the
+/// Dispatcher's CPU per chunk. Connecting blocks, so it happens on a pool thread.
+final class PostgresBatcher: @unchecked Sendable {
     private struct Item: Sendable {
         let sql: String
         let values: [PGValue]
         let done: @Sendable (Result<PGResult, ServiceError>) -> Void
+        /// Sent in a batch of its own (its batch failed: each statement learns its own answer).
+        var alone = false
     }
 
-    private struct State {
+    /// What waits to be sent; callers on any thread add to it.
+    private struct Waiting {
         var items: [Item] = []
-        /// A drain runs. While none does, the items waiting are held ones (queued on the workflow
-        /// thread, to go when it runs out of work): any other enqueue starts a drain.
-        var flushing = false
-        /// When the first held item came.
+        /// When the first item held on the executor's thread came.
         var heldSince: Int64 = 0
+        /// A turn on the executor's thread is on its way for items from other threads.
+        var scheduled = false
     }
 
-    private let state = Locked(State())
+    private let waiting = Locked(Waiting())
     private let sent = Locked((batches: 0, statements: 0))
     private let pool: PostgresPool
     /// The most statements in one batch.
     let most: Int
-    private let workflow: WorkflowExecutor?
+    private let executor: WorkflowExecutor
     private let holdNanoseconds: Int64
 
-    /// With `workflow`, statements queued on its thread are held until it has run out of work
-    /// (or `most` are waiting, or the first has waited `holdNanoseconds` on a thread that stays
-    /// busy), so what one wake-up of the workflows writes goes in one batch and wakes a pool
-    /// thread once, instead of the first statement alone and the rest after it.
-    init(pool: PostgresPool, most: Int = 64, workflow: WorkflowExecutor? = nil, holdNanoseconds: Int64 = 2_000_000) {
+    // The executor thread's own.
+    private var connection: PostgresConnection?
+    private var connecting = false
+    /// The batch in flight and the answers read so far.
+    private var inFlight: [Item] = []
+    private var outcomes: [Result<PGResult, ServiceError>] = []
+    private var writing = false
+    private var socket: Int32 = -1
+
+    /// With `workflow`, the batches go out from its thread, and statements queued there are held
+    /// until it has run out of work (or `most` are waiting, or the first has waited
+    /// `holdNanoseconds` on a thread that stays busy), so what one wake-up of the workflows writes
+    /// goes in one batch. Without, a thread of its own sends them.
+    init(pool: PostgresPool, most: Int = 64, workflow: WorkflowExecutor? = nil, holdNanoseconds: Int64 = 2_000_000) throws(ServiceError) {
         self.pool = pool
         self.most = max(1, most)
-        self.workflow = workflow
+        executor = workflow ?? WorkflowExecutor(name: "pg-batch")
         self.holdNanoseconds = holdNanoseconds
-        workflow?.onIdle { [weak self] in self?.flushHeld() }
+        connection = try PostgresConnection(url: pool.url)
+        executor.onIdle { [weak self] in self?.sendNext() }
     }
 
     /// Batches sent and the statements in them, so far.
@@ -313,63 +356,134 @@ final class PostgresBatcher: Sendable {
     }
 
     private func enqueue(_ item: Item) {
-        let now = workflow?.isCurrent == true ? MonotonicClock.nanoseconds() : nil
-        let start = state.withLock { state -> Bool in
-            state.items.append(item)
-            if state.flushing { return false }  // the batch in flight's drain takes it next
-            if let now, state.items.count < most {
-                if state.items.count == 1 { state.heldSince = now }
-                if now - state.heldSince < holdNanoseconds { return false }
+        if executor.isCurrent {
+            let now = MonotonicClock.nanoseconds()
+            let due = waiting.withLock { waiting -> Bool in
+                waiting.items.append(item)
+                if waiting.items.count == 1 { waiting.heldSince = now }
+                return waiting.items.count >= most || now - waiting.heldSince >= holdNanoseconds
             }
-            state.flushing = true
-            return true
+            if due { sendNext() }
+            return
         }
-        if start { pool.submit { self.drain($0) } }
-    }
-
-    /// The workflow thread ran out of work: what it queued goes now.
-    private func flushHeld() {
-        let start = state.withLock { state -> Bool in
-            guard !state.flushing, !state.items.isEmpty else { return false }
-            state.flushing = true
-            return true
+        let schedule = waiting.withLock { waiting -> Bool in
+            waiting.items.append(item)
+            defer { waiting.scheduled = true }
+            return !waiting.scheduled
         }
-        if start { pool.submit { self.drain($0) } }
-    }
-
-    /// Sends batches until none is waiting.
-    private func drain(_ db: PostgresConnection) {
-        while true {
-            let batch = state.withLock { state -> [Item] in
-                guard !state.items.isEmpty else {
-                    state.flushing = false
-                    return []
-                }
-                let count = min(state.items.count, most)
-                defer { state.items.removeFirst(count) }
-                return Array(state.items.prefix(count))
+        if schedule {
+            Task(executorPreference: executor) {
+                self.waiting.withLock { $0.scheduled = false }
+                self.sendNext()
             }
-            if batch.isEmpty { return }
-            sent.withLock { $0.batches += 1; $0.statements += batch.count }
-            run(batch, on: db)
         }
     }
 
-    private func run(_ batch: [Item], on db: PostgresConnection) {
-        if batch.count > 1 {
-            do {
-                if let results = try db.pipeline(batch.map { ($0.sql, $0.values) }) {
-                    for (item, result) in zip(batch, results) { item.done(.success(result)) }
-                    return
-                }
-            } catch {
-                for item in batch { item.done(.failure(error)) }
-                return
-            }
+    /// Sends the next batch, unless one is in flight (its end sends the next) or the connection
+    /// is being made.
+    private func sendNext() {
+        guard inFlight.isEmpty, !connecting else { return }
+        guard let connection, connection.isUp else {
+            connect()
+            return
         }
-        // One statement, or a batch that took no effect because one of its statements failed.
-        for item in batch {
-            do { item.done(.success(try db.execute(item.sql, item.values))) } catch { item.done(.failure(error)) }
+        let batch = waiting.withLock { waiting -> [Item] in
+            guard let first = waiting.items.first else { return [] }
+            var count = 1
+            if !first.alone {
+                while count < min(most, waiting.items.count) && !waiting.items[count].alone { count += 1 }
+            }
+            defer { waiting.items.removeFirst(count) }
+            return Array(waiting.items.prefix(count))
+        }
+        guard !batch.isEmpty else { return }
+        sent.withLock { $0.batches += 1; $0.statements += batch.count }
+        do {
+            writing = try connection.sendPipeline(batch.map { ($0.sql, $0.values) })
+        } catch {
+            fail(batch, error)
+            return
+        }
+        inFlight = batch
+        socket = connection.socket
+        watch()
+    }
+
+    private func watch() {
+        executor.watch(socket, events: Int16(POLLIN) | (writing ? Int16(POLLOUT) : 0)) { _ in self.answered() }
+    }
+
+    /// The socket is ready: writes what is left, reads what came.
+    private func answered() {
+        guard let connection, !inFlight.isEmpty else { return }
+        let synced: Bool
+        do {
+            let wasWriting = writing
+            if writing { writing = try connection.flush() }
+            synced = try connection.receive(into: &outcomes)
+            if !synced && writing != wasWriting { watch() }
+        } catch {
+            let batch = inFlight
+            inFlight = []
+            outcomes = []
+            fail(batch, error)
+            return
+        }
+        guard synced else { return }
+        executor.unwatch(socket)
+        let batch = inFlight, answers = outcomes
+        inFlight = []
+        outcomes = []
+        if answers.count != batch.count {
+            fail(batch, ServiceError(.storeUnavailable, "PostgreSQL answered \(answers.count) of \(batch.count) statements"))
+            return
+        }
+        if batch.count > 1 && answers.contains(where: { if case .failure = $0 { true } else { false } }) {
+            // None took effect: each goes again on its own, to learn which failed (first, in order).
+            waiting.withLock { waiting in
+                waiting.items.insert(contentsOf: batch.map { var item = $0; item.alone = true; return item }, at: 0)
+            }
+        } else {
+            for (item, answer) in zip(batch, answers) { item.done(answer) }
+        }
+        sendNext()
+    }
+
+    /// The connection failed with `batch` on it (committed or not, nobody knows): each of its
+    /// statements fails, and the next batch goes on a new connection.
+    private func fail(_ batch: [Item], _ error: ServiceError) {
+        if socket >= 0 { executor.unwatch(socket) }
+        socket = -1
+        writing = false
+        connection = nil
+        for item in batch { item.done(.failure(error)) }
+        sendNext()
+    }
+
+    /// Connects on a pool thread (connecting blocks); what waits is sent once connected, or fails
+    /// with the reason when the server cannot be reached.
+    private func connect() {
+        guard waiting.withLock({ !$0.items.isEmpty }) else { return }
+        connecting = true
+        let url = pool.url, executor = self.executor
+        pool.detach {
+            let result = Result { () throws(ServiceError) in try PostgresConnection(url: url) }
+            Task(executorPreference: executor) { self.connected(result) }
+        }
+    }
+
+    private func connected(_ result: Result<PostgresConnection, ServiceError>) {
+        connecting = false
+        switch result {
+        case .success(let connection):
+            self.connection = connection
+            sendNext()
+        case .failure(let error):
+            let items = waiting.withLock { waiting in
+                defer { waiting.items = [] }
+                return waiting.items
+            }
+            for item in items { item.done(.failure(error)) }
         }
     }
 }

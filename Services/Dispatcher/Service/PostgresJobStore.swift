@@ -104,7 +104,7 @@ public final class PostgresJobStore: JobStore {
     public init(url: String, leaseSeconds: Double = 30, connections: Int = 4, clock: any WallClock = SystemWallClock(),
                 workflow: WorkflowExecutor? = nil) throws {
         pool = try PostgresPool(url: url, size: connections)
-        batcher = PostgresBatcher(pool: pool, workflow: workflow)
+        batcher = try PostgresBatcher(pool: pool, workflow: workflow)
         var random = SystemRandomNumberGenerator()
         replica = "\(ProcessInfo.processInfo.hostName)/\(getpid())/\(String(random.next() % 0xFFFFFF, radix: 16))"
         lease = max(0.3, leaseSeconds)

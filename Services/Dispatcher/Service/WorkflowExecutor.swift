@@ -1,3 +1,4 @@
+import CTalkMesh
 import Glibc
 import TalkMeshBase
 
@@ -10,11 +11,24 @@ import TalkMeshBase
 /// thread wakes nobody, and work from another thread (libcurl's, the poll timer's, the RPC client's)
 /// wakes it only when it sleeps with nothing queued; everything queued meanwhile runs in the same
 /// wake-up. The workflow does no blocking wait: SQLite writes are short and under their own lock,
-/// PostgreSQL runs on its own threads, a network blob store on `blobIO`.
+/// PostgreSQL's batched writes are sockets this thread watches (`watch`), its other statements run
+/// on its pool's threads, a network blob store on `blobIO`.
+///
+/// The thread sleeps in `poll(2)`: on an eventfd that work from other threads writes, and on the
+/// sockets watched. Between runs of work it also looks at those sockets without sleeping, so an
+/// answer is not held up by a thread that stays busy.
 public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    /// Written by `enqueue` when the thread sleeps.
+    private let wakeFD: Int32
     private var queue: [UnownedJob] = []
+    /// Sockets the thread watches, with what to do when they are ready (the thread's own).
+    private var watches: [Watch] = []
+    private struct Watch {
+        let fd: Int32
+        var events: Int16
+        let ready: (Int16) -> Void
+    }
     private var sleeping = false
     /// Wake-ups of the thread (tests).
     private var wakeUps = 0
@@ -26,7 +40,8 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
     public init(name: String = "workflow") {
         self.name = name
         pthread_mutex_init(mutex, nil)
-        pthread_cond_init(condition, nil)
+        wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
+        precondition(wakeFD >= 0, "eventfd failed: errno \(errno)")
         pthread_create(&thread, nil, workflowThread, Unmanaged.passRetained(self).toOpaque())
         pthread_detach(thread)
     }
@@ -43,6 +58,24 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
         pthread_mutex_unlock(mutex)
     }
 
+    /// Watches `fd` for `events` (`POLLIN`, `POLLOUT`): `ready` runs on the thread with what
+    /// `poll` reported (errors and hang-ups too) until `unwatch`. A second call for the same `fd`
+    /// changes its events. Only on the thread.
+    public func watch(_ fd: Int32, events: Int16, _ ready: @escaping (Int16) -> Void) {
+        precondition(isCurrent, "watch is for the executor's own thread")
+        if let index = watches.firstIndex(where: { $0.fd == fd }) {
+            watches[index].events = events
+        } else {
+            watches.append(Watch(fd: fd, events: events, ready: ready))
+        }
+    }
+
+    /// Stops watching `fd`. Only on the thread.
+    public func unwatch(_ fd: Int32) {
+        precondition(isCurrent, "unwatch is for the executor's own thread")
+        watches.removeAll { $0.fd == fd }
+    }
+
     public func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
         pthread_mutex_lock(mutex)
@@ -50,7 +83,10 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
         let wake = sleeping
         sleeping = false
         pthread_mutex_unlock(mutex)
-        if wake { pthread_cond_signal(condition) }
+        if wake {
+            var one: UInt64 = 1
+            _ = Glibc.write(wakeFD, &one, 8)
+        }
     }
 
     /// How many times the thread was woken from sleep.
@@ -75,10 +111,14 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
                 pthread_mutex_lock(mutex)
                 continue
             }
-            while queue.isEmpty {
+            if queue.isEmpty {
                 sleeping = true
-                pthread_cond_wait(condition, mutex)
-                if !queue.isEmpty { wakeUps += 1 }
+                pthread_mutex_unlock(mutex)
+                let woken = waitForEvents(timeout: -1)
+                pthread_mutex_lock(mutex)
+                sleeping = false
+                if woken { wakeUps += 1 }
+                continue
             }
             idleSinceWork = false
             sleeping = false
@@ -86,8 +126,37 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
             pthread_mutex_unlock(mutex)
             for job in batch { job.runSynchronously(on: executor) }
             batch.removeAll(keepingCapacity: true)
+            if !watches.isEmpty { _ = waitForEvents(timeout: 0) }
             pthread_mutex_lock(mutex)
         }
+    }
+}
+
+extension WorkflowExecutor {
+    /// Polls the wake-up eventfd and the watched sockets, then runs the handlers of those that are
+    /// ready (with the mutex not held: they may enqueue work). True when another thread woke it.
+    fileprivate func waitForEvents(timeout: Int32) -> Bool {
+        var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
+        for watch in watches { fds.append(pollfd(fd: watch.fd, events: watch.events, revents: 0)) }
+        let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeout) }
+        guard ready > 0 else { return false }
+        var woken = false
+        if fds[0].revents != 0 {
+            var count: UInt64 = 0
+            _ = Glibc.read(wakeFD, &count, 8)
+            woken = true
+        }
+        if timeout != 0 {
+            // What ran meanwhile from this thread needs no second wake-up.
+            pthread_mutex_lock(mutex)
+            sleeping = false
+            pthread_mutex_unlock(mutex)
+        }
+        for entry in fds.dropFirst() where entry.revents != 0 {
+            // A handler may unwatch (or watch) sockets: each is looked up again.
+            watches.first { $0.fd == entry.fd }?.ready(entry.revents)
+        }
+        return woken
     }
 }
 
