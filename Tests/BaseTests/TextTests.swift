@@ -20,7 +20,7 @@ struct TextTests {
     @Test("base64 written into a buffer and decoded as a stream in pieces of any size match Foundation")
     func base64Stream() throws {
         var generator = SystemRandomNumberGenerator()
-        for length in [0, 1, 2, 3, 4, 5, 57, 1000, 65_537] {
+        for length in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 57, 1000, 65_537] {
             let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
             // Written after a prefix, into room of exactly `encodedCount`, and nothing past it touched.
             var out = Array("prefix:".utf8) + [UInt8](repeating: 0xAA, count: Base64.encodedCount(length) + 3)
@@ -53,7 +53,10 @@ struct TextTests {
             try stream.finish(into: &decoded)
             #expect(decoded == bytes)
         }
-        for bad in ["AB*D", "A", "AB=C", "=AAA", "AAAAAAA*AAAA"] {
+        // A character outside the alphabet at every offset of a long text (whole groups of eight
+        // and of four take the fast paths and must stop at it).
+        let badAtEveryOffset = (0..<40).map { offset in String(repeating: "A", count: offset) + "*" + String(repeating: "A", count: 47 - offset) }
+        for bad in ["AB*D", "A", "AB=C", "=AAA", "AAAAAAA*AAAA"] + badAtEveryOffset {
             var stream = Base64Stream()
             var decoded: [UInt8] = []
             #expect(throws: Base64Stream.Failure.self) {

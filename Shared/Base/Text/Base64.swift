@@ -43,6 +43,17 @@ public enum Base64 {
         var write = 0
         pairs.withUnsafeBufferPointer { pairs in
             let raw = UnsafeMutableRawPointer(output)
+            // Six bytes from one 8-byte load, eight characters in one 8-byte store.
+            if let base = input.baseAddress {
+                while index + 8 <= count {
+                    let word = UInt64(bigEndian: base.loadUnaligned(fromByteOffset: index, as: UInt64.self))
+                    let out = UInt64(pairs[Int(word >> 52)]) | UInt64(pairs[Int(word >> 40 & 4095)]) << 16
+                        | UInt64(pairs[Int(word >> 28 & 4095)]) << 32 | UInt64(pairs[Int(word >> 16 & 4095)]) << 48
+                    raw.storeBytes(of: out.littleEndian, toByteOffset: write, as: UInt64.self)
+                    index += 6
+                    write += 8
+                }
+            }
             while index + 3 <= count {
                 let n = Int(input[index]) << 16 | Int(input[index + 1]) << 8 | Int(input[index + 2])
                 raw.storeBytes(of: pairs[n >> 12].littleEndian, toByteOffset: write, as: UInt16.self)
@@ -143,6 +154,20 @@ public struct Base64Stream {
                         // touched per group), until one holds anything but the alphabet.
                         let input = UnsafeRawPointer(bytes.baseAddress!), target = output.baseAddress!
                         var from = index, to = written
+                        // Eight characters from one load, six bytes in one 8-byte store (its last
+                        // two are written over next, or cut: the output has room past them).
+                        let room = output.count
+                        while from + 8 <= end && to + 8 <= room {
+                            let word = UInt64(littleEndian: input.loadUnaligned(fromByteOffset: from, as: UInt64.self))
+                            let a = pairs[Int(word & 0xFFFF)], b = pairs[Int(word >> 16 & 0xFFFF)]
+                            let c = pairs[Int(word >> 32 & 0xFFFF)], d = pairs[Int(word >> 48)]
+                            // A pair outside the alphabet is 0xFFFF; those inside are under 4096.
+                            guard (a | b | c | d) & 0xF000 == 0 else { break }
+                            let n = UInt64(a) << 52 | UInt64(b) << 40 | UInt64(c) << 28 | UInt64(d) << 16
+                            UnsafeMutableRawPointer(target + to).storeBytes(of: n.bigEndian, as: UInt64.self)
+                            from += 8
+                            to += 6
+                        }
                         while from + 4 <= end {
                             let word = UInt32(littleEndian: input.loadUnaligned(fromByteOffset: from, as: UInt32.self))
                             let high = pairs[Int(word & 0xFFFF)], low = pairs[Int(word >> 16)]
