@@ -198,6 +198,42 @@ import TalkMeshMessages
         #expect(try await (slotsA as! PostgresInFlightSlots).inUse() == 2)
     }
 
+    @Test func aReleasedSlotGoesStraightToAChunkWaitingHereOrBackToTheLine() async throws {
+        let url = try database()
+        let a = try replica(url), b = try replica(url)
+        let slotsA = try a.inFlightSlots(capacity: 1) as! PostgresInFlightSlots
+        let slotsB = try b.inFlightSlots(capacity: 1)
+        let job1 = try await a.create(newJob(created: 1)).record.id
+        let job2 = try await b.create(newJob(created: 2)).record.id
+        let job3 = try await a.create(newJob(created: 3)).record.id
+        let db = try PostgresConnection(url: url)
+        func holder() throws -> String {
+            let row = try db.execute("SELECT job_id || '/' || chunk FROM runpod_slots WHERE job_id IS NOT NULL")
+            return row.rows == 1 ? row.text(0, 0) : "\(row.rows) held"
+        }
+        try await slotsA.acquire(job: job1, chunk: 0)
+        // Handed over: the row names the waiter's chunk; no free slot ever showed.
+        let second = Task { try await slotsA.acquire(job: job1, chunk: 1) }
+        try await Task.sleep(for: .milliseconds(200))
+        await slotsA.release(job: job1, chunk: 0)
+        try await second.value
+        #expect(try holder() == "\(job1)/1")
+        #expect(try await slotsA.inUse() == 1)
+        // A hand-off that finds the slot gone: job 1 ended, so its slot was free, and B took it.
+        let third = Task { try await slotsA.acquire(job: job3, chunk: 0) }
+        try await Task.sleep(for: .milliseconds(200))
+        guard var ended = try await a.get(job1) else { Issue.record("job missing"); return }
+        try ended.move(to: .cancelled, at: 5)
+        _ = try await a.update(ended)
+        try await slotsB.acquire(job: job2, chunk: 0)
+        await slotsA.release(job: job1, chunk: 1)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(try holder() == "\(job2)/0")  // the waiter is back in line, not given B's slot
+        await slotsB.release(job: job2, chunk: 0)
+        try await third.value
+        #expect(try holder() == "\(job3)/0")
+    }
+
     @Test func theRequestBudgetHoldsAcrossReplicas() async throws {
         let url = try database()
         let limit = 20, window = 1.0
@@ -434,6 +470,35 @@ import TalkMeshMessages
         #expect(seen.versions(of: record.id) == [cancelled.job.version])
     }
 
+    @Test func aListenerWhoseConnectionDropsReconnectsAndTellsToReRead() async throws {
+        let url = try database()
+        let admin = try PostgresConnection(url: url)
+        let owner = try replica(url)
+        // The owner's listener is the one connection on this database that has run LISTEN.
+        let listening = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+        var pids: [Int64] = []
+        for _ in 0..<200 {
+            let result = try admin.execute(listening)
+            pids = (0..<result.rows).map { result.int64($0, 0) }
+            if !pids.isEmpty { break }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        try #require(pids.count == 1)
+        let other = try replica(url)
+        let seen = ChangeLog()
+        owner.observe { seen.add($0) }
+        var record = try await owner.create(newJob()).record
+        #expect(try admin.execute("SELECT pg_terminate_backend($1)", [.int(pids[0])]).text(0, 0) == "t")
+        let deadline = Date().addingTimeInterval(10)
+        while !seen.contains(.resynchronize) && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(seen.contains(.resynchronize))
+        // Listening again: another replica's write is heard.
+        try record.move(to: .cancelled, at: 3)
+        let cancelled = try await other.update(record)
+        while seen.versions(of: record.id).isEmpty && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(seen.versions(of: record.id) == [cancelled.job.version])
+    }
+
     @Test func anUnreachableServerIsStoreUnavailable() async throws {
         #expect { try PostgresJobStore(url: "postgres://postgres:secret@127.0.0.1:9/none?connect_timeout=2") } throws: { error in
             guard let error = error as? ServiceError else { return false }
@@ -446,6 +511,7 @@ final class ChangeLog: @unchecked Sendable {
     private let lock = NSLock()
     private var changes: [StoreChange] = []
     func add(_ change: StoreChange) { lock.withLock { changes.append(change) } }
+    func contains(_ change: StoreChange) -> Bool { lock.withLock { changes.contains(change) } }
     func versions(of id: String) -> [Int64] {
         lock.withLock { changes.compactMap { if case .job(id, let version) = $0 { return version } else { return nil } } }
     }

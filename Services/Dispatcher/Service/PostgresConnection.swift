@@ -312,7 +312,8 @@ final class PostgresBatcher: @unchecked Sendable {
     private let pool: PostgresPool
     /// The most statements in one batch.
     let most: Int
-    private let executor: WorkflowExecutor
+    /// The thread the batches go out from (and the listener reads on).
+    let executor: WorkflowExecutor
     private let holdNanoseconds: Int64
 
     // The executor thread's own.
@@ -353,6 +354,12 @@ final class PostgresBatcher: @unchecked Sendable {
     /// change nobody waits on, which then costs its caller no suspension and no wake-up.
     func send(_ sql: String, _ values: [PGValue]) {
         enqueue(Item(sql: sql, values: values) { _ in })
+    }
+
+    /// Sends one statement in the next batch without waiting for it; `done` gets its outcome, on
+    /// the thread the batches go out from (it must not block).
+    func send(_ sql: String, _ values: [PGValue], then done: @escaping @Sendable (Result<PGResult, ServiceError>) -> Void) {
+        enqueue(Item(sql: sql, values: values, done: done))
     }
 
     private func enqueue(_ item: Item) {

@@ -110,7 +110,7 @@ public final class PostgresJobStore: JobStore {
         lease = max(0.3, leaseSeconds)
         self.leaseSeconds = lease
         self.clock = clock
-        listener = try PostgresListener(url: url, channels: ["talkmesh_jobs", "talkmesh_slots", "talkmesh_claimable"])
+        listener = try PostgresListener(url: url, channels: ["talkmesh_jobs", "talkmesh_slots", "talkmesh_claimable"], executor: batcher.executor)
         let connection = try PostgresConnection(url: url)
         try Self.migrate(connection)
     }

@@ -2,41 +2,40 @@ import CTalkMesh
 import TalkMeshBase
 import TalkMeshCore
 
-/// A dedicated connection that LISTENs and hands every notification to its handlers, on a thread
-/// of its own. Notifications sent while it is disconnected are lost (PostgreSQL does not replay
-/// them): after reconnecting it says `.resynchronize`, and handlers re-read what they care about.
-final class PostgresListener: Sendable {
-    private final class Handlers: Sendable {
-        let list = Locked<[@Sendable (StoreChange) -> Void]>([])
-    }
-
-    private let handlers = Handlers()
+/// A dedicated connection that LISTENs and hands every notification to its handlers. Its socket
+/// is watched on `executor`'s thread (the Dispatcher's workflow thread), where the handlers run:
+/// a notice, which comes with the commit of the write it tells of, is then most often read in the
+/// same wake-up as that write's answer, instead of waking a thread of its own. Notifications sent
+/// while it is disconnected are lost (PostgreSQL does not replay them): after reconnecting (on a
+/// thread of its own, with a pause between tries) it says `.resynchronize`, and handlers re-read
+/// what they care about.
+final class PostgresListener: @unchecked Sendable {
+    private let handlers = Locked<[@Sendable (StoreChange) -> Void]>([])
     private let stopped = CancellationFlag()
-    private let thread = BlockingWorkPool(threads: 1, name: "pg-listen")
+    private let reconnecting = BlockingWorkPool(threads: 1, name: "pg-listen")
+    private let executor: WorkflowExecutor
+    private let url: String
+    private let channels: [String]
+    /// The executor thread's own.
+    private var connection: PostgresConnection?
 
-    init(url: String, channels: [String]) throws(ServiceError) {
+    init(url: String, channels: [String], executor: WorkflowExecutor) throws(ServiceError) {
+        self.url = url
+        self.channels = channels
+        self.executor = executor
         let first = try Self.connect(url, channels)
-        let connection = Connection(first)
-        Task.detached { [thread, stopped, handlers] in
-            _ = try? await thread.run { _ in
-                Self.loop(url: url, channels: channels, connection: connection, stopped: stopped) { change in
-                    for handler in handlers.list.withLock({ $0 }) { handler(change) }
-                }
-            }
-        }
+        Task(executorPreference: executor) { self.listen(on: first) }
     }
 
-    /// Adds a handler; it runs on the listener's thread and must not block.
+    /// Adds a handler; it runs on the executor's thread and must not block.
     func add(_ handler: @escaping @Sendable (StoreChange) -> Void) {
-        handlers.list.withLock { $0.append(handler) }
+        handlers.withLock { $0.append(handler) }
     }
 
-    /// Ends the loop within its poll interval.
-    func stop() { stopped.cancel() }
-
-    private final class Connection: @unchecked Sendable {
-        var value: PostgresConnection
-        init(_ value: PostgresConnection) { self.value = value }
+    /// Stops listening (soon, on the executor's thread).
+    func stop() {
+        stopped.cancel()
+        Task(executorPreference: executor) { self.drop() }
     }
 
     private static func connect(_ url: String, _ channels: [String]) throws(ServiceError) -> PostgresConnection {
@@ -45,28 +44,47 @@ final class PostgresListener: Sendable {
         return connection
     }
 
-    private static func loop(url: String, channels: [String], connection: Connection, stopped: CancellationFlag,
-                             deliver: (StoreChange) -> Void) {
-        while !stopped.isCancelled {
-            var descriptor = pollfd(fd: connection.value.socket, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&descriptor, 1, 250)
-            guard ready > 0 else { continue }
-            do {
-                for (channel, payload) in try connection.value.notifications() {
-                    if let change = Self.change(channel: channel, payload: payload) { deliver(change) }
+    private func listen(on connection: PostgresConnection) {
+        guard !stopped.isCancelled else { return }
+        self.connection = connection
+        executor.watch(connection.socket, events: Int16(POLLIN)) { _ in self.read() }
+    }
+
+    private func drop() {
+        if let connection { executor.unwatch(connection.socket) }
+        connection = nil
+    }
+
+    /// The socket is readable: the notices that came, to the handlers.
+    private func read() {
+        guard let connection else { return }
+        do {
+            let received = try connection.notifications()
+            let handlers = self.handlers.withLock { $0 }
+            for (channel, payload) in received {
+                if let change = Self.change(channel: channel, payload: payload) {
+                    for handler in handlers { handler(change) }
                 }
-                // Notices come in bursts (one per job write); a pause after each read lets the next
-                // ones gather, read in one wake-up instead of one each, for at most 20 ms of delay.
-                usleep(20_000)
-            } catch {
-                // Reconnect with a pause until it works, then tell everyone to re-read.
-                while !stopped.isCancelled {
-                    usleep(500_000)
-                    if let fresh = try? connect(url, channels) {
-                        connection.value = fresh
-                        deliver(.resynchronize)
-                        break
+            }
+        } catch {
+            drop()
+            reconnect()
+        }
+    }
+
+    /// Reconnects with a pause until it works, then tells every handler to re-read.
+    private func reconnect() {
+        let url = self.url, channels = self.channels, stopped = self.stopped, executor = self.executor
+        reconnecting.submit {
+            while !stopped.isCancelled {
+                usleep(500_000)
+                if let fresh = try? Self.connect(url, channels) {
+                    Task(executorPreference: executor) {
+                        self.listen(on: fresh)
+                        let handlers = self.handlers.withLock { $0 }
+                        for handler in handlers { handler(.resynchronize) }
                     }
+                    return
                 }
             }
         }

@@ -24,6 +24,8 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
     private var queue: [UnownedJob] = []
     /// Sockets the thread watches, with what to do when they are ready (the thread's own).
     private var watches: [Watch] = []
+    /// The descriptors of the last `poll` (the thread's own; kept, not made again per poll).
+    private var pollSet: [pollfd] = []
     private struct Watch {
         let fd: Int32
         var events: Int16
@@ -101,6 +103,7 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
         var batch: [UnownedJob] = []
         let executor = asUnownedTaskExecutor()
         var idleSinceWork = false
+        var lastLook: Int64 = 0
         pthread_mutex_lock(mutex)
         while true {
             if queue.isEmpty && !idleSinceWork && !idleHooks.isEmpty {
@@ -126,7 +129,14 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
             pthread_mutex_unlock(mutex)
             for job in batch { job.runSynchronously(on: executor) }
             batch.removeAll(keepingCapacity: true)
-            if !watches.isEmpty { _ = waitForEvents(timeout: 0) }
+            // A busy thread looks at its sockets at most once a millisecond: each look is a syscall.
+            if !watches.isEmpty {
+                let now = MonotonicClock.nanoseconds()
+                if now - lastLook >= 1_000_000 {
+                    lastLook = now
+                    _ = waitForEvents(timeout: 0)
+                }
+            }
             pthread_mutex_lock(mutex)
         }
     }
@@ -136,10 +146,12 @@ extension WorkflowExecutor {
     /// Polls the wake-up eventfd and the watched sockets, then runs the handlers of those that are
     /// ready (with the mutex not held: they may enqueue work). True when another thread woke it.
     fileprivate func waitForEvents(timeout: Int32) -> Bool {
-        var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
-        for watch in watches { fds.append(pollfd(fd: watch.fd, events: watch.events, revents: 0)) }
-        let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeout) }
+        pollSet.removeAll(keepingCapacity: true)
+        pollSet.append(pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0))
+        for watch in watches { pollSet.append(pollfd(fd: watch.fd, events: watch.events, revents: 0)) }
+        let ready = pollSet.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeout) }
         guard ready > 0 else { return false }
+        let fds = pollSet
         var woken = false
         if fds[0].revents != 0 {
             var count: UInt64 = 0
