@@ -198,42 +198,6 @@ import TalkMeshMessages
         #expect(try await (slotsA as! PostgresInFlightSlots).inUse() == 2)
     }
 
-    @Test func aReleasedSlotGoesStraightToAChunkWaitingHereOrBackToTheLine() async throws {
-        let url = try database()
-        let a = try replica(url), b = try replica(url)
-        let slotsA = try a.inFlightSlots(capacity: 1) as! PostgresInFlightSlots
-        let slotsB = try b.inFlightSlots(capacity: 1)
-        let job1 = try await a.create(newJob(created: 1)).record.id
-        let job2 = try await b.create(newJob(created: 2)).record.id
-        let job3 = try await a.create(newJob(created: 3)).record.id
-        let db = try PostgresConnection(url: url)
-        func holder() throws -> String {
-            let row = try db.execute("SELECT job_id || '/' || chunk FROM runpod_slots WHERE job_id IS NOT NULL")
-            return row.rows == 1 ? row.text(0, 0) : "\(row.rows) held"
-        }
-        try await slotsA.acquire(job: job1, chunk: 0)
-        // Handed over: the row names the waiter's chunk; no free slot ever showed.
-        let second = Task { try await slotsA.acquire(job: job1, chunk: 1) }
-        try await Task.sleep(for: .milliseconds(200))
-        await slotsA.release(job: job1, chunk: 0)
-        try await second.value
-        #expect(try holder() == "\(job1)/1")
-        #expect(try await slotsA.inUse() == 1)
-        // A hand-off that finds the slot gone: job 1 ended, so its slot was free, and B took it.
-        let third = Task { try await slotsA.acquire(job: job3, chunk: 0) }
-        try await Task.sleep(for: .milliseconds(200))
-        guard var ended = try await a.get(job1) else { Issue.record("job missing"); return }
-        try ended.move(to: .cancelled, at: 5)
-        _ = try await a.update(ended)
-        try await slotsB.acquire(job: job2, chunk: 0)
-        await slotsA.release(job: job1, chunk: 1)
-        try await Task.sleep(for: .milliseconds(300))
-        #expect(try holder() == "\(job2)/0")  // the waiter is back in line, not given B's slot
-        await slotsB.release(job: job2, chunk: 0)
-        try await third.value
-        #expect(try holder() == "\(job3)/0")
-    }
-
     @Test func theRequestBudgetHoldsAcrossReplicas() async throws {
         let url = try database()
         let limit = 20, window = 1.0

@@ -356,12 +356,6 @@ final class PostgresBatcher: @unchecked Sendable {
         enqueue(Item(sql: sql, values: values) { _ in })
     }
 
-    /// Sends one statement in the next batch without waiting for it; `done` gets its outcome, on
-    /// the thread the batches go out from (it must not block).
-    func send(_ sql: String, _ values: [PGValue], then done: @escaping @Sendable (Result<PGResult, ServiceError>) -> Void) {
-        enqueue(Item(sql: sql, values: values, done: done))
-    }
-
     private func enqueue(_ item: Item) {
         if executor.isCurrent {
             let now = MonotonicClock.nanoseconds()

@@ -65,26 +65,8 @@ final class PostgresInFlightSlots: InFlightSlots {
         }
     }
 
-    /// Hands the slot straight to the first chunk waiting here, in one statement (the row changes
-    /// hands: the cap holds throughout), or frees it when none waits. A hand-off that finds the
-    /// slot gone (its job ended meanwhile and another claim took it) puts the waiter back first
-    /// in line. Not waited for, like a release.
     func release(job: String, chunk: Int) async {
-        guard let next = await queue.takeForHandOff() else {
-            free("job_id = $1 AND chunk = $2", [.text(job), .int(chunk)])
-            return
-        }
-        let queue = self.queue, executor = self.executor
-        batcher.send("""
-            UPDATE runpod_slots SET job_id = $3, chunk = $4, holder = $5, taken_at = now() WHERE job_id = $1 AND chunk = $2
-            """, [.text(job), .int(chunk), .text(next.job), .int(next.chunk), .text(replica)]) { result in
-            if case .success(let answer) = result, answer.affected == 1 {
-                next.continuation.resume()
-                return
-            }
-            Task(executorPreference: executor) { await queue.putBack(next) }
-            self.free("job_id = $1 AND chunk = $2", [.text(job), .int(chunk)])
-        }
+        free("job_id = $1 AND chunk = $2", [.text(job), .int(chunk)])
     }
 
     func releaseAll(job: String) async {
@@ -125,9 +107,8 @@ final class PostgresInFlightSlots: InFlightSlots {
 /// Chunks waiting for a slot, first come first served; one pump asks the database for the head.
 /// When no slot is free it waits for a freed slot's notice, or the next tick of a 250 ms ticker
 /// (a notice may be lost while the listener reconnects): one timer for the pump's whole run, not
-/// one per wait. A slot released here goes to the first waiter the pump is not asking for
-/// (`takeForHandOff`). Waiters are kept from `head` on: a thousand may wait, and taking the first
-/// shifts none.
+/// one per wait. Waiters are kept from `head` on: a thousand may wait, and taking the first shifts
+/// none.
 private actor SlotQueue {
     private let executor: (any TaskExecutor)?
 
@@ -135,7 +116,7 @@ private actor SlotQueue {
         self.executor = executor
     }
 
-    struct Waiter: Sendable {
+    private struct Waiter {
         let id: UInt64
         let job: String
         let chunk: Int
@@ -148,28 +129,21 @@ private actor SlotQueue {
     private var pumping = false
     private var woken = false
     private var sleeper: CheckedContinuation<Void, Never>?
-    /// The waiter whose claim the pump has in flight.
-    private var claiming: UInt64?
-    private var claim: (@Sendable (String, Int) async throws -> (claimed: Bool, more: Bool))?
 
     func wait(job: String, chunk: Int, claim: @escaping @Sendable (String, Int) async throws -> (claimed: Bool, more: Bool)) async throws {
         next += 1
         let id = next
-        self.claim = claim
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { continuation in
                 waiters.append(Waiter(id: id, job: job, chunk: chunk, continuation: continuation))
-                startPumping()
+                if !pumping {
+                    pumping = true
+                    Task(executorPreference: executor) { await self.pump(claim) }
+                }
             }
         } onCancel: {
             Task(executorPreference: executor) { await self.cancel(id) }
         }
-    }
-
-    private func startPumping() {
-        guard !pumping, let claim else { return }
-        pumping = true
-        Task(executorPreference: executor) { await self.pump(claim) }
     }
 
     /// The first waiter, skipping the places of those gone.
@@ -202,9 +176,7 @@ private actor SlotQueue {
         defer { ticker.cancel() }
         while let head = first() {
             woken = false
-            claiming = head.id
             let (claimed, more) = (try? await claim(head.job, head.chunk)) ?? (false, false)
-            claiming = nil
             if claimed {
                 // A waiter cancelled while its claim ran keeps the slot under its chunk; its job's
                 // end frees it.
@@ -215,28 +187,6 @@ private actor SlotQueue {
             if !woken { await withCheckedContinuation { sleeper = $0 } }
         }
         pumping = false
-    }
-
-    /// The first waiter whose claim is not in flight, out of the line, to be handed a slot.
-    func takeForHandOff() -> Waiter? {
-        var index = head
-        while index < waiters.count {
-            if let waiter = waiters[index], waiter.id != claiming { return remove(waiter.id) }
-            index += 1
-        }
-        return nil
-    }
-
-    /// A waiter whose hand-off failed: first in line again, and the pump asks for it.
-    func putBack(_ waiter: Waiter) {
-        if head > 0 {
-            head -= 1
-            waiters[head] = waiter
-        } else {
-            waiters.insert(waiter, at: 0)
-        }
-        startPumping()
-        wake()
     }
 
     /// A slot was freed: the head asks again now (or as soon as its claim in flight is answered).
