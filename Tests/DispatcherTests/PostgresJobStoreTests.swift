@@ -453,9 +453,18 @@ import TalkMeshMessages
         owner.observe { seen.add($0) }
         var record = try await owner.create(newJob()).record
         #expect(try admin.execute("SELECT pg_terminate_backend($1)", [.int(pids[0])]).text(0, 0) == "t")
+        // Until it is back (at least half a second), the thread watches no closed descriptor: a
+        // closed one would make its every poll return at once.
+        let executor = owner.batcher.executor
+        var closedWatched: [Int32] = []
         let deadline = Date().addingTimeInterval(10)
-        while !seen.contains(.resynchronize) && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        while !seen.contains(.resynchronize) && Date() < deadline {
+            let watched = await Task(executorPreference: executor) { executor.watchedDescriptors }.value
+            closedWatched += watched.filter { fcntl($0, F_GETFD) == -1 }
+            try await Task.sleep(for: .milliseconds(10))
+        }
         #expect(seen.contains(.resynchronize))
+        #expect(closedWatched.isEmpty)
         // Listening again: another replica's write is heard.
         try record.move(to: .cancelled, at: 3)
         let cancelled = try await other.update(record)

@@ -16,8 +16,10 @@ final class PostgresListener: @unchecked Sendable {
     private let executor: WorkflowExecutor
     private let url: String
     private let channels: [String]
-    /// The executor thread's own.
+    /// The executor thread's own: the connection, and the descriptor watched for it (kept: once
+    /// the connection has failed, libpq has closed its socket and `socket` says -1).
     private var connection: PostgresConnection?
+    private var socket: Int32 = -1
 
     init(url: String, channels: [String], executor: WorkflowExecutor) throws(ServiceError) {
         self.url = url
@@ -47,11 +49,13 @@ final class PostgresListener: @unchecked Sendable {
     private func listen(on connection: PostgresConnection) {
         guard !stopped.isCancelled else { return }
         self.connection = connection
-        executor.watch(connection.socket, events: Int16(POLLIN)) { _ in self.read() }
+        socket = connection.socket
+        executor.watch(socket, events: Int16(POLLIN)) { _ in self.read() }
     }
 
     private func drop() {
-        if let connection { executor.unwatch(connection.socket) }
+        if socket >= 0 { executor.unwatch(socket) }
+        socket = -1
         connection = nil
     }
 

@@ -72,6 +72,12 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
         }
     }
 
+    /// The descriptors watched now (tests). Only on the thread.
+    var watchedDescriptors: [Int32] {
+        precondition(isCurrent, "watches are the executor's own thread's")
+        return watches.map(\.fd)
+    }
+
     /// Stops watching `fd`. Only on the thread.
     public func unwatch(_ fd: Int32) {
         precondition(isCurrent, "unwatch is for the executor's own thread")
