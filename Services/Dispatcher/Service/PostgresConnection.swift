@@ -57,7 +57,7 @@ final class PostgresConnection: @unchecked Sendable {
     /// Runs one statement with parameters; rows come back as text.
     @discardableResult
     func execute(_ sql: String, _ parameters: [PGValue] = []) throws(ServiceError) -> PGResult {
-        if PQstatus(handle) != CONNECTION_OK { try connect() }
+        if !isUp { try connect() }
         let result = Self.run(handle, sql, parameters)
         let status = PQresultStatus(result)
         if status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK { return PGResult(result) }
@@ -67,17 +67,17 @@ final class PostgresConnection: @unchecked Sendable {
     /// The error of a statement that failed (its result is freed).
     private func failure(_ result: OpaquePointer?) -> ServiceError {
         let state = PQresultErrorField(result, Int32(UInt8(ascii: "C"))).map { String(cString: $0) } ?? ""
-        let message = PQresultErrorMessage(result).map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
-            ?? String(cString: PQerrorMessage(handle))
+        let message = (PQresultErrorMessage(result).map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+            ?? String(cString: PQerrorMessage(handle))).trimmingTrailingNewlines
         PQclear(result)
-        if PQstatus(handle) != CONNECTION_OK {
-            return ServiceError(.storeUnavailable, "PostgreSQL connection lost", cause: message.trimmingTrailingNewlines)
+        if !isUp {
+            return ServiceError(.storeUnavailable, "PostgreSQL connection lost", cause: message)
         }
         // 23505: unique violation; 55P03: lock timeout; 40001/40P01: serialization, deadlock.
         switch state {
-        case "23505": return ServiceError(.storeConflict, "a row with that key exists", cause: message.trimmingTrailingNewlines)
-        case "55P03", "40001", "40P01": return ServiceError(.storeUnavailable, "PostgreSQL is busy; try again", cause: message.trimmingTrailingNewlines)
-        default: return ServiceError(.storeUnavailable, "PostgreSQL refused a statement", cause: "\(state): \(message.trimmingTrailingNewlines)")
+        case "23505": return ServiceError(.storeConflict, "a row with that key exists", cause: message)
+        case "55P03", "40001", "40P01": return ServiceError(.storeUnavailable, "PostgreSQL is busy; try again", cause: message)
+        default: return ServiceError(.storeUnavailable, "PostgreSQL refused a statement", cause: "\(state): \(message)")
         }
     }
 
@@ -86,7 +86,7 @@ final class PostgresConnection: @unchecked Sendable {
     }
 
     /// Whether the connection is up (a broken one is replaced, not reused).
-    var isUp: Bool { handle != nil && PQstatus(handle) == CONNECTION_OK }
+    var isUp: Bool { PQstatus(handle) == CONNECTION_OK }
 
     // MARK: Pipelines without blocking (the batcher's connection, on the workflow thread)
 
@@ -323,6 +323,8 @@ final class PostgresBatcher: @unchecked Sendable {
     private var inFlight: [Item] = []
     private var outcomes: [Result<PGResult, ServiceError>] = []
     private var writing = false
+    /// The descriptor watched for the batch in flight, or -1 (kept: once the connection has
+    /// failed, libpq has closed its socket and `socket` says -1).
     private var socket: Int32 = -1
 
     /// With `workflow`, the batches go out from its thread, and statements queued there are held
@@ -432,6 +434,7 @@ final class PostgresBatcher: @unchecked Sendable {
         }
         guard synced else { return }
         executor.unwatch(socket)
+        socket = -1
         let batch = inFlight, answers = outcomes
         inFlight = []
         outcomes = []

@@ -125,7 +125,6 @@ public final class WorkflowExecutor: TaskExecutor, @unchecked Sendable {
                 pthread_mutex_unlock(mutex)
                 let woken = waitForEvents(timeout: -1)
                 pthread_mutex_lock(mutex)
-                sleeping = false
                 if woken { wakeUps += 1 }
                 continue
             }
